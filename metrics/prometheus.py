@@ -1,0 +1,84 @@
+"""The Prometheus informer: offloading metrics read with PromQL over the HTTP API.
+
+An External (or Object/Pods) metric's `name` is a metric name, to which
+`selector.matchLabels` add label matchers, or a whole PromQL expression. Every series
+the query returns is summed, as the HPA sums an external metric's values.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import aiohttp
+
+from metrics.hpa import MetricSpec
+
+
+@dataclass(frozen=True)
+class Reading:
+    """A metric's value summed over its series, or why there is none."""
+
+    total: float | None
+    error: str | None = None
+    query: str = ""
+
+
+def promql_for(spec: MetricSpec) -> str:
+    if spec.is_promql_expression or not spec.selector:
+        return spec.name
+    matchers = ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(spec.selector.items()))
+    return f"{spec.name}{{{matchers}}}"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+class PrometheusInformer:
+    """Queries one Prometheus server; never raises, every failure becomes a `Reading` error."""
+
+    def __init__(self, url: str, session: aiohttp.ClientSession, timeout: float = 3.0):
+        self.url = url.rstrip("/")
+        if "://" not in self.url:
+            self.url = "http://" + self.url  # seed 002 writes the address as host:port
+        self.session = session
+        self.timeout = timeout
+
+    async def read(self, spec: MetricSpec) -> Reading:
+        if spec.type in ("Resource", "ContainerResource"):
+            return Reading(
+                None,
+                f"{spec.type} metrics come from metrics-server; the Prometheus informer "
+                "reads External, Object and Pods metrics",
+            )
+        query = promql_for(spec)
+        try:
+            async with self.session.get(
+                f"{self.url}/api/v1/query",
+                params={"query": query},
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+            ) as resp:
+                body = await resp.json(content_type=None)
+        except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
+            return Reading(
+                None, f"prometheus unreachable at {self.url}: {type(exc).__name__} {exc}".strip(), query
+            )
+        if body.get("status") != "success":
+            return Reading(None, f"prometheus error for {query!r}: {body.get('error', body)}", query)
+        return _total(body.get("data", {}), query)
+
+
+def _total(data: dict, query: str) -> Reading:
+    rtype, result = data.get("resultType"), data.get("result")
+    if rtype == "scalar":
+        values = [result[1]]
+    elif rtype == "vector":
+        values = [series["value"][1] for series in result or []]
+    else:
+        return Reading(None, f"query {query!r} returned a {rtype}, want an instant vector or scalar", query)
+    numbers = [float(v) for v in values]
+    numbers = [v for v in numbers if not math.isnan(v)]
+    if not numbers:
+        return Reading(None, f"query {query!r} returned no series", query)
+    return Reading(sum(numbers), None, query)

@@ -1,0 +1,3 @@
+from overspill.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,295 @@
+"""The `overspill` command: serve, validate, render, status, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+from reconciler.crd import InvalidObject, RemoteBackend, parse_remote_backend
+from reconciler.documents import parse_documents
+
+
+def _remote_url(text: str) -> RemoteBackend:
+    """`--default-remote https://host[:port][/prefix]` as a remoteBackend."""
+    url = urllib.parse.urlsplit(text)
+    if url.scheme not in ("http", "https") or not url.netloc:
+        raise argparse.ArgumentTypeError(f"want http(s)://host[:port][/path], got {text!r}")
+    try:
+        return parse_remote_backend(
+            {"host": url.netloc, "scheme": url.scheme, "pathPrefix": url.path}, "--default-remote"
+        )
+    except InvalidObject as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="overspill",
+        description="Envoy control plane that offloads burst traffic of model-inference services "
+        "to a standby copy when an offloading metric crosses its threshold.",
+    )
+    p.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log level (default INFO); logs are one key=value line per event on stderr",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser(
+        "serve",
+        help="run the control plane",
+        description=(
+            "Run the control plane: watch the manifests directory, read offloading metrics, decide per model "
+            "how much traffic spills over, and serve Envoy over gRPC ADS."
+        ),
+    )
+    s.add_argument(
+        "--manifests",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="directory of YAML: ModelDeployments, Policies, Services, EndpointSlices, Deployments",
+    )
+    s.add_argument(
+        "--xds-port", type=int, default=18000, help="gRPC ADS port Envoy connects to (default 18000)"
+    )
+    s.add_argument("--xds-address", default="0.0.0.0", help="address the ADS server binds (default 0.0.0.0)")
+    s.add_argument(
+        "--listener-port",
+        type=int,
+        default=10000,
+        help="port of the HTTP listener served to Envoy, where clients call models (default 10000)",
+    )
+    s.add_argument(
+        "--listener-address", default="0.0.0.0", help="address of that Envoy listener (default 0.0.0.0)"
+    )
+    s.add_argument(
+        "--metrics-port",
+        type=int,
+        default=9102,
+        help="port for /metrics, /status and /healthz (default 9102)",
+    )
+    s.add_argument(
+        "--metrics-address", default="0.0.0.0", help="address for the metrics port (default 0.0.0.0)"
+    )
+    s.add_argument(
+        "--prometheus-url",
+        metavar="URL",
+        help="Prometheus to read External/Object/Pods offloading metrics from (PromQL)",
+    )
+    s.add_argument(
+        "--evaluation-interval",
+        type=_positive,
+        default=5.0,
+        metavar="SECONDS",
+        help="how often offloading metrics are read and decisions made (default 5)",
+    )
+    s.add_argument(
+        "--default-remote",
+        type=_remote_url,
+        metavar="URL",
+        help="remote backend (http(s)://host[:port][/prefix]) for models whose offloadingConfig "
+        "has no remoteBackend",
+    )
+    s.add_argument(
+        "--cluster-domain",
+        default="cluster.local",
+        help="cluster DNS domain in Service host names (default cluster.local)",
+    )
+
+    v = sub.add_parser(
+        "validate",
+        help="check YAML files; print every error with its field path",
+        description="Validate ModelDeployment and Policy documents (and the Kubernetes objects "
+        "beside them). Exits 1 when any document is invalid.",
+    )
+    v.add_argument("files", nargs="+", type=Path, metavar="FILE")
+
+    r = sub.add_parser(
+        "render",
+        help="print the Envoy resources for a manifests directory",
+        description="Print the resources the control plane would serve for DIR (no live metrics: "
+        "every model in Standby, or Outage without ready endpoints).",
+    )
+    r.add_argument("manifests", type=Path, metavar="DIR")
+    r.add_argument(
+        "--bootstrap",
+        action="store_true",
+        help="print a complete static Envoy bootstrap instead (accepted by envoy --mode validate)",
+    )
+    r.add_argument("--listener-port", type=int, default=10000, help="listener port (default 10000)")
+    r.add_argument("--listener-address", default="0.0.0.0", help="listener address (default 0.0.0.0)")
+    r.add_argument("--admin-port", type=int, default=9901, help="admin port in the bootstrap (default 9901)")
+    r.add_argument("--format", choices=["yaml", "json"], default="yaml", help="output format (default yaml)")
+
+    st = sub.add_parser(
+        "status",
+        help="ask a running control plane for models and connected Envoys",
+        description="Print per model its state, remote %% and metric values, and per connected "
+        "Envoy the versions ACKed per type and any NACK.",
+    )
+    st.add_argument(
+        "--url",
+        default="http://127.0.0.1:9102",
+        help="the control plane's metrics address (default http://127.0.0.1:9102)",
+    )
+    st.add_argument("--json", action="store_true", help="print the raw status document")
+
+    d = sub.add_parser(
+        "demo",
+        help="run the end-to-end demo (Prometheus, Envoy, model servers, a burst)",
+        description="Start Prometheus, two simulated model servers, the control plane and a real "
+        "Envoy, send a traffic burst, and show offloading switch on and off.",
+    )
+    d.add_argument("--out", type=Path, default=Path("out/demo"), help="where the timeline PNG and CSV go")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level,
+        stream=sys.stderr,
+        format="ts=%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
+    )
+    return {
+        "serve": cmd_serve,
+        "validate": cmd_validate,
+        "render": cmd_render,
+        "status": cmd_status,
+        "demo": cmd_demo,
+    }[args.command](args)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from overspill.plane import ControlPlane, Settings
+
+    settings = Settings(
+        manifests=args.manifests,
+        xds_address=args.xds_address,
+        xds_port=args.xds_port,
+        listener_address=args.listener_address,
+        listener_port=args.listener_port,
+        metrics_address=args.metrics_address,
+        metrics_port=args.metrics_port,
+        prometheus_url=args.prometheus_url,
+        evaluation_interval=args.evaluation_interval,
+        default_remote=args.default_remote,
+        cluster_domain=args.cluster_domain,
+    )
+    try:
+        asyncio.run(ControlPlane(settings).run())
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    bad = 0
+    for path in args.files:
+        try:
+            objects, rejected = parse_documents(path.read_text(), str(path))
+        except OSError as exc:
+            print(f"{path}: {exc.strerror}", file=sys.stderr)
+            bad += 1
+            continue
+        for r in rejected:
+            for err in r.errors:
+                print(f"{path}: {err}", file=sys.stderr)
+        bad += len(rejected)
+        for o in objects:
+            print(f"{path}: {o.key.kind} {o.key}: valid")
+    return 1 if bad else 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from overspill.plane import ControlPlane, Settings
+    from xds.render import dynamic_resources, static_bootstrap
+
+    async def render() -> dict:
+        plane = ControlPlane(
+            Settings(args.manifests, listener_address=args.listener_address, listener_port=args.listener_port)
+        )
+        plane.load_once()
+        for r in plane.store.rejected():
+            for err in r.errors:
+                print(f"warning: {err}", file=sys.stderr)
+        for status in plane.controller.status.values():
+            for err in status.errors:
+                print(f"warning: {err}", file=sys.stderr)
+        routes = plane.controller.routes
+        if args.bootstrap:
+            return static_bootstrap(routes, args.listener_address, args.listener_port, args.admin_port)
+        return dynamic_resources(routes, args.listener_address, args.listener_port)
+
+    if not args.manifests.is_dir():
+        print(f"{args.manifests}: not a directory", file=sys.stderr)
+        return 2
+    doc = asyncio.run(render())
+    if args.format == "json":
+        print(json.dumps(doc, indent=2))
+    else:
+        print(yaml.safe_dump(doc, sort_keys=False), end="")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    try:
+        with urllib.request.urlopen(f"{args.url.rstrip('/')}/status", timeout=5) as resp:
+            doc = json.load(resp)
+    except OSError as exc:
+        print(f"cannot reach the control plane at {args.url}: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    print(f"{'MODEL':32} {'STATE':18} {'REMOTE%':>7} {'READY':>5}  METRICS")
+    for key, m in doc["models"].items():
+        metrics = (
+            ", ".join(
+                f"{x['name']}={'-' if x['value'] is None else round(x['value'], 3)}/{x['target']:g}"
+                for x in m["metrics"]
+            )
+            or "-"
+        )
+        print(f"{key:32} {m['phase']:18} {m['remotePercent']:7g} {m['readyEndpoints']:5d}  {metrics}")
+        for err in m["errors"]:
+            print(f"  error: {err}")
+        if m["reason"]:
+            print(f"  reason: {m['reason']}")
+    for r in doc["rejected"]:
+        for err in r["errors"]:
+            print(f"rejected {r['origin']}: {err}")
+    print()
+    print(f"{'NODE':32} {'PEER':24} VERSIONS (acked/sent)")
+    for n in doc["nodes"]:
+        versions = " ".join(
+            f"{t}={v['acked'] or '-'}/{v['sent'] or '-'}" for t, v in sorted(n["types"].items())
+        )
+        print(f"{n['id']:32} {n['peer']:24} {versions}")
+        for t, v in n["types"].items():
+            if v["nack"]:
+                print(f"  NACK {t} version {v['nackVersion']}: {v['nack']}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from overspill.demo.scenario import run_demo
+
+    return asyncio.run(run_demo(args.out))

@@ -1,0 +1,1 @@
+"""CR types and validation, sources, the object store, the offload state machine."""

@@ -1,0 +1,367 @@
+"""The custom resources users apply: `ModelDeployment` and `Policy`, parsed and validated.
+
+Field names and shapes follow the product documents (seeds 001 and 002); everything
+Overspill adds is optional so the documented examples apply unchanged.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from metrics.hpa import MetricSpec, parse_metric
+from reconciler.fields import FieldError, Fields
+
+MODEL_API = "deployment.beamlit.com/v1alpha1"
+POLICY_API = "authorization.beamlit.com/v1alpha1"
+SOURCE_KINDS = ("Deployment", "StatefulSet", "ReplicaSet", "DaemonSet")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?(\.[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?)*$"
+)
+_HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+
+
+@dataclass(frozen=True, order=True)
+class ObjectKey:
+    """Identity of any object the store holds: kind, namespace, name."""
+
+    kind: str
+    namespace: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class Meta:
+    """The parts of `metadata` the control plane uses."""
+
+    name: str
+    namespace: str
+    generation: int = 0
+    resource_version: str = ""
+    uid: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SourceRef:
+    """`modelSourceRef`: the workload whose pods serve the model (used for the pod count)."""
+
+    kind: str
+    name: str
+    namespace: str
+    api_version: str = "apps/v1"
+
+
+@dataclass(frozen=True)
+class ServiceRef:
+    """`serviceRef`: the Service clients call; `target_port` names its `spec.ports[].port`."""
+
+    name: str
+    namespace: str
+    target_port: int | None = None
+
+
+@dataclass(frozen=True)
+class PolicyRef:
+    refType: str
+    name: str
+
+
+@dataclass(frozen=True)
+class RemoteBackend:
+    """`offloadingConfig.remoteBackend`: where the standby copy answers.
+
+    The path prefix and headers are applied only to requests that spill over, so the
+    remote can be a hosted endpoint with its own path layout and API key header.
+    """
+
+    host: str
+    port: int
+    scheme: str = "http"
+    path_prefix: str = ""
+    headers_to_add: tuple[tuple[str, str], ...] = ()
+    ca_file: str = "/etc/ssl/certs/ca-certificates.crt"
+    insecure_skip_verify: bool = False
+
+    @property
+    def is_ip(self) -> bool:
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            return False
+        return True
+
+    @property
+    def authority(self) -> str:
+        default = 443 if self.scheme == "https" else 80
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port == default else f"{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Behavior:
+    """`offloadingConfig.behavior`: how much spills over and how eagerly it switches."""
+
+    percentage: float = 100.0
+    activation_delay_seconds: float = 0.0
+    buffer_duration_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
+class OffloadingConfig:
+    behavior: Behavior
+    metrics: tuple[MetricSpec, ...]
+    remote: RemoteBackend | None = None
+
+
+@dataclass(frozen=True)
+class ModelDeployment:
+    """A model to offload: its Service, its workload, and when and where to spill over.
+
+    A ModelDeployment without `offloadingConfig` is still served through Envoy, all local.
+    """
+
+    meta: Meta
+    service: ServiceRef
+    source: SourceRef | None
+    offloading: OffloadingConfig | None
+    model: str = ""
+    environment: str = "production"
+    policies: tuple[PolicyRef, ...] = ()
+
+    @property
+    def key(self) -> ObjectKey:
+        return ObjectKey("ModelDeployment", self.meta.namespace, self.meta.name)
+
+
+@dataclass(frozen=True)
+class PolicyRule:
+    type: str
+    name: str
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A location or flavor constraint on where a model may be offloaded (seed 001)."""
+
+    meta: Meta
+    type: str
+    locations: tuple[PolicyRule, ...] = ()
+    flavors: tuple[PolicyRule, ...] = ()
+
+    @property
+    def key(self) -> ObjectKey:
+        return ObjectKey("Policy", self.meta.namespace, self.meta.name)
+
+
+class InvalidObject(ValueError):
+    """An object that failed validation; `errors` name each field."""
+
+    def __init__(self, key: str, errors: list[FieldError]):
+        self.key = key
+        self.errors = errors
+        super().__init__("; ".join(f"{key}: {e}" for e in errors))
+
+
+def parse_meta(doc: Fields, default_namespace: str = "default") -> Meta:
+    meta = doc.sub("metadata")
+    name = meta.str("name", required=True) or ""
+    namespace = meta.str("namespace", default_namespace) or default_namespace
+    for key, value in (("name", name), ("namespace", namespace)):
+        if value and (len(value) > 253 or not _DNS_LABEL.match(value.replace(".", "-"))):
+            meta.error(key, f"must be a lowercase DNS name, got {value!r}")
+    return Meta(
+        name=name,
+        namespace=namespace,
+        generation=meta.int("generation", 0) or 0,
+        resource_version=meta.str("resourceVersion", "") or "",
+        uid=meta.str("uid", "") or "",
+        labels=meta.string_map("labels"),
+    )
+
+
+def parse_model_deployment(raw: Any, default_namespace: str = "default") -> ModelDeployment:
+    """Parse and validate one ModelDeployment document, raising `InvalidObject` with every error."""
+    errors: list[FieldError] = []
+    doc = Fields.of(raw, "", errors)
+    meta = parse_meta(doc, default_namespace)
+    spec = doc.sub("spec")
+    if not doc.has("spec"):
+        doc.error("spec", "is required")
+
+    environment = spec.str("environment", "production") or "production"
+    if environment not in ("production", "development"):
+        spec.error("environment", f"must be production or development, got {environment!r}")
+
+    source = None
+    if spec.has("modelSourceRef"):
+        src = spec.sub("modelSourceRef")
+        kind = src.str("kind", "Deployment") or "Deployment"
+        if kind not in SOURCE_KINDS:
+            src.error("kind", f"must be one of {', '.join(SOURCE_KINDS)}, got {kind!r}")
+        source = SourceRef(
+            kind=kind,
+            name=src.str("name", required=True) or "",
+            namespace=src.str("namespace", meta.namespace) or meta.namespace,
+            api_version=src.str("apiVersion", "apps/v1") or "apps/v1",
+        )
+
+    svc = spec.sub("serviceRef")
+    if not spec.has("serviceRef"):
+        spec.error("serviceRef", "is required")
+    port = svc.int("targetPort")
+    if port is not None and not 1 <= port <= 65535:
+        svc.error("targetPort", f"must be a port between 1 and 65535, got {port}")
+    service = ServiceRef(
+        name=svc.str("name", required=spec.has("serviceRef")) or "",
+        namespace=svc.str("namespace", meta.namespace) or meta.namespace,
+        target_port=port,
+    )
+
+    policies = []
+    for p in spec.items("policies"):
+        ref_type = p.str("refType", "localPolicy") or "localPolicy"
+        if ref_type not in ("localPolicy", "remotePolicy"):
+            p.error("refType", f"must be localPolicy or remotePolicy, got {ref_type!r}")
+        policies.append(PolicyRef(ref_type, p.str("name", required=True) or ""))
+
+    offloading = _parse_offloading(spec.sub("offloadingConfig")) if spec.has("offloadingConfig") else None
+    if errors:
+        raise InvalidObject(f"{meta.namespace}/{meta.name or '?'}", errors)
+    return ModelDeployment(
+        meta=meta,
+        service=service,
+        source=source,
+        offloading=offloading,
+        model=spec.str("model", meta.name) or meta.name,
+        environment=environment,
+        policies=tuple(policies),
+    )
+
+
+def _parse_offloading(f: Fields) -> OffloadingConfig:
+    b = f.sub("behavior")
+    percentage = b.number("percentage", 100.0)
+    if percentage is not None and not 0 <= percentage <= 100:
+        b.error("percentage", f"must be between 0 and 100, got {_num(percentage)}")
+    delays = {}
+    for key, default in (("activationDelaySeconds", 0.0), ("bufferDurationSeconds", 30.0)):
+        value = b.number(key, default)
+        if value is not None and value < 0:
+            b.error(key, f"must be 0 or more, got {_num(value)}")
+        delays[key] = value if value is not None else default
+    behavior = Behavior(
+        percentage=percentage if percentage is not None else 100.0,
+        activation_delay_seconds=delays["activationDelaySeconds"],
+        buffer_duration_seconds=delays["bufferDurationSeconds"],
+    )
+    metrics = tuple(m for m in (parse_metric(item) for item in f.items("metrics")) if m is not None)
+    remote = _parse_remote(f.sub("remoteBackend")) if f.has("remoteBackend") else None
+    return OffloadingConfig(behavior, metrics, remote)
+
+
+def parse_remote_backend(raw: Any, path: str) -> RemoteBackend:
+    """A remote backend from a mapping (also used for the controller-wide `--remote` default)."""
+    errors: list[FieldError] = []
+    remote = _parse_remote(Fields.of(raw, path, errors))
+    if errors or remote is None:
+        raise InvalidObject(path, errors)
+    return remote
+
+
+def _parse_remote(f: Fields) -> RemoteBackend | None:
+    scheme = f.str("scheme", "http") or "http"
+    if scheme not in ("http", "https"):
+        f.error("scheme", f"must be http or https, got {scheme!r}")
+    hostport = f.str("host", required=True)
+    host, port = None, 443 if scheme == "https" else 80
+    if hostport is not None:
+        host, port = _split_host_port(f, hostport, port)
+    prefix = f.str("pathPrefix", "") or ""
+    if prefix and (not prefix.startswith("/") or any(c in prefix for c in "?# ")):
+        f.error(
+            "pathPrefix", f"must be a path starting with '/' and without '?', '#' or spaces, got {prefix!r}"
+        )
+    headers = _parse_headers(f)
+    ca_file = f.str("caFile", RemoteBackend.ca_file) or RemoteBackend.ca_file
+    insecure = f.bool("insecureSkipVerify")
+    if host is None:
+        return None
+    return RemoteBackend(host, port, scheme, prefix.rstrip("/"), headers, ca_file, insecure)
+
+
+def _split_host_port(f: Fields, text: str, default_port: int) -> tuple[str | None, int]:
+    if "://" in text or "/" in text:
+        f.error("host", f"must be a host name or IP with an optional :port (no scheme or path), got {text!r}")
+        return None, default_port
+    host, port = text, default_port
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else None
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    else:
+        port_text = None
+    if port_text is not None:
+        if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+            f.error("host", f"port must be between 1 and 65535, got {port_text!r}")
+            return None, default_port
+        port = int(port_text)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not _HOSTNAME.match(host):
+            f.error("host", f"must be a DNS name or IP address, got {host!r}")
+            return None, default_port
+    return host, port
+
+
+def _parse_headers(f: Fields) -> tuple[tuple[str, str], ...]:
+    """`headersToAdd` as a list of {name, value} (Kubernetes style) or a plain mapping."""
+    raw = f.data.get("headersToAdd")
+    if isinstance(raw, dict):
+        pairs = [(str(k), str(v)) for k, v in raw.items()]
+    else:
+        pairs = [
+            (h.str("name", required=True) or "", h.str("value", "") or "") for h in f.items("headersToAdd")
+        ]
+    for name, _ in pairs:
+        if name and (not _HEADER_NAME.match(name) or name.lower() in ("host", ":authority", ":path")):
+            f.error("headersToAdd", f"{name!r} is not a header name that can be set")
+    return tuple(pairs)
+
+
+def parse_policy(raw: Any, default_namespace: str = "default") -> Policy:
+    errors: list[FieldError] = []
+    doc = Fields.of(raw, "", errors)
+    meta = parse_meta(doc, default_namespace)
+    spec = doc.sub("spec")
+    ptype = spec.str("type", required=True)
+    if ptype is not None and ptype not in ("location", "flavor"):
+        spec.error("type", f"must be location or flavor, got {ptype!r}")
+    rules = {}
+    for key, allowed in (("locations", ("country", "continent")), ("flavors", ("cpu", "gpu"))):
+        items = []
+        for r in spec.items(key):
+            rtype = r.str("type", required=True)
+            if rtype is not None and rtype not in allowed:
+                r.error("type", f"must be {' or '.join(allowed)}, got {rtype!r}")
+            items.append(PolicyRule(rtype or "", r.str("name", required=True) or ""))
+        rules[key] = tuple(items)
+    if ptype == "location" and not rules["locations"]:
+        spec.error("locations", "is required for a location policy")
+    if ptype == "flavor" and not rules["flavors"]:
+        spec.error("flavors", "is required for a flavor policy")
+    if errors:
+        raise InvalidObject(f"{meta.namespace}/{meta.name or '?'}", errors)
+    return Policy(meta, ptype or "", rules["locations"], rules["flavors"])
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)

@@ -1,0 +1,84 @@
+"""Turning YAML text into typed objects: one place that knows every kind Overspill reads."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from reconciler.crd import (
+    MODEL_API,
+    POLICY_API,
+    InvalidObject,
+    ObjectKey,
+    parse_model_deployment,
+    parse_policy,
+)
+from reconciler.kube import parse_endpoint_slice, parse_service, parse_workload
+
+Parser = Callable[[Any], Any]
+PARSERS: dict[tuple[str, str], Parser] = {
+    (MODEL_API, "ModelDeployment"): parse_model_deployment,
+    (POLICY_API, "Policy"): parse_policy,
+    ("v1", "Service"): parse_service,
+    ("discovery.k8s.io/v1", "EndpointSlice"): parse_endpoint_slice,
+    **{
+        ("apps/v1", k): (lambda raw, k=k: parse_workload(raw, k))
+        for k in ("Deployment", "StatefulSet", "ReplicaSet", "DaemonSet")
+    },
+}
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A document that could not be used, kept so its errors show on status, logs and /metrics.
+
+    `key` is None when not even the object's identity could be read (e.g. broken YAML).
+    """
+
+    origin: str
+    key: ObjectKey | None
+    errors: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return "; ".join(self.errors)
+
+
+def parse_documents(text: str, origin: str) -> tuple[list[Any], list[Rejected]]:
+    """Every known object in a (multi-document) YAML text; `kind: List` items are unpacked."""
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as exc:
+        return [], [Rejected(origin, None, (f"{origin}: malformed YAML: {_one_line(exc)}",))]
+    objects: list[Any] = []
+    rejected: list[Rejected] = []
+    queue = list(docs)
+    while queue:
+        doc = queue.pop(0)
+        if not isinstance(doc, dict):
+            rejected.append(Rejected(origin, None, (f"{origin}: a document must be a mapping",)))
+            continue
+        if doc.get("kind") == "List" or str(doc.get("kind", "")).endswith("List"):
+            queue[:0] = [i for i in doc.get("items") or [] if i is not None]
+            continue
+        parser = PARSERS.get((str(doc.get("apiVersion", "")), str(doc.get("kind", ""))))
+        if parser is None:
+            continue  # other kinds in the same directory are not ours to judge
+        try:
+            objects.append(parser(doc))
+        except InvalidObject as exc:
+            rejected.append(Rejected(origin, _key_of(doc), tuple(f"{exc.key}: {e}" for e in exc.errors)))
+    return objects, rejected
+
+
+def _key_of(doc: dict) -> ObjectKey | None:
+    meta = doc.get("metadata")
+    if not isinstance(meta, dict) or not isinstance(meta.get("name"), str):
+        return None
+    return ObjectKey(str(doc.get("kind")), str(meta.get("namespace") or "default"), meta["name"])
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())

@@ -1,0 +1,1 @@
+"""Envoy resources from desired state, the versioned resource cache, and the gRPC ADS server."""
