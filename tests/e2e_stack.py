@@ -1,0 +1,215 @@
+"""A whole Overspill stack on loopback for end-to-end tests: real Prometheus, real Envoy, the
+real `overspill serve` process, and in-process model servers that count what reaches them.
+
+The offloading metric is a gauge the test sets (`overspill_test_load{model=...}`), scraped by
+Prometheus like any exporter, so a test decides exactly when the metric crosses its target.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import prometheus_client as prom
+import pytest
+import yaml
+from aiohttp import web
+
+from overspill.demo.procs import ComponentMissing, ControlPlane, Envoy, Prometheus
+from overspill.demo.sim import ModelServer
+
+SCRAPE_INTERVAL = 1.0
+EVALUATION_INTERVAL = 1.0
+
+
+def missing(exc: ComponentMissing) -> None:
+    """A missing real component fails under CI and skips on a developer's machine."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"required component missing under CI: {exc}")
+    pytest.skip(str(exc))
+
+
+class Knob:
+    """The test-controlled offloading metric, served to Prometheus from this process."""
+
+    def __init__(self) -> None:
+        self.registry = prom.CollectorRegistry()
+        self.gauge = prom.Gauge("overspill_test_load", "Test-controlled load", ["model"], registry=self.registry)
+        self.runner: web.AppRunner | None = None
+        self.port = 0
+
+    def set(self, model: str, value: float) -> None:
+        self.gauge.labels(model).set(value)
+
+    async def start(self) -> None:
+        async def metrics(_: web.Request) -> web.Response:
+            return web.Response(body=prom.generate_latest(self.registry), content_type="text/plain")
+
+        app = web.Application()
+        app.router.add_get("/metrics", metrics)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = self.runner.addresses[0][1]
+
+    async def stop(self) -> None:
+        if self.runner:
+            await self.runner.cleanup()
+
+
+@dataclass
+class Model:
+    """One model of the stack: its local and remote servers and the knobs of its CR."""
+
+    name: str
+    namespace: str = "default"
+    percentage: float = 50
+    buffer_seconds: float = 30
+    activation_seconds: float = 0
+    threshold: float = 10
+    path_prefix: str = "/standby"
+    ready: bool = True
+    local: ModelServer = field(init=False)
+    remote: ModelServer = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.local = ModelServer(f"{self.name}-local", None, 0.0, self.name)
+        self.remote = ModelServer(f"{self.name}-remote", None, 0.0, f"{self.name}-remote")
+
+    @property
+    def host(self) -> str:
+        return f"{self.name}.{self.namespace}.svc.cluster.local:8080"
+
+    def manifests(self) -> list[dict]:
+        labels = {"kubernetes.io/service-name": self.name}
+        meta = {"name": self.name, "namespace": self.namespace}
+        return [
+            {"apiVersion": "v1", "kind": "Service", "metadata": meta,
+             "spec": {"ports": [{"name": "http", "port": 8080, "targetPort": self.local.port}]}},
+            {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+             "metadata": {"name": f"{self.name}-abcde", "namespace": self.namespace, "labels": labels},
+             "addressType": "IPv4",
+             "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": self.ready}}],
+             "ports": [{"name": "http", "port": self.local.port, "protocol": "TCP"}]},
+            {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta,
+             "spec": {"replicas": 1}, "status": {"replicas": 1, "readyReplicas": 1}},
+            {"apiVersion": "deployment.beamlit.com/v1alpha1", "kind": "ModelDeployment", "metadata": meta,
+             "spec": {
+                 "model": self.name,
+                 "modelSourceRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": self.name},
+                 "serviceRef": {"name": self.name, "namespace": self.namespace, "targetPort": 8080},
+                 "offloadingConfig": {
+                     "remoteBackend": {
+                         "host": self.remote.address, "scheme": "http", "pathPrefix": self.path_prefix,
+                         "headersToAdd": [{"name": "x-offloaded-by", "value": "overspill"}]},
+                     "behavior": {"percentage": self.percentage,
+                                  "activationDelaySeconds": self.activation_seconds,
+                                  "bufferDurationSeconds": self.buffer_seconds},
+                     "metrics": [{"type": "External", "external": {
+                         "metric": {"name": "overspill_test_load", "selector": {"matchLabels": {"model": self.name}}},
+                         "target": {"type": "Value", "value": str(self.threshold)}}}],
+                 }}},
+        ]
+
+    def write(self, directory: Path) -> Path:
+        path = directory / f"{self.name}.yaml"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(yaml.safe_dump_all(self.manifests(), sort_keys=False))
+        tmp.rename(path)  # atomic: the control plane never reads half a file
+        return path
+
+
+@dataclass
+class Stack:
+    manifests: Path
+    knob: Knob
+    prometheus: Prometheus
+    control_plane: ControlPlane
+    envoy: Envoy
+    models: dict[str, Model]
+    session: aiohttp.ClientSession
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.control_plane.listener_port}"
+
+    async def request(self, host: str, path: str = "/v1/predict") -> tuple[int, str]:
+        async with self.session.post(f"{self.url}{path}", headers={"Host": host}, data=b"{}") as resp:
+            return resp.status, await resp.text()
+
+    async def send(self, model: Model, n: int, concurrency: int = 16) -> list[int]:
+        """n requests to a model through Envoy; returns their status codes."""
+        codes: list[int] = []
+        queue = iter(range(n))
+
+        async def worker() -> None:
+            for _ in queue:
+                codes.append((await self.request(model.host))[0])
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return codes
+
+    async def model_status(self, model: Model) -> dict:
+        return (await self.control_plane.status())["models"].get(f"{model.namespace}/{model.name}", {})
+
+    async def wait_phase(self, model: Model, phases: set[str], timeout: float) -> float:
+        """Seconds until the model's phase is one of `phases`."""
+        started = time.monotonic()
+        last = None
+        while time.monotonic() - started < timeout:
+            last = (await self.model_status(model)).get("phase")
+            if last in phases:
+                return time.monotonic() - started
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"{model.name}: phase {last!r} after {timeout}s, wanted {phases}")
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def stack(tmp_path: Path, *models: Model, extra_args: tuple[str, ...] = ()) -> AsyncIterator[Stack]:
+    manifests = tmp_path / "manifests"
+    manifests.mkdir()
+    knob = Knob()
+    await knob.start()
+    started: list[ModelServer] = []
+    try:
+        for m in models:
+            for server in (m.local, m.remote):
+                await server.start()
+                started.append(server)
+            knob.set(m.name, 0)
+            m.write(manifests)
+        async with contextlib.AsyncExitStack() as es:
+            try:
+                prometheus = await es.enter_async_context(
+                    Prometheus([f"127.0.0.1:{knob.port}"], scrape_interval=SCRAPE_INTERVAL))
+                cp = await es.enter_async_context(ControlPlane(
+                    manifests, evaluation_interval=EVALUATION_INTERVAL, prometheus_url=prometheus.url,
+                    extra_args=("--listener-address", "127.0.0.1", "--xds-address", "127.0.0.1",
+                                "--metrics-address", "127.0.0.1", *extra_args)))
+                envoy = await es.enter_async_context(Envoy(cp.xds_port))
+            except ComponentMissing as exc:
+                missing(exc)
+            await envoy.wait_listener(cp.listener_port, timeout=30)
+            session = await es.enter_async_context(aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=10)))
+            await prometheus.wait_for_series("overspill_test_load", timeout=15)
+            yield Stack(manifests, knob, prometheus, cp, envoy, {m.name: m for m in models}, session)
+    finally:
+        for server in started:
+            await server.stop()
+        await knob.stop()

@@ -1,0 +1,177 @@
+"""End to end: real Envoy, real Prometheus, the real control plane; requests counted at the backends."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from e2e_stack import EVALUATION_INTERVAL, SCRAPE_INTERVAL, Model, stack, wait_until
+
+pytestmark = pytest.mark.e2e
+# How long after the metric crosses its target offloading may take to show in traffic.
+SWITCH_BUDGET = EVALUATION_INTERVAL + SCRAPE_INTERVAL + 2.0
+
+
+def delta(model: Model, before: tuple[int, int]) -> tuple[int, int]:
+    return model.local.counts.total - before[0], model.remote.counts.total - before[1]
+
+
+def totals(model: Model) -> tuple[int, int]:
+    return model.local.counts.total, model.remote.counts.total
+
+
+async def test_split_matches_percentage_at_the_backends(tmp_path):
+    m = Model("llm", percentage=30)
+    async with stack(tmp_path, m) as s:
+        codes = await s.send(m, 200)
+        assert codes.count(200) == 200
+        assert m.remote.counts.total == 0, "no offloading while the metric is under its target"
+
+        s.knob.set("llm", 50)
+        await s.wait_phase(m, {"Offloading"}, timeout=SWITCH_BUDGET + 2)
+        await asyncio.sleep(0.5)  # the route update is in Envoy
+        before = totals(m)
+        codes = await s.send(m, 1500)
+        local, remote = delta(m, before)
+        assert codes.count(200) == 1500
+        share = 100 * remote / (local + remote)
+        print(f"split: {remote}/{local + remote} to the remote = {share:.1f}% (want 30 ± 5)")
+        assert 25 <= share <= 35
+
+        # The remote side got the path prefix, its own Host and the configured header.
+        seen = m.remote.counts.recent[-1]
+        assert seen.path == "/standby/v1/predict"
+        assert seen.host == m.remote.address
+        assert seen.headers.get("x-offloaded-by") == "overspill"
+        assert "x-offloaded-by" not in m.local.counts.recent[-1].headers
+        assert m.local.counts.recent[-1].path == "/v1/predict"
+
+
+async def test_offload_switches_on_in_time_holds_for_buffer_and_releases(tmp_path):
+    m = Model("bert", percentage=50, buffer_seconds=4)
+    async with stack(tmp_path, m) as s:
+        first_remote: list[float] = []
+        codes: list[int] = []
+        stop = asyncio.Event()
+
+        async def trickle() -> None:
+            # Steady traffic the whole time: switches must lose nothing.
+            while not stop.is_set():
+                before = m.remote.counts.total
+                codes.append((await s.request(m.host))[0])
+                if m.remote.counts.total > before and not first_remote:
+                    first_remote.append(time.monotonic())
+                await asyncio.sleep(0.01)
+
+        load = asyncio.create_task(trickle())
+        try:
+            await asyncio.sleep(1.5)
+            assert m.remote.counts.total == 0
+
+            crossed = time.monotonic()
+            s.knob.set("bert", 50)
+            await wait_until(lambda: bool(first_remote), SWITCH_BUDGET + 3, "the first offloaded request")
+            on_after = first_remote[0] - crossed
+            print(f"offload on {on_after:.2f}s after the metric crossed (budget {SWITCH_BUDGET:.1f}s)")
+            assert on_after <= SWITCH_BUDGET
+
+            released = time.monotonic()
+            s.knob.set("bert", 1)
+            # Through the buffer duration it stays on (counted from when the reading drops).
+            await asyncio.sleep(m.buffer_seconds - 0.5)
+            phase = (await s.model_status(m))["phase"]
+            assert phase in ("Offloading", "Releasing"), phase
+            before = totals(m)
+            await asyncio.sleep(0.3)
+            assert delta(m, before)[1] > 0, "still offloading during the buffer"
+
+            await s.wait_phase(m, {"Standby"}, timeout=SWITCH_BUDGET + 2)
+            off_after = time.monotonic() - released
+            print(f"offload off {off_after:.2f}s after the metric dropped (buffer {m.buffer_seconds}s)")
+            assert m.buffer_seconds <= off_after <= m.buffer_seconds + SWITCH_BUDGET
+            await asyncio.sleep(0.5)
+            before = totals(m)
+            await asyncio.sleep(1.0)
+            local, remote = delta(m, before)
+            assert remote == 0 and local > 0, "all local again after release"
+        finally:
+            stop.set()
+            await load
+        assert codes and all(c == 200 for c in codes), f"requests lost during switches: {set(codes)}"
+        print(f"{len(codes)} requests across on/off switches, all 200")
+
+
+async def test_outage_sends_everything_to_the_remote(tmp_path):
+    m = Model("whisper", percentage=20)
+    async with stack(tmp_path, m) as s:
+        m.ready = False
+        m.write(s.manifests)
+        await s.wait_phase(m, {"Outage"}, timeout=2)
+        await asyncio.sleep(0.5)
+        before = totals(m)
+        codes = await s.send(m, 200)
+        assert codes.count(200) == 200
+        assert delta(m, before) == (0, 200)
+
+        m.ready = True
+        m.write(s.manifests)
+        await s.wait_phase(m, {"Standby"}, timeout=2)
+        await asyncio.sleep(0.5)
+        before = totals(m)
+        await s.send(m, 100)
+        assert delta(m, before) == (100, 0)
+
+
+async def test_invalid_files_leave_other_models_serving(tmp_path):
+    good, edited = Model("good"), Model("edited")
+    async with stack(tmp_path, good, edited) as s:
+        (s.manifests / "broken.yaml").write_text("apiVersion: v1\nkind: [unclosed\n")
+        bad = Model("bad", percentage=150)
+        bad.local.port = bad.remote.port = 1
+        bad.write(s.manifests)
+        # A valid model turned invalid keeps serving its last valid version.
+        text = (s.manifests / "edited.yaml").read_text().replace("percentage: 50", "percentage: 250")
+        (s.manifests / "edited.yaml").write_text(text)
+        await asyncio.sleep(1.0)
+
+        status = await s.control_plane.status()
+        errors = [e for r in status["rejected"] for e in r["errors"]]
+        assert any("default/bad: spec.offloadingConfig.behavior.percentage: must be between 0 and 100, got 150"
+                   in e for e in errors), errors
+        assert any("broken.yaml: malformed YAML" in e for e in errors), errors
+        assert "default/bad" not in status["models"]
+        assert any("got 250" in e for e in status["models"]["default/edited"]["errors"])
+
+        for model in (good, edited):
+            codes = await s.send(model, 50)
+            assert codes.count(200) == 50, model.name
+        metrics = await s.control_plane.metrics_text()
+        assert 'overspill_invalid_objects{origin="' in metrics
+        invalid = [line for line in metrics.splitlines()
+                   if line.startswith("overspill_invalid_objects{") and not line.endswith(" 0.0")]
+        assert len(invalid) == 3, invalid
+
+        code, body = await s.request("nobody.default.svc.cluster.local")
+        assert code == 404 and "no ModelDeployment" in body
+
+
+async def test_metric_source_outage_keeps_the_last_decision(tmp_path):
+    m = Model("t5", buffer_seconds=2)
+    async with stack(tmp_path, m) as s:
+        s.knob.set("t5", 50)
+        await s.wait_phase(m, {"Offloading"}, timeout=SWITCH_BUDGET + 2)
+        await s.prometheus.close()  # the metric source goes away mid-offload
+        await asyncio.sleep(3 * EVALUATION_INTERVAL + m.buffer_seconds)
+        st = await s.model_status(m)
+        assert st["phase"] == "Offloading", st
+        assert st["metrics"][0]["error"] and "prometheus unreachable" in st["metrics"][0]["error"]
+        metrics = await s.control_plane.metrics_text()
+        errors = [line for line in metrics.splitlines() if line.startswith("overspill_metric_read_errors_total{")]
+        assert errors and float(errors[0].split()[-1]) >= 2
+        before = totals(m)
+        codes = await s.send(m, 200)
+        assert codes.count(200) == 200
+        local, remote = delta(m, before)
+        assert 60 <= remote <= 140, (local, remote)
+        assert "event=metric_unavailable" in s.control_plane.log_text()
