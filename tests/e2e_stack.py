@@ -40,7 +40,9 @@ class Knob:
 
     def __init__(self) -> None:
         self.registry = prom.CollectorRegistry()
-        self.gauge = prom.Gauge("overspill_test_load", "Test-controlled load", ["model"], registry=self.registry)
+        self.gauge = prom.Gauge(
+            "overspill_test_load", "Test-controlled load", ["model"], registry=self.registry
+        )
         self.runner: web.AppRunner | None = None
         self.port = 0
 
@@ -91,31 +93,62 @@ class Model:
         labels = {"kubernetes.io/service-name": self.name}
         meta = {"name": self.name, "namespace": self.namespace}
         return [
-            {"apiVersion": "v1", "kind": "Service", "metadata": meta,
-             "spec": {"ports": [{"name": "http", "port": 8080, "targetPort": self.local.port}]}},
-            {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-             "metadata": {"name": f"{self.name}-abcde", "namespace": self.namespace, "labels": labels},
-             "addressType": "IPv4",
-             "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": self.ready}}],
-             "ports": [{"name": "http", "port": self.local.port, "protocol": "TCP"}]},
-            {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta,
-             "spec": {"replicas": 1}, "status": {"replicas": 1, "readyReplicas": 1}},
-            {"apiVersion": "deployment.beamlit.com/v1alpha1", "kind": "ModelDeployment", "metadata": meta,
-             "spec": {
-                 "model": self.name,
-                 "modelSourceRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": self.name},
-                 "serviceRef": {"name": self.name, "namespace": self.namespace, "targetPort": 8080},
-                 "offloadingConfig": {
-                     "remoteBackend": {
-                         "host": self.remote.address, "scheme": "http", "pathPrefix": self.path_prefix,
-                         "headersToAdd": [{"name": "x-offloaded-by", "value": "overspill"}]},
-                     "behavior": {"percentage": self.percentage,
-                                  "activationDelaySeconds": self.activation_seconds,
-                                  "bufferDurationSeconds": self.buffer_seconds},
-                     "metrics": [{"type": "External", "external": {
-                         "metric": {"name": "overspill_test_load", "selector": {"matchLabels": {"model": self.name}}},
-                         "target": {"type": "Value", "value": str(self.threshold)}}}],
-                 }}},
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": meta,
+                "spec": {"ports": [{"name": "http", "port": 8080, "targetPort": self.local.port}]},
+            },
+            {
+                "apiVersion": "discovery.k8s.io/v1",
+                "kind": "EndpointSlice",
+                "metadata": {"name": f"{self.name}-abcde", "namespace": self.namespace, "labels": labels},
+                "addressType": "IPv4",
+                "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": self.ready}}],
+                "ports": [{"name": "http", "port": self.local.port, "protocol": "TCP"}],
+            },
+            {
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "metadata": meta,
+                "spec": {"replicas": 1},
+                "status": {"replicas": 1, "readyReplicas": 1},
+            },
+            {
+                "apiVersion": "deployment.beamlit.com/v1alpha1",
+                "kind": "ModelDeployment",
+                "metadata": meta,
+                "spec": {
+                    "model": self.name,
+                    "modelSourceRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": self.name},
+                    "serviceRef": {"name": self.name, "namespace": self.namespace, "targetPort": 8080},
+                    "offloadingConfig": {
+                        "remoteBackend": {
+                            "host": self.remote.address,
+                            "scheme": "http",
+                            "pathPrefix": self.path_prefix,
+                            "headersToAdd": [{"name": "x-offloaded-by", "value": "overspill"}],
+                        },
+                        "behavior": {
+                            "percentage": self.percentage,
+                            "activationDelaySeconds": self.activation_seconds,
+                            "bufferDurationSeconds": self.buffer_seconds,
+                        },
+                        "metrics": [
+                            {
+                                "type": "External",
+                                "external": {
+                                    "metric": {
+                                        "name": "overspill_test_load",
+                                        "selector": {"matchLabels": {"model": self.name}},
+                                    },
+                                    "target": {"type": "Value", "value": str(self.threshold)},
+                                },
+                            }
+                        ],
+                    },
+                },
+            },
         ]
 
     def write(self, directory: Path) -> Path:
@@ -196,17 +229,31 @@ async def stack(tmp_path: Path, *models: Model, extra_args: tuple[str, ...] = ()
         async with contextlib.AsyncExitStack() as es:
             try:
                 prometheus = await es.enter_async_context(
-                    Prometheus([f"127.0.0.1:{knob.port}"], scrape_interval=SCRAPE_INTERVAL))
-                cp = await es.enter_async_context(ControlPlane(
-                    manifests, evaluation_interval=EVALUATION_INTERVAL, prometheus_url=prometheus.url,
-                    extra_args=("--listener-address", "127.0.0.1", "--xds-address", "127.0.0.1",
-                                "--metrics-address", "127.0.0.1", *extra_args)))
+                    Prometheus([f"127.0.0.1:{knob.port}"], scrape_interval=SCRAPE_INTERVAL)
+                )
+                cp = await es.enter_async_context(
+                    ControlPlane(
+                        manifests,
+                        evaluation_interval=EVALUATION_INTERVAL,
+                        prometheus_url=prometheus.url,
+                        extra_args=(
+                            "--listener-address",
+                            "127.0.0.1",
+                            "--xds-address",
+                            "127.0.0.1",
+                            "--metrics-address",
+                            "127.0.0.1",
+                            *extra_args,
+                        ),
+                    )
+                )
                 envoy = await es.enter_async_context(Envoy(cp.xds_port))
             except ComponentMissing as exc:
                 missing(exc)
             await envoy.wait_listener(cp.listener_port, timeout=30)
-            session = await es.enter_async_context(aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=10)))
+            session = await es.enter_async_context(
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+            )
             await prometheus.wait_for_series("overspill_test_load", timeout=15)
             yield Stack(manifests, knob, prometheus, cp, envoy, {m.name: m for m in models}, session)
     finally:

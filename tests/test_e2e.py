@@ -6,6 +6,7 @@ import asyncio
 import time
 
 import pytest
+import yaml
 from e2e_stack import EVALUATION_INTERVAL, SCRAPE_INTERVAL, Model, stack, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -137,8 +138,10 @@ async def test_invalid_files_leave_other_models_serving(tmp_path):
 
         status = await s.control_plane.status()
         errors = [e for r in status["rejected"] for e in r["errors"]]
-        assert any("default/bad: spec.offloadingConfig.behavior.percentage: must be between 0 and 100, got 150"
-                   in e for e in errors), errors
+        assert any(
+            "default/bad: spec.offloadingConfig.behavior.percentage: must be between 0 and 100, got 150" in e
+            for e in errors
+        ), errors
         assert any("broken.yaml: malformed YAML" in e for e in errors), errors
         assert "default/bad" not in status["models"]
         assert any("got 250" in e for e in status["models"]["default/edited"]["errors"])
@@ -148,8 +151,11 @@ async def test_invalid_files_leave_other_models_serving(tmp_path):
             assert codes.count(200) == 50, model.name
         metrics = await s.control_plane.metrics_text()
         assert 'overspill_invalid_objects{origin="' in metrics
-        invalid = [line for line in metrics.splitlines()
-                   if line.startswith("overspill_invalid_objects{") and not line.endswith(" 0.0")]
+        invalid = [
+            line
+            for line in metrics.splitlines()
+            if line.startswith("overspill_invalid_objects{") and not line.endswith(" 0.0")
+        ]
         assert len(invalid) == 3, invalid
 
         code, body = await s.request("nobody.default.svc.cluster.local")
@@ -167,7 +173,9 @@ async def test_metric_source_outage_keeps_the_last_decision(tmp_path):
         assert st["phase"] == "Offloading", st
         assert st["metrics"][0]["error"] and "prometheus unreachable" in st["metrics"][0]["error"]
         metrics = await s.control_plane.metrics_text()
-        errors = [line for line in metrics.splitlines() if line.startswith("overspill_metric_read_errors_total{")]
+        errors = [
+            line for line in metrics.splitlines() if line.startswith("overspill_metric_read_errors_total{")
+        ]
         assert errors and float(errors[0].split()[-1]) >= 2
         before = totals(m)
         codes = await s.send(m, 200)
@@ -175,3 +183,30 @@ async def test_metric_source_outage_keeps_the_last_decision(tmp_path):
         local, remote = delta(m, before)
         assert 60 <= remote <= 140, (local, remote)
         assert "event=metric_unavailable" in s.control_plane.log_text()
+
+
+async def test_envoy_nack_is_reported_and_other_models_keep_serving(tmp_path):
+    good = Model("good")
+    async with stack(tmp_path, good) as s:
+        # Valid to the control plane, refused by Envoy: the CA file does not exist on the Envoy host.
+        bad = Model("tls", path_prefix="")
+        bad.local.port, bad.remote.port = good.local.port, 443
+        docs = bad.manifests()
+        docs[-1]["spec"]["offloadingConfig"]["remoteBackend"] = {
+            "host": "standby.invalid",
+            "scheme": "https",
+            "caFile": "/nonexistent/ca.pem",
+        }
+        (s.manifests / "tls.yaml").write_text(yaml.safe_dump_all(docs))
+        deadline = time.monotonic() + 10
+        nack = None
+        while time.monotonic() < deadline and not nack:
+            nodes = (await s.control_plane.status())["nodes"]
+            nack = next((t["nack"] for n in nodes for t in n["types"].values() if t["nack"]), None)
+            await asyncio.sleep(0.1)
+        assert nack and "/nonexistent/ca.pem" in nack, nack
+        metrics = await s.control_plane.metrics_text()
+        assert 'overspill_xds_nacks_total{type="CDS"} 1.0' in metrics
+        assert "event=nack" in s.control_plane.log_text()
+        codes = await s.send(good, 50)
+        assert codes.count(200) == 50
