@@ -7,6 +7,7 @@ the query returns is summed, as the HPA sums an external metric's values.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
@@ -59,26 +60,37 @@ class PrometheusInformer:
                 params={"query": query},
                 timeout=aiohttp.ClientTimeout(total=self.timeout),
             ) as resp:
-                body = await resp.json(content_type=None)
-        except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
+                status, text = resp.status, await resp.text(errors="replace")
+        except (TimeoutError, aiohttp.ClientError) as exc:
             return Reading(
                 None, f"prometheus unreachable at {self.url}: {type(exc).__name__} {exc}".strip(), query
             )
+        try:
+            body = json.loads(text)
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            return Reading(None, f"prometheus at {self.url} answered HTTP {status}: {text[:200]!r}", query)
         if body.get("status") != "success":
             return Reading(None, f"prometheus error for {query!r}: {body.get('error', body)}", query)
-        return _total(body.get("data", {}), query)
+        return _total(body.get("data"), query)
 
 
-def _total(data: dict, query: str) -> Reading:
-    rtype, result = data.get("resultType"), data.get("result")
-    if rtype == "scalar":
-        values = [result[1]]
-    elif rtype == "vector":
-        values = [series["value"][1] for series in result or []]
-    else:
-        return Reading(None, f"query {query!r} returned a {rtype}, want an instant vector or scalar", query)
-    numbers = [float(v) for v in values]
-    numbers = [v for v in numbers if not math.isnan(v)]
+def _total(data: object, query: str) -> Reading:
+    """The sum of an instant vector's samples (or a scalar); any other shape is an error, not a crash."""
+    try:
+        rtype, result = data.get("resultType"), data.get("result")  # type: ignore[union-attr]
+        if rtype == "scalar":
+            values = [result[1]]
+        elif rtype == "vector":
+            values = [series["value"][1] for series in result or []]
+        else:
+            return Reading(
+                None, f"query {query!r} returned a {rtype}, want an instant vector or scalar", query
+            )
+        numbers = [v for v in (float(v) for v in values) if not math.isnan(v)]
+    except (AttributeError, TypeError, ValueError, IndexError, KeyError) as exc:
+        return Reading(None, f"query {query!r}: unexpected answer from prometheus ({exc})", query)
     if not numbers:
         return Reading(None, f"query {query!r} returned no series", query)
     return Reading(sum(numbers), None, query)

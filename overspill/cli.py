@@ -209,9 +209,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
             print(f"{path}: {exc.strerror}", file=sys.stderr)
             bad += 1
             continue
+        except UnicodeDecodeError as exc:
+            print(f"{path}: not UTF-8 text: {exc}", file=sys.stderr)
+            bad += 1
+            continue
         for r in rejected:
             for err in r.errors:
-                print(f"{path}: {err}", file=sys.stderr)
+                print(err if err.startswith(f"{path}: ") else f"{path}: {err}", file=sys.stderr)
         bad += len(rejected)
         for o in objects:
             print(f"{path}: {o.key.kind} {o.key}: valid")
@@ -271,6 +275,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"{key:32} {m['phase']:18} {m['remotePercent']:7g} {m['readyEndpoints']:5d}  {metrics}")
         for err in m["errors"]:
             print(f"  error: {err}")
+        for warning in m.get("warnings", []):
+            print(f"  warning: {warning}")
         if m["reason"]:
             print(f"  reason: {m['reason']}")
     for r in doc["rejected"]:

@@ -50,6 +50,7 @@ class ModelStatus:
     remote_usable: bool = False
     metrics: list[MetricStatus] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     last_transition: float | None = None
 
     def to_dict(self) -> dict:
@@ -73,6 +74,7 @@ class ModelStatus:
                 for m in self.metrics
             ],
             "errors": self.errors,
+            "warnings": self.warnings,
             "lastTransitionSecondsAgo": None
             if self.last_transition is None
             else round(time.monotonic() - self.last_transition, 1),
@@ -240,15 +242,20 @@ class Controller:
             return None
 
         domains = service_domains(ref.name, ref.namespace, port.port, self.cluster_domain)
-        taken = [d for d in domains if d in claimed]
-        if taken:
+        fqdn = domains[-2]  # svc.ns.svc.<cluster domain>: one Service, so one model
+        if fqdn in claimed:
             status.errors.append(
                 f"{model.key}: spec.serviceRef: Service {ref.namespace}/{ref.name} is already "
-                f"routed by ModelDeployment {claimed[taken[0]]}"
+                f"routed by ModelDeployment {claimed[fqdn]}"
             )
             status.phase, status.reason = "Invalid", status.errors[-1]
             self.instruments.model_errors.labels(ns, name).set(1)
             return None
+        # A bare Service name is ambiguous across namespaces: the first model keeps it.
+        for d in domains:
+            if d in claimed:
+                status.warnings.append(f"Host {d!r} also names Service of {claimed[d]}, which keeps it")
+        domains = tuple(d for d in domains if d not in claimed)
         claimed.update(dict.fromkeys(domains, model.key))
 
         endpoints = self._endpoints(ref.namespace, ref.name, port)

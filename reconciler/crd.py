@@ -324,9 +324,8 @@ def _split_host_port(f: Fields, text: str, default_port: int) -> tuple[str | Non
 
 def _parse_headers(f: Fields) -> tuple[tuple[str, str], ...]:
     """`headersToAdd` as a list of {name, value} (Kubernetes style) or a plain mapping."""
-    raw = f.data.get("headersToAdd")
-    if isinstance(raw, dict):
-        pairs = [(str(k), str(v)) for k, v in raw.items()]
+    if isinstance(f.data.get("headersToAdd"), dict):
+        pairs = list(f.string_map("headersToAdd").items())
     else:
         pairs = [
             (h.str("name", required=True) or "", h.str("value", "") or "") for h in f.items("headersToAdd")

@@ -70,6 +70,9 @@ def parse_documents(text: str, origin: str) -> tuple[list[Any], list[Rejected]]:
             objects.append(parser(doc))
         except InvalidObject as exc:
             rejected.append(Rejected(origin, _key_of(doc), tuple(f"{exc.key}: {e}" for e in exc.errors)))
+        except Exception as exc:  # a parser bug must cost one document, never the source
+            key = _key_of(doc)
+            rejected.append(Rejected(origin, key, (f"{key or origin}: cannot be read: {exc!r}",)))
     return objects, rejected
 
 

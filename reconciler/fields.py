@@ -6,6 +6,7 @@ Every CR and Kubernetes object goes through `Fields`, so an error always reads
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -98,8 +99,11 @@ class Fields:
                 self.error(key, "is required")
             return default
         if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-                return int(value)
+            if isinstance(value, str):
+                try:
+                    return int(value.strip())
+                except ValueError:
+                    pass
             self.error(key, f"must be an integer, got {value!r}")
             return default
         return value
@@ -120,7 +124,7 @@ class Fields:
         if not isinstance(value, Mapping):
             self.error(key, f"must be a mapping of strings, got {_kind(value)}")
             return {}
-        return {str(k): str(v) for k, v in value.items()}
+        return {str(k): "" if v is None else str(v) for k, v in value.items()}
 
 
 _SUFFIXES = {
@@ -147,6 +151,8 @@ def parse_quantity(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError(f"must be a number or quantity, got {value!r}")
     if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise ValueError(f"must be a finite number, got {value!r}")
         return float(value)
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"must be a number or quantity, got {value!r}")
@@ -158,9 +164,12 @@ def parse_quantity(value: Any) -> float:
     else:
         number, scale = text, 1.0
     try:
-        return float(number) * scale
+        result = float(number) * scale
     except ValueError:
         raise ValueError(f"must be a number or quantity, got {value!r}") from None
+    if not math.isfinite(result):
+        raise ValueError(f"must be a finite number, got {value!r}")
+    return result
 
 
 def _kind(value: Any) -> str:

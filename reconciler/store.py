@@ -21,7 +21,9 @@ class ObjectStore:
 
     def __init__(self) -> None:
         self._objects: dict[ObjectKey, Any] = {}
-        self._origin_keys: dict[str, set[ObjectKey]] = {}
+        # Each origin's own objects; when two hold one key, the origin written last wins.
+        self._by_origin: dict[str, dict[ObjectKey, Any]] = {}
+        self._written: dict[str, int] = {}
         self._rejected: dict[str, list[Rejected]] = {}
         self.revision = 0
         self._changed = asyncio.Event()
@@ -36,14 +38,14 @@ class ObjectStore:
         """
         rejected = list(rejected)
         new = {o.key: o for o in objects}
-        old_keys = self._origin_keys.get(origin, set())
+        old = self._by_origin.get(origin, {})
         keep = {r.key for r in rejected if r.key is not None}
         if any(r.key is None for r in rejected) and not new:
-            keep = set(old_keys)
-        for key in old_keys - new.keys() - keep:
-            self._objects.pop(key, None)
-        self._objects.update(new)
-        self._origin_keys[origin] = set(new) | (keep & old_keys)
+            keep = set(old)
+        held = {k: v for k, v in old.items() if k in keep and k not in new} | new
+        self._by_origin[origin] = held
+        self._written[origin] = self.revision
+        self._resolve(old.keys() | held.keys(), prefer=origin)
         if rejected:
             self._rejected[origin] = rejected
         else:
@@ -51,10 +53,20 @@ class ObjectStore:
         self._bump()
 
     def remove_origin(self, origin: str) -> None:
-        for key in self._origin_keys.pop(origin, set()):
-            self._objects.pop(key, None)
+        old = self._by_origin.pop(origin, {})
+        self._written.pop(origin, None)
+        self._resolve(old.keys())
         self._rejected.pop(origin, None)
         self._bump()
+
+    def _resolve(self, keys: Iterable[ObjectKey], prefer: str | None = None) -> None:
+        for key in keys:
+            holders = [o for o, objs in self._by_origin.items() if key in objs]
+            if not holders:
+                self._objects.pop(key, None)
+                continue
+            winner = prefer if prefer in holders else max(holders, key=lambda o: self._written[o])
+            self._objects[key] = self._by_origin[winner][key]
 
     def _bump(self) -> None:
         self.revision += 1

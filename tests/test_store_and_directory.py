@@ -1,0 +1,606 @@
+"""The object store, the directory source and the controller that turns them into routes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from metrics.instruments import Instruments
+from metrics.prometheus import Reading
+from reconciler.controller import Controller
+from reconciler.crd import ObjectKey
+from reconciler.directory import DirectorySource
+from reconciler.documents import parse_documents
+from reconciler.offload import Phase
+from reconciler.store import ObjectStore
+from xds.cache import ResourceCache
+from xds.snapshot import Translator
+
+
+def model_doc(
+    name: str = "m",
+    service: str = "svc",
+    percentage: float = 50,
+    namespace: str = "default",
+    remote: str | None = "standby.example.com",
+    metric: str = "queue_depth",
+    target_type: str = "Value",
+    threshold: float = 10,
+    buffer: float = 30,
+    offloading: bool = True,
+    source: str | None = None,
+) -> dict:
+    spec: dict = {"serviceRef": {"name": service, "targetPort": 80}}
+    if source:
+        spec["modelSourceRef"] = {"kind": "Deployment", "name": source}
+    if offloading:
+        key = "value" if target_type == "Value" else "averageValue"
+        spec["offloadingConfig"] = {
+            "behavior": {"percentage": percentage, "bufferDurationSeconds": buffer},
+            "metrics": [
+                {
+                    "type": "External",
+                    "external": {"metric": {"name": metric}, "target": {"type": target_type, key: threshold}},
+                }
+            ],
+        }
+        if remote:
+            spec["offloadingConfig"]["remoteBackend"] = {"host": remote}
+    return {
+        "apiVersion": "deployment.beamlit.com/v1alpha1",
+        "kind": "ModelDeployment",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": spec,
+    }
+
+
+def service_docs(name: str = "svc", namespace: str = "default", ready=(True, True)) -> list[dict]:
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"ports": [{"name": "http", "port": 80, "targetPort": 8000}]},
+        },
+        {
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {
+                "name": f"{name}-abcde",
+                "namespace": namespace,
+                "labels": {"kubernetes.io/service-name": name},
+            },
+            "addressType": "IPv4",
+            "endpoints": [
+                {"addresses": [f"10.0.0.{i + 1}"], "conditions": {"ready": r}} for i, r in enumerate(ready)
+            ],
+            "ports": [{"name": "http", "port": 8000}],
+        },
+    ]
+
+
+def deployment_doc(name: str, ready: int, namespace: str = "default") -> dict:
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"replicas": ready},
+        "status": {"readyReplicas": ready},
+    }
+
+
+def text(*docs: dict) -> str:
+    return yaml.safe_dump_all(docs)
+
+
+def load(store: ObjectStore, origin: str, body: str) -> None:
+    store.replace_origin(origin, *parse_documents(body, origin))
+
+
+MODEL = ObjectKey("ModelDeployment", "default", "m")
+SERVICE = ObjectKey("Service", "default", "svc")
+
+
+# --- ObjectStore ---
+
+
+def test_replace_origin_holds_exactly_the_files_objects():
+    store = ObjectStore()
+    load(store, "a.yaml", text(model_doc(), *service_docs()))
+    assert store.get(MODEL) is not None
+    assert store.service("default", "svc") is not None
+    assert len(store.endpoint_slices("default", "svc")) == 1
+    revision = store.revision
+    load(store, "a.yaml", text(model_doc()))
+    assert store.get(MODEL) is not None
+    assert store.service("default", "svc") is None
+    assert store.endpoint_slices("default", "svc") == []
+    assert store.revision > revision
+
+
+def test_rejected_new_version_keeps_the_last_valid_one():
+    store = ObjectStore()
+    load(store, "a.yaml", text(model_doc(percentage=50), *service_docs()))
+    good = store.get(MODEL)
+    load(store, "a.yaml", text(model_doc(percentage=150), *service_docs()))
+    assert store.get(MODEL) is good
+    assert store.get(MODEL).offloading.behavior.percentage == 50
+    (rejected,) = store.rejected_for(MODEL)
+    assert rejected.errors == (
+        "default/m: spec.offloadingConfig.behavior.percentage: must be between 0 and 100, got 150",
+    )
+    # Fixing the file takes the new version and clears the error.
+    load(store, "a.yaml", text(model_doc(percentage=70), *service_docs()))
+    assert store.get(MODEL).offloading.behavior.percentage == 70
+    assert store.rejected() == []
+
+
+def test_rejected_object_that_was_never_valid_is_not_invented():
+    store = ObjectStore()
+    load(store, "a.yaml", text(model_doc(percentage=150)))
+    assert store.get(MODEL) is None
+    assert len(store.rejected_for(MODEL)) == 1
+
+
+def test_malformed_yaml_keeps_every_object_of_the_file():
+    store = ObjectStore()
+    load(store, "a.yaml", text(model_doc(), *service_docs()))
+    before = (store.get(MODEL), store.service("default", "svc"))
+    load(store, "a.yaml", "apiVersion: v1\nkind: [Service\n")
+    assert (store.get(MODEL), store.service("default", "svc")) == before
+    (rejected,) = store.rejected()
+    assert rejected.key is None
+    assert "a.yaml: malformed YAML" in rejected.errors[0]
+
+
+def test_removing_an_origin_removes_its_objects_and_errors():
+    store = ObjectStore()
+    load(store, "a.yaml", text(model_doc(), model_doc(name="bad", percentage=-1)))
+    load(store, "b.yaml", text(*service_docs()))
+    store.remove_origin("a.yaml")
+    assert store.models() == []
+    assert store.rejected() == []
+    assert store.service("default", "svc") is not None
+
+
+def test_another_origins_objects_never_change():
+    store = ObjectStore()
+    load(store, "b.yaml", text(*service_docs(), model_doc()))
+    held = (store.get(MODEL), store.get(SERVICE), store.endpoint_slices("default", "svc"))
+    load(store, "a.yaml", text(model_doc(name="other", service="x")))
+    load(store, "a.yaml", "{{{")
+    load(store, "a.yaml", text(model_doc(name="other", percentage=500)))
+    load(store, "a.yaml", text())
+    store.remove_origin("a.yaml")
+    assert (store.get(MODEL), store.get(SERVICE), store.endpoint_slices("default", "svc")) == held
+
+
+def test_an_object_moved_to_another_origin_survives_its_removal_from_the_first():
+    """Moving a document from a.yaml to b.yaml: a.yaml's edit must not delete b.yaml's object."""
+    store = ObjectStore()
+    load(store, "a.yaml", text(model_doc()))
+    load(store, "b.yaml", text(model_doc(percentage=60)))
+    load(store, "a.yaml", text())
+    assert store.get(MODEL) is not None, "b.yaml still defines default/m"
+    assert store.get(MODEL).offloading.behavior.percentage == 60
+
+
+async def test_wait_changed_wakes_on_a_change():
+    store = ObjectStore()
+    waiter = asyncio.create_task(store.wait_changed())
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    load(store, "a.yaml", text(model_doc()))
+    await asyncio.wait_for(waiter, 1)
+
+
+# --- DirectorySource ---
+
+
+def invalid_gauge(instruments: Instruments, path: Path) -> float | None:
+    return instruments.registry.get_sample_value("overspill_invalid_objects", {"origin": str(path)})
+
+
+def test_directory_sync_picks_up_added_changed_and_deleted_files(tmp_path):
+    store, instruments = ObjectStore(), Instruments()
+    source = DirectorySource(tmp_path, store, instruments)
+    assert source.sync() is False
+    models = tmp_path / "models.yaml"
+    models.write_text(text(model_doc(percentage=50)))
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "svc.yml").write_text(text(*service_docs()))
+    assert source.sync() is True
+    assert store.get(MODEL).offloading.behavior.percentage == 50
+    assert store.service("default", "svc") is not None
+    assert source.sync() is False  # nothing changed
+
+    models.write_text(text(model_doc(percentage=75)))
+    assert source.sync() is True
+    assert store.get(MODEL).offloading.behavior.percentage == 75
+
+    models.unlink()
+    assert source.sync() is True
+    assert store.get(MODEL) is None
+    assert store.service("default", "svc") is not None
+
+
+def test_directory_sees_a_same_size_edit_by_its_mtime(tmp_path):
+    store = ObjectStore()
+    source = DirectorySource(tmp_path, store, Instruments())
+    path = tmp_path / "m.yaml"
+    path.write_text(text(model_doc(percentage=50)))
+    source.sync()
+    stat = path.stat()
+    path.write_text(text(model_doc(percentage=60)))  # same length
+    assert path.stat().st_size == stat.st_size
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert source.sync() is True
+    assert store.get(MODEL).offloading.behavior.percentage == 60
+
+
+def test_directory_records_rejected_documents_and_the_invalid_objects_gauge(tmp_path):
+    store, instruments = ObjectStore(), Instruments()
+    source = DirectorySource(tmp_path, store, instruments)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        text(model_doc(name="x", percentage=150), model_doc(name="y", remote="https://h"), model_doc())
+    )
+    good = tmp_path / "good.yaml"
+    good.write_text(text(*service_docs()))
+    source.sync()
+    assert invalid_gauge(instruments, bad) == 2
+    assert invalid_gauge(instruments, good) == 0
+    errors = [e for r in store.rejected() for e in r.errors]
+    assert (
+        "default/x: spec.offloadingConfig.behavior.percentage: must be between 0 and 100, got 150" in errors
+    )
+    assert any(e.startswith("default/y: spec.offloadingConfig.remoteBackend.host:") for e in errors)
+    assert store.get(MODEL) is not None  # the valid document beside them is loaded
+
+    bad.write_text(text(model_doc()))
+    source.sync()
+    assert invalid_gauge(instruments, bad) == 0
+    assert store.rejected() == []
+
+    bad.write_text("kind: [")
+    source.sync()
+    assert invalid_gauge(instruments, bad) == 1
+    assert store.get(MODEL) is not None  # kept from the last good version
+
+    bad.unlink()
+    source.sync()
+    assert invalid_gauge(instruments, bad) is None
+    assert store.get(MODEL) is None
+
+
+def test_directory_ignores_hidden_and_foreign_files(tmp_path):
+    store = ObjectStore()
+    source = DirectorySource(tmp_path, store, Instruments())
+    (tmp_path / ".hidden.yaml").write_text(text(model_doc(name="a")))
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "x.yaml").write_text(text(model_doc(name="b")))
+    (tmp_path / "notes.txt").write_text(text(model_doc(name="c")))
+    (tmp_path / "m.json").write_text(text(model_doc(name="d")))  # YAML is a superset of JSON; either parses
+    source.sync()
+    assert [m.meta.name for m in store.models()] == ["d"]
+
+
+def test_moving_a_model_between_files_keeps_it(tmp_path):
+    store = ObjectStore()
+    source = DirectorySource(tmp_path, store, Instruments())
+    (tmp_path / "b.yaml").write_text(text(model_doc()))
+    source.sync()
+    assert store.get(MODEL) is not None
+    # Cut from b.yaml, paste into a.yaml, both seen in the same poll.
+    (tmp_path / "a.yaml").write_text(text(model_doc()))
+    (tmp_path / "b.yaml").write_text(text(*service_docs()))
+    source.sync()
+    assert store.get(MODEL) is not None, "default/m is defined in a.yaml"
+
+
+def test_directory_run_refuses_a_missing_directory(tmp_path):
+    source = DirectorySource(tmp_path / "nope", ObjectStore(), Instruments())
+    with pytest.raises(SystemExit, match="not a directory"):
+        asyncio.run(asyncio.wait_for(source.run(), 1))
+
+
+# --- Controller ---
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeInformer:
+    """Readings by metric name; a missing name is a metric without data."""
+
+    def __init__(self, **values: float | None) -> None:
+        self.values = values
+        self.reads: list[str] = []
+
+    async def read(self, spec) -> Reading:
+        self.reads.append(spec.name)
+        value = self.values.get(spec.name)
+        if value is None:
+            return Reading(None, f"query {spec.name!r} returned no series", spec.name)
+        return Reading(value, None, spec.name)
+
+
+@pytest.fixture
+async def remote_port():
+    """A listening TCP port on 127.0.0.1 for the remote probe to reach."""
+
+    async def accept(reader, writer):
+        writer.close()
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    yield server.sockets[0].getsockname()[1]
+    server.close()
+    await server.wait_closed()
+
+
+def make_controller(store: ObjectStore, informer=None) -> tuple[Controller, ResourceCache, Clock]:
+    cache, clock = ResourceCache(), Clock()
+    controller = Controller(
+        store, Translator(cache, "127.0.0.1", 10000), Instruments(), informer=informer, clock=clock
+    )
+    return controller, cache, clock
+
+
+def routes_by_name(controller: Controller) -> dict[str, object]:
+    return {r.name: r for r in controller.routes}
+
+
+async def test_controller_offloads_when_the_reading_is_over_target(remote_port):
+    store = ObjectStore()
+    remote = f"127.0.0.1:{remote_port}"
+    load(store, "a.yaml", text(model_doc(percentage=40, remote=remote, buffer=30), *service_docs()))
+    informer = FakeInformer(queue_depth=3)
+    controller, cache, clock = make_controller(store, informer)
+
+    await asyncio.wait_for(controller.evaluate(), 5)
+    status = controller.status[MODEL]
+    assert (status.phase, status.remote_percent) == ("Standby", 0.0)
+    assert routes_by_name(controller)["m"].remote_percent == 0.0
+
+    informer.values["queue_depth"] = 12
+    clock.now += 5
+    await asyncio.wait_for(controller.evaluate(), 5)
+    status = controller.status[MODEL]
+    assert (status.phase, status.remote_percent) == ("Offloading", 40.0)
+    route = routes_by_name(controller)["m"]
+    assert route.remote_percent == 40.0
+    assert route.endpoints == (("10.0.0.1", 8000), ("10.0.0.2", 8000))
+    assert route.remote.port == remote_port
+    assert "svc.default.svc.cluster.local:80" in route.domains
+    assert status.remote_usable
+    assert [(m.current, m.over) for m in status.metrics] == [(12, True)]
+    gauge = controller.instruments.registry.get_sample_value(
+        "overspill_model_remote_weight_percent", {"namespace": "default", "name": "m"}
+    )
+    assert gauge == 40.0
+
+    informer.values["queue_depth"] = 2
+    clock.now += 5
+    await asyncio.wait_for(controller.evaluate(), 5)
+    assert (controller.status[MODEL].phase, controller.status[MODEL].remote_percent) == ("Releasing", 40.0)
+    clock.now += 30
+    await asyncio.wait_for(controller.evaluate(), 5)
+    assert (controller.status[MODEL].phase, controller.status[MODEL].remote_percent) == ("Standby", 0.0)
+    assert routes_by_name(controller)["m"].remote_percent == 0.0
+
+
+async def test_controller_average_value_divides_by_the_workloads_pods(remote_port):
+    store = ObjectStore()
+    doc = model_doc(remote=f"127.0.0.1:{remote_port}", target_type="AverageValue", threshold=10, source="w")
+    load(store, "a.yaml", text(doc, *service_docs(), deployment_doc("w", ready=4)))
+    controller, _, _ = make_controller(store, FakeInformer(queue_depth=30))
+    await asyncio.wait_for(controller.evaluate(), 5)
+    (metric,) = controller.status[MODEL].metrics
+    assert (metric.current, metric.over) == (7.5, False)
+    assert controller.status[MODEL].phase == "Standby"
+
+    load(store, "b.yaml", text(deployment_doc("w", ready=2)))
+    await asyncio.wait_for(controller.evaluate(), 5)
+    (metric,) = controller.status[MODEL].metrics
+    assert (metric.current, metric.over) == (15, True)
+    assert controller.status[MODEL].phase == "Offloading"
+
+
+async def test_controller_metric_without_reading_is_on_status_and_changes_nothing(remote_port):
+    store = ObjectStore()
+    load(store, "a.yaml", text(model_doc(remote=f"127.0.0.1:{remote_port}"), *service_docs()))
+    controller, _, _ = make_controller(store, FakeInformer())
+    await asyncio.wait_for(controller.evaluate(), 5)
+    status = controller.status[MODEL]
+    assert (status.phase, status.remote_percent) == ("Standby", 0.0)
+    (metric,) = status.metrics
+    assert metric.over is None
+    assert "returned no series" in metric.error
+    errors = controller.instruments.registry.get_sample_value(
+        "overspill_metric_read_errors_total",
+        {"namespace": "default", "name": "m", "metric": "External/queue_depth"},
+    )
+    assert errors == 1
+
+
+def test_two_models_on_one_service_the_second_is_refused():
+    store = ObjectStore()
+    load(store, "a.yaml", text(model_doc(name="first"), model_doc(name="second"), *service_docs()))
+    controller, _, _ = make_controller(store)
+    controller.reconcile()
+    first = controller.status[ObjectKey("ModelDeployment", "default", "first")]
+    second = controller.status[ObjectKey("ModelDeployment", "default", "second")]
+    assert first.errors == []
+    assert first.phase != "Invalid"
+    assert second.phase == "Invalid"
+    (error,) = second.errors
+    assert error.startswith("default/second: spec.serviceRef: ")
+    assert "default/first" in error
+    assert list(routes_by_name(controller)) == ["first"]
+    assert (
+        controller.instruments.registry.get_sample_value(
+            "overspill_model_config_errors", {"namespace": "default", "name": "second"}
+        )
+        == 1
+    )
+
+
+def test_a_model_whose_service_is_missing_gets_an_error_and_others_keep_routing():
+    store = ObjectStore()
+    load(
+        store,
+        "a.yaml",
+        text(model_doc(name="ok"), model_doc(name="lost", service="nowhere"), *service_docs()),
+    )
+    controller, cache, _ = make_controller(store)
+    controller.reconcile()
+    lost = controller.status[ObjectKey("ModelDeployment", "default", "lost")]
+    assert lost.phase == "Invalid"
+    assert lost.errors == ["default/lost: spec.serviceRef: Service default/nowhere not found"]
+    assert list(routes_by_name(controller)) == ["ok"]
+    assert "overspill/default/ok/local" in cache.resources(
+        "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+    )
+
+
+def test_a_service_without_the_named_port_is_an_error():
+    store = ObjectStore()
+    doc = model_doc()
+    doc["spec"]["serviceRef"]["targetPort"] = 9999
+    load(store, "a.yaml", text(doc, *service_docs()))
+    controller, _, _ = make_controller(store)
+    controller.reconcile()
+    (error,) = controller.status[MODEL].errors
+    assert error == "default/m: spec.serviceRef.targetPort: Service default/svc has no port 9999"
+    assert controller.routes == []
+
+
+def test_no_ready_endpoints_is_an_outage():
+    store = ObjectStore()
+    load(store, "a.yaml", text(model_doc(percentage=30), *service_docs(ready=(False, False))))
+    controller, _, _ = make_controller(store)
+    controller.reconcile()
+    status = controller.status[MODEL]
+    assert (status.phase, status.remote_percent, status.ready_endpoints) == ("Outage", 100.0, 0)
+    route = routes_by_name(controller)["m"]
+    assert (route.remote_percent, route.endpoints) == (100.0, ())
+
+    # An endpoint turning ready ends the outage on the next reconcile, without waiting for metrics.
+    load(store, "a.yaml", text(model_doc(percentage=30), *service_docs(ready=(False, True))))
+    controller.reconcile()
+    assert controller.status[MODEL].phase == "Standby"
+    assert routes_by_name(controller)["m"].endpoints == (("10.0.0.2", 8000),)
+
+
+def test_no_remote_means_no_offloading_even_in_an_outage():
+    store = ObjectStore()
+    load(store, "a.yaml", text(model_doc(remote=None), *service_docs(ready=(False,))))
+    controller, _, _ = make_controller(store)
+    controller.reconcile()
+    assert controller.status[MODEL].remote_percent == 0.0
+    route = routes_by_name(controller)["m"]
+    assert (route.remote, route.remote_percent) == (None, 0.0)
+
+
+def test_without_offloading_config_the_model_is_routed_all_local():
+    store = ObjectStore()
+    load(store, "a.yaml", text(model_doc(offloading=False), *service_docs()))
+    controller, _, _ = make_controller(store)
+    controller.reconcile()
+    assert controller.status[MODEL].phase == "Standby"
+    route = routes_by_name(controller)["m"]
+    assert (route.remote, route.remote_percent) == (None, 0.0)
+
+
+def test_a_rejected_edit_keeps_the_model_routing_and_shows_the_error():
+    store = ObjectStore()
+    load(store, "a.yaml", text(model_doc(percentage=50), *service_docs()))
+    controller, _, _ = make_controller(store)
+    controller.reconcile()
+    load(store, "a.yaml", text(model_doc(percentage=150), *service_docs()))
+    controller.reconcile()
+    assert "m" in routes_by_name(controller)
+    (error,) = controller.status[MODEL].errors
+    assert "spec.offloadingConfig.behavior.percentage: must be between 0 and 100, got 150" in error
+
+
+def test_a_removed_model_is_forgotten():
+    store = ObjectStore()
+    load(store, "a.yaml", text(model_doc(), *service_docs()))
+    controller, _, _ = make_controller(store)
+    controller.reconcile()
+    labels = {"namespace": "default", "name": "m"}
+    assert controller.instruments.registry.get_sample_value("overspill_model_ready_endpoints", labels) == 2
+    load(store, "a.yaml", text(*service_docs()))
+    controller.reconcile()
+    assert controller.status == {}
+    assert controller.routes == []
+    assert MODEL not in controller.machines
+    assert controller.instruments.registry.get_sample_value("overspill_model_ready_endpoints", labels) is None
+
+
+async def test_a_remote_that_refuses_connections_gets_no_traffic():
+    closed = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = closed.sockets[0].getsockname()[1]
+    closed.close()
+    await closed.wait_closed()
+
+    store = ObjectStore()
+    load(store, "a.yaml", text(model_doc(remote=f"127.0.0.1:{port}"), *service_docs()))
+    controller, _, _ = make_controller(store, FakeInformer(queue_depth=50))
+    for _ in range(controller.probe.failures_to_down):
+        await asyncio.wait_for(controller.evaluate(), 5)
+    status = controller.status[MODEL]
+    assert not status.remote_usable
+    assert (status.phase, status.remote_percent) == (Phase.REMOTE_DOWN.value, 0.0)
+    assert routes_by_name(controller)["m"].remote_percent == 0.0
+
+
+def test_status_document_shape():
+    store = ObjectStore()
+    load(store, "a.yaml", text(model_doc(), *service_docs()))
+    controller, _, _ = make_controller(store)
+    controller.reconcile()
+    doc = controller.status[MODEL].to_dict()
+    assert doc["phase"] == "Standby"
+    assert doc["remote"] == "http://standby.example.com"
+    assert doc["readyEndpoints"] == 2
+    assert doc["errors"] == []
+
+
+def test_same_service_name_in_two_namespaces_both_route():
+    """`llm` in team-a and `llm` in team-b are different Services: neither model may be refused.
+
+    Only the bare short names (`llm`, `llm:80`) are ambiguous; the namespaced names are not, and no
+    domain may be served by two virtual hosts (Envoy rejects the whole route configuration).
+    """
+    store = ObjectStore()
+    load(
+        store,
+        "a.yaml",
+        text(
+            model_doc(name="llm", service="llm", namespace="team-a"),
+            *service_docs("llm", "team-a"),
+            model_doc(name="llm", service="llm", namespace="team-b"),
+            *service_docs("llm", "team-b"),
+        ),
+    )
+    controller, _, _ = make_controller(store)
+    controller.reconcile()
+    for ns in ("team-a", "team-b"):
+        status = controller.status[ObjectKey("ModelDeployment", ns, "llm")]
+        assert status.errors == [], status.errors
+    routes = {r.namespace: r for r in controller.routes}
+    assert set(routes) == {"team-a", "team-b"}
+    assert "llm.team-a.svc.cluster.local" in routes["team-a"].domains
+    assert "llm.team-b.svc.cluster.local:80" in routes["team-b"].domains
+    assert not set(routes["team-a"].domains) & set(routes["team-b"].domains)

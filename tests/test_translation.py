@@ -1,0 +1,403 @@
+"""From ModelRoutes to Envoy resources: domains, the weighted split, TLS, cache versions, wire bytes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from envoy_data_plane.envoy.config.cluster.v3 import Cluster, ClusterDiscoveryType
+from envoy_data_plane.envoy.config.endpoint.v3 import ClusterLoadAssignment
+from envoy_data_plane.envoy.config.listener.v3 import Listener
+from envoy_data_plane.envoy.config.route.v3 import RouteConfiguration
+from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
+    SubjectAltNameMatcherSanType,
+    UpstreamTlsContext,
+)
+from envoy_data_plane.envoy.service.discovery.v3 import DiscoveryResponse
+from envoy_data_plane.envoy.type.v3 import FractionalPercentDenominatorType
+from envoy_data_plane.google.protobuf import Any
+
+import xds.resources
+from overspill.cli import main
+from reconciler.crd import RemoteBackend
+from xds import resources as res
+from xds import wire
+from xds.cache import Resource, ResourceCache
+from xds.snapshot import Translator
+from xds.types import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE
+
+ROOT = Path(__file__).resolve().parent.parent
+HOSTED = RemoteBackend(
+    "llm.standby.example.com", 443, "https", "/v1/llm", (("x-api-key", "secret"), ("x-tenant", "acme"))
+)
+PLAIN = RemoteBackend("10.9.8.7", 8080, "http")
+
+
+def route(
+    name: str = "llm",
+    namespace: str = "inference",
+    remote: RemoteBackend | None = HOSTED,
+    percent: float = 50.0,
+    endpoints: tuple[tuple[str, int], ...] = (("10.0.0.1", 8000), ("10.0.0.2", 8000)),
+    port: int = 80,
+) -> res.ModelRoute:
+    return res.ModelRoute(
+        namespace, name, res.service_domains(name, namespace, port), endpoints, remote, percent
+    )
+
+
+def versions(cache: ResourceCache) -> dict[str, str]:
+    return {t: cache.version(t) for t in PUSH_ORDER}
+
+
+# --- domains ---
+
+
+def test_service_domains_cover_every_dns_name_with_and_without_port():
+    assert res.service_domains("llm", "inference", 80) == (
+        "llm",
+        "llm:80",
+        "llm.inference",
+        "llm.inference:80",
+        "llm.inference.svc",
+        "llm.inference.svc:80",
+        "llm.inference.svc.cluster.local",
+        "llm.inference.svc.cluster.local:80",
+    )
+
+
+def test_service_domains_use_the_cluster_domain():
+    domains = res.service_domains("m", "ns", 8080, "corp.internal")
+    assert "m.ns.svc.corp.internal" in domains
+    assert "m.ns.svc.corp.internal:8080" in domains
+    assert not any("cluster.local" in d for d in domains)
+
+
+def test_virtual_host_answers_the_service_domains():
+    r = route()
+    vh = res.virtual_host(r)
+    assert vh.domains == list(r.domains)
+    assert vh.name == "inference/llm"
+
+
+# --- the weighted split ---
+
+
+@pytest.mark.parametrize(("percent", "numerator"), [(0, 0), (12.5, 125_000), (50, 500_000), (100, 1_000_000)])
+def test_remote_route_carries_the_fraction_in_millionths(percent, numerator):
+    remote_route, local_route = res.virtual_host(route(percent=percent)).routes
+    fraction = remote_route.match.runtime_fraction.default_value
+    assert fraction.numerator == numerator
+    assert fraction.denominator == FractionalPercentDenominatorType.MILLION
+    assert remote_route.match.runtime_fraction.runtime_key == "overspill.inference.llm.remote_fraction"
+    assert local_route.match.runtime_fraction is None
+
+
+def test_remote_route_rewrites_host_path_and_adds_headers():
+    remote_route, local_route = res.virtual_host(route()).routes
+    action = remote_route.route
+    assert remote_route.name == "remote"
+    assert action.cluster == "overspill/inference/llm/remote"
+    assert action.host_rewrite_literal == "llm.standby.example.com"
+    assert remote_route.match.prefix == "/"
+    assert action.prefix_rewrite == "/v1/llm/"  # "/generate" becomes "/v1/llm/generate"
+    headers = [(h.header.key, h.header.value) for h in remote_route.request_headers_to_add]
+    assert headers == [("x-api-key", "secret"), ("x-tenant", "acme")]
+    # Only spilled-over requests are rewritten; local ones go through untouched.
+    assert local_route.name == "local"
+    assert local_route.route.cluster == "overspill/inference/llm/local"
+    assert not local_route.route.host_rewrite_literal
+    assert not local_route.route.prefix_rewrite
+    assert not local_route.request_headers_to_add
+
+
+def test_remote_on_a_non_default_port_keeps_the_port_in_the_host():
+    remote_route, _ = res.virtual_host(route(remote=PLAIN)).routes
+    assert remote_route.route.host_rewrite_literal == "10.9.8.7:8080"
+    assert not remote_route.route.prefix_rewrite
+
+
+def test_without_remote_only_the_local_route():
+    (only,) = res.virtual_host(route(remote=None)).routes
+    assert only.route.cluster == "overspill/inference/llm/local"
+    assert only.match.runtime_fraction is None
+
+
+def test_route_configuration_ends_with_a_404_for_unknown_hosts():
+    config = res.route_configuration([route(), route(name="other", remote=None)])
+    assert config.name == res.ROUTE_CONFIG_NAME
+    assert [v.name for v in config.virtual_hosts] == ["inference/llm", "inference/other", "unknown-host"]
+    fallback = config.virtual_hosts[-1]
+    assert fallback.domains == ["*"]
+    assert fallback.routes[0].direct_response.status == 404
+
+
+# --- clusters ---
+
+
+def test_https_remote_gets_tls_with_sni_and_verification():
+    cluster = res.remote_cluster(route())
+    assert cluster.type == ClusterDiscoveryType.LOGICAL_DNS
+    socket = cluster.transport_socket
+    assert socket.name == "envoy.transport_sockets.tls"
+    tls = UpstreamTlsContext.FromString(socket.typed_config.value)
+    assert tls.sni == "llm.standby.example.com"
+    validation = tls.common_tls_context.validation_context
+    assert validation.trusted_ca.filename == HOSTED.ca_file
+    (san,) = validation.match_typed_subject_alt_names
+    assert san.san_type == SubjectAltNameMatcherSanType.DNS
+    assert san.matcher.exact == "llm.standby.example.com"
+    address = cluster.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address
+    assert (address.address, address.port_value) == ("llm.standby.example.com", 443)
+
+
+def test_https_remote_by_ip_checks_the_ip_san_and_sends_no_sni():
+    remote = RemoteBackend("10.9.8.7", 8443, "https")
+    cluster = res.remote_cluster(route(remote=remote))
+    assert cluster.type == ClusterDiscoveryType.STATIC
+    tls = UpstreamTlsContext.FromString(cluster.transport_socket.typed_config.value)
+    assert not tls.sni
+    (san,) = tls.common_tls_context.validation_context.match_typed_subject_alt_names
+    assert san.san_type == SubjectAltNameMatcherSanType.IP_ADDRESS
+
+
+def test_insecure_skip_verify_drops_the_validation_context():
+    remote = RemoteBackend("standby.example.com", 443, "https", insecure_skip_verify=True)
+    tls = UpstreamTlsContext.FromString(
+        res.remote_cluster(route(remote=remote)).transport_socket.typed_config.value
+    )
+    assert tls.sni == "standby.example.com"
+    assert tls.common_tls_context.validation_context is None
+
+
+def test_http_remote_has_no_tls():
+    cluster = res.remote_cluster(route(remote=PLAIN))
+    assert cluster.transport_socket is None
+    assert cluster.type == ClusterDiscoveryType.STATIC
+
+
+def test_local_cluster_is_eds_and_its_endpoints_are_the_ready_pods():
+    r = route()
+    cluster = res.local_cluster(r)
+    assert cluster.type == ClusterDiscoveryType.EDS
+    assert cluster.name == "overspill/inference/llm/local"
+    cla = res.load_assignment(r)
+    assert cla.cluster_name == cluster.name
+    got = [
+        (e.endpoint.address.socket_address.address, e.endpoint.address.socket_address.port_value)
+        for e in cla.endpoints[0].lb_endpoints
+    ]
+    assert got == [("10.0.0.1", 8000), ("10.0.0.2", 8000)]
+    static = res.local_cluster(r, static=True)
+    assert static.type == ClusterDiscoveryType.STATIC
+    assert static.load_assignment == cla
+
+
+# --- the translator and the cache ---
+
+
+def test_publishing_the_same_state_twice_changes_no_version():
+    cache = ResourceCache()
+    translator = Translator(cache, "127.0.0.1", 10000)
+    routes = [route(), route(name="other", remote=PLAIN)]
+    assert translator.publish(routes) is True
+    first = versions(cache)
+    assert translator.publish([route(), route(name="other", remote=PLAIN)]) is False
+    assert versions(cache) == first
+    assert cache.ready
+
+
+def test_a_weight_change_bumps_only_routes_and_reserializes_one_virtual_host(monkeypatch):
+    cache = ResourceCache()
+    translator = Translator(cache, "127.0.0.1", 10000)
+    names = [f"m{i}" for i in range(5)]
+    translator.publish([route(name=n, percent=0) for n in names])
+    before = versions(cache)
+
+    calls: list[str] = []
+    original = xds.resources.virtual_host
+
+    def counting(r):
+        calls.append(r.name)
+        return original(r)
+
+    monkeypatch.setattr(xds.resources, "virtual_host", counting)
+    changed = [route(name=n, percent=50 if n == "m3" else 0) for n in names]
+    assert translator.publish(changed) is True
+    after = versions(cache)
+    assert calls == ["m3"]
+    assert after[ROUTE] != before[ROUTE]
+    assert {t: after[t] for t in (CLUSTER, ENDPOINT, LISTENER)} == {
+        t: before[t] for t in (CLUSTER, ENDPOINT, LISTENER)
+    }
+    # And the bytes served are those of the new weights.
+    served = RouteConfiguration.FromString(
+        Any.FromString(cache.resources(ROUTE)[res.ROUTE_CONFIG_NAME].any).value
+    )
+    assert served == res.route_configuration(changed)
+
+
+def test_an_endpoint_change_bumps_only_endpoints():
+    cache = ResourceCache()
+    translator = Translator(cache, "127.0.0.1", 10000)
+    translator.publish([route()])
+    before = versions(cache)
+    translator.publish([route(endpoints=(("10.0.0.1", 8000),))])
+    after = versions(cache)
+    assert [t for t in PUSH_ORDER if after[t] != before[t]] == [ENDPOINT]
+
+
+def test_removing_a_model_drops_its_resources_but_not_the_listener():
+    cache = ResourceCache()
+    translator = Translator(cache, "127.0.0.1", 10000)
+    translator.publish([route(), route(name="other")])
+    before = versions(cache)
+    translator.publish([route()])
+    after = versions(cache)
+    assert [t for t in PUSH_ORDER if after[t] != before[t]] == [CLUSTER, ENDPOINT, ROUTE]
+    assert set(cache.resources(CLUSTER)) == {
+        "overspill/inference/llm/local",
+        "overspill/inference/llm/remote",
+    }
+    assert set(cache.resources(ENDPOINT)) == {"overspill/inference/llm/local"}
+
+
+def test_hand_framed_route_configuration_decodes_to_the_same_message():
+    cache = ResourceCache()
+    routes = [route(), route(name="b", remote=PLAIN, percent=12.5), route(name="c", remote=None)]
+    Translator(cache, "127.0.0.1", 10000).publish(routes)
+    resource = cache.resources(ROUTE)[res.ROUTE_CONFIG_NAME]
+    envelope = Any.FromString(resource.any)
+    assert envelope.type_url == ROUTE
+    assert RouteConfiguration.FromString(envelope.value) == res.route_configuration(routes)
+
+
+def test_every_cached_resource_decodes_to_what_the_resources_module_builds():
+    cache = ResourceCache()
+    r = route()
+    Translator(cache, "127.0.0.1", 10000).publish([r])
+    clusters = {
+        n: Cluster.FromString(Any.FromString(x.any).value) for n, x in cache.resources(CLUSTER).items()
+    }
+    assert clusters == {r.local_cluster: res.local_cluster(r), r.remote_cluster: res.remote_cluster(r)}
+    (cla,) = cache.resources(ENDPOINT).values()
+    assert Any.FromString(cla.any).type_url == ENDPOINT
+    assert ClusterLoadAssignment.FromString(Any.FromString(cla.any).value) == res.load_assignment(r)
+    (lis,) = cache.resources(LISTENER).values()
+    assert Listener.FromString(Any.FromString(lis.any).value) == res.listener("127.0.0.1", 10000)
+
+
+def test_resource_version_is_a_content_hash():
+    a = Resource.of(CLUSTER, "x", b"abc")
+    assert a == Resource.of(CLUSTER, "x", b"abc")
+    assert a.version != Resource.of(CLUSTER, "x", b"abd").version
+
+
+def test_discovery_response_decodes():
+    cache = ResourceCache()
+    Translator(cache, "127.0.0.1", 10000).publish([route(name=f"m{i}") for i in range(10)])
+    resources = [r.any for r in cache.resources(CLUSTER).values()]
+    assert any(len(r) > 127 for r in resources)  # multi-byte length varints
+    body = wire.discovery_response("7", CLUSTER, "nonce-1", resources)
+    response = DiscoveryResponse.FromString(body)
+    assert (response.version_info, response.type_url, response.nonce) == ("7", CLUSTER, "nonce-1")
+    assert len(response.resources) == 20
+    assert {Cluster.FromString(a.value).name for a in response.resources} == set(cache.resources(CLUSTER))
+
+
+def test_empty_discovery_response_decodes():
+    response = DiscoveryResponse.FromString(wire.discovery_response("", ROUTE, "n", []))
+    assert (response.version_info, response.type_url, response.nonce, response.resources) == (
+        "",
+        ROUTE,
+        "n",
+        [],
+    )
+
+
+@pytest.mark.parametrize("n", [0, 1, 127, 128, 300, 16384, 2**31])
+def test_varint(n):
+    encoded = wire.varint(n)
+    value, shift = 0, 0
+    for byte in encoded:
+        value |= (byte & 0x7F) << shift
+        shift += 7
+    assert value == n
+    assert all(b & 0x80 for b in encoded[:-1]) and not encoded[-1] & 0x80
+
+
+# --- `overspill render` ---
+
+
+def render(tmp_path, capsys, *args: str) -> Path:
+    assert main(["render", str(ROOT / "manifests" / "examples"), *args]) == 0
+    out, _ = capsys.readouterr()
+    path = tmp_path / "rendered.yaml"
+    path.write_text(out)
+    return path
+
+
+def test_render_prints_every_resource_type(tmp_path, capsys):
+    doc = yaml.safe_load(render(tmp_path, capsys).read_text())
+    assert set(doc) == {CLUSTER, ENDPOINT, LISTENER, ROUTE}
+    names = {c["name"] for c in doc[CLUSTER]}
+    assert names == {
+        "overspill/default/my-model/local",
+        "overspill/inference/llm/local",
+        "overspill/inference/llm/remote",
+    }
+    (config,) = doc[ROUTE]
+    vhosts = {v["name"]: v for v in config["virtualHosts"]}
+    assert "my-model.default.svc.cluster.local:8080" in vhosts["default/my-model"]["domains"]
+    assert "llm.inference:80" in vhosts["inference/llm"]["domains"]
+
+
+def envoy_binary() -> Path:
+    path = Path(sys.executable).parent / "envoy"
+    if not path.exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"envoy is required under CI, not found at {path}")
+        pytest.skip(f"no envoy at {path}")
+    return path
+
+
+def test_rendered_bootstrap_is_accepted_by_envoy(tmp_path, capsys):
+    envoy = envoy_binary()
+    path = render(tmp_path, capsys, "--bootstrap")
+    proc = subprocess.run(
+        [str(envoy), "--mode", "validate", "-c", str(path), "--log-level", "warn"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "OK" in proc.stdout + proc.stderr
+
+
+def test_render_warns_about_bad_documents_and_renders_the_rest(tmp_path, capsys):
+    manifests = tmp_path / "manifests"
+    manifests.mkdir()
+    for path in (ROOT / "manifests" / "examples").glob("*.yaml"):
+        (manifests / path.name).write_text(path.read_text())
+    broken = yaml.safe_load((manifests / "prometheus-model.yaml").read_text())
+    broken["metadata"]["name"] = "broken"
+    broken["spec"]["offloadingConfig"]["behavior"]["percentage"] = 150
+    (manifests / "broken.yaml").write_text(yaml.safe_dump(broken))
+    assert main(["render", str(manifests), "--format", "json"]) == 0
+    out, err = capsys.readouterr()
+    error = "inference/broken: spec.offloadingConfig.behavior.percentage: must be between 0 and 100, got 150"
+    assert f"warning: {error}" in err.splitlines()
+    doc = yaml.safe_load(out)
+    assert {c["name"] for c in doc[CLUSTER]} >= {
+        "overspill/default/my-model/local",
+        "overspill/inference/llm/local",
+    }
+
+
+def test_render_refuses_a_missing_directory(tmp_path, capsys):
+    assert main(["render", str(tmp_path / "nope")]) == 2
+    assert "not a directory" in capsys.readouterr().err
