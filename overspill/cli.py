@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import signal
 import sys
 import urllib.parse
 import urllib.request
@@ -193,11 +194,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         default_remote=args.default_remote,
         cluster_domain=args.cluster_domain,
     )
-    try:
-        asyncio.run(ControlPlane(settings).run())
-    except KeyboardInterrupt:
-        pass
+    asyncio.run(_until_signalled(ControlPlane(settings).run()))
     return 0
+
+
+async def _until_signalled(work) -> None:
+    """Run until done or SIGTERM/SIGINT, then shut down cleanly (exit 0, as Kubernetes expects)."""
+    task = asyncio.ensure_future(work)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        await task
+    except asyncio.CancelledError:
+        logging.getLogger("overspill").info("event=stopped")
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -298,4 +308,6 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from overspill.demo.scenario import run_demo
 
+    if args.log_level != "DEBUG":
+        logging.getLogger("overspill.demo").setLevel(logging.WARNING)  # the per-second lines are the show
     return asyncio.run(run_demo(args.out))

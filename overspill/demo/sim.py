@@ -1,0 +1,149 @@
+"""Simulated model servers: a fixed number of slots, a fixed service time, and an in-flight gauge.
+
+The gauge `model_inflight_requests` (queued + being served) is what a real inference server's
+queue-depth metric looks like to Prometheus, so it can drive offloading in the demo and tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+import prometheus_client as prom
+from aiohttp import web
+
+log = logging.getLogger(__name__)
+
+RECENT_REQUESTS = 1000
+
+
+@dataclass(frozen=True)
+class SeenRequest:
+    """One request as it arrived, so tests can assert on what Envoy forwarded."""
+
+    method: str
+    path: str
+    host: str
+    headers: dict[str, str]
+
+
+@dataclass
+class ServerCounts:
+    """What arrived at one server; plain counters, read directly by tests and the demo."""
+
+    total: int = 0
+    inflight: int = 0
+    max_inflight: int = 0
+    paths: Counter[str] = field(default_factory=Counter)
+    hosts: Counter[str] = field(default_factory=Counter)
+    recent: deque[SeenRequest] = field(default_factory=lambda: deque(maxlen=RECENT_REQUESTS))
+
+    def header_values(self, name: str) -> Counter[str]:
+        """Values of header `name` (case-insensitive) over the recent requests; '' when absent."""
+        key = name.lower()
+        return Counter(r.headers.get(key, "") for r in self.recent)
+
+
+class ModelServer:
+    """An aiohttp server on 127.0.0.1 standing in for one model's pods (or its remote copy)."""
+
+    def __init__(
+        self, name: str, concurrency: int | None, service_time: float, model_label: str | None = None
+    ) -> None:
+        self.name = name
+        self.concurrency = concurrency
+        self.service_time = service_time
+        self.model_label = model_label or name
+        self.counts = ServerCounts()
+        self.port: int | None = None
+        self._slots = asyncio.Semaphore(concurrency) if concurrency else None
+        self._runner: web.AppRunner | None = None
+        # Own registry: several servers in one process must not collide in the global one.
+        self.registry = prom.CollectorRegistry()
+        labels = {"model": self.model_label}
+        self._inflight_gauge = prom.Gauge(
+            "model_inflight_requests", "Requests queued or being served", ["model"], registry=self.registry
+        ).labels(**labels)
+        self._requests_counter = prom.Counter(
+            "model_requests", "Requests received", ["model"], registry=self.registry
+        ).labels(**labels)
+
+    @property
+    def url(self) -> str:
+        if self.port is None:
+            raise RuntimeError(f"model server {self.name} is not started")
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def address(self) -> str:
+        """host:port, as a Prometheus target or an EndpointSlice address would name it."""
+        return f"127.0.0.1:{self.port}"
+
+    async def start(self, port: int = 0) -> int:
+        """Listen on 127.0.0.1:port (0 = ephemeral) and return the real port."""
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_route("*", "/{tail:.*}", self._serve)
+        # Short shutdown: stop() should not wait a minute for keep-alive connections.
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, "127.0.0.1", port)
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self.port = runner.addresses[0][1]
+        log.info(
+            "model server started name=%s port=%s concurrency=%s", self.name, self.port, self.concurrency
+        )
+        return self.port
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
+            log.info("model server stopped name=%s total=%s", self.name, self.counts.total)
+
+    async def __aenter__(self) -> ModelServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    async def _serve(self, request: web.Request) -> web.Response:
+        await request.read()  # drain the body so keep-alive connections stay usable
+        counts = self.counts
+        host = request.headers.get("Host", "")
+        counts.total += 1
+        counts.paths[request.path] += 1
+        counts.hosts[host] += 1
+        counts.recent.append(
+            SeenRequest(
+                request.method, request.path, host, {k.lower(): v for k, v in request.headers.items()}
+            )
+        )
+        self._requests_counter.inc()
+        counts.inflight += 1
+        counts.max_inflight = max(counts.max_inflight, counts.inflight)
+        self._inflight_gauge.set(counts.inflight)
+        try:
+            if self._slots is None:
+                await asyncio.sleep(self.service_time)
+            else:
+                async with self._slots:
+                    await asyncio.sleep(self.service_time)
+        finally:
+            counts.inflight -= 1
+            self._inflight_gauge.set(counts.inflight)
+        body = {"served_by": self.name, "path": request.path, "host": host}
+        return web.json_response(body, headers={"x-served-by": self.name})
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        resp = web.Response(body=prom.generate_latest(self.registry))
+        resp.headers["Content-Type"] = prom.CONTENT_TYPE_LATEST
+        return resp
