@@ -67,6 +67,15 @@ class Instruments:
         self.xds_pushes = Counter("overspill_xds_pushes", "xDS responses sent", ["type"], registry=r)
         self.xds_acks = Counter("overspill_xds_acks", "xDS responses ACKed", ["type"], registry=r)
         self.xds_nacks = Counter("overspill_xds_nacks", "xDS responses NACKed", ["type"], registry=r)
+        self.xds_bytes = Counter(
+            "overspill_xds_sent_bytes", "Bytes of xDS responses sent", ["type"], registry=r
+        )
+        self.model_xds_nacks = Counter(
+            "overspill_model_xds_nacks",
+            "xDS NACKs of responses carrying this model's resources",
+            [*labels, "type"],
+            registry=r,
+        )
         self.evaluations = Counter("overspill_evaluations", "Evaluation rounds of all models", registry=r)
 
     def set_phase(self, namespace: str, name: str, phase: Phase) -> None:

@@ -6,13 +6,22 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from overspill.plane import ControlPlane
-from xds.types import SHORT
 
 
 def status_document(plane: ControlPlane) -> dict:
-    """Per model: state, remote %, metrics, errors; per connected node: versions ACKed and NACKs."""
+    """Per model: state, remote %, metrics, errors (Envoy NACKs too); per node: versions and NACKs."""
+    nodes = [stream.describe() for stream in plane.xds.streams.values()]
+    models = {str(k): s.to_dict() for k, s in sorted(plane.controller.status.items())}
+    for node in nodes:
+        for type_name, t in node["types"].items():
+            for model in t["nackModels"]:
+                if model in models:
+                    models[model]["errors"].append(
+                        f"{model}: Envoy {node['id']} rejected {type_name} "
+                        f"version {t['nackVersion']}: {t['nack']}"
+                    )
     return {
-        "models": {str(k): s.to_dict() for k, s in sorted(plane.controller.status.items())},
+        "models": models,
         "rejected": [
             {
                 "origin": r.origin,
@@ -22,23 +31,7 @@ def status_document(plane: ControlPlane) -> dict:
             }
             for r in plane.store.rejected()
         ],
-        "nodes": [
-            {
-                "id": info.node_id,
-                "cluster": info.cluster,
-                "peer": info.peer,
-                "types": {
-                    SHORT[t]: {
-                        "acked": st.acked_version,
-                        "sent": st.sent_version,
-                        "nack": st.nack or None,
-                        "nackVersion": st.nack_version or None,
-                    }
-                    for t, st in info.types.items()
-                },
-            }
-            for info in plane.ads.streams.values()
-        ],
+        "nodes": nodes,
     }
 
 

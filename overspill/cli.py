@@ -139,6 +139,32 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--admin-port", type=int, default=9901, help="admin port in the bootstrap (default 9901)")
     r.add_argument("--format", choices=["yaml", "json"], default="yaml", help="output format (default yaml)")
 
+    b = sub.add_parser(
+        "bootstrap",
+        help="print an Envoy bootstrap that takes its config from the control plane",
+        description="Print an Envoy bootstrap (YAML) for an edge gateway or a sidecar fed over ADS. "
+        "--namespaces and --match-labels scope which models the node receives.",
+    )
+    b.add_argument("--xds-host", default="127.0.0.1", help="control plane address (default 127.0.0.1)")
+    b.add_argument("--xds-port", type=int, default=18000, help="control plane ADS port (default 18000)")
+    b.add_argument("--node-id", default="overspill-gateway", help="node.id (default overspill-gateway)")
+    b.add_argument(
+        "--node-cluster", default="overspill-gateway", help="node.cluster (default overspill-gateway)"
+    )
+    b.add_argument("--admin-port", type=int, default=9901, help="Envoy admin port (default 9901)")
+    b.add_argument(
+        "--delta", action="store_true", help="use Delta xDS (DELTA_GRPC) instead of state of the world"
+    )
+    b.add_argument(
+        "--namespaces",
+        default="",
+        metavar="NS[,NS...]",
+        help="only models in these namespaces (e.g. a sidecar's own)",
+    )
+    b.add_argument(
+        "--match-labels", default="", metavar="K=V[,K=V...]", help="only ModelDeployments with these labels"
+    )
+
     st = sub.add_parser(
         "status",
         help="ask a running control plane for models and connected Envoys",
@@ -173,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         "serve": cmd_serve,
         "validate": cmd_validate,
         "render": cmd_render,
+        "bootstrap": cmd_bootstrap,
         "status": cmd_status,
         "demo": cmd_demo,
     }[args.command](args)
@@ -260,6 +287,25 @@ def cmd_render(args: argparse.Namespace) -> int:
         print(json.dumps(doc, indent=2))
     else:
         print(yaml.safe_dump(doc, sort_keys=False), end="")
+    return 0
+
+
+def cmd_bootstrap(args: argparse.Namespace) -> int:
+    from xds.render import ads_bootstrap
+
+    labels = dict(kv.split("=", 1) for kv in args.match_labels.split(",") if "=" in kv)
+    namespaces = [n for n in args.namespaces.split(",") if n]
+    doc = ads_bootstrap(
+        args.xds_host,
+        args.xds_port,
+        args.node_id,
+        args.node_cluster,
+        args.admin_port,
+        args.delta,
+        namespaces,
+        labels,
+    )
+    print(yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, width=120), end="")
     return 0
 
 

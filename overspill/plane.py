@@ -15,8 +15,7 @@ from reconciler.controller import Controller
 from reconciler.crd import RemoteBackend
 from reconciler.directory import DirectorySource
 from reconciler.store import ObjectStore
-from xds.cache import ResourceCache
-from xds.server import AdsServer, start_server
+from xds.server import XdsServer, start_server
 from xds.snapshot import Translator
 
 log = logging.getLogger("overspill")
@@ -44,9 +43,8 @@ class ControlPlane:
         self.settings = settings
         self.instruments = Instruments()
         self.store = ObjectStore()
-        self.cache = ResourceCache()
-        self.translator = Translator(self.cache, settings.listener_address, settings.listener_port)
-        self.ads = AdsServer(self.cache, self.instruments)
+        self.translator = Translator(settings.listener_address, settings.listener_port)
+        self.xds = XdsServer(self.translator.cache, self.instruments)
         self.source = DirectorySource(settings.manifests, self.store, self.instruments)
         self.controller = Controller(
             self.store,
@@ -74,7 +72,7 @@ class ControlPlane:
             if s.prometheus_url:
                 self.controller.informer = PrometheusInformer(s.prometheus_url, session)
             self.load_once()  # the first state is complete before any stream is answered
-            grpc_server, xds_port = await start_server(self.ads, s.xds_address, s.xds_port)
+            grpc_server, xds_port = await start_server(self.xds, s.xds_address, s.xds_port)
             runner = web.AppRunner(make_app(self), access_log=None)
             await runner.setup()
             await web.TCPSite(runner, s.metrics_address, s.metrics_port).start()

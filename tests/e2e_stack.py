@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ import pytest
 import yaml
 from aiohttp import web
 
-from overspill.demo.procs import ComponentMissing, ControlPlane, Envoy, Prometheus
+from overspill.demo.procs import ENVOY_HINT, ComponentMissing, ControlPlane, Envoy, Prometheus, find_binary
 from overspill.demo.sim import ModelServer
 
 SCRAPE_INTERVAL = 1.0
@@ -33,6 +34,15 @@ def missing(exc: ComponentMissing) -> None:
     if os.environ.get("CI") == "true":
         pytest.fail(f"required component missing under CI: {exc}")
     pytest.skip(str(exc))
+
+
+def envoy_binary() -> str:
+    """The venv's Envoy; missing, it fails under CI and skips elsewhere."""
+    try:
+        return find_binary("envoy", ENVOY_HINT, before=[Path(sys.executable).parent / "envoy"])
+    except ComponentMissing as exc:
+        missing(exc)
+        raise
 
 
 class Knob:

@@ -267,7 +267,6 @@ async def test_a_broken_answer_for_one_model_does_not_stop_the_others(prometheus
     from reconciler.crd import ObjectKey
     from reconciler.documents import parse_documents
     from reconciler.store import ObjectStore
-    from xds.cache import ResourceCache
     from xds.snapshot import Translator
 
     remote = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
@@ -313,7 +312,7 @@ async def test_a_broken_answer_for_one_model_does_not_stop_the_others(prometheus
     store = ObjectStore()
     store.replace_origin("x.yaml", *parse_documents(yaml.safe_dump_all(docs), "x.yaml"))
     informer = PrometheusInformer(prometheus[0], session)
-    controller = Controller(store, Translator(ResourceCache(), "127.0.0.1", 10000), Instruments(), informer)
+    controller = Controller(store, Translator("127.0.0.1", 10000), Instruments(), informer)
     try:
         await asyncio.wait_for(controller.evaluate(), 10)
     finally:

@@ -17,8 +17,9 @@ from reconciler.directory import DirectorySource
 from reconciler.documents import parse_documents
 from reconciler.offload import Phase
 from reconciler.store import ObjectStore
-from xds.cache import ResourceCache
+from xds.cache import ResourceCache, Scope
 from xds.snapshot import Translator
+from xds.types import CLUSTER
 
 
 def model_doc(
@@ -348,11 +349,10 @@ async def remote_port():
 
 
 def make_controller(store: ObjectStore, informer=None) -> tuple[Controller, ResourceCache, Clock]:
-    cache, clock = ResourceCache(), Clock()
-    controller = Controller(
-        store, Translator(cache, "127.0.0.1", 10000), Instruments(), informer=informer, clock=clock
-    )
-    return controller, cache, clock
+    clock = Clock()
+    translator = Translator("127.0.0.1", 10000)
+    controller = Controller(store, translator, Instruments(), informer=informer, clock=clock)
+    return controller, translator.cache, clock
 
 
 def routes_by_name(controller: Controller) -> dict[str, object]:
@@ -467,9 +467,7 @@ def test_a_model_whose_service_is_missing_gets_an_error_and_others_keep_routing(
     assert lost.phase == "Invalid"
     assert lost.errors == ["default/lost: spec.serviceRef: Service default/nowhere not found"]
     assert list(routes_by_name(controller)) == ["ok"]
-    assert "overspill/default/ok/local" in cache.resources(
-        "type.googleapis.com/envoy.config.cluster.v3.Cluster"
-    )
+    assert "overspill/default/ok/local" in cache.view(Scope()).resources[CLUSTER]
 
 
 def test_a_service_without_the_named_port_is_an_error():

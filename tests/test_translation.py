@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from e2e_stack import envoy_binary
 from envoy_data_plane.envoy.config.cluster.v3 import Cluster, ClusterDiscoveryType
 from envoy_data_plane.envoy.config.endpoint.v3 import ClusterLoadAssignment
 from envoy_data_plane.envoy.config.listener.v3 import Listener
@@ -18,6 +17,7 @@ from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
     UpstreamTlsContext,
 )
 from envoy_data_plane.envoy.service.discovery.v3 import DiscoveryResponse
+from envoy_data_plane.envoy.service.runtime.v3 import Runtime
 from envoy_data_plane.envoy.type.v3 import FractionalPercentDenominatorType
 from envoy_data_plane.google.protobuf import Any
 
@@ -25,10 +25,10 @@ import xds.resources
 from overspill.cli import main
 from reconciler.crd import RemoteBackend
 from xds import resources as res
-from xds import wire
-from xds.cache import Resource, ResourceCache
+from xds import runtime, wire
+from xds.cache import Resource, Scope, View
 from xds.snapshot import Translator
-from xds.types import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE
+from xds.types import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE, RUNTIME
 
 ROOT = Path(__file__).resolve().parent.parent
 HOSTED = RemoteBackend(
@@ -48,10 +48,6 @@ def route(
     return res.ModelRoute(
         namespace, name, res.service_domains(name, namespace, port), endpoints, remote, percent
     )
-
-
-def versions(cache: ResourceCache) -> dict[str, str]:
-    return {t: cache.version(t) for t in PUSH_ORDER}
 
 
 # --- domains ---
@@ -88,13 +84,20 @@ def test_virtual_host_answers_the_service_domains():
 
 
 @pytest.mark.parametrize(("percent", "numerator"), [(0, 0), (12.5, 125_000), (50, 500_000), (100, 1_000_000)])
-def test_remote_route_carries_the_fraction_in_millionths(percent, numerator):
-    remote_route, local_route = res.virtual_host(route(percent=percent)).routes
+def test_remote_route_default_is_in_millionths_and_its_key_names_the_model(percent, numerator):
+    remote_route, local_route = res.virtual_host(route(percent=99), default_percent=percent).routes
     fraction = remote_route.match.runtime_fraction.default_value
     assert fraction.numerator == numerator
     assert fraction.denominator == FractionalPercentDenominatorType.MILLION
-    assert remote_route.match.runtime_fraction.runtime_key == "overspill.inference.llm.remote_fraction"
+    assert remote_route.match.runtime_fraction.runtime_key == "overspill.inference.llm"
     assert local_route.match.runtime_fraction is None
+
+
+def test_served_routes_default_to_nothing_spilled_and_static_ones_to_the_current_weight():
+    served = res.route_configuration([route(percent=40)])
+    static = res.route_configuration([route(percent=40)], static=True)
+    assert served.virtual_hosts[0].routes[0].match.runtime_fraction.default_value.numerator == 0
+    assert static.virtual_hosts[0].routes[0].match.runtime_fraction.default_value.numerator == 400_000
 
 
 def test_remote_route_rewrites_host_path_and_adds_headers():
@@ -200,95 +203,129 @@ def test_local_cluster_is_eds_and_its_endpoints_are_the_ready_pods():
 # --- the translator and the cache ---
 
 
+def make(shards: int = 8) -> tuple[Translator, View]:
+    translator = Translator("127.0.0.1", 10000, shards=shards)
+    return translator, translator.cache.view(Scope())
+
+
+def versions(view: View) -> dict[str, int]:
+    return dict(view.version)
+
+
+def decoded_routes(view: View) -> RouteConfiguration:
+    return RouteConfiguration.FromString(
+        Any.FromString(view.resources[ROUTE][res.ROUTE_CONFIG_NAME].any).value
+    )
+
+
+def runtime_layers(view: View) -> dict[str, dict]:
+    return {
+        n: Runtime.FromString(Any.FromString(r.any).value).to_dict()
+        for n, r in view.resources[RUNTIME].items()
+    }
+
+
 def test_publishing_the_same_state_twice_changes_no_version():
-    cache = ResourceCache()
-    translator = Translator(cache, "127.0.0.1", 10000)
+    translator, view = make()
     routes = [route(), route(name="other", remote=PLAIN)]
-    assert translator.publish(routes) is True
-    first = versions(cache)
-    assert translator.publish([route(), route(name="other", remote=PLAIN)]) is False
-    assert versions(cache) == first
-    assert cache.ready
+    assert translator.publish(routes) == 2
+    first = versions(view)
+    assert translator.publish([route(), route(name="other", remote=PLAIN)]) == 0
+    assert versions(view) == first
+    assert translator.cache.ready
 
 
-def test_a_weight_change_bumps_only_routes_and_reserializes_one_virtual_host(monkeypatch):
-    cache = ResourceCache()
-    translator = Translator(cache, "127.0.0.1", 10000)
-    names = [f"m{i}" for i in range(5)]
+def test_a_weight_change_sends_one_runtime_layer_and_serializes_nothing_else(monkeypatch):
+    translator, view = make()
+    names = [f"m{i}" for i in range(20)]
     translator.publish([route(name=n, percent=0) for n in names])
-    before = versions(cache)
+    before, routes_before = versions(view), view.resources[ROUTE][res.ROUTE_CONFIG_NAME]
 
     calls: list[str] = []
-    original = xds.resources.virtual_host
-
-    def counting(r):
-        calls.append(r.name)
-        return original(r)
-
-    monkeypatch.setattr(xds.resources, "virtual_host", counting)
-    changed = [route(name=n, percent=50 if n == "m3" else 0) for n in names]
-    assert translator.publish(changed) is True
-    after = versions(cache)
-    assert calls == ["m3"]
-    assert after[ROUTE] != before[ROUTE]
-    assert {t: after[t] for t in (CLUSTER, ENDPOINT, LISTENER)} == {
-        t: before[t] for t in (CLUSTER, ENDPOINT, LISTENER)
+    for fn in ("virtual_host", "local_cluster", "remote_cluster", "load_assignment"):
+        original = getattr(xds.resources, fn)
+        monkeypatch.setattr(
+            xds.resources, fn, lambda r, *a, _o=original, _n=fn, **k: calls.append(_n) or _o(r, *a, **k)
+        )
+    changed = [route(name=n, percent=30 if n == "m3" else 0) for n in names]
+    assert translator.publish(changed) == 1
+    after = versions(view)
+    assert calls == []
+    assert [t for t in PUSH_ORDER if after[t] != before[t]] == [RUNTIME]
+    assert view.changed_since(RUNTIME, before[RUNTIME]) == {
+        runtime.layer_names(8)[runtime.shard_of("overspill.inference.m3", 8)]
     }
-    # And the bytes served are those of the new weights.
-    served = RouteConfiguration.FromString(
-        Any.FromString(cache.resources(ROUTE)[res.ROUTE_CONFIG_NAME].any).value
-    )
-    assert served == res.route_configuration(changed)
+    assert view.resources[ROUTE][res.ROUTE_CONFIG_NAME] is routes_before
+    layers = runtime_layers(view)
+    values = {k: v for layer in layers.values() for k, v in layer.get("layer", {}).items()}
+    assert values["overspill.inference.m3"] == 30
+    assert values["overspill.inference.m4"] == 0
+
+
+def test_a_fractional_weight_is_a_fractional_percent_of_a_million():
+    translator, view = make()
+    translator.publish([route(percent=12.5)])
+    values = {k: v for layer in runtime_layers(view).values() for k, v in layer.get("layer", {}).items()}
+    assert values["overspill.inference.llm"] == {"numerator": 125000.0, "denominator": "MILLION"}
 
 
 def test_an_endpoint_change_bumps_only_endpoints():
-    cache = ResourceCache()
-    translator = Translator(cache, "127.0.0.1", 10000)
+    translator, view = make()
     translator.publish([route()])
-    before = versions(cache)
+    before = versions(view)
     translator.publish([route(endpoints=(("10.0.0.1", 8000),))])
-    after = versions(cache)
+    after = versions(view)
     assert [t for t in PUSH_ORDER if after[t] != before[t]] == [ENDPOINT]
 
 
-def test_removing_a_model_drops_its_resources_but_not_the_listener():
-    cache = ResourceCache()
-    translator = Translator(cache, "127.0.0.1", 10000)
+def test_removing_a_model_drops_its_resources_but_keeps_them_retired_for_make_before_break():
+    translator, view = make()
     translator.publish([route(), route(name="other")])
-    before = versions(cache)
+    before = versions(view)
     translator.publish([route()])
-    after = versions(cache)
-    assert [t for t in PUSH_ORDER if after[t] != before[t]] == [CLUSTER, ENDPOINT, ROUTE]
-    assert set(cache.resources(CLUSTER)) == {
-        "overspill/inference/llm/local",
-        "overspill/inference/llm/remote",
-    }
-    assert set(cache.resources(ENDPOINT)) == {"overspill/inference/llm/local"}
+    after = versions(view)
+    assert [t for t in PUSH_ORDER if after[t] != before[t]] == [CLUSTER, ENDPOINT, RUNTIME, ROUTE]
+    assert set(view.resources[CLUSTER]) == {"overspill/inference/llm/local", "overspill/inference/llm/remote"}
+    assert set(view.resources[ENDPOINT]) == {"overspill/inference/llm/local"}
+    assert view.lookup(CLUSTER, "overspill/inference/other/local") is not None
 
 
 def test_hand_framed_route_configuration_decodes_to_the_same_message():
-    cache = ResourceCache()
+    translator, view = make()
     routes = [route(), route(name="b", remote=PLAIN, percent=12.5), route(name="c", remote=None)]
-    Translator(cache, "127.0.0.1", 10000).publish(routes)
-    resource = cache.resources(ROUTE)[res.ROUTE_CONFIG_NAME]
-    envelope = Any.FromString(resource.any)
+    translator.publish(routes)
+    envelope = Any.FromString(view.resources[ROUTE][res.ROUTE_CONFIG_NAME].any)
     assert envelope.type_url == ROUTE
-    assert RouteConfiguration.FromString(envelope.value) == res.route_configuration(routes)
+    # Virtual hosts are served in namespace/name order, whatever order the models came in.
+    assert decoded_routes(view) == res.route_configuration(
+        sorted(routes, key=lambda r: (r.namespace, r.name))
+    )
 
 
 def test_every_cached_resource_decodes_to_what_the_resources_module_builds():
-    cache = ResourceCache()
+    translator, view = make()
     r = route()
-    Translator(cache, "127.0.0.1", 10000).publish([r])
+    translator.publish([r])
     clusters = {
-        n: Cluster.FromString(Any.FromString(x.any).value) for n, x in cache.resources(CLUSTER).items()
+        n: Cluster.FromString(Any.FromString(x.any).value) for n, x in view.resources[CLUSTER].items()
     }
     assert clusters == {r.local_cluster: res.local_cluster(r), r.remote_cluster: res.remote_cluster(r)}
-    (cla,) = cache.resources(ENDPOINT).values()
+    (cla,) = view.resources[ENDPOINT].values()
     assert Any.FromString(cla.any).type_url == ENDPOINT
     assert ClusterLoadAssignment.FromString(Any.FromString(cla.any).value) == res.load_assignment(r)
-    (lis,) = cache.resources(LISTENER).values()
+    (lis,) = view.resources[LISTENER].values()
     assert Listener.FromString(Any.FromString(lis.any).value) == res.listener("127.0.0.1", 10000)
+    assert len(view.resources[RUNTIME]) == 8  # every layer exists, even empty: Envoy waits for each
+
+
+def test_a_scoped_view_holds_only_its_models():
+    translator, _ = make()
+    translator.publish([route(name="a", namespace="team-a"), route(name="b", namespace="team-b")])
+    scoped = translator.cache.view(Scope.from_metadata({"overspill": {"namespaces": ["team-a"]}}))
+    assert set(scoped.resources[CLUSTER]) == {"overspill/team-a/a/local", "overspill/team-a/a/remote"}
+    assert [v.name for v in decoded_routes(scoped).virtual_hosts] == ["team-a/a", "unknown-host"]
+    translator.publish([route(name="a", namespace="team-a"), route(name="b", namespace="team-b", percent=10)])
+    assert scoped.version[RUNTIME] == 1 + 1  # built, then untouched by team-b's change
 
 
 def test_resource_version_is_a_content_hash():
@@ -298,15 +335,15 @@ def test_resource_version_is_a_content_hash():
 
 
 def test_discovery_response_decodes():
-    cache = ResourceCache()
-    Translator(cache, "127.0.0.1", 10000).publish([route(name=f"m{i}") for i in range(10)])
-    resources = [r.any for r in cache.resources(CLUSTER).values()]
+    translator, view = make()
+    translator.publish([route(name=f"m{i}") for i in range(10)])
+    resources = [r.any for r in view.resources[CLUSTER].values()]
     assert any(len(r) > 127 for r in resources)  # multi-byte length varints
     body = wire.discovery_response("7", CLUSTER, "nonce-1", resources)
     response = DiscoveryResponse.FromString(body)
     assert (response.version_info, response.type_url, response.nonce) == ("7", CLUSTER, "nonce-1")
     assert len(response.resources) == 20
-    assert {Cluster.FromString(a.value).name for a in response.resources} == set(cache.resources(CLUSTER))
+    assert {Cluster.FromString(a.value).name for a in response.resources} == set(view.resources[CLUSTER])
 
 
 def test_empty_discovery_response_decodes():
@@ -343,7 +380,7 @@ def render(tmp_path, capsys, *args: str) -> Path:
 
 def test_render_prints_every_resource_type(tmp_path, capsys):
     doc = yaml.safe_load(render(tmp_path, capsys).read_text())
-    assert set(doc) == {CLUSTER, ENDPOINT, LISTENER, ROUTE}
+    assert set(doc) == {CLUSTER, ENDPOINT, LISTENER, ROUTE, RUNTIME}
     names = {c["name"] for c in doc[CLUSTER]}
     assert names == {
         "overspill/default/my-model/local",
@@ -356,20 +393,11 @@ def test_render_prints_every_resource_type(tmp_path, capsys):
     assert "llm.inference:80" in vhosts["inference/llm"]["domains"]
 
 
-def envoy_binary() -> Path:
-    path = Path(sys.executable).parent / "envoy"
-    if not path.exists():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"envoy is required under CI, not found at {path}")
-        pytest.skip(f"no envoy at {path}")
-    return path
-
-
 def test_rendered_bootstrap_is_accepted_by_envoy(tmp_path, capsys):
     envoy = envoy_binary()
     path = render(tmp_path, capsys, "--bootstrap")
     proc = subprocess.run(
-        [str(envoy), "--mode", "validate", "-c", str(path), "--log-level", "warn"],
+        [envoy, "--mode", "validate", "-c", str(path), "--log-level", "warn"],
         capture_output=True,
         text=True,
         timeout=60,

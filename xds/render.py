@@ -7,17 +7,20 @@ rendered file can run an Envoy with no control plane at all (e.g. to check a con
 from __future__ import annotations
 
 from xds import resources as res
-from xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE
+from xds import runtime
+from xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE, RUNTIME
 
 
 def dynamic_resources(routes: list[res.ModelRoute], address: str, port: int) -> dict[str, list[dict]]:
-    """What the ADS server serves, by type URL, as proto3 JSON mappings."""
+    """What the ADS server serves to an unscoped node, by type URL, as proto3 JSON mappings."""
+    weights = {r.runtime_key: r.remote_percent for r in routes if r.remote is not None}
     clusters = [res.local_cluster(r) for r in routes] + [res.remote_cluster(r) for r in routes if r.remote]
     return {
         CLUSTER: [c.to_dict() for c in clusters],
         ENDPOINT: [res.load_assignment(r).to_dict() for r in routes],
         LISTENER: [res.listener(address, port).to_dict()],
         ROUTE: [res.route_configuration(routes).to_dict()],
+        RUNTIME: [{"name": "overspill_weights_*", "layer": weights}],
     }
 
 
@@ -30,8 +33,103 @@ def static_bootstrap(routes: list[res.ModelRoute], address: str, port: int, admi
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
         "static_resources": {
             "listeners": [
-                res.listener(address, port, inline_routes=res.route_configuration(routes)).to_dict()
+                res.listener(
+                    address, port, inline_routes=res.route_configuration(routes, static=True)
+                ).to_dict()
             ],
             "clusters": [c.to_dict() for c in clusters],
+        },
+    }
+
+
+HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+
+def ads_bootstrap(
+    xds_host: str = "127.0.0.1",
+    xds_port: int = 18000,
+    node_id: str = "overspill-gateway",
+    node_cluster: str = "overspill-gateway",
+    admin_port: int = 9901,
+    delta: bool = False,
+    namespaces: list[str] | None = None,
+    match_labels: dict[str, str] | None = None,
+    shards: int = runtime.SHARDS,
+) -> dict:
+    """An Envoy bootstrap that takes everything from the control plane over one ADS stream.
+
+    The runtime layers are the weight shards (see `xds.runtime`), then an admin layer so an
+    operator can pin a weight by hand (`POST /runtime_modify?overspill.NS.NAME=0`).
+    """
+    scope: dict = {}
+    if namespaces:
+        scope["namespaces"] = list(namespaces)
+    if match_labels:
+        scope["matchLabels"] = dict(match_labels)
+
+    def ads() -> dict:  # a fresh mapping each time: YAML would print shared ones as anchors
+        return {"ads": {}, "resource_api_version": "V3"}
+
+    node: dict = {"id": node_id, "cluster": node_cluster}
+    if scope:
+        node["metadata"] = {"overspill": scope}
+    return {
+        "node": node,
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
+        "dynamic_resources": {
+            "ads_config": {
+                "api_type": "DELTA_GRPC" if delta else "GRPC",
+                "transport_api_version": "V3",
+                "set_node_on_first_message_only": True,
+                "grpc_services": [{"envoy_grpc": {"cluster_name": "xds_cluster"}}],
+            },
+            "cds_config": ads(),
+            "lds_config": ads(),
+        },
+        "layered_runtime": {
+            "layers": [
+                {"name": name, "rtds_layer": {"name": name, "rtds_config": ads()}}
+                for name in runtime.layer_names(shards)
+            ]
+            + [{"name": "admin", "admin_layer": {}}]
+        },
+        "static_resources": {
+            "clusters": [
+                {
+                    "name": "xds_cluster",
+                    "type": "STRICT_DNS",
+                    "connect_timeout": "1s",
+                    # ADS is gRPC: HTTP/2 to the control plane, with keepalives to notice it going away.
+                    "typed_extension_protocol_options": {
+                        HTTP_OPTIONS: {
+                            "@type": f"type.googleapis.com/{HTTP_OPTIONS}",
+                            "explicit_http_config": {
+                                "http2_protocol_options": {
+                                    "connection_keepalive": {"interval": "30s", "timeout": "5s"}
+                                }
+                            },
+                        }
+                    },
+                    "load_assignment": {
+                        "cluster_name": "xds_cluster",
+                        "endpoints": [
+                            {
+                                "lb_endpoints": [
+                                    {
+                                        "endpoint": {
+                                            "address": {
+                                                "socket_address": {
+                                                    "address": xds_host,
+                                                    "port_value": xds_port,
+                                                }
+                                            }
+                                        }
+                                    }
+                                ]
+                            }
+                        ],
+                    },
+                }
+            ]
         },
     }

@@ -3,8 +3,9 @@
 Per model: a local cluster (EDS, the Service's ready endpoints), a remote cluster (the
 standby copy, TLS with SNI for https), and a virtual host answering the Service's DNS
 names. The split is two routes: the first matches `remote_percent` % of requests
-(`runtime_fraction`) and carries the remote's path prefix, Host and headers; the second
-sends the rest to the local cluster. One HTTP listener serves every model.
+(`runtime_fraction`, its value delivered over RTDS so a weight change sends no route) and
+carries the remote's path prefix, Host and headers; the second sends the rest to the local
+cluster. One HTTP listener serves every model.
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ class ModelRoute:
     endpoints: tuple[tuple[str, int], ...]
     remote: RemoteBackend | None
     remote_percent: float
+    labels: tuple[tuple[str, str], ...] = ()
 
     @property
     def local_cluster(self) -> str:
@@ -99,7 +101,8 @@ class ModelRoute:
 
     @property
     def runtime_key(self) -> str:
-        return f"overspill.{self.namespace}.{self.name}.remote_fraction"
+        """Where Envoy finds this model's remote share (admin `/runtime` shows it under this name)."""
+        return f"overspill.{self.namespace}.{self.name}"
 
 
 def service_domains(
@@ -194,7 +197,9 @@ def _fraction(percent: float) -> FractionalPercent:
     )
 
 
-def virtual_host(route: ModelRoute) -> VirtualHost:
+def virtual_host(route: ModelRoute, default_percent: float = 0.0) -> VirtualHost:
+    """The model's routes. The remote share comes from the runtime key; `default_percent`
+    applies only while Envoy has no value for it (0: nothing spills over without a decision)."""
     retry = RetryPolicy(retry_on=RETRY_ON, num_retries=2)
     routes = []
     if route.remote is not None:
@@ -205,7 +210,7 @@ def virtual_host(route: ModelRoute) -> VirtualHost:
                 match=RouteMatch(
                     prefix="/",
                     runtime_fraction=RuntimeFractionalPercent(
-                        default_value=_fraction(route.remote_percent), runtime_key=route.runtime_key
+                        default_value=_fraction(default_percent), runtime_key=route.runtime_key
                     ),
                 ),
                 route=RouteAction(
@@ -251,10 +256,12 @@ def fallback_virtual_host() -> VirtualHost:
     )
 
 
-def route_configuration(routes: list[ModelRoute]) -> RouteConfiguration:
+def route_configuration(routes: list[ModelRoute], static: bool = False) -> RouteConfiguration:
+    """All models' virtual hosts; `static` bakes the current weights in as the defaults (no RTDS)."""
     return RouteConfiguration(
         name=ROUTE_CONFIG_NAME,
-        virtual_hosts=[virtual_host(r) for r in routes] + [fallback_virtual_host()],
+        virtual_hosts=[virtual_host(r, r.remote_percent if static else 0.0) for r in routes]
+        + [fallback_virtual_host()],
     )
 
 

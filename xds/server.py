@@ -1,9 +1,7 @@
-"""The gRPC ADS server (state of the world) on `grpc.aio`.
+"""The gRPC xDS server on `grpc.aio`: ADS and the single-type services, state of the world and Delta.
 
-Per stream and type it tracks what was sent (version, nonce, names) and what the client
-ACKed. It pushes a type only when its cache version or the client's subscription differs
-from what was last sent, so a NACKed version is never resent: the client keeps its last
-good config until the next different version comes.
+Each stream is one task reading requests and one loop answering them from the latest view
+(see `stream.Stream`); a stream never waits for another, so a stuck node delays nobody.
 """
 
 from __future__ import annotations
@@ -11,155 +9,130 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 import grpc
-from envoy_data_plane.envoy.service.discovery.v3 import DiscoveryRequest
+from envoy_data_plane.envoy.service.discovery.v3 import DeltaDiscoveryRequest, DiscoveryRequest
 
 from metrics.instruments import Instruments
-from xds import wire
 from xds.cache import ResourceCache
-from xds.types import NAMED, PUSH_ORDER, SHORT
+from xds.stream import Stream
+from xds.types import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE, RUNTIME, SHORT
 
 log = logging.getLogger("overspill.xds")
-ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
+
+# gRPC service -> (state-of-the-world method, Delta method, types it serves)
+SERVICES = {
+    "envoy.service.discovery.v3.AggregatedDiscoveryService": (
+        "StreamAggregatedResources", "DeltaAggregatedResources", PUSH_ORDER),
+    "envoy.service.cluster.v3.ClusterDiscoveryService": ("StreamClusters", "DeltaClusters", (CLUSTER,)),
+    "envoy.service.endpoint.v3.EndpointDiscoveryService": ("StreamEndpoints", "DeltaEndpoints", (ENDPOINT,)),
+    "envoy.service.listener.v3.ListenerDiscoveryService": ("StreamListeners", "DeltaListeners", (LISTENER,)),
+    "envoy.service.route.v3.RouteDiscoveryService": ("StreamRoutes", "DeltaRoutes", (ROUTE,)),
+    "envoy.service.runtime.v3.RuntimeDiscoveryService": ("StreamRuntime", "DeltaRuntime", (RUNTIME,)),
+}  # fmt: skip
 
 
-@dataclass
-class TypeState:
-    """One type on one stream: the subscription and where the last response stands."""
-
-    names: frozenset[str] = frozenset()
-    sent_version: str | None = None
-    sent_names: frozenset[str] | None = None
-    nonce: str = ""
-    acked_version: str = ""
-    nack: str = ""
-    nack_version: str = ""
+def _raw(b: bytes) -> bytes:
+    return b  # responses are framed bytes already
 
 
-@dataclass
-class StreamInfo:
-    """What `overspill status` shows about a connected client."""
-
-    node_id: str = ""
-    cluster: str = ""
-    peer: str = ""
-    types: dict[str, TypeState] = field(default_factory=dict)
-
-
-class AdsServer:
+class XdsServer:
     def __init__(self, cache: ResourceCache, instruments: Instruments):
         self.cache = cache
         self.instruments = instruments
-        self.streams: dict[int, StreamInfo] = {}
+        self.streams: dict[int, Stream] = {}
         self._ids = itertools.count(1)
 
-    def handler(self) -> grpc.GenericRpcHandler:
-        return grpc.method_handlers_generic_handler(
-            ADS_SERVICE,
-            {
-                "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
-                    self.stream,
-                    request_deserializer=DiscoveryRequest.FromString,
-                    response_serializer=lambda b: b,
-                ),  # responses are framed bytes already
-            },
-        )
+    def handlers(self) -> list[grpc.GenericRpcHandler]:
+        out = []
+        for service, (sotw, delta, types) in SERVICES.items():
+            out.append(grpc.method_handlers_generic_handler(service, {
+                sotw: grpc.stream_stream_rpc_method_handler(
+                    self._handler(False, types), DiscoveryRequest.FromString, _raw),
+                delta: grpc.stream_stream_rpc_method_handler(
+                    self._handler(True, types), DeltaDiscoveryRequest.FromString, _raw),
+            }))  # fmt: skip
+        return out
 
-    async def stream(self, requests: AsyncIterator[DiscoveryRequest], context) -> AsyncIterator[bytes]:
-        sid = next(self._ids)
-        info = StreamInfo(peer=context.peer())
-        self.streams[sid] = info
+    def _handler(self, delta: bool, types: tuple[str, ...]):
+        async def handle(requests: AsyncIterator, context) -> AsyncIterator[bytes]:
+            async for payload in self.serve(requests, delta, types, context.peer()):
+                yield payload
+
+        return handle
+
+    async def serve(self, requests: AsyncIterator, delta: bool, types: tuple[str, ...], peer: str = ""):
+        stream = Stream(next(self._ids), self.cache, delta, types, peer)
+        self.streams[stream.sid] = stream
         self.instruments.xds_streams.inc()
-        nonces = itertools.count(1)
         wake = asyncio.Event()
-        reader = asyncio.create_task(self._read(requests, info, wake))
+        reader = asyncio.create_task(self._read(stream, requests, wake))
         try:
             while True:
                 changed = self.cache.changed_event()
-                for type_url in PUSH_ORDER:
-                    response = (
-                        self._response(info, type_url, f"{sid}-{next(nonces)}") if self.cache.ready else None
-                    )
-                    if response is not None:
-                        yield response
+                for type_url, payload in stream.next_responses(time.monotonic()):
+                    self.instruments.xds_pushes.labels(SHORT[type_url]).inc()
+                    self.instruments.xds_bytes.labels(SHORT[type_url]).inc(len(payload))
+                    yield payload
                 if reader.done():
-                    reader.result()  # re-raise a read error; a clean end closes the stream
+                    reader.result()  # a read error ends the stream with it; a clean end just ends
                     return
                 waiters = [asyncio.ensure_future(changed.wait()), asyncio.ensure_future(wake.wait())]
-                await asyncio.wait([*waiters, reader], return_when=asyncio.FIRST_COMPLETED)
+                # A held route update is retried on a timer too, so its hold limit is honoured.
+                await asyncio.wait(
+                    [*waiters, reader],
+                    timeout=0.5 if stream.held_route() else None,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
                 for w in waiters:
                     w.cancel()
                 wake.clear()
         finally:
             reader.cancel()
-            self.streams.pop(sid, None)
+            self.streams.pop(stream.sid, None)
             self.instruments.xds_streams.dec()
-            log.info("event=stream_closed node=%s peer=%s", info.node_id, info.peer)
+            log.info("event=stream_closed node=%s peer=%s", stream.node_id, stream.peer)
 
-    def _response(self, info: StreamInfo, type_url: str, nonce: str) -> bytes | None:
-        state = info.types.get(type_url)
-        if state is None:
-            return None  # the client has not asked for this type yet
-        version = self.cache.version(type_url)
-        if state.sent_version == version and state.sent_names == state.names:
-            return None
-        available = self.cache.resources(type_url)
-        if type_url in NAMED:
-            chosen = [available[n] for n in sorted(state.names) if n in available]
-        else:
-            chosen = list(available.values())
-        state.sent_version, state.sent_names, state.nonce = version, state.names, nonce
-        self.instruments.xds_pushes.labels(SHORT[type_url]).inc()
-        log.debug(
-            "event=push node=%s type=%s version=%s resources=%d",
-            info.node_id,
-            SHORT[type_url],
-            version,
-            len(chosen),
-        )
-        return wire.discovery_response(version, type_url, nonce, (r.any for r in chosen))
-
-    async def _read(
-        self, requests: AsyncIterator[DiscoveryRequest], info: StreamInfo, wake: asyncio.Event
-    ) -> None:
+    async def _read(self, stream: Stream, requests: AsyncIterator, wake: asyncio.Event) -> None:
+        handle = stream.on_delta if stream.delta else stream.on_sotw
         async for req in requests:
-            if req.node is not None and req.node.id and not info.node_id:
-                info.node_id, info.cluster = req.node.id, req.node.cluster
+            known = bool(stream.node_id)
+            handle(req)
+            if not known and stream.node_id:
                 log.info(
-                    "event=stream_opened node=%s cluster=%s peer=%s", info.node_id, info.cluster, info.peer
+                    "event=stream_opened node=%s cluster=%s peer=%s protocol=%s scope=%s",
+                    stream.node_id,
+                    stream.cluster,
+                    stream.peer,
+                    "delta" if stream.delta else "sotw",
+                    stream.scope,
                 )
-            type_url = req.type_url
-            if type_url not in SHORT:
-                log.warning("event=unknown_type node=%s type=%s", info.node_id, type_url)
-                continue
-            state = info.types.setdefault(type_url, TypeState())
-            if req.response_nonce and req.response_nonce != state.nonce:
-                continue  # answers a response that has since been superseded
-            short = SHORT[type_url]
-            if req.response_nonce:
-                if req.error_detail is not None and (req.error_detail.code or req.error_detail.message):
-                    state.nack, state.nack_version = req.error_detail.message, state.sent_version or ""
-                    self.instruments.xds_nacks.labels(short).inc()
-                    log.error(
-                        "event=nack node=%s type=%s version=%s error=%r",
-                        info.node_id,
-                        short,
-                        state.nack_version,
-                        req.error_detail.message,
-                    )
-                else:
-                    state.acked_version, state.nack = req.version_info, ""
-                    self.instruments.xds_acks.labels(short).inc()
-            state.names = frozenset(req.resource_names)
+            if stream.acks:
+                self.instruments.xds_acks.labels(SHORT.get(req.type_url, "?")).inc(stream.acks)
+                stream.acks = 0
+            for nack in stream.nacks:
+                short = SHORT[nack.type_url]
+                self.instruments.xds_nacks.labels(short).inc()
+                for model in nack.models:
+                    ns, name = model.split("/", 1)
+                    self.instruments.model_xds_nacks.labels(ns, name, short).inc()
+                log.error(
+                    "event=nack node=%s type=%s version=%s models=%s error=%r",
+                    stream.node_id,
+                    short,
+                    nack.version,
+                    ",".join(nack.models) or "-",
+                    nack.message,
+                )
+            stream.nacks.clear()
             wake.set()
 
 
-async def start_server(ads: AdsServer, host: str, port: int) -> tuple[grpc.aio.Server, int]:
-    server = grpc.aio.server(options=[("grpc.max_send_message_length", 64 << 20)])
-    server.add_generic_rpc_handlers([ads.handler()])
+async def start_server(xds: XdsServer, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+    server = grpc.aio.server(options=[("grpc.max_send_message_length", 256 << 20)])
+    server.add_generic_rpc_handlers(xds.handlers())
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
     return server, bound

@@ -1,8 +1,8 @@
 """From desired state to cached resources, re-serializing only what changed.
 
-Each model's cluster, endpoints and virtual host are memoized on exactly the inputs they
-depend on, so a weight change re-serializes one virtual host; the route configuration
-is a byte join of the virtual hosts' bytes (see `wire`).
+Each model's cluster, endpoints, virtual host and runtime entry are memoized on exactly the
+inputs they depend on, so a weight change serializes one runtime entry and nothing else;
+the route configuration and runtime layers are byte joins (see `wire`).
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from collections.abc import Callable
 from typing import Any
 
 from xds import resources as res
-from xds import wire
-from xds.cache import Resource, ResourceCache
-from xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE
+from xds import runtime
+from xds.cache import ModelBundle, ModelKey, Resource, ResourceCache
+from xds.types import CLUSTER, ENDPOINT, LISTENER
 
 
 class _Memo:
@@ -29,70 +29,77 @@ class _Memo:
             self._entries[key] = entry
         return entry[1]
 
-    def keep_only(self, keys: set) -> None:
-        for key in self._entries.keys() - keys:
-            del self._entries[key]
+    def drop(self, key: Any) -> None:
+        self._entries.pop(key, None)
 
 
 class Translator:
-    """Publishes the resources for a list of `ModelRoute` into a `ResourceCache`."""
+    """Turns `ModelRoute`s into bundles and hands the changed ones to the cache."""
 
-    def __init__(self, cache: ResourceCache, listener_address: str, listener_port: int):
-        self.cache = cache
-        self.listener_address = listener_address
-        self.listener_port = listener_port
-        self._local = _Memo()
-        self._remote = _Memo()
-        self._endpoints = _Memo()
-        self._vhosts = _Memo()
-        self._fallback = bytes(res.fallback_virtual_host())
-        self._listener = Resource.of(
+    def __init__(self, listener_address: str, listener_port: int, shards: int = runtime.SHARDS):
+        listener = Resource.of(
             LISTENER, res.LISTENER_NAME, bytes(res.listener(listener_address, listener_port))
         )
+        self.cache = ResourceCache(listener, bytes(res.fallback_virtual_host()), shards)
+        self._routes: dict[ModelKey, res.ModelRoute] = {}
+        self._bundles = _Memo()
+        self._memos = {part: _Memo() for part in ("local", "remote", "endpoints", "vhost", "runtime")}
 
-    def publish(self, routes: list[res.ModelRoute]) -> bool:
-        """Put the state for `routes` into the cache; True when any type changed."""
-        clusters: dict[str, Resource] = {}
-        endpoints: dict[str, Resource] = {}
-        vhosts: list[bytes] = []
-        for r in routes:
-            key = (r.namespace, r.name)
-            clusters[r.local_cluster] = self._local.get(
+    def publish(self, routes: list[res.ModelRoute]) -> int:
+        """Make the cache hold exactly `routes`; returns how many models changed."""
+        wanted = {(r.namespace, r.name): r for r in routes}
+        changes: dict[ModelKey, res.ModelRoute | None] = {
+            k: r for k, r in wanted.items() if self._routes.get(k) != r
+        }
+        changes.update(dict.fromkeys(self._routes.keys() - wanted.keys()))
+        return self.apply(changes)
+
+    def apply(self, changes: dict[ModelKey, res.ModelRoute | None]) -> int:
+        """Change only the models named (None removes one): O(changes), whatever the number of models."""
+        bundles: dict[ModelKey, ModelBundle | None] = {}
+        for key, route in changes.items():
+            if route is None:
+                self._routes.pop(key, None)
+                for memo in (self._bundles, *self._memos.values()):
+                    memo.drop(key)
+                bundles[key] = None
+            else:
+                self._routes[key] = route
+                bundles[key] = self._bundles.get(key, route, lambda r=route: self._bundle(r))
+        self.cache.apply(bundles)
+        self.cache.commit()
+        return len(changes)
+
+    def _bundle(self, r: res.ModelRoute) -> ModelBundle:
+        key, m = (r.namespace, r.name), self._memos
+        clusters = [
+            m["local"].get(
                 key,
                 r.local_cluster,
-                lambda r=r: Resource.of(CLUSTER, r.local_cluster, bytes(res.local_cluster(r))),
+                lambda: Resource.of(CLUSTER, r.local_cluster, bytes(res.local_cluster(r))),
             )
-            if r.remote is not None:
-                clusters[r.remote_cluster] = self._remote.get(
+        ]
+        if r.remote is not None:
+            clusters.append(
+                m["remote"].get(
                     key,
                     r.remote,
-                    lambda r=r: Resource.of(CLUSTER, r.remote_cluster, bytes(res.remote_cluster(r))),
+                    lambda: Resource.of(CLUSTER, r.remote_cluster, bytes(res.remote_cluster(r))),
                 )
-            endpoints[r.local_cluster] = self._endpoints.get(
+            )
+        return ModelBundle(
+            namespace=r.namespace,
+            name=r.name,
+            labels=r.labels,
+            clusters=tuple(clusters),
+            endpoints=m["endpoints"].get(
                 key,
                 r.endpoints,
-                lambda r=r: Resource.of(ENDPOINT, r.local_cluster, bytes(res.load_assignment(r))),
-            )
-            vhosts.append(
-                self._vhosts.get(
-                    key, (r.domains, r.remote, r.remote_percent), lambda r=r: bytes(res.virtual_host(r))
-                )
-            )
-        keys = {(r.namespace, r.name) for r in routes}
-        for memo in (self._local, self._remote, self._endpoints, self._vhosts):
-            memo.keep_only(keys)
-        route_config = (
-            wire.text(1, res.ROUTE_CONFIG_NAME)
-            + b"".join(wire.field(2, v) for v in vhosts)
-            + wire.field(2, self._fallback)
-        )
-        changed = [
-            self.cache.set(CLUSTER, clusters),
-            self.cache.set(ENDPOINT, endpoints),
-            self.cache.set(LISTENER, {res.LISTENER_NAME: self._listener}),
-            self.cache.set(
-                ROUTE, {res.ROUTE_CONFIG_NAME: Resource.of(ROUTE, res.ROUTE_CONFIG_NAME, route_config)}
+                lambda: Resource.of(ENDPOINT, r.local_cluster, bytes(res.load_assignment(r))),
             ),
-        ]
-        self.cache.commit()
-        return any(changed)
+            vhost=m["vhost"].get(key, (r.domains, r.remote), lambda: bytes(res.virtual_host(r))),
+            runtime_key=r.runtime_key,
+            runtime_entry=m["runtime"].get(
+                key, r.remote_percent, lambda: runtime.entry(r.runtime_key, r.remote_percent)
+            ),
+        )

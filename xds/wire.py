@@ -7,6 +7,7 @@ it (Any, DiscoveryResponse, the RouteConfiguration's list of virtual hosts) are 
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterable
 
 
@@ -39,3 +40,46 @@ def any_bytes(type_url: str, body: bytes) -> bytes:
 def discovery_response(version: str, type_url: str, nonce: str, resources: Iterable[bytes]) -> bytes:
     """`DiscoveryResponse{version_info=1, resources=2 (Any), type_url=4, nonce=5}`."""
     return b"".join((text(1, version), *(field(2, r) for r in resources), text(4, type_url), text(5, nonce)))
+
+
+def fixed64_double(number: int, value: float) -> bytes:
+    return varint(number << 3 | 1) + struct.pack("<d", value)
+
+
+def struct_entry(key: str, value: bytes) -> bytes:
+    """One `google.protobuf.Struct.fields` map entry; `value` is a serialized `Value`."""
+    return field(1, text(1, key) + field(2, value))
+
+
+def fractional_percent_value(numerator: int, denominator: str = "MILLION") -> bytes:
+    """`Value{struct_value: {numerator, denominator}}`: how RTDS spells a FractionalPercent."""
+    inner = struct_entry("numerator", fixed64_double(2, float(numerator))) + struct_entry(
+        "denominator", text(3, denominator)
+    )
+    return field(5, inner)
+
+
+def runtime(name: str, entries: Iterable[bytes]) -> bytes:
+    """`Runtime{name=1, layer=2 (Struct)}` from pre-encoded Struct entries."""
+    return text(1, name) + field(2, b"".join(entries))
+
+
+def delta_resource(name: str, version: str, any_body: bytes) -> bytes:
+    """`discovery.v3.Resource{version=1, resource=2, name=3}`."""
+    return text(1, version) + field(2, any_body) + text(3, name)
+
+
+def delta_response(
+    system_version: str, type_url: str, nonce: str, resources: Iterable[bytes], removed: Iterable[str]
+) -> bytes:
+    """`DeltaDiscoveryResponse{system_version_info=1, resources=2, type_url=4, nonce=5,
+    removed_resources=6}`."""
+    return b"".join(
+        (
+            text(1, system_version),
+            *(field(2, r) for r in resources),
+            text(4, type_url),
+            text(5, nonce),
+            *(field(6, n.encode()) for n in removed),
+        )
+    )

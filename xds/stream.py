@@ -1,0 +1,320 @@
+"""One xDS stream: what the node asked for, what it holds, and what to send it next.
+
+The same logic serves state-of-the-world and Delta, ADS and single-type streams. It keeps
+at most one response in flight per type and always builds the next one from the latest
+view, so a slow node costs nothing but its own stream (latest state wins). Three rules
+make updates safe:
+
+* Ordering: clusters, endpoints and weights go before the routes that use them; a route
+  update waits until the node has answered the clusters, endpoints and weights it needs
+  (bounded by `HOLD_LIMIT`, after which it goes anyway and says so in the log).
+* Make-before-break: a cluster the node's routes still use stays in its CDS until the node
+  has answered routes that no longer use it.
+* NACK hold: a rejected version is never sent again to that node; it keeps its last good
+  config until something different comes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from envoy_data_plane.envoy.service.discovery.v3 import DeltaDiscoveryRequest, DiscoveryRequest
+
+from xds import wire
+from xds.cache import ResourceCache, Scope, View
+from xds.types import CLUSTER, ENDPOINT, NAMED, PUSH_ORDER, ROUTE, RUNTIME, SHORT
+
+log = logging.getLogger("overspill.xds")
+HOLD_LIMIT = 5.0  # seconds a route update may wait for the node to take its clusters
+
+
+@dataclass
+class Nack:
+    """A rejected response, as `overspill status` and the models' status show it."""
+
+    type_url: str
+    version: str
+    message: str
+    models: tuple[str, ...]
+    at: float
+
+
+@dataclass
+class TypeState:
+    """One type on one stream."""
+
+    wildcard: bool
+    names: set[str] = field(default_factory=set)
+    nonce: str = ""
+    pending: bool = False
+    sent_key: tuple | None = None  # SotW: what the last response was built from
+    sent_version: int = 0  # view version of the last response
+    sent_names: frozenset[str] = frozenset()
+    settled_version: int = 0  # view version of the last response the node answered
+    held: frozenset[str] = frozenset()  # names the node holds after its last answer
+    acked: str = ""
+    nack: Nack | None = None
+    known: dict[str, str] = field(default_factory=dict)  # Delta: name -> version the node has
+    synced: int = 0  # Delta: view version `known` is up to date with
+    recheck: set[str] = field(default_factory=set)  # Delta: names to look at again
+    held_since: float | None = None
+    route_refs: frozenset[str] = frozenset()  # ROUTE: clusters the last response's routes use
+
+
+class Stream:
+    def __init__(self, sid: int, cache: ResourceCache, delta: bool, allowed: tuple[str, ...], peer: str = ""):
+        self.sid = sid
+        self.cache = cache
+        self.delta = delta
+        self.allowed = allowed
+        self.peer = peer
+        self.node_id = ""
+        self.cluster = ""
+        self.scope = Scope()
+        self.view: View | None = None
+        self.types: dict[str, TypeState] = {}
+        self.route_refs: frozenset[str] = frozenset()  # clusters the node's routes use (held or in flight)
+        self._route_refs_held: frozenset[str] = frozenset()
+        self._nonces = 0
+        self.nacks: list[Nack] = []  # new NACKs for the server to count and log
+        self.acks = 0
+
+    # --- requests ---
+
+    def _hello(self, node) -> None:
+        if node is None or self.view is not None:
+            return
+        self.node_id, self.cluster = node.id, node.cluster
+        metadata = node.metadata.to_dict() if node.metadata is not None else {}
+        self.scope = Scope.from_metadata(metadata)
+        self.view = self.cache.view(self.scope)
+
+    def on_sotw(self, req: DiscoveryRequest) -> None:
+        self._hello(req.node)
+        st = self._state(req.type_url, wildcard=req.type_url not in NAMED)
+        if st is None:
+            return
+        if req.response_nonce:
+            if req.response_nonce != st.nonce:
+                return  # answers a response since superseded
+            self._settle(req.type_url, st, req.version_info, req.error_detail)
+        if req.type_url in NAMED:
+            st.names = set(req.resource_names)
+
+    def on_delta(self, req: DeltaDiscoveryRequest) -> None:
+        self._hello(req.node)
+        first = req.type_url not in self.types
+        st = self._state(req.type_url, wildcard=False)
+        if st is None:
+            return
+        subscribe, unsubscribe = set(req.resource_names_subscribe), set(req.resource_names_unsubscribe)
+        if first:
+            st.wildcard = not subscribe or "*" in subscribe
+            st.known.update(req.initial_resource_versions)
+            st.recheck |= set(st.known)
+        elif "*" in subscribe:
+            st.wildcard = True
+            st.synced = 0
+        if "*" in unsubscribe:
+            st.wildcard = False
+        subscribe.discard("*")
+        unsubscribe.discard("*")
+        st.names |= subscribe
+        st.names -= unsubscribe
+        for name in unsubscribe:
+            st.known.pop(name, None)
+        st.recheck |= subscribe
+        if req.response_nonce and req.response_nonce == st.nonce:
+            self._settle(req.type_url, st, str(st.sent_version), req.error_detail)
+
+    def _state(self, type_url: str, wildcard: bool) -> TypeState | None:
+        if type_url not in self.allowed:
+            log.warning("event=unknown_type node=%s type=%s", self.node_id, type_url)
+            return None
+        return self.types.setdefault(type_url, TypeState(wildcard=wildcard))
+
+    def _settle(self, type_url: str, st: TypeState, version: str, error) -> None:
+        before, st.pending, st.settled_version = st.settled_version, False, st.sent_version
+        if error is not None and (error.code or error.message):
+            models = self._models_in(type_url, error.message, before)
+            st.nack = Nack(type_url, version, error.message, models, time.time())
+            self.nacks.append(st.nack)
+            return
+        st.acked, st.nack = version, None
+        self.acks += 1
+        st.held = frozenset(st.known) if self.delta else st.sent_names
+        if type_url == ROUTE:
+            self._route_refs_held = self.route_refs = st.route_refs
+
+    def _models_in(self, type_url: str, message: str, since: int) -> tuple[str, ...]:
+        """The ModelDeployments a NACK is about: named in the error, else those whose resources changed."""
+        keys = {f"{ns}/{n}" for ns, n in self.view.bundles} if self.view else set()
+        named = sorted(k for k in keys if f"{k}/" in message or f"'{k}'" in message)
+        if named or self.view is None:
+            return tuple(named)
+        changed = self.view.changed_since(type_url, since) or frozenset()
+        return tuple(
+            sorted({"/".join(n.split("/")[1:3]) for n in changed if n.startswith("overspill/")} & keys)
+        )
+
+    # --- responses ---
+
+    def next_responses(self, now: float) -> list[tuple[str, bytes]]:
+        """Every (type, response) due now, in push order; empty when the node is up to date or busy."""
+        out: list[tuple[str, bytes]] = []
+        if self.view is None or not self.cache.ready:
+            return out
+        for type_url in PUSH_ORDER:
+            st = self.types.get(type_url)
+            if st is None or st.pending:
+                continue
+            if type_url == ROUTE and not self._route_may_go(st, now):
+                continue
+            payload = self._delta_response(type_url, st) if self.delta else self._sotw_response(type_url, st)
+            if payload is not None:
+                out.append((type_url, payload))
+        return out
+
+    def held_route(self) -> bool:
+        st = self.types.get(ROUTE)
+        return st is not None and st.held_since is not None
+
+    def _route_may_go(self, st: TypeState, now: float) -> bool:
+        view = self.view
+        assert view is not None
+        if self._route_in_sync(st):
+            st.held_since = None
+            return True
+        deps = view.route_deps
+        waiting = []
+        cds, rtds, eds = self.types.get(CLUSTER), self.types.get(RUNTIME), self.types.get(ENDPOINT)
+        if cds is not None and cds.settled_version < deps.cluster_version:
+            waiting.append("CDS")
+        if rtds is not None and rtds.settled_version < deps.runtime_version:
+            waiting.append("RTDS")
+        if eds is not None and not deps.eds_names <= eds.held:
+            waiting.append("EDS")
+        if not waiting:
+            st.held_since = None
+            return True
+        if st.held_since is None:
+            st.held_since = now
+            return False
+        if now - st.held_since < HOLD_LIMIT:
+            return False
+        log.warning(
+            "event=route_hold_timeout node=%s waited_for=%s seconds=%.1f",
+            self.node_id,
+            ",".join(waiting),
+            now - st.held_since,
+        )
+        st.held_since = None
+        return True
+
+    def _route_in_sync(self, st: TypeState) -> bool:
+        view = self.view
+        if self.delta:
+            return view.version[ROUTE] <= st.synced and not st.recheck
+        return st.sent_key == (view.version[ROUTE], frozenset(st.names))
+
+    def _nonce(self) -> str:
+        self._nonces += 1
+        return f"{self.sid}-{self._nonces}"
+
+    def _lingering(self) -> frozenset[str]:
+        """Clusters gone from the view that the node's routes still use."""
+        return frozenset(n for n in self.route_refs if n not in self.view.resources[CLUSTER])
+
+    def _sotw_response(self, type_url: str, st: TypeState) -> bytes | None:
+        view = self.view
+        version = view.version[type_url]
+        extra: frozenset[str] = frozenset()
+        if type_url == CLUSTER:
+            extra = self._lingering()
+            key = (version, extra)
+        elif type_url in NAMED:
+            key = (version, frozenset(st.names))
+        else:
+            key = (version,)
+        if key == st.sent_key:
+            return None
+        if type_url in NAMED:
+            chosen = [r for n in sorted(st.names) if (r := view.lookup(type_url, n)) is not None]
+        else:
+            chosen = list(view.resources[type_url].values())
+            chosen += [r for n in sorted(extra) if (r := view.lookup(type_url, n)) is not None]
+        label = str(version) if not extra else f"{version}+{len(extra)}"
+        nonce = self._nonce()
+        st.sent_key, st.sent_version, st.nonce, st.pending = key, version, nonce, True
+        st.sent_names = frozenset(r.name for r in chosen)
+        self._sent(type_url)
+        return wire.discovery_response(label, type_url, nonce, (r.any for r in chosen))
+
+    def _delta_response(self, type_url: str, st: TypeState) -> bytes | None:
+        view = self.view
+        current = view.resources[type_url]
+        lingering = self._lingering() if type_url == CLUSTER else frozenset()
+        changed = view.changed_since(type_url, st.synced)
+        if changed is None:  # too far behind for the log: compare everything
+            changed = frozenset(current) | frozenset(st.known) | frozenset(st.names)
+        names = changed | st.recheck
+        if not names:
+            st.synced = view.version[type_url]
+            return None
+        send, removed, recheck = [], [], set()
+        for name in sorted(names):
+            wanted = st.wildcard or name in st.names
+            resource = current.get(name)
+            if resource is None and (name in lingering or type_url != CLUSTER):
+                resource = view.lookup(type_url, name)  # dropped, but the node's routes still use it
+                if resource is not None and type_url == CLUSTER:
+                    recheck.add(name)
+            if wanted and resource is not None:
+                if st.known.get(name) != resource.version:
+                    send.append(resource)
+            elif name in st.known:
+                removed.append(name)
+        st.synced, st.recheck = view.version[type_url], recheck
+        if not send and not removed:
+            return None
+        for r in send:
+            st.known[r.name] = r.version
+        for name in removed:
+            del st.known[name]
+        nonce = self._nonce()
+        st.sent_version, st.nonce, st.pending = view.version[type_url], nonce, True
+        st.sent_names = frozenset(st.known)
+        self._sent(type_url)
+        return wire.delta_response(
+            str(view.version[type_url]), type_url, nonce, (r.delta for r in send), removed
+        )
+
+    def _sent(self, type_url: str) -> None:
+        if type_url == ROUTE:
+            refs = self.types[ROUTE].route_refs = self.view.route_deps.clusters
+            self.route_refs = self._route_refs_held | refs  # old and new routes both count until answered
+
+    def describe(self) -> dict:
+        return {
+            "id": self.node_id,
+            "cluster": self.cluster,
+            "peer": self.peer,
+            "protocol": "delta" if self.delta else "sotw",
+            "scope": str(self.scope),
+            "types": {
+                SHORT[t]: {
+                    "acked": st.acked or None,
+                    "pending": st.pending,
+                    "resources": len(st.held),
+                    "nack": st.nack.message if st.nack else None,
+                    "nackVersion": st.nack.version if st.nack else None,
+                    "nackModels": list(st.nack.models) if st.nack else [],
+                    "routeHeldSeconds": None
+                    if st.held_since is None
+                    else round(time.monotonic() - st.held_since, 1),
+                }
+                for t, st in self.types.items()
+            },
+        }
