@@ -261,7 +261,7 @@ class Stream:
             changed = frozenset(current) | frozenset(st.known) | frozenset(st.names)
         names = changed | st.recheck
         if not names:
-            st.synced = view.version[type_url]
+            st.synced = st.settled_version = view.version[type_url]
             return None
         send, removed, recheck = [], [], set()
         for name in sorted(names):
@@ -278,6 +278,7 @@ class Stream:
                 removed.append(name)
         st.synced, st.recheck = view.version[type_url], recheck
         if not send and not removed:
+            st.settled_version = st.synced  # nothing new for this node: it is as good as answered
             return None
         for r in send:
             st.known[r.name] = r.version
