@@ -101,7 +101,11 @@ class Stream:
                 return  # answers a response since superseded
             self._settle(req.type_url, st, req.version_info, req.error_detail)
         if req.type_url in NAMED:
-            st.names = set(req.resource_names)
+            names = set(req.resource_names)
+            st.recheck |= names - st.names  # newly asked for: sent even if unchanged
+            for name in st.names - names:
+                st.known.pop(name, None)
+            st.names = names
 
     def on_delta(self, req: DeltaDiscoveryRequest) -> None:
         self._hello(req.node)
@@ -144,7 +148,7 @@ class Stream:
             return
         st.acked, st.nack = version, None
         self.acks += 1
-        st.held = frozenset(st.known) if self.delta else st.sent_names
+        st.held = st.sent_names
         if type_url == ROUTE:
             self._route_refs_held = self.route_refs = st.route_refs
 
@@ -214,10 +218,7 @@ class Stream:
         return True
 
     def _route_in_sync(self, st: TypeState) -> bool:
-        view = self.view
-        if self.delta:
-            return view.version[ROUTE] <= st.synced and not st.recheck
-        return st.sent_key == (view.version[ROUTE], frozenset(st.names))
+        return self.view.version[ROUTE] <= st.synced and not st.recheck
 
     def _nonce(self) -> str:
         self._nonces += 1
@@ -228,31 +229,47 @@ class Stream:
         return frozenset(n for n in self.route_refs if n not in self.view.resources[CLUSTER])
 
     def _sotw_response(self, type_url: str, st: TypeState) -> bytes | None:
+        """Clusters and listeners: the whole set, as SotW requires. Other types: like Delta, only
+        what changed or was newly asked for (the protocol allows it; a weight change is one layer)."""
         view = self.view
         version = view.version[type_url]
         extra: frozenset[str] = frozenset()
-        if type_url == CLUSTER:
-            extra = self._lingering()
-            key = (version, extra)
-        elif type_url in NAMED:
-            key = (version, frozenset(st.names))
-        else:
-            key = (version,)
-        if key == st.sent_key:
-            return None
         if type_url in NAMED:
-            chosen = [r for n in sorted(st.names) if (r := view.lookup(type_url, n)) is not None]
+            changes = self._changes(type_url, st)
+            if changes is None or not changes[0]:
+                return None
+            chosen = changes[0]
         else:
+            extra = self._lingering() if type_url == CLUSTER else frozenset()
+            key = (version, extra)
+            if key == st.sent_key:
+                return None
+            st.sent_key = key
             chosen = list(view.resources[type_url].values())
             chosen += [r for n in sorted(extra) if (r := view.lookup(type_url, n)) is not None]
-        label = str(version) if not extra else f"{version}+{len(extra)}"
+            st.sent_names = frozenset(r.name for r in chosen)
         nonce = self._nonce()
-        st.sent_key, st.sent_version, st.nonce, st.pending = key, version, nonce, True
-        st.sent_names = frozenset(r.name for r in chosen)
+        st.sent_version, st.nonce, st.pending = version, nonce, True
         self._sent(type_url)
+        label = f"{version}+{len(extra)}" if type_url == CLUSTER and extra else str(version)
         return wire.discovery_response(label, type_url, nonce, (r.any for r in chosen))
 
     def _delta_response(self, type_url: str, st: TypeState) -> bytes | None:
+        changes = self._changes(type_url, st)
+        if changes is None:
+            return None
+        send, removed = changes
+        nonce = self._nonce()
+        st.sent_version, st.nonce, st.pending = self.view.version[type_url], nonce, True
+        self._sent(type_url)
+        return wire.delta_response(str(st.sent_version), type_url, nonce, (r.delta for r in send), removed)
+
+    def _changes(self, type_url: str, st: TypeState) -> tuple[list, list[str]] | None:
+        """What the node lacks of this type: (resources to send, names to remove), or None.
+
+        Looks only at names changed since the node was last synced (the view's log), plus
+        names it newly asked for, so the work is proportional to the change, not the state.
+        """
         view = self.view
         current = view.resources[type_url]
         lingering = self._lingering() if type_url == CLUSTER else frozenset()
@@ -260,9 +277,6 @@ class Stream:
         if changed is None:  # too far behind for the log: compare everything
             changed = frozenset(current) | frozenset(st.known) | frozenset(st.names)
         names = changed | st.recheck
-        if not names:
-            st.synced = st.settled_version = view.version[type_url]
-            return None
         send, removed, recheck = [], [], set()
         for name in sorted(names):
             wanted = st.wildcard or name in st.names
@@ -277,20 +291,16 @@ class Stream:
             elif name in st.known:
                 removed.append(name)
         st.synced, st.recheck = view.version[type_url], recheck
-        if not send and not removed:
-            st.settled_version = st.synced  # nothing new for this node: it is as good as answered
-            return None
         for r in send:
             st.known[r.name] = r.version
         for name in removed:
             del st.known[name]
-        nonce = self._nonce()
-        st.sent_version, st.nonce, st.pending = view.version[type_url], nonce, True
         st.sent_names = frozenset(st.known)
-        self._sent(type_url)
-        return wire.delta_response(
-            str(view.version[type_url]), type_url, nonce, (r.delta for r in send), removed
-        )
+        if not send and not removed:
+            st.settled_version = st.synced  # nothing new for this node: it is as good as answered
+            st.held = st.sent_names
+            return None
+        return send, removed
 
     def _sent(self, type_url: str) -> None:
         if type_url == ROUTE:

@@ -4,6 +4,10 @@ Used by the protocol tests and the benchmark where a thousand real Envoys would 
 one machine. Like Envoy it subscribes to clusters and listeners (wildcard), to the
 endpoints of the EDS clusters it holds, to the route configurations its listeners name and
 to the runtime layers it is given; it ACKs every response, or NACKs those `reject` picks.
+
+For protocol tests it can also be a slow node (`ack_delay`, `pause`/`resume`), change its
+subscriptions (`subscribe`) and reconnect holding what an earlier client held
+(`reconnect_from`, which sends Delta's `initial_resource_versions`).
 """
 
 from __future__ import annotations
@@ -67,7 +71,12 @@ class SimEnvoy:
     received: list[Received] = field(default_factory=list)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     on_runtime: Callable[[str, object, float], None] | None = None
-    _queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    ack_delay: float = 0.0  # seconds between taking a response and answering it (ACK/NACK, subscriptions)
+    # Delta: type -> name -> version of what it holds (sent as `initial_resource_versions` on reconnect)
+    resource_versions: dict[str, dict[str, str]] = field(default_factory=dict)
+    _queue: asyncio.Queue = field(default_factory=asyncio.Queue)  # (send no earlier than, request)
+    _running: asyncio.Event = field(default_factory=asyncio.Event)  # clear while paused
+    _resumed: dict[str, set[str]] = field(default_factory=dict)  # subscriptions taken over
     _versions: dict[str, str] = field(default_factory=dict)
     _subscribed: dict[str, set[str]] = field(default_factory=dict)
     _last_nonce: dict[str, str] = field(default_factory=dict)
@@ -93,11 +102,14 @@ class SimEnvoy:
         if self.metadata:
             node.metadata = Struct.from_dict(self.metadata)
         self._node = node
+        self._running.set()
+        initial = {CLUSTER: set(), LISTENER: set(), RUNTIME: set(self.layers)}
+        initial.update(self._resumed)
         first = True
-        for type_url, names in ((CLUSTER, ()), (LISTENER, ()), (RUNTIME, self.layers)):
+        for type_url, names in initial.items():
             if type_url == RUNTIME and not names:
                 continue
-            self._subscribe(type_url, set(names), with_node=first)
+            self._subscribe(type_url, names, with_node=first)
             first = False
         self._task = asyncio.create_task(self._read())
 
@@ -108,23 +120,49 @@ class SimEnvoy:
         if self._channel:
             await self._channel.close()
 
+    def pause(self) -> None:
+        """Stop reading responses and sending requests, as a stuck node does, until `resume`."""
+        self._running.clear()
+
+    def resume(self) -> None:
+        self._running.set()
+
+    def subscribe(self, type_url: str, names: set[str]) -> None:
+        """Subscribe to exactly `names` of a named type (Delta sends the difference)."""
+        self._subscribe(type_url, set(names))
+
+    def reconnect_from(self, previous: SimEnvoy) -> None:
+        """Before `start`: come back as `previous` (a stopped client) would after a reconnect,
+        holding what it held, subscribing at once to what it subscribed to, and telling the
+        server what it has (Delta: `initial_resource_versions`; SotW: `version_info`)."""
+        self.held = {t: dict(r) for t, r in previous.held.items()}
+        self.resource_versions = {t: dict(v) for t, v in previous.resource_versions.items()}
+        self.runtime_values = dict(previous.runtime_values)
+        self._versions = dict(previous._versions)
+        self._resumed = {t: set(n) for t, n in previous._subscribed.items()}
+
     async def _requests(self):
         while True:
-            req = await self._queue.get()
-            if req is None:
+            item = await self._queue.get()
+            if item is None:
                 return
+            due, req = item
+            await self._running.wait()
+            if (left := due - time.monotonic()) > 0:
+                await asyncio.sleep(left)
             yield req
 
-    def _send(self, req) -> None:
-        self._queue.put_nowait(req)
+    def _send(self, req, delay: float = 0.0) -> None:
+        self._queue.put_nowait((time.monotonic() + delay, req))
 
-    def _subscribe(self, type_url: str, names: set[str], with_node: bool = False) -> None:
+    def _subscribe(self, type_url: str, names: set[str], with_node: bool = False, delay: float = 0.0) -> None:
         old = self._subscribed.get(type_url)
         self._subscribed[type_url] = set(names)
         if self.delta:
             req = DeltaDiscoveryRequest(type_url=type_url)
             if old is None:
                 req.resource_names_subscribe = sorted(names)
+                req.initial_resource_versions = dict(self.resource_versions.get(type_url, {}))
             else:
                 req.resource_names_subscribe = sorted(names - old)
                 req.resource_names_unsubscribe = sorted(old - names)
@@ -141,10 +179,11 @@ class SimEnvoy:
             )
         if with_node:
             req.node = self._node
-        self._send(req)
+        self._send(req, delay)
 
     async def _read(self) -> None:
         async for resp in self._call:
+            await self._running.wait()
             now = time.monotonic()
             if self.delta:
                 self._on_delta(resp, now)
@@ -178,13 +217,21 @@ class SimEnvoy:
         )
         if error is None:
             self._versions[type_url] = resp.version_info
-            self.held[type_url] = resources
+            if type_url in (CLUSTER, LISTENER):
+                self.held[type_url] = resources  # the whole state of the world
+            else:  # other types carry what changed; absent ones are kept (as Envoy does)
+                wanted = self._subscribed.get(type_url, set())
+                self.held[type_url] = {
+                    n: m
+                    for n, m in {**self.held[type_url], **resources}.items()
+                    if n in wanted or not self.decode
+                }
             self._apply(type_url, now)
             req.version_info = resp.version_info
         else:
             req.version_info = self._versions.get(type_url, "")
             req.error_detail = Status(code=3, message=error)
-        self._send(req)
+        self._send(req, self.ack_delay)
         self._follow(type_url)
 
     def _on_delta(self, resp: DeltaDiscoveryResponse, now: float) -> None:
@@ -205,12 +252,15 @@ class SimEnvoy:
         req = DeltaDiscoveryRequest(type_url=type_url, response_nonce=resp.nonce)
         if error is None:
             self.held[type_url].update(resources)
+            versions = self.resource_versions.setdefault(type_url, {})
+            versions.update((r.name, r.version) for r in resp.resources)
             for name in resp.removed_resources:
                 self.held[type_url].pop(name, None)
+                versions.pop(name, None)
             self._apply(type_url, now)
         else:
             req.error_detail = Status(code=3, message=error)
-        self._send(req)
+        self._send(req, self.ack_delay)
         self._follow(type_url)
 
     def _apply(self, type_url: str, now: float) -> None:
@@ -230,7 +280,7 @@ class SimEnvoy:
             return
         if type_url == CLUSTER:
             eds = {n for n, c in self.held[CLUSTER].items() if c.type == ClusterDiscoveryType.EDS}
-            self._subscribe(ENDPOINT, eds)
+            self._subscribe(ENDPOINT, eds, delay=self.ack_delay)
         elif type_url == LISTENER:
             routes = set()
             for listener in self.held[LISTENER].values():
@@ -239,7 +289,7 @@ class SimEnvoy:
                         hcm = f.typed_config.unpack()
                         if isinstance(hcm, HttpConnectionManager) and hcm.rds is not None:
                             routes.add(hcm.rds.route_config_name)
-            self._subscribe(ROUTE, routes)
+            self._subscribe(ROUTE, routes, delay=self.ack_delay)
 
     async def wait(self, predicate: Callable[[SimEnvoy], bool], timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
