@@ -162,6 +162,12 @@ def parser() -> argparse.ArgumentParser:
         help="only models in these namespaces (e.g. a sidecar's own)",
     )
     b.add_argument(
+        "--listener-port",
+        type=int,
+        metavar="PORT",
+        help="this node's own listener port (e.g. a sidecar beside a gateway)",
+    )
+    b.add_argument(
         "--match-labels", default="", metavar="K=V[,K=V...]", help="only ModelDeployments with these labels"
     )
 
@@ -304,6 +310,7 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
         args.delta,
         namespaces,
         labels,
+        listener_port=args.listener_port,
     )
     print(yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, width=120), end="")
     return 0

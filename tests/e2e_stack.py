@@ -24,9 +24,12 @@ from aiohttp import web
 
 from overspill.demo.procs import ENVOY_HINT, ComponentMissing, ControlPlane, Envoy, Prometheus, find_binary
 from overspill.demo.sim import ModelServer
+from xds.render import ads_bootstrap
 
 SCRAPE_INTERVAL = 1.0
 EVALUATION_INTERVAL = 1.0
+# How long after the metric crosses its target offloading may take to show in traffic.
+SWITCH_BUDGET = EVALUATION_INTERVAL + SCRAPE_INTERVAL + 2.0
 
 
 def missing(exc: ComponentMissing) -> None:
@@ -222,8 +225,23 @@ async def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -
         await asyncio.sleep(0.05)
 
 
+def bootstrap_file(
+    directory: Path,
+    delta: bool = False,
+    namespaces: list[str] | None = None,
+    listener_port: int | None = None,
+) -> Path:
+    """An ADS bootstrap as `overspill bootstrap` prints it (the harness points it at the test's ports)."""
+    path = directory / f"bootstrap-{'delta' if delta else 'sotw'}-{'-'.join(namespaces or ['all'])}.yaml"
+    doc = ads_bootstrap(delta=delta, namespaces=namespaces, listener_port=listener_port)
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
 @contextlib.asynccontextmanager
-async def stack(tmp_path: Path, *models: Model, extra_args: tuple[str, ...] = ()) -> AsyncIterator[Stack]:
+async def stack(
+    tmp_path: Path, *models: Model, extra_args: tuple[str, ...] = (), delta: bool = False
+) -> AsyncIterator[Stack]:
     manifests = tmp_path / "manifests"
     manifests.mkdir()
     knob = Knob()
@@ -257,7 +275,9 @@ async def stack(tmp_path: Path, *models: Model, extra_args: tuple[str, ...] = ()
                         ),
                     )
                 )
-                envoy = await es.enter_async_context(Envoy(cp.xds_port))
+                envoy = await es.enter_async_context(
+                    Envoy(cp.xds_port, bootstrap=bootstrap_file(tmp_path, delta))
+                )
             except ComponentMissing as exc:
                 missing(exc)
             await envoy.wait_listener(cp.listener_port, timeout=30)

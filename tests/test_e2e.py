@@ -7,11 +7,9 @@ import time
 
 import pytest
 import yaml
-from e2e_stack import EVALUATION_INTERVAL, SCRAPE_INTERVAL, Model, stack, wait_until
+from e2e_stack import EVALUATION_INTERVAL, SWITCH_BUDGET, Model, stack, wait_until
 
 pytestmark = pytest.mark.e2e
-# How long after the metric crosses its target offloading may take to show in traffic.
-SWITCH_BUDGET = EVALUATION_INTERVAL + SCRAPE_INTERVAL + 2.0
 
 
 def delta(model: Model, before: tuple[int, int]) -> tuple[int, int]:

@@ -14,6 +14,7 @@ import asyncio
 import hashlib
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,11 +66,13 @@ class Scope:
     """Which models a node receives, from its bootstrap `node.metadata.overspill`.
 
     `namespaces` (a list) and `matchLabels` (ModelDeployment labels) narrow the set; a node
-    without them receives every model (an edge gateway).
+    without them receives every model (an edge gateway). `listenerPort` gives the node its
+    own listener port, as a sidecar beside a gateway on one host needs.
     """
 
     namespaces: frozenset[str] | None = None
     match_labels: tuple[tuple[str, str], ...] = ()
+    listener_port: int | None = None
 
     @classmethod
     def from_metadata(cls, metadata: dict[str, Any] | None) -> Scope:
@@ -80,9 +83,11 @@ class Scope:
         if isinstance(namespaces, str):
             namespaces = [n.strip() for n in namespaces.split(",") if n.strip()]
         labels = conf.get("matchLabels") or {}
+        port = conf.get("listenerPort")
         return cls(
             frozenset(str(n) for n in namespaces) if namespaces else None,
             tuple(sorted((str(k), str(v)) for k, v in labels.items())) if isinstance(labels, dict) else (),
+            _port(port),
         )
 
     def admits(self, bundle: ModelBundle) -> bool:
@@ -97,7 +102,18 @@ class Scope:
             parts.append("namespaces=" + ",".join(sorted(self.namespaces)))
         if self.match_labels:
             parts.append("labels=" + ",".join(f"{k}={v}" for k, v in self.match_labels))
+        if self.listener_port:
+            parts.append(f"listenerPort={self.listener_port}")
         return " ".join(parts) or "all"
+
+
+def _port(value: Any) -> int | None:
+    """A port from node metadata, where protobuf Struct turns every number into a float."""
+    try:
+        port = int(float(value))
+    except (TypeError, ValueError):
+        return None
+    return port if 0 < port < 65536 else None
 
 
 @dataclass
@@ -251,8 +267,10 @@ class View:
 class ResourceCache:
     """Every model's bundle, and one view per scope of connected nodes."""
 
-    def __init__(self, listener: Resource, fallback_vhost: bytes, shards: int = runtime.SHARDS):
-        self.listener = listener
+    def __init__(
+        self, listener: Callable[[int | None], Resource], fallback_vhost: bytes, shards: int = runtime.SHARDS
+    ):
+        self.listener = listener  # the listener for a port (None: the default port)
         self.fallback_vhost = fallback_vhost
         self.shards = shards
         self.bundles: dict[ModelKey, ModelBundle] = {}
@@ -272,7 +290,7 @@ class ResourceCache:
     def view(self, scope: Scope) -> View:
         view = self.views.get(scope)
         if view is None:
-            view = View(scope, self.listener, self.fallback_vhost, self.shards)
+            view = View(scope, self.listener(scope.listener_port), self.fallback_vhost, self.shards)
             view.apply(dict(self.bundles))
             self.views[scope] = view
         return view

@@ -55,6 +55,7 @@ def ads_bootstrap(
     namespaces: list[str] | None = None,
     match_labels: dict[str, str] | None = None,
     shards: int = runtime.SHARDS,
+    listener_port: int | None = None,
 ) -> dict:
     """An Envoy bootstrap that takes everything from the control plane over one ADS stream.
 
@@ -66,6 +67,8 @@ def ads_bootstrap(
         scope["namespaces"] = list(namespaces)
     if match_labels:
         scope["matchLabels"] = dict(match_labels)
+    if listener_port:
+        scope["listenerPort"] = listener_port
 
     def ads() -> dict:  # a fresh mapping each time: YAML would print shared ones as anchors
         return {"ads": {}, "resource_api_version": "V3"}

@@ -37,9 +37,10 @@ class Translator:
     """Turns `ModelRoute`s into bundles and hands the changed ones to the cache."""
 
     def __init__(self, listener_address: str, listener_port: int, shards: int = runtime.SHARDS):
-        listener = Resource.of(
-            LISTENER, res.LISTENER_NAME, bytes(res.listener(listener_address, listener_port))
-        )
+        def listener(port: int | None) -> Resource:
+            body = bytes(res.listener(listener_address, port or listener_port))
+            return Resource.of(LISTENER, res.LISTENER_NAME, body)
+
         self.cache = ResourceCache(listener, bytes(res.fallback_virtual_host()), shards)
         self._routes: dict[ModelKey, res.ModelRoute] = {}
         self._bundles = _Memo()
