@@ -346,15 +346,18 @@ def cmd_status(args: argparse.Namespace) -> int:
         for err in r["errors"]:
             print(f"rejected {r['origin']}: {err}")
     print()
-    print(f"{'NODE':32} {'PEER':24} VERSIONS (acked/sent)")
+    print(f"{'NODE':28} {'PROTOCOL':8} {'SCOPE':24} VERSIONS ACKED (* = response in flight)")
     for n in doc["nodes"]:
         versions = " ".join(
-            f"{t}={v['acked'] or '-'}/{v['sent'] or '-'}" for t, v in sorted(n["types"].items())
+            f"{t}={v['acked'] or '-'}{'*' if v['pending'] else ''}" for t, v in sorted(n["types"].items())
         )
-        print(f"{n['id']:32} {n['peer']:24} {versions}")
-        for t, v in n["types"].items():
+        print(f"{n['id']:28} {n['protocol']:8} {n['scope']:24} {versions}")
+        for t, v in sorted(n["types"].items()):
+            if v["routeHeldSeconds"] is not None:
+                print(f"  {t} update held {v['routeHeldSeconds']}s until its clusters are taken")
             if v["nack"]:
-                print(f"  NACK {t} version {v['nackVersion']}: {v['nack']}")
+                models = ", ".join(v["nackModels"]) or "-"
+                print(f"  NACK {t} version {v['nackVersion']} (models: {models}): {v['nack']}")
     return 0
 
 

@@ -280,7 +280,15 @@ class Controller:
         )
         status.last_transition = machine.changed_at
         self._observe(model, status, previous, decision)
-        return ModelRoute(ns, name, domains, endpoints, remote, decision.remote_percent if remote else 0.0)
+        return ModelRoute(
+            ns,
+            name,
+            domains,
+            endpoints,
+            remote,
+            decision.remote_percent if remote else 0.0,
+            labels=tuple(sorted(model.meta.labels.items())),
+        )
 
     def _endpoints(self, namespace: str, service: str, port) -> tuple[tuple[str, int], ...]:
         found = set()

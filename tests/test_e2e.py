@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 
 import pytest
@@ -203,8 +204,39 @@ async def test_envoy_nack_is_reported_and_other_models_keep_serving(tmp_path):
             nack = next((t["nack"] for n in nodes for t in n["types"].values() if t["nack"]), None)
             await asyncio.sleep(0.1)
         assert nack and "/nonexistent/ca.pem" in nack, nack
-        metrics = await s.control_plane.metrics_text()
-        assert 'overspill_xds_nacks_total{type="CDS"} 1.0' in metrics
-        assert "event=nack" in s.control_plane.log_text()
         codes = await s.send(good, 50)
         assert codes.count(200) == 50
+
+        # Held, not resent: other changes go on, the rejected version is never sent again.
+        s.knob.set("good", 50)
+        await s.wait_phase(good, {"Offloading"}, timeout=SWITCH_BUDGET + 2)
+        await asyncio.sleep(1.0)
+        metrics = await s.control_plane.metrics_text()
+        assert 'overspill_xds_nacks_total{type="CDS"} 1.0' in metrics
+        assert 'overspill_model_xds_nacks_total{name="tls",namespace="default",type="CDS"} 1.0' in metrics
+        assert (
+            "event=nack" in s.control_plane.log_text() and "models=default/tls" in s.control_plane.log_text()
+        )
+        # Tied to the model that produced it, on its status and in `overspill status`.
+        errors = (await s.model_status(bad))["errors"]
+        assert any("rejected CDS" in e and "/nonexistent/ca.pem" in e for e in errors), errors
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "overspill", "status", "--url", s.control_plane.metrics_url,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 0, err.decode()
+        printed = out.decode()
+        assert "default/good" in printed and "Offloading" in printed
+        assert "NACK CDS" in printed and "models: default/tls" in printed, printed
+
+        # The next different version goes out normally and is taken.
+        docs[-1]["spec"]["offloadingConfig"]["remoteBackend"] = {"host": "standby.invalid", "scheme": "http"}
+        (s.manifests / "tls.yaml").write_text(yaml.safe_dump_all(docs))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and nack:
+            nodes = (await s.control_plane.status())["nodes"]
+            nack = next((t["nack"] for n in nodes for t in n["types"].values() if t["nack"]), None)
+            await asyncio.sleep(0.1)
+        assert nack is None
+        assert "overspill/default/tls/remote" in await s.envoy.admin_get("/clusters")
