@@ -141,6 +141,7 @@ class View:
         }
         self.retired: dict[str, dict[str, tuple[Resource, float]]] = {CLUSTER: {}, ENDPOINT: {}}
         self.route_deps = RouteDeps()
+        self.encoded: dict[tuple[str, int], bytes] = {}  # whole-set SotW bodies, shared by the view's nodes
         self._shard_names = runtime.layer_names(shards)
         self._shard_entries: list[dict[str, bytes]] = [{} for _ in range(shards)]
         self.resources[LISTENER][listener.name] = listener
@@ -241,6 +242,11 @@ class View:
         for retired in self.retired.values():
             for name in [n for n, (_, at) in retired.items() if now - at > RETIRE_SECONDS]:
                 del retired[name]
+
+    def remember(self, type_url: str, version: int, body: bytes) -> None:
+        for key in [k for k in self.encoded if k[0] == type_url and k[1] != version]:
+            del self.encoded[key]  # only the current version is worth keeping
+        self.encoded[(type_url, version)] = body
 
     def changed_since(self, type_url: str, version: int) -> frozenset[str] | None:
         """Names changed after `version`, or None when the log no longer reaches back that far."""

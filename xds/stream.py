@@ -49,7 +49,8 @@ class TypeState:
     names: set[str] = field(default_factory=set)
     nonce: str = ""
     pending: bool = False
-    sent_key: tuple | None = None  # SotW: what the last response was built from
+    sent_key: tuple | None = None  # SotW clusters and listeners: (version, route refs generation) last seen
+    sent_content: tuple | None = None  # SotW clusters and listeners: (version, lingering) last sent
     sent_version: int = 0  # view version of the last response
     sent_names: frozenset[str] = frozenset()
     settled_version: int = 0  # view version of the last response the node answered
@@ -77,6 +78,7 @@ class Stream:
         self.types: dict[str, TypeState] = {}
         self.route_refs: frozenset[str] = frozenset()  # clusters the node's routes use (held or in flight)
         self._route_refs_held: frozenset[str] = frozenset()
+        self._refs_gen = 0  # bumps whenever route_refs changes
         self._nonces = 0
         self.nacks: list[Nack] = []  # new NACKs for the server to count and log
         self.acks = 0
@@ -151,6 +153,7 @@ class Stream:
         st.held = st.sent_names
         if type_url == ROUTE:
             self._route_refs_held = self.route_refs = st.route_refs
+            self._refs_gen += 1
 
     def _models_in(self, type_url: str, message: str, since: int) -> tuple[str, ...]:
         """The ModelDeployments a NACK is about: named in the error, else those whose resources changed."""
@@ -238,21 +241,29 @@ class Stream:
             changes = self._changes(type_url, st)
             if changes is None or not changes[0]:
                 return None
-            chosen = changes[0]
+            body = wire.discovery_body(str(version), type_url, (r.any for r in changes[0]))
         else:
-            extra = self._lingering() if type_url == CLUSTER else frozenset()
-            key = (version, extra)
+            key = (version, self._refs_gen if type_url == CLUSTER else 0)
             if key == st.sent_key:
                 return None
             st.sent_key = key
-            chosen = list(view.resources[type_url].values())
-            chosen += [r for n in sorted(extra) if (r := view.lookup(type_url, n)) is not None]
-            st.sent_names = frozenset(r.name for r in chosen)
+            extra = self._lingering() if type_url == CLUSTER else frozenset()
+            if (version, extra) == st.sent_content:
+                return None  # the routes moved but the clusters they need did not
+            st.sent_content = (version, extra)
+            body = view.encoded.get((type_url, version)) if not extra else None
+            if body is None:
+                chosen = list(view.resources[type_url].values())
+                chosen += [r for n in sorted(extra) if (r := view.lookup(type_url, n)) is not None]
+                label = f"{version}+{len(extra)}" if extra else str(version)
+                body = wire.discovery_body(label, type_url, (r.any for r in chosen))
+                if not extra:  # every node of this view at this version gets these same bytes
+                    view.remember(type_url, version, body)
+            st.sent_names = frozenset(view.resources[type_url]) | extra
         nonce = self._nonce()
         st.sent_version, st.nonce, st.pending = version, nonce, True
         self._sent(type_url)
-        label = f"{version}+{len(extra)}" if type_url == CLUSTER and extra else str(version)
-        return wire.discovery_response(label, type_url, nonce, (r.any for r in chosen))
+        return body + wire.text(5, nonce)
 
     def _delta_response(self, type_url: str, st: TypeState) -> bytes | None:
         changes = self._changes(type_url, st)
@@ -272,7 +283,6 @@ class Stream:
         """
         view = self.view
         current = view.resources[type_url]
-        lingering = self._lingering() if type_url == CLUSTER else frozenset()
         changed = view.changed_since(type_url, st.synced)
         if changed is None:  # too far behind for the log: compare everything
             changed = frozenset(current) | frozenset(st.known) | frozenset(st.names)
@@ -281,7 +291,7 @@ class Stream:
         for name in sorted(names):
             wanted = st.wildcard or name in st.names
             resource = current.get(name)
-            if resource is None and (name in lingering or type_url != CLUSTER):
+            if resource is None and (type_url != CLUSTER or name in self.route_refs):
                 resource = view.lookup(type_url, name)  # dropped, but the node's routes still use it
                 if resource is not None and type_url == CLUSTER:
                     recheck.add(name)
@@ -306,6 +316,7 @@ class Stream:
         if type_url == ROUTE:
             refs = self.types[ROUTE].route_refs = self.view.route_deps.clusters
             self.route_refs = self._route_refs_held | refs  # old and new routes both count until answered
+            self._refs_gen += 1
 
     def describe(self) -> dict:
         return {

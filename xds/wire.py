@@ -37,9 +37,14 @@ def any_bytes(type_url: str, body: bytes) -> bytes:
     return text(1, type_url) + field(2, body)
 
 
+def discovery_body(version: str, type_url: str, resources: Iterable[bytes]) -> bytes:
+    """`DiscoveryResponse{version_info=1, resources=2 (Any), type_url=4}` without its nonce, so the
+    same bytes serve every stream; append `text(5, nonce)` per stream (field order is free)."""
+    return b"".join((text(1, version), *(field(2, r) for r in resources), text(4, type_url)))
+
+
 def discovery_response(version: str, type_url: str, nonce: str, resources: Iterable[bytes]) -> bytes:
-    """`DiscoveryResponse{version_info=1, resources=2 (Any), type_url=4, nonce=5}`."""
-    return b"".join((text(1, version), *(field(2, r) for r in resources), text(4, type_url), text(5, nonce)))
+    return discovery_body(version, type_url, resources) + text(5, nonce)
 
 
 def fixed64_double(number: int, value: float) -> bytes:
