@@ -11,7 +11,8 @@ make updates safe:
 * Make-before-break: a cluster the node's routes still use stays in its CDS until the node
   has answered routes that no longer use it.
 * NACK hold: a rejected version is never sent again to that node; it keeps its last good
-  config until something different comes.
+  config until something different comes. As Envoy applies the valid resources of a
+  rejected response, the node counts as holding all it was sent.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class TypeState:
     sent_key: tuple | None = None  # SotW clusters and listeners: (version, route refs generation) last seen
     sent_content: tuple | None = None  # SotW clusters and listeners: (version, lingering) last sent
     sent_version: int = 0  # view version of the last response
+    sent_label: str = ""  # version_info (Delta: system_version_info) of the last response
     sent_names: frozenset[str] = frozenset()
     settled_version: int = 0  # view version of the last response the node answered
     held: frozenset[str] = frozenset()  # names the node holds after its last answer
@@ -145,7 +147,8 @@ class Stream:
         before, st.pending, st.settled_version = st.settled_version, False, st.sent_version
         if error is not None and (error.code or error.message):
             models = self._models_in(type_url, error.message, before)
-            st.nack = Nack(type_url, version, error.message, models, time.time())
+            # A SotW NACK carries the node's last good version; the rejected one is what was sent.
+            st.nack = Nack(type_url, st.sent_label, error.message, models, time.time())
             self.nacks.append(st.nack)
             return
         st.acked, st.nack = version, None
@@ -241,7 +244,8 @@ class Stream:
             changes = self._changes(type_url, st)
             if changes is None or not changes[0]:
                 return None
-            body = wire.discovery_body(str(version), type_url, (r.any for r in changes[0]))
+            label = str(version)
+            body = wire.discovery_body(label, type_url, (r.any for r in changes[0]))
         else:
             key = (version, self._refs_gen if type_url == CLUSTER else 0)
             if key == st.sent_key:
@@ -251,17 +255,17 @@ class Stream:
             if (version, extra) == st.sent_content:
                 return None  # the routes moved but the clusters they need did not
             st.sent_content = (version, extra)
+            label = f"{version}+{len(extra)}" if extra else str(version)
             body = view.encoded.get((type_url, version)) if not extra else None
             if body is None:
                 chosen = list(view.resources[type_url].values())
                 chosen += [r for n in sorted(extra) if (r := view.lookup(type_url, n)) is not None]
-                label = f"{version}+{len(extra)}" if extra else str(version)
                 body = wire.discovery_body(label, type_url, (r.any for r in chosen))
                 if not extra:  # every node of this view at this version gets these same bytes
                     view.remember(type_url, version, body)
             st.sent_names = frozenset(view.resources[type_url]) | extra
         nonce = self._nonce()
-        st.sent_version, st.nonce, st.pending = version, nonce, True
+        st.sent_version, st.sent_label, st.nonce, st.pending = version, label, nonce, True
         self._sent(type_url)
         return body + wire.text(5, nonce)
 
@@ -272,6 +276,7 @@ class Stream:
         send, removed = changes
         nonce = self._nonce()
         st.sent_version, st.nonce, st.pending = self.view.version[type_url], nonce, True
+        st.sent_label = str(st.sent_version)
         self._sent(type_url)
         return wire.delta_response(str(st.sent_version), type_url, nonce, (r.delta for r in send), removed)
 

@@ -3,7 +3,8 @@
 Used by the protocol tests and the benchmark where a thousand real Envoys would not fit on
 one machine. Like Envoy it subscribes to clusters and listeners (wildcard), to the
 endpoints of the EDS clusters it holds, to the route configurations its listeners name and
-to the runtime layers it is given; it ACKs every response, or NACKs those `reject` picks.
+to the runtime layers it is given; it ACKs every response, or NACKs those `reject` picks (the
+whole response) or that hold resources `invalid` finds fault with (applying the valid ones).
 
 For protocol tests it can also be a slow node (`ack_delay`, `pause`/`resume`), change its
 subscriptions (`subscribe`) and reconnect holding what an earlier client held
@@ -35,7 +36,7 @@ from envoy_data_plane.google.protobuf import Struct
 from envoy_data_plane.google.rpc import Status
 
 from xds import runtime
-from xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE, RUNTIME
+from xds.types import CLUSTER, ENDPOINT, LISTENER, NAMED, ROUTE, RUNTIME
 
 ADS = "/envoy.service.discovery.v3.AggregatedDiscoveryService/"
 
@@ -63,6 +64,9 @@ class SimEnvoy:
     metadata: dict | None = None
     layers: tuple[str, ...] = tuple(runtime.layer_names())
     reject: Callable[[str, dict], str | None] | None = None  # (type, resources) -> NACK message or None
+    # (type, name, resource) -> error or None: as Envoy (and gRPC, A46) validate resources one by one,
+    # a response with invalid ones is NACKed with their errors while its valid ones are applied.
+    invalid: Callable[[str, str, object], str | None] | None = None
     decode: bool = True  # False: count bytes only (benchmark clients at scale)
     held: dict[str, dict] = field(
         default_factory=lambda: {t: {} for t in (CLUSTER, ENDPOINT, LISTENER, ROUTE, RUNTIME)}
@@ -158,6 +162,11 @@ class SimEnvoy:
     def _subscribe(self, type_url: str, names: set[str], with_node: bool = False, delay: float = 0.0) -> None:
         old = self._subscribed.get(type_url)
         self._subscribed[type_url] = set(names)
+        if type_url in NAMED and self.decode:  # as Envoy: what it no longer asks for, it forgets
+            for name in set(self.held[type_url]) - names:
+                del self.held[type_url][name]
+                self.resource_versions.get(type_url, {}).pop(name, None)
+            self._apply(type_url, time.monotonic())
         if self.delta:
             req = DeltaDiscoveryRequest(type_url=type_url)
             if old is None:
@@ -197,7 +206,9 @@ class SimEnvoy:
             resources = {_name(type_url, m): m for m in (a.unpack() for a in resp.resources)}
         else:  # at scale only the count matters, and Any carries no name
             resources = {str(i): None for i in range(len(resp.resources))}
-        error = self.reject(type_url, resources) if self.reject else None
+        vetoed = self.reject(type_url, resources) if self.reject else None
+        bad = self._invalid(type_url, resources)
+        error = vetoed or ("; ".join(bad.values()) if bad else None)
         self._last_nonce[type_url] = resp.nonce
         self.received.append(
             Received(
@@ -215,18 +226,20 @@ class SimEnvoy:
             response_nonce=resp.nonce,
             resource_names=sorted(self._subscribed.get(type_url, ())),
         )
-        if error is None:
-            self._versions[type_url] = resp.version_info
+        if vetoed is None:
+            held = self.held[type_url]
+            good = {n: m for n, m in resources.items() if n not in bad}
+            # Clusters and listeners come as the whole state of the world; an invalid one stays as it was.
             if type_url in (CLUSTER, LISTENER):
-                self.held[type_url] = resources  # the whole state of the world
+                self.held[type_url] = {**good, **{n: held[n] for n in bad if n in held}}
             else:  # other types carry what changed; absent ones are kept (as Envoy does)
                 wanted = self._subscribed.get(type_url, set())
                 self.held[type_url] = {
-                    n: m
-                    for n, m in {**self.held[type_url], **resources}.items()
-                    if n in wanted or not self.decode
+                    n: m for n, m in {**held, **good}.items() if n in wanted or not self.decode
                 }
             self._apply(type_url, now)
+        if error is None:
+            self._versions[type_url] = resp.version_info
             req.version_info = resp.version_info
         else:
             req.version_info = self._versions.get(type_url, "")
@@ -237,7 +250,9 @@ class SimEnvoy:
     def _on_delta(self, resp: DeltaDiscoveryResponse, now: float) -> None:
         type_url = resp.type_url
         resources = {r.name: (r.resource.unpack() if self.decode else None) for r in resp.resources}
-        error = self.reject(type_url, resources) if self.reject else None
+        vetoed = self.reject(type_url, resources) if self.reject else None
+        bad = self._invalid(type_url, resources)
+        error = vetoed or ("; ".join(bad.values()) if bad else None)
         self.received.append(
             Received(
                 type_url,
@@ -250,18 +265,23 @@ class SimEnvoy:
             )
         )
         req = DeltaDiscoveryRequest(type_url=type_url, response_nonce=resp.nonce)
-        if error is None:
-            self.held[type_url].update(resources)
+        if vetoed is None:
+            self.held[type_url].update((n, m) for n, m in resources.items() if n not in bad)
             versions = self.resource_versions.setdefault(type_url, {})
-            versions.update((r.name, r.version) for r in resp.resources)
+            versions.update((r.name, r.version) for r in resp.resources if r.name not in bad)
             for name in resp.removed_resources:
                 self.held[type_url].pop(name, None)
                 versions.pop(name, None)
             self._apply(type_url, now)
-        else:
+        if error is not None:
             req.error_detail = Status(code=3, message=error)
         self._send(req, self.ack_delay)
         self._follow(type_url)
+
+    def _invalid(self, type_url: str, resources: dict) -> dict[str, str]:
+        if self.invalid is None:
+            return {}
+        return {n: e for n, m in resources.items() if (e := self.invalid(type_url, n, m)) is not None}
 
     def _apply(self, type_url: str, now: float) -> None:
         if type_url != RUNTIME or not self.decode:

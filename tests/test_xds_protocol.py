@@ -1,0 +1,764 @@
+"""The xDS protocol as a fleet sees it: a real gRPC server (`XdsServer` on loopback) and simulated
+Envoys (`SimEnvoy`) speaking SotW or Delta over ADS, plus raw single-type streams.
+
+Each test is bounded in time; the fixture stops every client and the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field, replace
+
+import grpc
+import pytest
+from envoy_data_plane.envoy.config.core.v3 import Node
+from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import UpstreamTlsContext
+from envoy_data_plane.envoy.service.discovery.v3 import (
+    DeltaDiscoveryRequest,
+    DeltaDiscoveryResponse,
+    DiscoveryRequest,
+    DiscoveryResponse,
+)
+
+from metrics.instruments import Instruments
+from overspill.demo.xds_client import SimEnvoy
+from reconciler.crd import RemoteBackend
+from xds import resources as res
+from xds import runtime
+from xds import stream as stream_module
+from xds.resources import LISTENER_NAME, ROUTE_CONFIG_NAME, ModelRoute
+from xds.server import XdsServer, start_server
+from xds.snapshot import Translator
+from xds.stream import Stream
+from xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE, RUNTIME, SHORT
+
+PROTOCOLS = [pytest.param(False, id="sotw"), pytest.param(True, id="delta")]
+LIMIT = 20.0  # seconds any one test may take
+QUIET = 0.5  # seconds of silence that show nothing more is coming
+PLAIN = RemoteBackend("10.9.8.7", 8080, "http")
+MISSING_CA = "/nonexistent/overspill-test-ca.pem"
+
+
+def model(
+    name: str,
+    namespace: str = "inference",
+    percent: float = 0.0,
+    remote: RemoteBackend | None = PLAIN,
+    labels: dict[str, str] | None = None,
+    endpoints: tuple[tuple[str, int], ...] = (("10.0.0.1", 8000), ("10.0.0.2", 8000)),
+) -> ModelRoute:
+    return ModelRoute(
+        namespace,
+        name,
+        res.service_domains(name, namespace, 80),
+        endpoints,
+        remote,
+        percent,
+        tuple(sorted((labels or {}).items())),
+    )
+
+
+def clusters_of(*routes: ModelRoute) -> set[str]:
+    return {
+        c for r in routes for c in ((r.local_cluster, r.remote_cluster) if r.remote else (r.local_cluster,))
+    }
+
+
+def vhost_name(r: ModelRoute) -> str:
+    return f"{r.namespace}/{r.name}"
+
+
+BASE = [model("llm", percent=30), model("embed", percent=0), model("rerank", "search", percent=100)]
+
+
+class Recorder:
+    """A `reject` hook that NACKs nothing and keeps every response's decoded resources, in the
+    order of `client.received`."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, dict]] = []
+
+    def __call__(self, type_url: str, resources: dict) -> str | None:
+        self.seen.append((type_url, resources))
+        return None
+
+
+@dataclass
+class Plane:
+    translator: Translator
+    xds: XdsServer
+    target: str
+    clients: list[SimEnvoy] = field(default_factory=list)
+
+    def apply(self, *routes: ModelRoute, remove: tuple[ModelRoute, ...] = ()) -> None:
+        changes: dict[tuple[str, str], ModelRoute | None] = {(r.namespace, r.name): r for r in routes}
+        changes.update({(r.namespace, r.name): None for r in remove})
+        self.translator.apply(changes)
+
+    async def client(self, node_id: str, delta: bool, **kwargs) -> SimEnvoy:
+        c = SimEnvoy(self.target, node_id=node_id, delta=delta, **kwargs)
+        self.clients.append(c)
+        await c.start()
+        return c
+
+    def stream(self, node_id: str) -> Stream:
+        found = [s for s in self.xds.streams.values() if s.node_id == node_id]
+        assert len(found) == 1, f"{node_id}: {len(found)} streams"
+        return found[0]
+
+
+@pytest.fixture
+async def plane() -> AsyncIterator[Plane]:
+    translator = Translator("127.0.0.1", 10000)
+    translator.publish(BASE)
+    xds = XdsServer(translator.cache, Instruments())
+    server, port = await start_server(xds, "127.0.0.1", 0)
+    p = Plane(translator, xds, f"127.0.0.1:{port}")
+    try:
+        yield p
+    finally:
+        async with asyncio.timeout(10):
+            for c in p.clients:
+                c.resume()
+                await c.stop()
+            await server.stop(None)
+
+
+# --- raw streams ---
+
+ADS_SOTW = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
+ADS_DELTA = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources"
+
+
+class RawStream:
+    """One xDS stream by hand: requests queued, responses collected (or never read)."""
+
+    def __init__(self, target: str, method: str, delta: bool, read: bool = True):
+        self.target, self.method, self.delta, self.read = target, method, delta, read
+        self.got: list = []
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    async def open(self) -> None:
+        self._channel = grpc.aio.insecure_channel(self.target)
+        response = DeltaDiscoveryResponse if self.delta else DiscoveryResponse
+        call = self._channel.stream_stream(
+            self.method, request_serializer=bytes, response_deserializer=response.FromString
+        )
+        self._call = call(self._requests())
+        if self.read:
+            self._task = asyncio.create_task(self._read())
+
+    def send(self, req) -> None:
+        self._queue.put_nowait(req)
+
+    async def _requests(self):
+        while (req := await self._queue.get()) is not None:
+            yield req
+
+    async def _read(self) -> None:
+        async for resp in self._call:
+            self.got.append(resp)
+            self._changed.set()
+
+    async def until(self, predicate: Callable[[list], bool], timeout: float = 3.0) -> None:
+        async with asyncio.timeout(timeout):
+            while not predicate(self.got):
+                self._changed.clear()
+                await self._changed.wait()
+
+    async def close(self) -> None:
+        self._call.cancel()
+        if self._task:
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self._channel.close()
+
+
+def ack(resp, delta: bool, names: list[str]):
+    if delta:
+        return DeltaDiscoveryRequest(type_url=resp.type_url, response_nonce=resp.nonce)
+    return DiscoveryRequest(
+        type_url=resp.type_url,
+        version_info=resp.version_info,
+        response_nonce=resp.nonce,
+        resource_names=names,
+    )
+
+
+def names_in(resp, delta: bool) -> set[str]:
+    if delta:
+        return {r.name for r in resp.resources}
+    return {getattr(a.unpack(), "name", "") for a in resp.resources}
+
+
+# --- what a client holds ---
+
+
+def vhosts(c: SimEnvoy) -> set[str]:
+    rc = c.held[ROUTE].get(ROUTE_CONFIG_NAME)
+    return {vh.name for vh in rc.virtual_hosts} - {"unknown-host"} if rc else set()
+
+
+def holds(c: SimEnvoy, routes: list[ModelRoute]) -> bool:
+    """The client holds exactly these models: clusters, endpoints, virtual hosts, weights."""
+    return (
+        set(c.held[CLUSTER]) == clusters_of(*routes)
+        and set(c.held[ENDPOINT]) == {r.local_cluster for r in routes}
+        and vhosts(c) == {vhost_name(r) for r in routes}
+        and c.runtime_values == {r.runtime_key: r.remote_percent for r in routes}
+        and LISTENER_NAME in c.held[LISTENER]
+    )
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 2.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+async def synced(p: Plane, c: SimEnvoy, routes: list[ModelRoute], timeout: float = 5.0) -> None:
+    """Until the client holds `routes` and its stream has nothing in flight."""
+    await c.wait(lambda c: holds(c, routes), timeout)
+    await eventually(lambda: not any(st.pending for st in p.stream(c.node_id).types.values()), timeout)
+
+
+def layer_with(resources: dict, key: str) -> bool:
+    return any(layer.layer and key in layer.layer.to_dict() for layer in resources.values())
+
+
+def first(seen: list[tuple[str, dict]], type_url: str, test: Callable[[dict], bool], start: int = 0) -> int:
+    for i in range(start, len(seen)):
+        if seen[i][0] == type_url and test(seen[i][1]):
+            return i
+    raise AssertionError(f"no {SHORT[type_url]} response after #{start} matches")
+
+
+def route_has(resources: dict, vhost: str) -> bool:
+    rc = resources.get(ROUTE_CONFIG_NAME)
+    return rc is not None and vhost in {vh.name for vh in rc.virtual_hosts}
+
+
+# --- 1. initial sync ---
+
+
+@pytest.mark.parametrize("delta", PROTOCOLS)
+async def test_initial_sync_delivers_clusters_endpoints_listener_routes_and_all_runtime_layers(plane, delta):
+    async with asyncio.timeout(LIMIT):
+        c = await plane.client("edge", delta)
+        await synced(plane, c, BASE)
+        assert set(c.held[RUNTIME]) == set(runtime.layer_names())  # all 64 layers, empty ones too
+        assert len(c.held[RUNTIME]) == 64
+        assert c.runtime_values == {
+            "overspill.inference.llm": 30,
+            "overspill.inference.embed": 0,
+            "overspill.search.rerank": 100,
+        }
+        cla = c.held[ENDPOINT][BASE[0].local_cluster]
+        assert {e.endpoint.address.socket_address.address for e in cla.endpoints[0].lb_endpoints} == {
+            "10.0.0.1",
+            "10.0.0.2",
+        }
+        rc = c.held[ROUTE][ROUTE_CONFIG_NAME]
+        llm = next(vh for vh in rc.virtual_hosts if vh.name == "inference/llm")
+        assert llm.routes[0].match.runtime_fraction.runtime_key == "overspill.inference.llm"
+        assert c.held[LISTENER][LISTENER_NAME].address.socket_address.port_value == 10000
+        assert not any(r.nacked for r in c.received)
+
+
+# --- 2. a weight change is one runtime layer ---
+
+
+@pytest.mark.parametrize("delta", PROTOCOLS)
+async def test_weight_change_sends_one_runtime_layer_and_nothing_else(plane, delta):
+    async with asyncio.timeout(LIMIT):
+        clients = [await plane.client(f"edge-{i}", delta) for i in range(3)]
+        for c in clients:
+            await synced(plane, c, BASE)
+        marks = [len(c.received) for c in clients]
+        changed = replace(BASE[0], remote_percent=75)
+        plane.apply(changed)
+        for c in clients:
+            await c.wait(lambda c: c.runtime_values.get(changed.runtime_key) == 75, 2)
+        await asyncio.sleep(QUIET)
+        shard = runtime.layer_names()[runtime.shard_of(changed.runtime_key)]
+        for c, mark in zip(clients, marks, strict=True):
+            after = c.received[mark:]
+            assert [SHORT[r.type_url] for r in after] == ["RTDS"], c.node_id
+            assert after[0].names == (shard,)  # the one layer holding the key, for SotW too
+            assert c.runtime_values[BASE[1].runtime_key] == 0  # the other layers are kept
+            assert len(c.held[RUNTIME]) == 64
+
+
+# --- 3. ordering: clusters, endpoints and weights before the routes that use them ---
+
+
+@pytest.mark.parametrize("delta", PROTOCOLS)
+async def test_new_model_clusters_endpoints_and_weight_arrive_before_its_route(plane, delta):
+    async with asyncio.timeout(LIMIT):
+        ack_delay = 0.4
+        fast_log, slow_log = Recorder(), Recorder()
+        fast = await plane.client("fast", delta, reject=fast_log)
+        slow = await plane.client("slow", delta, reject=slow_log)
+        for c in (fast, slow):
+            await synced(plane, c, BASE)
+        slow.ack_delay = ack_delay  # from now on it answers every response late
+        marks = {c.node_id: len(c.received) for c in (fast, slow)}
+        new = model("chat", percent=40)
+        plane.apply(new)
+
+        held_seen = False
+        deadline = time.monotonic() + 10
+        while not (vhost_name(new) in vhosts(slow) and vhost_name(new) in vhosts(fast)):
+            rds = plane.stream("slow").describe()["types"]["RDS"]
+            held_seen |= rds["routeHeldSeconds"] is not None
+            assert time.monotonic() < deadline, "the new route never arrived"
+            await asyncio.sleep(0.02)
+        assert held_seen, "the slow node's route update was never held for its clusters"
+
+        for c, log in ((fast, fast_log), (slow, slow_log)):
+            assert len(log.seen) == len(c.received)
+            start = marks[c.node_id]
+            i_rds = first(log.seen, ROUTE, lambda r: route_has(r, vhost_name(new)), start)
+            i_cds = first(log.seen, CLUSTER, lambda r: clusters_of(new) <= set(r), start)
+            i_eds = first(log.seen, ENDPOINT, lambda r: new.local_cluster in r, start)
+            i_rtds = first(log.seen, RUNTIME, lambda r: layer_with(r, new.runtime_key), start)
+            assert i_cds < i_rds and i_eds < i_rds and i_rtds < i_rds, (
+                c.node_id,
+                i_cds,
+                i_eds,
+                i_rtds,
+                i_rds,
+            )
+            assert not any(route_has(r, vhost_name(new)) for t, r in log.seen[:i_rds] if t == ROUTE)
+
+        # The slow node answers each response `ack_delay` late: its route waited for those answers.
+        at = [r.at for r in slow.received]
+        i_rds = first(slow_log.seen, ROUTE, lambda r: route_has(r, vhost_name(new)), marks["slow"])
+        i_eds = first(slow_log.seen, ENDPOINT, lambda r: new.local_cluster in r, marks["slow"])
+        i_cds = first(slow_log.seen, CLUSTER, lambda r: clusters_of(new) <= set(r), marks["slow"])
+        assert at[i_rds] - at[i_eds] >= 0.9 * ack_delay
+        assert at[i_rds] - at[i_cds] >= 1.9 * ack_delay  # CDS answered, then EDS asked and answered
+        await synced(plane, slow, [*BASE, new], timeout=5)
+
+
+# --- 4. make-before-break ---
+
+
+@pytest.mark.parametrize("delta", PROTOCOLS)
+async def test_removed_model_leaves_routes_before_its_clusters_leave(plane, delta):
+    async with asyncio.timeout(LIMIT):
+        ack_delay = 0.3
+        logs = {"fast": Recorder(), "slow": Recorder()}
+        fast = await plane.client("fast", delta, reject=logs["fast"])
+        slow = await plane.client("slow", delta, reject=logs["slow"])
+        for c in (fast, slow):
+            await synced(plane, c, BASE)
+        slow.ack_delay = ack_delay
+        gone = BASE[0]
+        marks = {c.node_id: len(c.received) for c in (fast, slow)}
+        plane.apply(remove=(gone,))
+        for c in (fast, slow):
+            await synced(plane, c, BASE[1:], timeout=10)
+
+        for c in (fast, slow):
+            seen, start = logs[c.node_id].seen, marks[c.node_id]
+            i_rds = first(seen, ROUTE, lambda r: not route_has(r, vhost_name(gone)), start)
+            if delta:
+                i_cds = next(
+                    i for i in range(start, len(seen)) if clusters_of(gone) & set(c.received[i].removed)
+                )
+                assert set(c.received[i_cds].removed) == clusters_of(gone)
+                assert all(not c.received[i].removed for i in range(start, i_cds) if seen[i][0] == CLUSTER)
+            else:
+                i_cds = first(seen, CLUSTER, lambda r: not clusters_of(gone) & set(r), start)
+                # Every CDS before it still carried the clusters the node's routes used.
+                assert all(clusters_of(gone) <= set(r) for t, r in seen[start:i_cds] if t == CLUSTER)
+            assert i_rds < i_cds, (c.node_id, i_rds, i_cds)
+            if c is slow:  # the clusters left only after the node answered the new routes
+                assert c.received[i_cds].at - c.received[i_rds].at >= 0.9 * ack_delay
+            assert gone.runtime_key not in c.runtime_values
+
+
+@pytest.mark.parametrize("delta", PROTOCOLS)
+async def test_clusters_stay_while_the_node_rejects_routes_without_them(plane, delta):
+    async with asyncio.timeout(LIMIT):
+        gone = BASE[0]
+        refuse = {"routes": False}
+
+        def reject(type_url: str, resources: dict) -> str | None:
+            if type_url == ROUTE and refuse["routes"]:
+                return "route configuration rejected"
+            return None
+
+        c = await plane.client("edge", delta, reject=reject)
+        await synced(plane, c, BASE)
+        refuse["routes"] = True
+        mark = len(c.received)
+        plane.apply(remove=(gone,))
+        await c.wait(lambda c: any(r.nacked for r in c.received[mark:]), 3)
+        await asyncio.sleep(1.0)
+        # The routes it kept still use the model's clusters: they stay.
+        assert clusters_of(gone) <= set(c.held[CLUSTER])
+        assert not any(clusters_of(gone) & set(r.removed) for r in c.received[mark:])
+        assert vhost_name(gone) in vhosts(c)
+        assert sum(r.type_url == ROUTE for r in c.received[mark:]) == 1  # the rejected routes, once
+
+        # Once it takes routes without the model, the clusters go.
+        refuse["routes"] = False
+        new = model("chat", percent=10)
+        plane.apply(new)
+        await synced(plane, c, [*BASE[1:], new])
+
+
+async def test_route_hold_is_bounded_for_a_node_that_never_answers_its_clusters(plane, monkeypatch, caplog):
+    monkeypatch.setattr(stream_module, "HOLD_LIMIT", 0.5)
+    async with asyncio.timeout(LIMIT):
+        log = Recorder()
+        c = await plane.client("slow", False, reject=log)
+        await synced(plane, c, BASE)
+        c.ack_delay = 3.0  # from now on it answers everything 3 s late
+        mark = len(c.received)
+        new = model("chat", percent=10)
+        plane.apply(new)
+        await c.wait(lambda c: vhost_name(new) in vhosts(c), 2.5)
+        i_cds = first(log.seen, CLUSTER, lambda r: clusters_of(new) <= set(r), mark)
+        i_rds = first(log.seen, ROUTE, lambda r: route_has(r, vhost_name(new)), mark)
+        waited = c.received[i_rds].at - c.received[i_cds].at
+        assert 0.4 <= waited < 2.0, waited  # held, then sent anyway once the hold limit passed
+        assert any("route_hold_timeout" in r.getMessage() for r in caplog.records)
+
+
+# --- 5. NACK hold ---
+
+
+def missing_ca(type_url: str, name: str, cluster) -> str | None:
+    """What Envoy says of a TLS cluster whose CA file does not exist (it takes the other clusters)."""
+    if type_url != CLUSTER or cluster.transport_socket is None:
+        return None
+    tls = cluster.transport_socket.typed_config.unpack()
+    assert isinstance(tls, UpstreamTlsContext)
+    ca = tls.common_tls_context.validation_context
+    if ca is None or ca.trusted_ca.filename != MISSING_CA:
+        return None
+    return (
+        f"Error adding/updating cluster(s) {name}: Failed to load trusted CA certificates from {MISSING_CA}"
+    )
+
+
+@pytest.mark.parametrize("delta", PROTOCOLS)
+async def test_nacked_cluster_version_is_held_and_reported_and_others_unaffected(plane, delta):
+    async with asyncio.timeout(LIMIT):
+        picky = await plane.client("picky", delta, invalid=missing_ca)
+        other = await plane.client("other", delta)
+        for c in (picky, other):
+            await synced(plane, c, BASE)
+        broken = model("broken", remote=RemoteBackend("llm.example.com", 443, "https", ca_file=MISSING_CA))
+        plane.apply(broken)
+
+        await picky.wait(lambda c: any(r.nacked for r in c.received), 3)
+        nacked = next(r for r in picky.received if r.nacked)
+        assert broken.remote_cluster in nacked.names
+        # For a second nothing about the clusters changes (an unrelated weight moves): the rejected
+        # version is never sent again.
+        plane.apply(replace(BASE[1], remote_percent=5))
+        await asyncio.sleep(1.0)
+        cds = [r for r in picky.received if r.type_url == CLUSTER]
+        assert [r.version for r in cds].count(nacked.version) == 1
+        assert sum(r.nacked for r in picky.received) == 1
+        assert picky.runtime_values[BASE[1].runtime_key] == 5  # the node still takes other updates
+        # It keeps its previous clusters and takes the model's valid one, as Envoy does.
+        assert set(picky.held[CLUSTER]) == clusters_of(*BASE) | {broken.local_cluster}
+
+        cds_state = plane.stream("picky").describe()["types"]["CDS"]
+        assert cds_state["nack"] == missing_ca(CLUSTER, broken.remote_cluster, res.remote_cluster(broken))
+        assert cds_state["nackModels"] == ["inference/broken"]
+        assert cds_state["nackVersion"] == nacked.version  # the version rejected, not the last good one
+
+        # A node that does not reject takes the model as usual.
+        await synced(plane, other, [*BASE[:1], replace(BASE[1], remote_percent=5), BASE[2], broken])
+        assert plane.stream("other").describe()["types"]["CDS"]["nack"] is None
+
+        # Fixing the model makes a new version, sent and ACKed normally.
+        fixed = replace(broken, remote=replace(broken.remote, ca_file="/etc/ssl/certs/ca-certificates.crt"))
+        plane.apply(fixed)
+        await picky.wait(lambda c: fixed.remote_cluster in c.held[CLUSTER], 3)
+        last = [r for r in picky.received if r.type_url == CLUSTER][-1]
+        assert not last.nacked and last.version != nacked.version
+        await synced(plane, picky, [BASE[0], replace(BASE[1], remote_percent=5), BASE[2], fixed])
+        cds_state = plane.stream("picky").describe()["types"]["CDS"]
+        assert cds_state["nack"] is None and cds_state["nackModels"] == []
+        assert cds_state["acked"] == last.version
+
+
+# --- 6. Delta specifics ---
+
+
+async def test_delta_reconnect_with_initial_versions_resends_nothing_unchanged(plane):
+    async with asyncio.timeout(LIMIT):
+        before = await plane.client("edge", True)
+        await synced(plane, before, BASE)
+        assert set(before.resource_versions[CLUSTER]) == clusters_of(*BASE)
+        await before.stop()
+        plane.clients.remove(before)
+        # The server forgets the stream once the node is gone.
+        await eventually(lambda: all(s.node_id != "edge" for s in plane.xds.streams.values()))
+
+        after = SimEnvoy(plane.target, node_id="edge", delta=True)
+        after.reconnect_from(before)
+        plane.clients.append(after)
+        await after.start()
+        await asyncio.sleep(QUIET)
+        assert after.received == []  # it had everything: nothing is sent again
+        await synced(plane, after, BASE, timeout=1)
+
+        changed = replace(BASE[0], remote_percent=60)
+        plane.apply(changed)
+        await after.wait(lambda c: c.runtime_values[changed.runtime_key] == 60, 2)
+        assert [SHORT[r.type_url] for r in after.received] == ["RTDS"]
+
+
+def domains_of(c: SimEnvoy, r: ModelRoute) -> set[str]:
+    rc = c.held[ROUTE].get(ROUTE_CONFIG_NAME)
+    return {d for vh in (rc.virtual_hosts if rc else []) if vh.name == vhost_name(r) for d in vh.domains}
+
+
+@pytest.mark.parametrize("away", ["new-model", "routes-only"])
+async def test_delta_reconnect_gets_only_what_changed_while_away_and_promptly(plane, away):
+    async with asyncio.timeout(LIMIT):
+        before = await plane.client("edge", True)
+        await synced(plane, before, BASE)
+        await before.stop()
+        plane.clients.remove(before)
+
+        # While the node is away one weight moves, and a model arrives or one's Host names change.
+        weight = replace(BASE[0], remote_percent=90)
+        if away == "new-model":
+            other = model("chat", percent=10)
+            wanted = [weight, *BASE[1:], other]
+        else:
+            other = replace(BASE[2], domains=(*BASE[2].domains, "rerank.example.com"))
+            wanted = [weight, BASE[1], other]
+        plane.apply(weight, other)
+
+        after = SimEnvoy(plane.target, node_id="edge", delta=True)
+        after.reconnect_from(before)
+        plane.clients.append(after)
+        started = time.monotonic()
+        await after.start()
+        await after.wait(lambda c: domains_of(c, other) == set(other.domains), 3)
+        took = time.monotonic() - started
+        await synced(plane, after, wanted)
+        assert took < 1.0, f"the reconnected node waited {took:.1f}s for its new routes"
+        sent: dict[str, set[str]] = {}
+        for r in after.received:
+            sent.setdefault(SHORT[r.type_url], set()).update(r.names)
+        assert sent.pop("RDS") == {ROUTE_CONFIG_NAME}
+        assert len(sent.pop("RTDS")) <= 2  # the layers holding the keys that changed
+        if away == "new-model":
+            assert sent == {"CDS": clusters_of(other), "EDS": {other.local_cluster}}
+        else:
+            assert sent == {}  # no cluster, endpoint or listener again
+
+
+async def test_delta_unsubscribed_layer_gets_no_updates(plane):
+    async with asyncio.timeout(LIMIT):
+        c = await plane.client("edge", True)
+        await synced(plane, c, BASE)
+        layers = runtime.layer_names()
+        llm, embed = BASE[0], BASE[1]
+        llm_layer = layers[runtime.shard_of(llm.runtime_key)]
+        assert llm_layer != layers[runtime.shard_of(embed.runtime_key)]
+        c.subscribe(RUNTIME, set(layers) - {llm_layer})
+        await asyncio.sleep(0.2)
+        mark = len(c.received)
+        plane.apply(replace(llm, remote_percent=55))
+        await asyncio.sleep(QUIET)
+        assert c.received[mark:] == []
+        plane.apply(replace(embed, remote_percent=20))
+        await c.wait(lambda c: c.runtime_values[embed.runtime_key] == 20, 2)
+        assert [r.names for r in c.received[mark:]] == [(layers[runtime.shard_of(embed.runtime_key)],)]
+        # Subscribing again brings the layer's current content.
+        c.subscribe(RUNTIME, set(layers))
+        await c.wait(lambda c: c.runtime_values.get(llm.runtime_key) == 55, 2)
+
+
+async def test_delta_wildcard_clusters_and_listeners_bring_new_models_unasked(plane):
+    async with asyncio.timeout(LIMIT):
+        c = await plane.client("edge", True)
+        await synced(plane, c, BASE)
+        new = model("chat", percent=10)
+        plane.apply(new)
+        await synced(plane, c, [*BASE, new])
+        cds = [r for r in c.received if r.type_url == CLUSTER]
+        assert set(cds[-1].names) == clusters_of(new)  # only the new ones, though never named
+
+        # An explicit "*" subscription is wildcard too.
+        raw = RawStream(plane.target, ADS_DELTA, True)
+        await raw.open()
+        try:
+            raw.send(
+                DeltaDiscoveryRequest(node=Node(id="raw"), type_url=CLUSTER, resource_names_subscribe=["*"])
+            )
+            raw.send(DeltaDiscoveryRequest(type_url=LISTENER, resource_names_subscribe=["*"]))
+            await raw.until(lambda got: {g.type_url for g in got} == {CLUSTER, LISTENER})
+            by_type = {g.type_url: {r.name for r in g.resources} for g in raw.got}
+            assert by_type == {CLUSTER: clusters_of(*BASE, new), LISTENER: {LISTENER_NAME}}
+        finally:
+            await raw.close()
+
+
+# --- 7. node scoping ---
+
+SCOPED = [
+    model("alpha", "team-a", 10, labels={"tier": "gold"}),
+    model("beta", "team-a", 20, labels={"tier": "silver"}),
+    model("gamma", "team-b", 30, labels={"tier": "gold"}),
+    model("delta", "team-b", 40),
+]
+
+
+@pytest.mark.parametrize("delta", PROTOCOLS)
+async def test_scoped_nodes_see_only_their_models(plane, delta):
+    async with asyncio.timeout(LIMIT):
+        plane.translator.publish(SCOPED)
+        team_a = await plane.client("team-a", delta, metadata={"overspill": {"namespaces": ["team-a"]}})
+        gold = await plane.client("gold", delta, metadata={"overspill": {"matchLabels": {"tier": "gold"}}})
+        edge = await plane.client("edge", delta)
+        await synced(plane, team_a, SCOPED[:2])
+        await synced(plane, gold, [SCOPED[0], SCOPED[2]])
+        await synced(plane, edge, SCOPED)
+        assert plane.stream("team-a").describe()["scope"] == "namespaces=team-a"
+        assert plane.stream("gold").describe()["scope"] == "labels=tier=gold"
+
+        marks = {c.node_id: len(c.received) for c in (team_a, gold, edge)}
+        outside = replace(SCOPED[3], remote_percent=99, endpoints=(("10.0.0.9", 8000),))
+        plane.apply(outside)
+        await edge.wait(lambda c: c.runtime_values[outside.runtime_key] == 99, 2)
+        await asyncio.sleep(QUIET)
+        assert team_a.received[marks["team-a"] :] == []
+        assert gold.received[marks["gold"] :] == []
+
+        # A gold model outside team-a: the gold node gets it, team-a's does not.
+        marks = {c.node_id: len(c.received) for c in (team_a, gold)}
+        moved = replace(SCOPED[2], remote_percent=77)
+        plane.apply(moved)
+        await gold.wait(lambda c: c.runtime_values[moved.runtime_key] == 77, 2)
+        await asyncio.sleep(QUIET)
+        assert team_a.received[marks["team-a"] :] == []
+        assert [SHORT[r.type_url] for r in gold.received[marks["gold"] :]] == ["RTDS"]
+
+        # Relabelling moves a model into a node's scope, and out again.
+        promoted = replace(SCOPED[1], labels=(("tier", "gold"),))
+        plane.apply(promoted)
+        await synced(plane, gold, [SCOPED[0], moved, promoted])
+        plane.apply(SCOPED[1])
+        await synced(plane, gold, [SCOPED[0], moved])
+
+
+# --- 8. latest state wins ---
+
+
+@pytest.mark.parametrize("delta", PROTOCOLS)
+async def test_stuck_node_delays_nobody_and_then_gets_only_the_latest_weight(plane, delta):
+    async with asyncio.timeout(LIMIT):
+        fast = await plane.client("fast", delta)
+        stuck = await plane.client("stuck", delta)
+        for c in (fast, stuck):
+            await synced(plane, c, BASE)
+        # A third node subscribes and never reads a single response.
+        mute = RawStream(plane.target, ADS_SOTW, False, read=False)
+        await mute.open()
+        try:
+            mute.send(DiscoveryRequest(node=Node(id="mute"), type_url=CLUSTER))
+            mute.send(DiscoveryRequest(type_url=RUNTIME, resource_names=runtime.layer_names()))
+            await eventually(lambda: any(s.node_id == "mute" for s in plane.xds.streams.values()))
+            await one_stuck_one_fast(plane, fast, stuck)
+        finally:
+            await mute.close()
+
+
+async def one_stuck_one_fast(plane: Plane, fast: SimEnvoy, stuck: SimEnvoy) -> None:
+    stuck.pause()
+    mark = len(stuck.received)
+    key = BASE[0].runtime_key
+    delays = []
+    for percent in range(10, 101, 10):
+        plane.apply(replace(BASE[0], remote_percent=percent))
+        started = time.monotonic()
+        await fast.wait(lambda c, p=percent: c.runtime_values[key] == p, 1.0)
+        delays.append(time.monotonic() - started)
+        await asyncio.sleep(0.02)
+    assert max(delays) < 1.0
+
+    stuck.resume()
+    await stuck.wait(lambda c: c.runtime_values[key] == 100, 2)
+    await asyncio.sleep(QUIET)
+    rtds = [r for r in stuck.received[mark:] if r.type_url == RUNTIME]
+    # At most the response already in flight when it stopped, then the latest: not a queue of 10.
+    assert len(rtds) <= 2, [r.version for r in rtds]
+    assert [SHORT[r.type_url] for r in stuck.received[mark:]] == ["RTDS"] * len(rtds)
+    assert stuck.runtime_values[key] == 100
+
+
+# --- 9. single-type services ---
+
+
+@pytest.mark.parametrize(
+    ("service", "delta", "type_url"),
+    [
+        pytest.param("cluster.v3.ClusterDiscoveryService/StreamClusters", False, CLUSTER, id="cds-sotw"),
+        pytest.param("cluster.v3.ClusterDiscoveryService/DeltaClusters", True, CLUSTER, id="cds-delta"),
+        pytest.param("runtime.v3.RuntimeDiscoveryService/StreamRuntime", False, RUNTIME, id="rtds-sotw"),
+        pytest.param("runtime.v3.RuntimeDiscoveryService/DeltaRuntime", True, RUNTIME, id="rtds-delta"),
+    ],
+)
+async def test_single_type_service_serves_its_type_only(plane, service, delta, type_url):
+    async with asyncio.timeout(LIMIT):
+        layers = runtime.layer_names()
+        subscribe = layers if type_url == RUNTIME else []  # clusters are wildcard
+        raw = RawStream(plane.target, f"/envoy.service.{service}", delta)
+        await raw.open()
+        try:
+            node = Node(id="single")
+            if delta:
+                raw.send(
+                    DeltaDiscoveryRequest(node=node, type_url=type_url, resource_names_subscribe=subscribe)
+                )
+            else:
+                raw.send(DiscoveryRequest(node=node, type_url=type_url, resource_names=subscribe))
+            # Other types asked on this stream are not its to serve.
+            for other in (LISTENER, ROUTE) if type_url == CLUSTER else (CLUSTER, LISTENER):
+                if delta:
+                    raw.send(DeltaDiscoveryRequest(type_url=other))
+                else:
+                    raw.send(DiscoveryRequest(type_url=other))
+            await raw.until(lambda got: len(got) >= 1)
+            first_resp = raw.got[0]
+            assert first_resp.type_url == type_url
+            if type_url == CLUSTER:
+                assert names_in(first_resp, delta) == clusters_of(*BASE)
+            else:
+                assert names_in(first_resp, delta) == set(layers)
+            raw.send(ack(first_resp, delta, subscribe))
+
+            # Live updates keep coming on the stream, still of this type only.
+            new = model("chat", percent=35)
+            plane.apply(new)
+            await raw.until(lambda got: len(got) >= 2)
+            second = raw.got[1]
+            assert second.type_url == type_url
+            if type_url == CLUSTER:
+                expected = clusters_of(new) if delta else clusters_of(*BASE, new)
+                assert names_in(second, delta) == expected
+            else:
+                assert names_in(second, delta) == {layers[runtime.shard_of(new.runtime_key)]}
+            raw.send(ack(second, delta, subscribe))
+            await asyncio.sleep(QUIET)
+            assert {g.type_url for g in raw.got} == {type_url}
+            assert len(raw.got) == 2
+        finally:
+            await raw.close()
