@@ -121,6 +121,7 @@ class RouteDeps:
     """What a route configuration version needs a node to hold before it may be sent there."""
 
     cluster_version: int = 0
+    endpoint_version: int = 0
     runtime_version: int = 0
     eds_names: frozenset[str] = frozenset()
     clusters: frozenset[str] = frozenset()
@@ -142,6 +143,7 @@ class View:
         self.retired: dict[str, dict[str, tuple[Resource, float]]] = {CLUSTER: {}, ENDPOINT: {}}
         self.route_deps = RouteDeps()
         self.encoded: dict[tuple[str, int], bytes] = {}  # whole-set SotW bodies, shared by the view's nodes
+        self._interned: dict[frozenset[str], frozenset[str]] = {}
         self._shard_names = runtime.layer_names(shards)
         self._shard_entries: list[dict[str, bytes]] = [{} for _ in range(shards)]
         self.resources[LISTENER][listener.name] = listener
@@ -233,6 +235,7 @@ class View:
         self.resources[ROUTE][name] = Resource.of(ROUTE, name, body)
         self.route_deps = RouteDeps(
             cluster_version=self.version[CLUSTER],
+            endpoint_version=self.version[ENDPOINT],
             runtime_version=self.version[RUNTIME],
             eds_names=frozenset(self.resources[ENDPOINT]),
             clusters=frozenset(self.resources[CLUSTER]),
@@ -242,6 +245,13 @@ class View:
         for retired in self.retired.values():
             for name in [n for n, (_, at) in retired.items() if now - at > RETIRE_SECONDS]:
                 del retired[name]
+
+    def intern(self, names: frozenset[str]) -> frozenset[str]:
+        """One shared copy of a subscription: a thousand nodes asking for the same ten thousand
+        endpoint sets hold one set between them, not a thousand."""
+        if len(self._interned) > 256:
+            self._interned.clear()  # old subscriptions: sharing resumes with the next ones
+        return self._interned.setdefault(names, names)
 
     def remember(self, type_url: str, version: int, body: bytes) -> None:
         for key in [k for k in self.encoded if k[0] == type_url and k[1] != version]:

@@ -44,24 +44,24 @@ class Nack:
 
 @dataclass
 class TypeState:
-    """One type on one stream."""
+    """One type on one stream. Nothing here grows with the number of models, except the
+    subscribed names, and identical subscriptions are shared through the view."""
 
     wildcard: bool
-    names: set[str] = field(default_factory=set)
+    names: frozenset[str] = frozenset()
     nonce: str = ""
     pending: bool = False
     sent_key: tuple | None = None  # SotW clusters and listeners: (version, route refs generation) last seen
     sent_content: tuple | None = None  # SotW clusters and listeners: (version, lingering) last sent
     sent_version: int = 0  # view version of the last response
     sent_label: str = ""  # version_info (Delta: system_version_info) of the last response
-    sent_names: frozenset[str] = frozenset()
     settled_version: int = 0  # view version of the last response the node answered
-    held: frozenset[str] = frozenset()  # names the node holds after its last answer
     acked: str = ""
     nack: Nack | None = None
-    known: dict[str, str] = field(default_factory=dict)  # Delta: name -> version the node has
-    synced: int = 0  # Delta: view version `known` is up to date with
-    recheck: set[str] = field(default_factory=set)  # Delta: names to look at again
+    synced: int = 0  # the node holds the view's content as of this version (for what it wants)
+    recheck: set[str] = field(default_factory=set)  # newly wanted names: sent whatever the log says
+    lingering: set[str] = field(default_factory=set)  # dropped names the node's routes still use
+    gone: set[str] = field(default_factory=set)  # Delta reconnect: names the node has that may be gone
     held_since: float | None = None
     route_refs: frozenset[str] = frozenset()  # ROUTE: clusters the last response's routes use
 
@@ -88,11 +88,12 @@ class Stream:
     # --- requests ---
 
     def _hello(self, node) -> None:
-        if node is None or self.view is not None:
+        """The first request names the node (Envoy sends it only then): its scope picks the view."""
+        if self.view is not None:
             return
-        self.node_id, self.cluster = node.id, node.cluster
-        metadata = node.metadata.to_dict() if node.metadata is not None else {}
-        self.scope = Scope.from_metadata(metadata)
+        if node is not None:
+            self.node_id, self.cluster = node.id, node.cluster
+            self.scope = Scope.from_metadata(node.metadata.to_dict() if node.metadata is not None else {})
         self.view = self.cache.view(self.scope)
 
     def on_sotw(self, req: DiscoveryRequest) -> None:
@@ -104,12 +105,10 @@ class Stream:
             if req.response_nonce != st.nonce:
                 return  # answers a response since superseded
             self._settle(req.type_url, st, req.version_info, req.error_detail)
-        if req.type_url in NAMED:
-            names = set(req.resource_names)
+        if req.type_url in NAMED and set(req.resource_names) != st.names:
+            names = frozenset(req.resource_names)
             st.recheck |= names - st.names  # newly asked for: sent even if unchanged
-            for name in st.names - names:
-                st.known.pop(name, None)
-            st.names = names
+            st.names = self.view.intern(names)
 
     def on_delta(self, req: DeltaDiscoveryRequest) -> None:
         self._hello(req.node)
@@ -118,24 +117,43 @@ class Stream:
         if st is None:
             return
         subscribe, unsubscribe = set(req.resource_names_subscribe), set(req.resource_names_unsubscribe)
+        current: set[str] = set()  # named by the node as held, at the version the view has
         if first:
             st.wildcard = not subscribe or "*" in subscribe
-            st.known.update(req.initial_resource_versions)
-            st.recheck |= set(st.known)
+            current = self._reconnect(req.type_url, st, dict(req.initial_resource_versions))
         elif "*" in subscribe:
             st.wildcard = True
-            st.synced = 0
+            st.recheck |= set(self.view.resources[req.type_url])
         if "*" in unsubscribe:
             st.wildcard = False
         subscribe.discard("*")
         unsubscribe.discard("*")
-        st.names |= subscribe
-        st.names -= unsubscribe
-        for name in unsubscribe:
-            st.known.pop(name, None)
-        st.recheck |= subscribe
+        if subscribe - st.names or unsubscribe & st.names:
+            st.names = self.view.intern((st.names | subscribe) - unsubscribe)
+        st.recheck |= subscribe - current
         if req.response_nonce and req.response_nonce == st.nonce:
             self._settle(req.type_url, st, str(st.sent_version), req.error_detail)
+
+    def _reconnect(self, type_url: str, st: TypeState, versions: dict[str, str]) -> set[str]:
+        """A Delta node says what it already holds: only what differs is sent again.
+        Returns the names it holds at their current version."""
+        view = self.view
+        if not versions:
+            st.synced = 0  # holds nothing: everything it wants is new to it
+            return set()
+        st.synced = view.version[type_url]
+        current = set()
+        for name, version in versions.items():
+            resource = view.resources[type_url].get(name)
+            if resource is None:
+                st.gone.add(name)
+            elif resource.version != version:
+                st.recheck.add(name)
+            else:
+                current.add(name)
+        if st.wildcard:  # and what it lacks of the whole set
+            st.recheck |= set(view.resources[type_url]) - current
+        return current
 
     def _state(self, type_url: str, wildcard: bool) -> TypeState | None:
         if type_url not in self.allowed:
@@ -153,7 +171,6 @@ class Stream:
             return
         st.acked, st.nack = version, None
         self.acks += 1
-        st.held = st.sent_names
         if type_url == ROUTE:
             self._route_refs_held = self.route_refs = st.route_refs
             self._refs_gen += 1
@@ -204,7 +221,12 @@ class Stream:
             waiting.append("CDS")
         if rtds is not None and rtds.settled_version < deps.runtime_version:
             waiting.append("RTDS")
-        if eds is not None and not deps.eds_names <= eds.held:
+        if eds is not None and (
+            eds.pending
+            or eds.recheck
+            or eds.settled_version < deps.endpoint_version
+            or not deps.eds_names <= eds.names
+        ):
             waiting.append("EDS")
         if not waiting:
             st.held_since = None
@@ -263,7 +285,6 @@ class Stream:
                 body = wire.discovery_body(label, type_url, (r.any for r in chosen))
                 if not extra:  # every node of this view at this version gets these same bytes
                     view.remember(type_url, version, body)
-            st.sent_names = frozenset(view.resources[type_url]) | extra
         nonce = self._nonce()
         st.sent_version, st.sent_label, st.nonce, st.pending = version, label, nonce, True
         self._sent(type_url)
@@ -283,37 +304,35 @@ class Stream:
     def _changes(self, type_url: str, st: TypeState) -> tuple[list, list[str]] | None:
         """What the node lacks of this type: (resources to send, names to remove), or None.
 
-        Looks only at names changed since the node was last synced (the view's log), plus
-        names it newly asked for, so the work is proportional to the change, not the state.
+        The node holds the view as of `synced`, so only names the view's log shows changed
+        since then, and names in `recheck`, need a look: the work follows the change, not the
+        state. A cluster (or its endpoints) that the node's routes still use is neither
+        resent nor removed until they no longer do.
         """
         view = self.view
         current = view.resources[type_url]
-        changed = view.changed_since(type_url, st.synced)
-        if changed is None:  # too far behind for the log: compare everything
-            changed = frozenset(current) | frozenset(st.known) | frozenset(st.names)
-        names = changed | st.recheck
-        send, removed, recheck = [], [], set()
+        if st.synced == 0:  # holds nothing yet
+            changed = frozenset(current)
+        else:
+            changed = view.changed_since(type_url, st.synced)
+            if changed is None:  # too far behind for the log: everything, and whatever was dropped
+                changed = frozenset(current) | frozenset(view.retired.get(type_url, ()))
+        names = changed | st.recheck | st.gone | st.lingering
+        send, removed, lingering = [], [], set()
+        lingering_types = (CLUSTER, ENDPOINT)
         for name in sorted(names):
-            wanted = st.wildcard or name in st.names
             resource = current.get(name)
-            if resource is None and (type_url != CLUSTER or name in self.route_refs):
-                resource = view.lookup(type_url, name)  # dropped, but the node's routes still use it
-                if resource is not None and type_url == CLUSTER:
-                    recheck.add(name)
-            if wanted and resource is not None:
-                if st.known.get(name) != resource.version:
-                    send.append(resource)
-            elif name in st.known:
+            if resource is None and type_url in lingering_types and name in self.route_refs:
+                lingering.add(name)  # gone from the view, still routed to by this node
+                continue
+            wanted = st.wildcard or name in st.names
+            if resource is not None and wanted:
+                send.append(resource)
+            elif resource is None and (wanted or name in st.gone):
                 removed.append(name)
-        st.synced, st.recheck = view.version[type_url], recheck
-        for r in send:
-            st.known[r.name] = r.version
-        for name in removed:
-            del st.known[name]
-        st.sent_names = frozenset(st.known)
+        st.synced, st.recheck, st.gone, st.lingering = view.version[type_url], set(), set(), lingering
         if not send and not removed:
             st.settled_version = st.synced  # nothing new for this node: it is as good as answered
-            st.held = st.sent_names
             return None
         return send, removed
 
@@ -334,7 +353,7 @@ class Stream:
                 SHORT[t]: {
                     "acked": st.acked or None,
                     "pending": st.pending,
-                    "resources": len(st.held),
+                    "resources": len(self.view.resources[t]) if st.wildcard else len(st.names),
                     "nack": st.nack.message if st.nack else None,
                     "nackVersion": st.nack.version if st.nack else None,
                     "nackModels": list(st.nack.models) if st.nack else [],
