@@ -291,7 +291,7 @@ class ResourceCache:
         self.shards = shards
         self.bundles: dict[ModelKey, ModelBundle] = {}
         self.views: dict[Scope, View] = {}
-        self._changed = asyncio.Event()
+        self._subscribers: set[asyncio.Event] = set()
         self.ready = False  # set by the first commit: no stream is answered before a complete state
 
     def apply(self, changes: dict[ModelKey, ModelBundle | None]) -> None:
@@ -314,8 +314,11 @@ class ResourceCache:
     def commit(self) -> None:
         """Wake every stream once after a batch of changes, so they see a consistent state."""
         self.ready = True
-        self._changed.set()
-        self._changed = asyncio.Event()
+        for event in self._subscribers:
+            event.set()
 
-    def changed_event(self) -> asyncio.Event:
-        return self._changed
+    def subscribe(self, event: asyncio.Event) -> None:
+        self._subscribers.add(event)
+
+    def unsubscribe(self, event: asyncio.Event) -> None:
+        self._subscribers.discard(event)

@@ -7,15 +7,16 @@ Each stream is one task reading requests and one loop answering them from the la
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
 from collections.abc import AsyncIterator
 
 import grpc
-from envoy_data_plane.envoy.service.discovery.v3 import DeltaDiscoveryRequest, DiscoveryRequest
 
 from metrics.instruments import Instruments
+from xds import wire
 from xds.cache import ResourceCache
 from xds.stream import Stream
 from xds.types import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE, RUNTIME, SHORT
@@ -50,9 +51,9 @@ class XdsServer:
         for service, (sotw, delta, types) in SERVICES.items():
             out.append(grpc.method_handlers_generic_handler(service, {
                 sotw: grpc.stream_stream_rpc_method_handler(
-                    self._handler(False, types), DiscoveryRequest.FromString, _raw),
+                    self._handler(False, types), wire.parse_sotw_request, _raw),
                 delta: grpc.stream_stream_rpc_method_handler(
-                    self._handler(True, types), DeltaDiscoveryRequest.FromString, _raw),
+                    self._handler(True, types), wire.parse_delta_request, _raw),
             }))  # fmt: skip
         return out
 
@@ -67,11 +68,13 @@ class XdsServer:
         stream = Stream(next(self._ids), self.cache, delta, types, peer)
         self.streams[stream.sid] = stream
         self.instruments.xds_streams.inc()
-        wake = asyncio.Event()
+        wake = asyncio.Event()  # set by a cache commit, a request, or the reader ending
+        self.cache.subscribe(wake)
         reader = asyncio.create_task(self._read(stream, requests, wake))
+        reader.add_done_callback(lambda _: wake.set())
         try:
             while True:
-                changed = self.cache.changed_event()
+                wake.clear()
                 for type_url, payload in stream.next_responses(time.monotonic()):
                     self.instruments.xds_pushes.labels(SHORT[type_url]).inc()
                     self.instruments.xds_bytes.labels(SHORT[type_url]).inc(len(payload))
@@ -79,17 +82,13 @@ class XdsServer:
                 if reader.done():
                     reader.result()  # a read error ends the stream with it; a clean end just ends
                     return
-                waiters = [asyncio.ensure_future(changed.wait()), asyncio.ensure_future(wake.wait())]
-                # A held route update is retried on a timer too, so its hold limit is honoured.
-                await asyncio.wait(
-                    [*waiters, reader],
-                    timeout=0.5 if stream.held_route() else None,
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-                for w in waiters:
-                    w.cancel()
-                wake.clear()
+                if stream.held_route():  # retried on a timer too, so its hold limit is honoured
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(wake.wait(), 0.5)
+                else:
+                    await wake.wait()
         finally:
+            self.cache.unsubscribe(wake)
             reader.cancel()
             self.streams.pop(stream.sid, None)
             self.instruments.xds_streams.dec()

@@ -21,8 +21,6 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from envoy_data_plane.envoy.service.discovery.v3 import DeltaDiscoveryRequest, DiscoveryRequest
-
 from xds import wire
 from xds.cache import ResourceCache, Scope, View
 from xds.types import CLUSTER, ENDPOINT, NAMED, PUSH_ORDER, ROUTE, RUNTIME, SHORT
@@ -96,7 +94,7 @@ class Stream:
             self.scope = Scope.from_metadata(node.metadata.to_dict() if node.metadata is not None else {})
         self.view = self.cache.view(self.scope)
 
-    def on_sotw(self, req: DiscoveryRequest) -> None:
+    def on_sotw(self, req: wire.Request) -> None:
         self._hello(req.node)
         st = self._state(req.type_url, wildcard=req.type_url not in NAMED)
         if st is None:
@@ -110,7 +108,7 @@ class Stream:
             st.recheck |= names - st.names  # newly asked for: sent even if unchanged
             st.names = self.view.intern(names)
 
-    def on_delta(self, req: DeltaDiscoveryRequest) -> None:
+    def on_delta(self, req: wire.Request) -> None:
         self._hello(req.node)
         first = req.type_url not in self.types
         st = self._state(req.type_url, wildcard=False)

@@ -7,12 +7,14 @@ it (Any, DiscoveryResponse, the RouteConfiguration's list of virtual hosts) are 
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import betterproto2
+from envoy_data_plane.envoy.config.core.v3 import Node
 
 
 def varint(n: int) -> bytes:
@@ -125,3 +127,116 @@ _DEFAULTS: dict[tuple[type, str], Any] = {}
 _ORIGINAL_DEFAULT = betterproto2.Message._get_field_default
 betterproto2.Message._validate = _no_revalidation  # type: ignore[method-assign]
 betterproto2.Message._get_field_default = _cached_field_default  # type: ignore[method-assign]
+
+
+# --- reading requests ---------------------------------------------------------------------------
+# Every ACK is parsed, M times per change; envoy-data-plane's parser builds pydantic objects
+# (a SotW RTDS ACK lists all 64 layer names). These readers take only the fields the server
+# uses and leave the node, sent once per stream, to envoy-data-plane.
+
+
+@dataclasses.dataclass
+class Status:
+    """`google.rpc.Status`, the error detail of a NACK."""
+
+    code: int = 0
+    message: str = ""
+
+
+@dataclasses.dataclass
+class Request:
+    """The fields of a `DiscoveryRequest` or `DeltaDiscoveryRequest` that the server reads."""
+
+    type_url: str = ""
+    version_info: str = ""
+    response_nonce: str = ""
+    node: Node | None = None
+    error_detail: Status | None = None
+    resource_names: list[str] = dataclasses.field(default_factory=list)
+    resource_names_subscribe: list[str] = dataclasses.field(default_factory=list)
+    resource_names_unsubscribe: list[str] = dataclasses.field(default_factory=list)
+    initial_resource_versions: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+def _fields(data: bytes) -> Iterator[tuple[int, int | bytes]]:
+    """(field number, value) of a serialized message; length-delimited values as bytes."""
+    i, end = 0, len(data)
+    while i < end:
+        key, i = _read_varint(data, i)
+        number, wire_type = key >> 3, key & 7
+        if wire_type == 0:
+            value, i = _read_varint(data, i)
+        elif wire_type == 2:
+            length, i = _read_varint(data, i)
+            value, i = data[i : i + length], i + length
+        elif wire_type == 1:
+            value, i = int.from_bytes(data[i : i + 8], "little"), i + 8
+        elif wire_type == 5:
+            value, i = int.from_bytes(data[i : i + 4], "little"), i + 4
+        else:
+            raise ValueError(f"unsupported wire type {wire_type}")
+        yield number, value
+
+
+def _read_varint(data: bytes, i: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        byte = data[i]
+        i += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result, i
+        shift += 7
+
+
+def _status(data: bytes) -> Status:
+    status = Status()
+    for number, value in _fields(data):
+        if number == 1:
+            status.code = value  # type: ignore[assignment]
+        elif number == 2:
+            status.message = value.decode()  # type: ignore[union-attr]
+    return status
+
+
+def parse_sotw_request(data: bytes) -> Request:
+    """`DiscoveryRequest{version_info=1, node=2, resource_names=3, type_url=4, response_nonce=5,
+    error_detail=6}`."""
+    req = Request()
+    for number, value in _fields(data):
+        if number == 1:
+            req.version_info = value.decode()  # type: ignore[union-attr]
+        elif number == 2:
+            req.node = Node.FromString(value)
+        elif number == 3:
+            req.resource_names.append(value.decode())  # type: ignore[union-attr]
+        elif number == 4:
+            req.type_url = value.decode()  # type: ignore[union-attr]
+        elif number == 5:
+            req.response_nonce = value.decode()  # type: ignore[union-attr]
+        elif number == 6:
+            req.error_detail = _status(value)  # type: ignore[arg-type]
+    return req
+
+
+def parse_delta_request(data: bytes) -> Request:
+    """`DeltaDiscoveryRequest{node=1, type_url=2, resource_names_subscribe=3,
+    resource_names_unsubscribe=4, initial_resource_versions=5, response_nonce=6, error_detail=7}`."""
+    req = Request()
+    for number, value in _fields(data):
+        if number == 1:
+            req.node = Node.FromString(value)
+        elif number == 2:
+            req.type_url = value.decode()  # type: ignore[union-attr]
+        elif number == 3:
+            req.resource_names_subscribe.append(value.decode())  # type: ignore[union-attr]
+        elif number == 4:
+            req.resource_names_unsubscribe.append(value.decode())  # type: ignore[union-attr]
+        elif number == 5:
+            entry = dict(_fields(value))  # type: ignore[arg-type]
+            req.initial_resource_versions[entry.get(1, b"").decode()] = entry.get(2, b"").decode()
+        elif number == 6:
+            req.response_nonce = value.decode()  # type: ignore[union-attr]
+        elif number == 7:
+            req.error_detail = _status(value)  # type: ignore[arg-type]
+    return req
