@@ -22,6 +22,7 @@ from xds.stream import Stream
 from xds.types import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE, RUNTIME, SHORT
 
 log = logging.getLogger("overspill.xds")
+LARGE = 256 << 10  # responses from this size on are written within the shared byte budget
 
 # gRPC service -> (state-of-the-world method, Delta method, types it serves)
 SERVICES = {
@@ -39,10 +40,38 @@ def _raw(b: bytes) -> bytes:
     return b  # responses are framed bytes already
 
 
+class ByteBudget:
+    """Bounds the bytes of large responses being written at once across all streams.
+
+    A thousand Envoys connecting together would each be handed the whole state (megabytes at
+    ten thousand models) and gRPC would hold it all until they read it; with a budget they
+    take turns and the control plane's memory stays flat. A response larger than the whole
+    budget goes alone.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+        self._freed = asyncio.Event()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, size: int):
+        while self.used and self.used + size > self.limit:
+            self._freed.clear()
+            await self._freed.wait()
+        self.used += size
+        try:
+            yield
+        finally:  # no await here: a stream torn down mid-write still gives its share back
+            self.used -= size
+            self._freed.set()
+
+
 class XdsServer:
-    def __init__(self, cache: ResourceCache, instruments: Instruments):
+    def __init__(self, cache: ResourceCache, instruments: Instruments, budget_bytes: int = 64 << 20):
         self.cache = cache
         self.instruments = instruments
+        self.budget = ByteBudget(budget_bytes)
         self.streams: dict[int, Stream] = {}
         self._ids = itertools.count(1)
 
@@ -78,7 +107,11 @@ class XdsServer:
                 for type_url, payload in stream.next_responses(time.monotonic()):
                     self.instruments.xds_pushes.labels(SHORT[type_url]).inc()
                     self.instruments.xds_bytes.labels(SHORT[type_url]).inc(len(payload))
-                    yield payload
+                    if len(payload) < LARGE:
+                        yield payload
+                    else:
+                        async with self.budget.hold(len(payload)):
+                            yield payload
                 if reader.done():
                     reader.result()  # a read error ends the stream with it; a clean end just ends
                     return
