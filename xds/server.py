@@ -41,29 +41,41 @@ def _raw(b: bytes) -> bytes:
 
 
 class ByteBudget:
-    """Bounds the bytes of large responses being written at once across all streams.
+    """Bounds the bytes of large responses that Envoys have not yet answered, across all streams.
 
     A thousand Envoys connecting together would each be handed the whole state (megabytes at
-    ten thousand models) and gRPC would hold it all until they read it; with a budget they
-    take turns and the control plane's memory stays flat. A response larger than the whole
-    budget goes alone.
+    ten thousand models) and gRPC would buffer it all until they read it; with a budget they
+    take turns and the control plane's memory stays bounded. A share is given back when the
+    Envoy answers the response, or after `STALE` seconds, so a stuck Envoy cannot starve the
+    others. A response larger than the whole budget goes alone.
     """
+
+    STALE = 10.0
 
     def __init__(self, limit: int):
         self.limit = limit
-        self.used = 0
+        self._shares: dict[tuple[int, str], tuple[int, float]] = {}  # (stream, type) -> (bytes, since)
         self._freed = asyncio.Event()
 
-    @contextlib.asynccontextmanager
-    async def hold(self, size: int):
-        while self.used and self.used + size > self.limit:
+    @property
+    def used(self) -> int:
+        return sum(size for size, _ in self._shares.values())
+
+    async def acquire(self, owner: tuple[int, str], size: int) -> None:
+        while True:
+            now = time.monotonic()
+            for key in [k for k, (_, since) in self._shares.items() if now - since > self.STALE]:
+                del self._shares[key]
+            used = self.used
+            if not used or used + size <= self.limit:
+                self._shares[owner] = (size, now)
+                return
             self._freed.clear()
-            await self._freed.wait()
-        self.used += size
-        try:
-            yield
-        finally:  # no await here: a stream torn down mid-write still gives its share back
-            self.used -= size
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._freed.wait(), 1.0)
+
+    def release(self, owner: tuple[int, str]) -> None:
+        if self._shares.pop(owner, None) is not None:
             self._freed.set()
 
 
@@ -107,11 +119,10 @@ class XdsServer:
                 for type_url, payload in stream.next_responses(time.monotonic()):
                     self.instruments.xds_pushes.labels(SHORT[type_url]).inc()
                     self.instruments.xds_bytes.labels(SHORT[type_url]).inc(len(payload))
-                    if len(payload) < LARGE:
-                        yield payload
-                    else:
-                        async with self.budget.hold(len(payload)):
-                            yield payload
+                    if len(payload) >= LARGE:  # held until the Envoy answers it (see `_read`)
+                        await self.budget.acquire((stream.sid, type_url), len(payload))
+                    yield payload
+                payload = b""  # an idle stream must not keep its last response (megabytes) alive
                 if reader.done():
                     reader.result()  # a read error ends the stream with it; a clean end just ends
                     return
@@ -121,6 +132,8 @@ class XdsServer:
                 else:
                     await wake.wait()
         finally:
+            for type_url in stream.types:
+                self.budget.release((stream.sid, type_url))
             self.cache.unsubscribe(wake)
             reader.cancel()
             self.streams.pop(stream.sid, None)
@@ -159,6 +172,9 @@ class XdsServer:
                     nack.message,
                 )
             stream.nacks.clear()
+            st = stream.types.get(req.type_url)
+            if st is not None and not st.pending:
+                self.budget.release((stream.sid, req.type_url))
             wake.set()
 
 
