@@ -29,5 +29,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# N models x M simulated Envoys over loopback gRPC (bench/README.md); not part of `make test`.
+# BENCH_ARGS=--full adds N=10,000 x M=1,000; BENCH_ARGS=--quick is a smoke run.
+bench: $(STAMP)
+	$(BIN)/python -m bench.xds_bench $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) out .pytest_cache

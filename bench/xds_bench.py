@@ -1,0 +1,717 @@
+"""`make bench`: N synthetic models x M simulated xDS clients over loopback gRPC, SotW and Delta.
+
+Three kinds of process, so each one's CPU and memory are its own:
+
+* the control plane (`--role server`): `Translator` + `XdsServer` on 127.0.0.1:0, nothing else;
+* fleets (`--role fleet`): asyncio loops of `FleetEnvoy`s, each on its own TCP connection;
+* the coordinator (no role): starts the others, asks for weight changes, joins the timings.
+
+They talk JSON lines over stdin/stdout. Latency is measured with `time.monotonic()`, one clock
+for every process on Linux: from just before the server's `translator.apply(...)` to the moment
+each client has read the response carrying the new value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import cProfile
+import ctypes
+import gc
+import io
+import itertools
+import json
+import math
+import os
+import platform
+import pstats
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from prometheus_client import Counter
+
+from bench import fleet
+from bench.fleet import FleetEnvoy
+from metrics.instruments import Instruments
+from overspill.demo.xds_client import SimEnvoy
+from reconciler.crd import RemoteBackend
+from xds import runtime
+from xds.resources import ModelRoute, service_domains
+from xds.server import XdsServer, start_server
+from xds.snapshot import Translator
+from xds.types import CLUSTER, ENDPOINT, ROUTE, RUNTIME
+
+ROOT = Path(__file__).resolve().parent.parent
+NAMESPACES = 8
+FULL_GRID = ([100, 1_000, 10_000], [1, 100, 1_000])
+LARGEST = (10_000, 1_000)  # only with --full
+BYTES_IN_FLIGHT = 128 << 20  # how much initial state fleets may be pulling at once (server memory)
+
+
+# --- synthetic models ---------------------------------------------------------------------------
+
+
+def synthetic_models(n: int) -> list[ModelRoute]:
+    """`n` models over a few namespaces, each with two pods and an https remote by IP (the
+    heaviest cluster kind: TLS context and SAN check), as a fleet of hosted models would be."""
+    out = []
+    for i in range(n):
+        ns, name = f"team-{i % NAMESPACES}", f"model-{i:05d}"
+        hi, lo = (i >> 8) & 255, i & 255
+        remote = RemoteBackend(f"192.168.{hi}.{lo}", 8443, "https", "/v1", (("x-api-key", "bench"),))
+        pods = ((f"10.{hi}.{lo}.1", 8000), (f"10.{hi}.{lo}.2", 8000))
+        out.append(ModelRoute(ns, name, service_domains(name, ns, 8000), pods, remote, 0.0))
+    return out
+
+
+# --- JSON lines between processes -----------------------------------------------------------------
+
+
+def emit(message: dict) -> None:
+    sys.stdout.write(json.dumps(message) + "\n")
+    sys.stdout.flush()
+
+
+class Inbox:
+    """The coordinator's commands on a child's stdin. EOF means the coordinator is gone: the
+    child's main task is cancelled and the process ends within seconds, whatever it was doing."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[dict] = asyncio.Queue()
+
+    async def open(self) -> Inbox:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=1 << 24)
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+        main = asyncio.current_task()
+        assert main is not None
+
+        async def pump() -> None:
+            while line := await reader.readline():
+                self.queue.put_nowait(json.loads(line))
+            loop.call_later(5, os._exit, 1)
+            main.cancel()
+
+        self._pump = asyncio.create_task(pump())
+        return self
+
+    async def get(self) -> dict:
+        return await self.queue.get()
+
+
+class Child:
+    """A child process of this script with a role, spoken to in JSON lines."""
+
+    running: list[Child] = []  # every child not yet reaped, killed on the way out
+
+    def __init__(self, proc: asyncio.subprocess.Process, name: str):
+        self.proc, self.name = proc, name
+
+    @classmethod
+    async def spawn(cls, name: str, *args: str) -> Child:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "bench.xds_bench",
+            *args,
+            cwd=ROOT,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            limit=1 << 24,
+            start_new_session=True,  # Ctrl-C reaches the coordinator only; it ends the children
+        )
+        child = cls(proc, name)
+        cls.running.append(child)
+        return child
+
+    def send(self, message: dict) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write((json.dumps(message) + "\n").encode())
+
+    async def recv(self, timeout: float) -> dict:
+        assert self.proc.stdout is not None
+        line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+        if not line:
+            raise RuntimeError(f"{self.name} exited (code {await self.proc.wait()})")
+        return json.loads(line)
+
+    async def ask(self, message: dict, timeout: float = 60.0) -> dict:
+        self.send(message)
+        return await self.recv(timeout)
+
+    async def close(self, grace: float = 5.0) -> None:
+        """Ask it to stop; then close its stdin (a child still syncing takes that as the end);
+        then kill it."""
+        if self.proc.returncode is None:
+            with contextlib.suppress(ConnectionError):
+                self.send({"cmd": "stop"})
+            for step in ("eof", "kill"):
+                try:
+                    await asyncio.wait_for(self.proc.wait(), grace)
+                    break
+                except TimeoutError:
+                    if step == "eof":
+                        self.proc.stdin.close()
+                    else:
+                        self.proc.kill()
+                        await self.proc.wait()
+        if self in Child.running:
+            Child.running.remove(self)
+
+    @classmethod
+    def kill_all(cls) -> None:
+        """Last resort, after the event loop is gone (an error or Ctrl-C): SIGKILL by pid."""
+        for child in cls.running:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.proc.pid, signal.SIGKILL)
+        cls.running.clear()
+
+
+# --- the control plane process ------------------------------------------------------------------
+
+
+def memory_mib() -> dict[str, float]:
+    """Current and peak resident memory (VmRSS, VmHWM) of this process."""
+    found = {}
+    with open("/proc/self/status") as status:
+        for line in status:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                found[key] = int(value.split()[0]) / 1024
+    return {"rss_mib": found["VmRSS"], "peak_rss_mib": found["VmHWM"]}
+
+
+def reset_peak_memory() -> None:
+    """Start a new peak: writing 5 to clear_refs resets VmHWM to the current RSS (Linux >= 4.0).
+    The heap the previous point freed goes back to the system first (glibc keeps it otherwise),
+    so that a point's peak is its own."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _profile_text(profile: cProfile.Profile, limit: int = 30) -> str:
+    out = io.StringIO()
+    pstats.Stats(profile, stream=out).sort_stats("cumulative").print_stats(limit)
+    return out.getvalue()
+
+
+def total(counter: Counter, kind: str | None = None) -> float:
+    """A counter's value for one `type` label, or summed over all. `collect()` on the one counter
+    costs about 40 us (a registry lookup 300 us), so polling it barely shows in the CPU figures."""
+    return sum(
+        s.value
+        for metric in counter.collect()
+        for s in metric.samples
+        if s.name.endswith("_total") and kind in (None, s.labels.get("type"))
+    )
+
+
+async def poll(condition: Callable[[], bool], timeout: float, interval: float) -> None:
+    """The server's counters have no event to wait on: look again every `interval` seconds."""
+    for _ in range(math.ceil(timeout / interval)):
+        if condition():
+            return
+        await asyncio.sleep(interval)
+
+
+class ServerRole:
+    """The control plane under test, and the few counters the coordinator asks for."""
+
+    def __init__(self, translator: Translator, instruments: Instruments, routes: list[ModelRoute]):
+        self.translator, self.instruments, self.routes = translator, instruments, routes
+        self.xds = XdsServer(translator.cache, instruments)
+        self.profile: cProfile.Profile | None = None
+
+    def stats(self) -> dict:
+        return {
+            "cpu": time.process_time(),
+            "bytes": total(self.instruments.xds_bytes),
+            "rtds_acks": total(self.instruments.xds_acks, "RTDS"),
+            "streams": len(self.xds.streams),
+            **memory_mib(),
+        }
+
+    def change(self, i: int) -> dict:
+        """Decide a new weight for one model; the clock starts just before the translator sees it."""
+        index = (i * 7919) % len(self.routes)  # 7919 is prime: consecutive changes hit different models
+        route = self.routes[index]
+        percent = float(i % 99 + 1)
+        if percent == route.remote_percent:
+            percent = percent % 99 + 1
+        self.routes[index] = new = replace(route, remote_percent=percent)
+        before = self.stats()
+        cpu0, t0 = time.process_time(), time.monotonic()
+        self.translator.apply({(new.namespace, new.name): new})
+        apply_cpu = time.process_time() - cpu0
+        return {"key": new.runtime_key, "value": percent, "t0": t0, "cpu0": cpu0, "apply_cpu": apply_cpu,
+                "before": before}  # fmt: skip
+
+    async def settle(self, rtds_acks: float, timeout: float) -> dict:
+        """Wait until the server has read `rtds_acks` RTDS ACKs in all: the change's work is done."""
+        await poll(lambda: total(self.instruments.xds_acks, "RTDS") >= rtds_acks, timeout, 0.005)
+        return self.stats()
+
+    async def wait_streams(self, count: int, timeout: float) -> dict:
+        await poll(lambda: len(self.xds.streams) == count, timeout, 0.01)
+        return self.stats()
+
+    def toggle_profile(self, on: bool) -> dict:
+        if on:
+            self.profile = cProfile.Profile()
+            self.profile.enable()
+            return {}
+        assert self.profile is not None
+        self.profile.disable()
+        text, self.profile = _profile_text(self.profile), None
+        return {"profile": text}
+
+
+async def server_role(models: int, profile_cold: bool) -> None:
+    profile = cProfile.Profile() if profile_cold else None
+    t0, c0 = time.monotonic(), time.process_time()
+    if profile:
+        profile.enable()
+    routes = synthetic_models(models)
+    translator = Translator("0.0.0.0", 10000)
+    translator.publish(routes)
+    instruments = Instruments()
+    role = ServerRole(translator, instruments, routes)
+    server, port = await start_server(role.xds, "127.0.0.1", 0)
+    if profile:
+        profile.disable()
+    ready = {"seconds": time.monotonic() - t0, "cpu": time.process_time() - c0, **memory_mib()}
+    emit({"event": "ready", "port": port, **ready, "profile": _profile_text(profile) if profile else ""})
+    destroyed = 0
+
+    def on_error(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        nonlocal destroyed
+        if context.get("message") == "Task was destroyed but it is pending!":
+            destroyed += 1  # leaked stream waiters, reported by `leaks` rather than printed
+        else:
+            loop.default_exception_handler(context)
+
+    asyncio.get_running_loop().set_exception_handler(on_error)
+    inbox = await Inbox().open()
+    try:
+        while True:
+            cmd = await inbox.get()
+            match cmd["cmd"]:
+                case "leaks":
+                    waiting = [t for t in asyncio.all_tasks() if t.get_coro().__qualname__ == "Event.wait"]
+                    emit({"pending_waiters": len(waiting), "destroyed_pending": destroyed})
+                case "stats":
+                    emit(role.stats())
+                case "reset_peak":
+                    reset_peak_memory()
+                    emit(role.stats())
+                case "change":
+                    emit(role.change(cmd["i"]))
+                case "settle":
+                    emit(await role.settle(cmd["rtds_acks"], cmd["timeout"]))
+                case "wait_streams":
+                    emit(await role.wait_streams(cmd["count"], cmd["timeout"]))
+                case "profile":
+                    emit(role.toggle_profile(cmd["on"]))
+                case "stop":
+                    return
+    finally:
+        await server.stop(None)
+
+
+# --- the fleet processes ------------------------------------------------------------------------
+
+
+async def fleet_role(target: str, delta: bool, count: int, models: int, prefix: str, parallel: int) -> None:
+    """`count` FleetEnvoys; at most `parallel` of them pulling their initial state at once."""
+    armed = False
+    seen: dict[tuple[str, float], list[float]] = defaultdict(list)
+    complete: dict[tuple[str, float], asyncio.Event] = defaultdict(asyncio.Event)
+
+    def on_runtime(key: str, value: float, at: float) -> None:
+        if armed:  # the initial values are no weight change
+            times = seen[(key, value)]
+            times.append(at)
+            if len(times) == count:
+                complete[(key, value)].set()
+
+    envoys = [FleetEnvoy(target, f"{prefix}-{i}", delta, on_runtime=on_runtime) for i in range(count)]
+    gate = asyncio.Semaphore(parallel)
+
+    async def join(envoy: FleetEnvoy) -> None:
+        async with gate:
+            await envoy.start()
+            await envoy.wait(lambda e: e.holds(models), timeout=3600)
+
+    t0, c0 = time.monotonic(), time.process_time()
+    inbox = await Inbox().open()
+    try:
+        await asyncio.gather(*(join(e) for e in envoys))
+        received = sum(e.received_bytes for e in envoys)
+        emit({"event": "synced", "seconds": time.monotonic() - t0, "cpu": time.process_time() - c0})
+        armed = True
+        while (cmd := await inbox.get())["cmd"] != "stop":
+            key = (cmd["key"], cmd["value"])
+            try:
+                await asyncio.wait_for(complete[key].wait(), cmd["timeout"])
+            except TimeoutError:
+                pass
+            bytes_now = sum(e.received_bytes for e in envoys)
+            emit({"times": seen.pop(key, []), "cpu": time.process_time(), "bytes": bytes_now - received})
+            received = bytes_now
+            complete.pop(key, None)
+    finally:
+        await asyncio.gather(*(e.stop() for e in envoys), return_exceptions=True)
+
+
+# --- the coordinator ----------------------------------------------------------------------------
+
+
+def percentile(values: Iterable[float], q: float) -> float:
+    """Nearest-rank percentile: p99 of 20 samples is their maximum, nothing interpolated."""
+    ordered = sorted(values)
+    if not ordered:
+        return math.nan
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+@dataclass
+class Point:
+    """One grid point's figures (times in seconds unless named otherwise)."""
+
+    models: int
+    clients: int
+    protocol: str
+    cold_start_s: float
+    cold_start_cpu_s: float
+    cold_start_rss_mib: float
+    fleet_sync_s: float = math.nan  # all M clients, at most `parallel` syncing at once
+    fleet_rss_mib: float = math.nan  # control plane RSS once the M clients hold everything
+    sync_s: float = math.nan  # one new FleetEnvoy (raw bytes) while the M are connected
+    sync_server_cpu_s: float = math.nan
+    sync_bytes: int = 0
+    decoding_sync_s: float | None = None  # one new SimEnvoy decoding every resource
+    changes: int = 0
+    missed: int = 0  # client receipts that never came within the timeout
+    latency_all_p50_ms: float = math.nan  # decision -> the last of the M clients has it
+    latency_all_p99_ms: float = math.nan
+    latency_client_p50_ms: float = math.nan  # decision -> one client has it, over every client
+    latency_client_p99_ms: float = math.nan
+    apply_cpu_ms: float = math.nan  # median: translator.apply alone
+    server_cpu_ms: float = math.nan  # median: apply + pushing to all M + reading their ACKs
+    server_cpu_p99_ms: float = math.nan
+    bytes_per_change: float = math.nan  # median, all clients, from overspill_xds_sent_bytes
+    bytes_per_change_per_client: float = math.nan
+    client_bytes_per_change: float = math.nan  # as the clients counted them (cross-check)
+    client_cpu_ms: float = math.nan  # median, all fleet processes together
+    peak_rss_mib: float = math.nan  # control plane VmHWM during this point (reset before it)
+    leaked_waiters: int = 0  # Event.wait tasks pending in the server with no stream open (cumulative)
+    profile: str = field(default="", repr=False)
+
+
+async def sync_one(target: str, delta: bool, models: int, decoding: bool, timeout: float) -> float:
+    """Seconds until one new node holds every cluster, endpoint set, route and runtime layer."""
+    t0 = time.monotonic()
+    if decoding:
+        sim = SimEnvoy(target, node_id="newcomer-decoding", delta=delta)
+
+        def holds(e: SimEnvoy) -> bool:
+            h = e.held
+            counts = (len(h[CLUSTER]), len(h[ENDPOINT]), len(h[ROUTE]), len(h[RUNTIME]))
+            return counts == (2 * models, models, 1, runtime.SHARDS) and len(e.runtime_values) == models
+
+        await sim.start()
+        try:
+            await sim.wait(holds, timeout=timeout)
+        finally:
+            await sim.stop()
+    else:
+        fleet.forget()
+        envoy = FleetEnvoy(target, "newcomer", delta)
+        await envoy.start()
+        try:
+            await envoy.wait(lambda e: e.holds(models), timeout=timeout)
+        finally:
+            await envoy.stop()
+    return time.monotonic() - t0
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+async def run_point(
+    server: Child, port: int, point: Point, args: argparse.Namespace, decoding: bool, counter: itertools.count
+) -> Point:
+    n, m, delta = point.models, point.clients, point.protocol == "delta"
+    label = f"[N={n} M={m} {point.protocol}]"
+    target = f"127.0.0.1:{port}"
+    await server.ask({"cmd": "reset_peak"})
+    procs = min(args.client_procs, m)
+    parallel = max(1, min(100, BYTES_IN_FLIGHT // (1300 * n * procs)))
+    fleets = []
+    try:
+        t0 = time.monotonic()
+        for p in range(procs):
+            count = m // procs + (p < m % procs)
+            fleets.append(
+                await Child.spawn(
+                    f"fleet-{p}",
+                    *("--role", "fleet", "--target", target, "--protocol", point.protocol),
+                    *("--count", str(count), "--models", str(n), "--prefix", f"{point.protocol}-{m}-{p}"),
+                    *("--parallel", str(parallel)),
+                )
+            )
+        for f in fleets:
+            await f.recv(args.timeout)
+        point.fleet_sync_s = time.monotonic() - t0
+        before = await server.ask({"cmd": "stats"})
+        point.fleet_rss_mib = before["rss_mib"]
+        say(
+            f"{label} {m} clients synced in {point.fleet_sync_s:.1f} s ({procs} processes), "
+            f"control plane RSS {point.fleet_rss_mib:.0f} MiB"
+        )
+
+        point.sync_s = await sync_one(target, delta, n, decoding=False, timeout=args.timeout)
+        after = await server.ask({"cmd": "wait_streams", "count": m, "timeout": 30})
+        point.sync_server_cpu_s = after["cpu"] - before["cpu"]
+        point.sync_bytes = int(after["bytes"] - before["bytes"])
+        say(
+            f"{label} full sync of one new client: {point.sync_s:.2f} s, {point.sync_bytes / 2**20:.1f} MiB, "
+            f"server CPU {point.sync_server_cpu_s:.2f} s"
+        )
+        if decoding:
+            point.decoding_sync_s = await sync_one(target, delta, n, decoding=True, timeout=args.timeout)
+            await server.ask({"cmd": "wait_streams", "count": m, "timeout": 30})
+            say(f"{label} full sync of one new decoding SimEnvoy: {point.decoding_sync_s:.2f} s")
+
+        if args.profile:
+            await server.ask({"cmd": "profile", "on": True})
+        rows = []
+        all_latencies: list[float] = []
+        for _ in range(args.changes):
+            change = await server.ask({"cmd": "change", "i": next(counter)})
+            for f in fleets:
+                f.send({"cmd": "expect", "key": change["key"], "value": change["value"], "timeout": 60})
+            seen = [await f.recv(120) for f in fleets]
+            done = await server.ask(
+                {"cmd": "settle", "rtds_acks": change["before"]["rtds_acks"] + m, "timeout": 30}, timeout=60
+            )
+            times = [t for s in seen for t in s["times"]]
+            latencies = [t - change["t0"] for t in times]
+            all_latencies += latencies
+            rows.append(
+                {
+                    "latency_all": max(latencies) if len(latencies) == m else math.inf,
+                    "missed": m - len(latencies),
+                    "apply_cpu": change["apply_cpu"],
+                    "server_cpu": done["cpu"] - change["cpu0"],
+                    "bytes": done["bytes"] - change["before"]["bytes"],
+                    "client_bytes": sum(s["bytes"] for s in seen),
+                    "client_cpu": sum(s["cpu"] for s in seen),
+                }
+            )
+            await asyncio.sleep(args.spacing)
+        if args.profile:
+            point.profile = (await server.ask({"cmd": "profile", "on": False}))["profile"]
+        client_cpu = [b["client_cpu"] - a["client_cpu"] for a, b in itertools.pairwise(rows)]
+        stats = await server.ask({"cmd": "stats"})
+    finally:
+        await asyncio.gather(*(f.close() for f in fleets))
+    await server.ask({"cmd": "wait_streams", "count": 0, "timeout": 60}, timeout=90)
+    point.leaked_waiters = (await server.ask({"cmd": "leaks"}))["pending_waiters"]
+
+    ms = 1000.0
+    point.changes = len(rows)
+    point.missed = sum(r["missed"] for r in rows)
+    point.latency_all_p50_ms = percentile((r["latency_all"] for r in rows), 50) * ms
+    point.latency_all_p99_ms = percentile((r["latency_all"] for r in rows), 99) * ms
+    point.latency_client_p50_ms = percentile(all_latencies, 50) * ms
+    point.latency_client_p99_ms = percentile(all_latencies, 99) * ms
+    point.apply_cpu_ms = statistics.median(r["apply_cpu"] for r in rows) * ms
+    point.server_cpu_ms = statistics.median(r["server_cpu"] for r in rows) * ms
+    point.server_cpu_p99_ms = percentile((r["server_cpu"] for r in rows), 99) * ms
+    point.bytes_per_change = statistics.median(r["bytes"] for r in rows)
+    point.bytes_per_change_per_client = point.bytes_per_change / m
+    point.client_bytes_per_change = statistics.median(r["client_bytes"] for r in rows)
+    point.client_cpu_ms = statistics.median(client_cpu) * ms if client_cpu else math.nan
+    point.peak_rss_mib = stats["peak_rss_mib"]
+    say(
+        f"{label} weight change -> all {m}: p50 {point.latency_all_p50_ms:.1f} ms, "
+        f"p99 {point.latency_all_p99_ms:.1f} ms; server CPU {point.server_cpu_ms:.1f} ms "
+        f"(apply {point.apply_cpu_ms:.2f} ms); {point.bytes_per_change_per_client / 1024:.2f} KiB/client; "
+        f"peak RSS {point.peak_rss_mib:.0f} MiB"
+        + (f"; {point.missed} receipts MISSED" if point.missed else "")
+    )
+    return point
+
+
+def grid(args: argparse.Namespace) -> list[tuple[int, int]]:
+    if args.quick:
+        models, clients = [100], [1, 10]
+    else:
+        models = args.models or FULL_GRID[0]
+        clients = args.clients or FULL_GRID[1]
+    points = [(n, m) for n in sorted(models) for m in sorted(clients)]
+    if LARGEST in points and not (args.full or args.models or args.clients):
+        points.remove(LARGEST)
+    return points
+
+
+async def coordinate(args: argparse.Namespace) -> list[Point]:
+    protocols = ["sotw", "delta"] if args.protocol == "both" else [args.protocol]
+    points = grid(args)
+    where = machine()
+    say(f"grid: {points} x {protocols}, {args.changes} weight changes per point; {where}")
+    results: list[Point] = []
+    counter = itertools.count(1)
+    fleet.warm_up()
+    for n in sorted({n for n, _ in points}):
+        say(f"[N={n}] cold start of the control plane ...")
+        extra = ["--cold-profiled"] if args.profile_cold else []
+        server = await Child.spawn("server", "--role", "server", "--models", str(n), *extra)
+        try:
+            ready = await server.recv(args.timeout)
+            say(f"[N={n}] ready to serve in {ready['seconds']:.1f} s (RSS {ready['rss_mib']:.0f} MiB)")
+            if args.profile_cold:
+                _write_profile(args.profile_cold, f"cold-{n}", ready["profile"])
+            decoded: set[str] = set()
+            for m in sorted({m for nn, m in points if nn == n}):
+                for protocol in protocols:
+                    point = Point(n, m, protocol, ready["seconds"], ready["cpu"], ready["rss_mib"])
+                    decoding = n <= args.decoding_sync_max and protocol not in decoded
+                    decoded.add(protocol)
+                    results.append(await run_point(server, ready["port"], point, args, decoding, counter))
+                    if args.profile:
+                        _write_profile(args.profile, f"changes-{n}-{m}-{protocol}", point.profile)
+                    write_results(args.out, where, results)
+        finally:
+            await server.close()
+    return results
+
+
+def _write_profile(directory: str, name: str, text: str) -> None:
+    path = Path(directory) / f"{name}.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    say(f"profile written to {path}")
+
+
+def machine() -> dict:
+    """Where and on what the figures were taken: they mean little without it."""
+    git = ["git", "-C", str(ROOT)]
+    commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout
+    dirty = subprocess.run(
+        [*git, "status", "--porcelain", "--", "xds"], capture_output=True, text=True
+    ).stdout
+    return {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "commit": commit.strip() + (" (xds/ modified)" if dirty.strip() else ""),
+        "load_average_at_start": os.getloadavg(),
+    }
+
+
+def write_results(path: str, where: dict, results: list[Point]) -> None:
+    points = [{k: v for k, v in asdict(p).items() if k != "profile"} for p in results]
+    Path(path).write_text(json.dumps({"machine": where, "points": points}, indent=1) + "\n")
+
+
+def table(results: list[Point]) -> str:
+    """The README's table: one row per point."""
+
+    def num(v: float | None, fmt: str) -> str:
+        return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+
+    rows = [
+        "| N | M | protocol | cold start s | full sync s (decoding) | weight -> all M p50 / p99 ms "
+        "| server CPU ms per change (apply) | bytes per change per client | peak RSS MiB |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for p in results:
+        decoding = f" ({p.decoding_sync_s:.1f})" if p.decoding_sync_s is not None else ""
+        missed = f" ({p.missed} missed)" if p.missed else ""
+        rows.append(
+            f"| {p.models:,} | {p.clients:,} | {p.protocol} | {num(p.cold_start_s, '.1f')} "
+            f"| {num(p.sync_s, '.2f')}{decoding} "
+            f"| {num(p.latency_all_p50_ms, '.0f')} / {num(p.latency_all_p99_ms, '.0f')}{missed} "
+            f"| {num(p.server_cpu_ms, '.1f')} ({num(p.apply_cpu_ms, '.2f')}) "
+            f"| {num(p.bytes_per_change_per_client, ',.0f')} | {num(p.peak_rss_mib, '.0f')} |"
+        )
+    return "\n".join(rows)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    def ints(text: str) -> list[int]:
+        return [int(x.replace("_", "").replace(",", "")) for x in text.split(":") if x]
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", type=ints, help="N values, colon-separated (default 100:1000:10000)")
+    ap.add_argument("--clients", type=ints, help="M values, colon-separated (default 1:100:1000)")
+    ap.add_argument("--protocol", choices=["sotw", "delta", "both"], default="both")
+    ap.add_argument("--changes", type=int, default=20, help="weight changes per point")
+    ap.add_argument("--spacing", type=float, default=0.1, help="seconds between weight changes")
+    ap.add_argument("--full", action="store_true", help="include N=10,000 x M=1,000")
+    ap.add_argument("--quick", action="store_true", help="a tiny grid for a smoke run")
+    ap.add_argument("--client-procs", type=int, default=2, help="fleet processes per point")
+    ap.add_argument(
+        "--decoding-sync-max",
+        type=int,
+        default=1_000,
+        help="largest N at which a decoding SimEnvoy's full sync is timed too (slow: pydantic)",
+    )
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds any one phase may take")
+    ap.add_argument("--profile", metavar="DIR", help="cProfile weight changes in the server (inflates CPU)")
+    ap.add_argument("--profile-cold", metavar="DIR", help="cProfile the cold starts (slows them down)")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
+    # child roles
+    ap.add_argument("--role", choices=["server", "fleet"], help=argparse.SUPPRESS)
+    ap.add_argument("--cold-profiled", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--target", help=argparse.SUPPRESS)
+    ap.add_argument("--count", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--prefix", default="fleet", help=argparse.SUPPRESS)
+    ap.add_argument("--parallel", type=int, default=50, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.changes = min(args.changes, 5)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.role:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides when children end
+        if args.role == "server":
+            role = server_role(args.models[0], args.cold_profiled)
+        else:
+            delta = args.protocol == "delta"
+            role = fleet_role(args.target, delta, args.count, args.models[0], args.prefix, args.parallel)
+        with contextlib.suppress(asyncio.CancelledError):  # cancelled: the coordinator went away
+            asyncio.run(role)
+        return
+    started = time.monotonic()
+    results: list[Point] = []
+    try:
+        results = asyncio.run(coordinate(args))
+    except KeyboardInterrupt:
+        say("interrupted")
+    finally:
+        Child.kill_all()
+    if results:
+        say(f"\n{table(results)}\n")
+        say(f"results in {args.out}; {time.monotonic() - started:.0f} s in all")
+
+
+if __name__ == "__main__":
+    main()
