@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import struct
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -23,7 +23,7 @@ from envoy_data_plane.envoy.config.listener.v3 import Listener
 from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import HttpConnectionManager
 from envoy_data_plane.envoy.service.discovery.v3 import DeltaDiscoveryRequest, DiscoveryRequest
 
-from xds import runtime
+from xds import runtime, wire
 from xds.resources import listener
 from xds.types import CLUSTER, ENDPOINT, LISTENER, NAMED, PUSH_ORDER, ROUTE, RUNTIME
 
@@ -34,38 +34,7 @@ EDS_TYPE = 3  # Cluster.DiscoveryType.EDS
 CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1), ("grpc.max_receive_message_length", 512 << 20)]
 
 
-def _varint(buf: bytes, i: int) -> tuple[int, int]:
-    value, shift = 0, 0
-    while True:
-        b = buf[i]
-        i += 1
-        value |= (b & 0x7F) << shift
-        if b < 0x80:
-            return value, i
-        shift += 7
-
-
-def scan(buf: bytes) -> Iterator[tuple[int, int | bytes]]:
-    """(field number, value) of a message's top-level fields: varints as int, the rest as bytes."""
-    i, end = 0, len(buf)
-    while i < end:
-        key, i = _varint(buf, i)
-        kind = key & 7
-        if kind == 2:
-            n, i = _varint(buf, i)
-            yield key >> 3, buf[i : i + n]
-            i += n
-        elif kind == 0:
-            v, i = _varint(buf, i)
-            yield key >> 3, v
-        elif kind == 1:
-            yield key >> 3, buf[i : i + 8]
-            i += 8
-        elif kind == 5:
-            yield key >> 3, buf[i : i + 4]
-            i += 4
-        else:
-            raise ValueError(f"unsupported wire type {kind}")
+scan = wire.fields_of
 
 
 def _text(buf: bytes, number: int) -> str:

@@ -158,8 +158,9 @@ class Request:
     initial_resource_versions: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
-def _fields(data: bytes) -> Iterator[tuple[int, int | bytes]]:
-    """(field number, value) of a serialized message; length-delimited values as bytes."""
+def fields_of(data: bytes) -> Iterator[tuple[int, int | bytes]]:
+    """(field number, value) of a serialized message's top-level fields: varints as int, the
+    rest (length-delimited, fixed 64 and 32 bits) as bytes."""
     i, end = 0, len(data)
     while i < end:
         key, i = _read_varint(data, i)
@@ -170,9 +171,9 @@ def _fields(data: bytes) -> Iterator[tuple[int, int | bytes]]:
             length, i = _read_varint(data, i)
             value, i = data[i : i + length], i + length
         elif wire_type == 1:
-            value, i = int.from_bytes(data[i : i + 8], "little"), i + 8
+            value, i = data[i : i + 8], i + 8
         elif wire_type == 5:
-            value, i = int.from_bytes(data[i : i + 4], "little"), i + 4
+            value, i = data[i : i + 4], i + 4
         else:
             raise ValueError(f"unsupported wire type {wire_type}")
         yield number, value
@@ -191,7 +192,7 @@ def _read_varint(data: bytes, i: int) -> tuple[int, int]:
 
 def _status(data: bytes) -> Status:
     status = Status()
-    for number, value in _fields(data):
+    for number, value in fields_of(data):
         if number == 1:
             status.code = value  # type: ignore[assignment]
         elif number == 2:
@@ -203,7 +204,7 @@ def parse_sotw_request(data: bytes) -> Request:
     """`DiscoveryRequest{version_info=1, node=2, resource_names=3, type_url=4, response_nonce=5,
     error_detail=6}`."""
     req = Request()
-    for number, value in _fields(data):
+    for number, value in fields_of(data):
         if number == 1:
             req.version_info = value.decode()  # type: ignore[union-attr]
         elif number == 2:
@@ -223,7 +224,7 @@ def parse_delta_request(data: bytes) -> Request:
     """`DeltaDiscoveryRequest{node=1, type_url=2, resource_names_subscribe=3,
     resource_names_unsubscribe=4, initial_resource_versions=5, response_nonce=6, error_detail=7}`."""
     req = Request()
-    for number, value in _fields(data):
+    for number, value in fields_of(data):
         if number == 1:
             req.node = Node.FromString(value)
         elif number == 2:
@@ -233,7 +234,7 @@ def parse_delta_request(data: bytes) -> Request:
         elif number == 4:
             req.resource_names_unsubscribe.append(value.decode())  # type: ignore[union-attr]
         elif number == 5:
-            entry = dict(_fields(value))  # type: ignore[arg-type]
+            entry = dict(fields_of(value))  # type: ignore[arg-type]
             req.initial_resource_versions[entry.get(1, b"").decode()] = entry.get(2, b"").decode()
         elif number == 6:
             req.response_nonce = value.decode()  # type: ignore[union-attr]
