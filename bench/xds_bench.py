@@ -239,6 +239,7 @@ class ServerRole:
             "bytes": total(self.instruments.xds_bytes),
             "rtds_acks": total(self.instruments.xds_acks, "RTDS"),
             "streams": len(self.xds.streams),
+            "tasks": len(asyncio.all_tasks()),  # with no stream open, more than at start is a leak
             **memory_mib(),
         }
 
@@ -290,26 +291,13 @@ async def server_role(models: int, profile_cold: bool) -> None:
     server, port = await start_server(role.xds, "127.0.0.1", 0)
     if profile:
         profile.disable()
+    inbox = await Inbox().open()
     ready = {"seconds": time.monotonic() - t0, "cpu": time.process_time() - c0, **memory_mib()}
     emit({"event": "ready", "port": port, **ready, "profile": _profile_text(profile) if profile else ""})
-    destroyed = 0
-
-    def on_error(loop: asyncio.AbstractEventLoop, context: dict) -> None:
-        nonlocal destroyed
-        if context.get("message") == "Task was destroyed but it is pending!":
-            destroyed += 1  # leaked stream waiters, reported by `leaks` rather than printed
-        else:
-            loop.default_exception_handler(context)
-
-    asyncio.get_running_loop().set_exception_handler(on_error)
-    inbox = await Inbox().open()
     try:
         while True:
             cmd = await inbox.get()
             match cmd["cmd"]:
-                case "leaks":
-                    waiting = [t for t in asyncio.all_tasks() if t.get_coro().__qualname__ == "Event.wait"]
-                    emit({"pending_waiters": len(waiting), "destroyed_pending": destroyed})
                 case "stats":
                     emit(role.stats())
                 case "reset_peak":
@@ -415,7 +403,7 @@ class Point:
     client_bytes_per_change: float = math.nan  # as the clients counted them (cross-check)
     client_cpu_ms: float = math.nan  # median, all fleet processes together
     peak_rss_mib: float = math.nan  # control plane VmHWM during this point (reset before it)
-    leaked_waiters: int = 0  # Event.wait tasks pending in the server with no stream open (cumulative)
+    leaked_tasks: int = 0  # asyncio tasks left in the server once every stream closed, over its start
     profile: str = field(default="", repr=False)
 
 
@@ -453,6 +441,7 @@ def say(text: str) -> None:
 async def run_point(
     server: Child, port: int, point: Point, args: argparse.Namespace, decoding: bool, counter: itertools.count
 ) -> Point:
+    tasks_at_start = (await server.ask({"cmd": "stats"}))["tasks"]
     n, m, delta = point.models, point.clients, point.protocol == "delta"
     label = f"[N={n} M={m} {point.protocol}]"
     target = f"127.0.0.1:{port}"
@@ -528,8 +517,8 @@ async def run_point(
         stats = await server.ask({"cmd": "stats"})
     finally:
         await asyncio.gather(*(f.close() for f in fleets))
-    await server.ask({"cmd": "wait_streams", "count": 0, "timeout": 60}, timeout=90)
-    point.leaked_waiters = (await server.ask({"cmd": "leaks"}))["pending_waiters"]
+    closed = await server.ask({"cmd": "wait_streams", "count": 0, "timeout": 60}, timeout=90)
+    point.leaked_tasks = closed["tasks"] - tasks_at_start
 
     ms = 1000.0
     point.changes = len(rows)
@@ -647,7 +636,7 @@ def table(results: list[Point]) -> str:
             f"| {num(p.sync_s, '.2f')}{decoding} "
             f"| {num(p.latency_all_p50_ms, '.0f')} / {num(p.latency_all_p99_ms, '.0f')}{missed} "
             f"| {num(p.server_cpu_ms, '.1f')} ({num(p.apply_cpu_ms, '.2f')}) "
-            f"| {num(p.bytes_per_change_per_client, ',.0f')} | {num(p.peak_rss_mib, '.0f')} |"
+            f"| {num(p.bytes_per_change_per_client, ',.0f')} | {num(p.peak_rss_mib, ',.0f')} |"
         )
     return "\n".join(rows)
 
@@ -702,10 +691,16 @@ def main(argv: list[str] | None = None) -> None:
         return
     started = time.monotonic()
     results: list[Point] = []
+
+    def terminate(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # a kill ends the run as Ctrl-C does: children stopped, results kept
+
+    signal.signal(signal.SIGTERM, terminate)
     try:
         results = asyncio.run(coordinate(args))
     except KeyboardInterrupt:
-        say("interrupted")
+        say(f"interrupted; the points finished so far are in {args.out}")
+        sys.exit(130)
     finally:
         Child.kill_all()
     if results:
