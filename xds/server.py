@@ -11,7 +11,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 
@@ -99,13 +99,21 @@ class XdsServer:
         return out
 
     def _handler(self, delta: bool, types: tuple[str, ...]):
-        async def handle(requests: AsyncIterator, context) -> AsyncIterator[bytes]:
-            async for payload in self.serve(requests, delta, types, context.peer()):
-                yield payload
+        async def handle(requests: AsyncIterator, context) -> None:
+            # `context.write`, not `yield`: grpc.aio keeps a yielded message alive until the next
+            # yield, so every idle stream would pin its last (megabytes-large) full-sync response.
+            await self.serve(requests, delta, types, context.write, context.peer())
 
         return handle
 
-    async def serve(self, requests: AsyncIterator, delta: bool, types: tuple[str, ...], peer: str = ""):
+    async def serve(
+        self,
+        requests: AsyncIterator,
+        delta: bool,
+        types: tuple[str, ...],
+        send: Callable[[bytes], Awaitable[None]],
+        peer: str = "",
+    ) -> None:
         stream = Stream(next(self._ids), self.cache, delta, types, peer)
         self.streams[stream.sid] = stream
         self.instruments.xds_streams.inc()
@@ -121,7 +129,7 @@ class XdsServer:
                     self.instruments.xds_bytes.labels(SHORT[type_url]).inc(len(payload))
                     if len(payload) >= LARGE:  # held until the Envoy answers it (see `_read`)
                         await self.budget.acquire((stream.sid, type_url), len(payload))
-                    yield payload
+                    await send(payload)
                 payload = b""  # an idle stream must not keep its last response (megabytes) alive
                 if reader.done():
                     reader.result()  # a read error ends the stream with it; a clean end just ends
