@@ -38,13 +38,13 @@ from pathlib import Path
 
 from prometheus_client import Counter
 
+from api.crd import RemoteBackend
+from api.desired import ModelRoute, service_domains
 from bench import fleet
 from bench.fleet import FleetEnvoy
 from metrics.instruments import Instruments
 from overspill.demo.xds_client import SimEnvoy
-from reconciler.crd import RemoteBackend
 from xds import runtime
-from xds.resources import ModelRoute, service_domains
 from xds.server import XdsServer, start_server
 from xds.snapshot import Translator
 from xds.types import CLUSTER, ENDPOINT, ROUTE, RUNTIME

@@ -1,68 +1,113 @@
 """The control plane's own Prometheus metrics, the numbers the Grafana dashboard draws.
 
+Per-model series are not set by the code that decides: a custom collector reads the
+models' status (`api.status.ModelStatus`) at scrape time, prometheus-client's documented
+pattern for state owned elsewhere, so a deleted model's series (counters included)
+disappear with it. Process-wide counters (xDS traffic, evaluations) are plain instruments.
 One `Instruments` per process, on its own registry so tests can run several side by side.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from collections.abc import Callable, Iterable, Mapping
 
-from reconciler.offload import Phase
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from api.status import ModelStatus, Phase
+
+LABELS = ["namespace", "name"]
+
+
+class ControllerCollector(Collector):
+    """Every model's state, read from its status when Prometheus scrapes, and the evaluation count."""
+
+    def __init__(self, models: Callable[[], Iterable[ModelStatus]], evaluations: Callable[[], int]):
+        self.models = models
+        self.evaluations = evaluations
+
+    def collect(self):
+        phase = GaugeMetricFamily(
+            "overspill_model_offload_state",
+            "1 for the model's current offload phase, 0 for the others",
+            labels=[*LABELS, "phase"],
+        )
+        weight = GaugeMetricFamily(
+            "overspill_model_remote_weight_percent",
+            "Percent of the model's requests routed to the remote",
+            labels=LABELS,
+        )
+        value = GaugeMetricFamily(
+            "overspill_model_metric_value",
+            "Last reading of an offloading metric, in its target's units",
+            labels=[*LABELS, "metric"],
+        )
+        target = GaugeMetricFamily(
+            "overspill_model_metric_target", "Target of an offloading metric", labels=[*LABELS, "metric"]
+        )
+        ready = GaugeMetricFamily(
+            "overspill_model_ready_endpoints", "Ready local endpoints of the model's Service", labels=LABELS
+        )
+        errors = GaugeMetricFamily(
+            "overspill_model_config_errors",
+            "1 while a ModelDeployment cannot be routed as written",
+            labels=LABELS,
+        )
+        transitions = CounterMetricFamily(
+            "overspill_model_transitions", "Offload phase changes", labels=[*LABELS, "phase"]
+        )
+        read_errors = CounterMetricFamily(
+            "overspill_metric_read_errors",
+            "Failed offloading-metric reads (unreachable, error, empty)",
+            labels=[*LABELS, "metric"],
+        )
+        nacks = CounterMetricFamily(
+            "overspill_model_xds_nacks",
+            "xDS NACKs of responses carrying this model's resources",
+            labels=[*LABELS, "type"],
+        )
+        for s in self.models():
+            ids = [s.namespace, s.name]
+            for p in Phase:
+                phase.add_metric([*ids, p.value], 1 if p == s.phase else 0)
+            weight.add_metric(ids, s.remote_percent)
+            ready.add_metric(ids, s.ready_endpoints)
+            errors.add_metric(ids, 1 if s.phase == Phase.INVALID or s.errors else 0)
+            for m in s.metrics:
+                target.add_metric([*ids, m.spec.describe()], m.spec.target.threshold)
+                if m.current is not None:
+                    value.add_metric([*ids, m.spec.describe()], m.current)
+            for p, n in s.transitions.items():
+                transitions.add_metric([*ids, p], n)
+            for metric, n in s.metric_read_errors.items():
+                read_errors.add_metric([*ids, metric], n)
+            for t, n in s.xds_nacks.items():
+                nacks.add_metric([*ids, t], n)
+        rounds = CounterMetricFamily("overspill_evaluations", "Evaluation rounds of all models")
+        rounds.add_metric([], self.evaluations())
+        yield from (phase, weight, value, target, ready, errors, transitions, read_errors, nacks, rounds)
+
+
+class OriginCollector(Collector):
+    """Rejected documents per origin (a file, a watch), read from the object store."""
+
+    def __init__(self, rejected: Callable[[], Mapping[str, int]]):
+        self.rejected = rejected
+
+    def collect(self):
+        family = GaugeMetricFamily(
+            "overspill_invalid_objects", "Documents rejected by validation, per origin", labels=["origin"]
+        )
+        for origin, n in sorted(self.rejected().items()):
+            family.add_metric([origin], n)
+        yield family
 
 
 class Instruments:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        labels = ["namespace", "name"]
-        self.offload_state = Gauge(
-            "overspill_model_offload_state",
-            "1 for the model's current offload phase, 0 for the others",
-            [*labels, "phase"],
-            registry=r,
-        )
-        self.remote_weight = Gauge(
-            "overspill_model_remote_weight_percent",
-            "Percent of the model's requests routed to the remote",
-            labels,
-            registry=r,
-        )
-        self.metric_value = Gauge(
-            "overspill_model_metric_value",
-            "Last reading of an offloading metric, in its target's units",
-            [*labels, "metric"],
-            registry=r,
-        )
-        self.metric_target = Gauge(
-            "overspill_model_metric_target", "Target of an offloading metric", [*labels, "metric"], registry=r
-        )
-        self.ready_endpoints = Gauge(
-            "overspill_model_ready_endpoints",
-            "Ready local endpoints of the model's Service",
-            labels,
-            registry=r,
-        )
-        self.transitions = Counter(
-            "overspill_model_transitions", "Offload phase changes", [*labels, "phase"], registry=r
-        )
-        self.metric_errors = Counter(
-            "overspill_metric_read_errors",
-            "Failed offloading-metric reads (unreachable, error, empty)",
-            [*labels, "metric"],
-            registry=r,
-        )
-        self.invalid_objects = Gauge(
-            "overspill_invalid_objects",
-            "Documents rejected by validation, per origin",
-            ["origin"],
-            registry=r,
-        )
-        self.model_errors = Gauge(
-            "overspill_model_config_errors",
-            "1 while a ModelDeployment cannot be routed as written",
-            labels,
-            registry=r,
-        )
         self.xds_streams = Gauge("overspill_xds_streams", "Connected xDS streams", registry=r)
         self.xds_pushes = Counter("overspill_xds_pushes", "xDS responses sent", ["type"], registry=r)
         self.xds_acks = Counter("overspill_xds_acks", "xDS responses ACKed", ["type"], registry=r)
@@ -70,28 +115,11 @@ class Instruments:
         self.xds_bytes = Counter(
             "overspill_xds_sent_bytes", "Bytes of xDS responses sent", ["type"], registry=r
         )
-        self.model_xds_nacks = Counter(
-            "overspill_model_xds_nacks",
-            "xDS NACKs of responses carrying this model's resources",
-            [*labels, "type"],
-            registry=r,
-        )
-        self.evaluations = Counter("overspill_evaluations", "Evaluation rounds of all models", registry=r)
 
-    def set_phase(self, namespace: str, name: str, phase: Phase) -> None:
-        for p in Phase:
-            self.offload_state.labels(namespace, name, p.value).set(1 if p == phase else 0)
+    def watch_controller(
+        self, models: Callable[[], Iterable[ModelStatus]], evaluations: Callable[[], int]
+    ) -> None:
+        self.registry.register(ControllerCollector(models, evaluations))
 
-    def forget_model(self, namespace: str, name: str) -> None:
-        """Drop a deleted model's series so dashboards do not show it forever."""
-        for gauge in (
-            self.offload_state,
-            self.remote_weight,
-            self.metric_value,
-            self.metric_target,
-            self.ready_endpoints,
-            self.model_errors,
-        ):
-            for labels in list(gauge._metrics):  # prometheus_client keeps children by label tuple
-                if labels[:2] == (namespace, name):
-                    gauge.remove(*labels)
+    def watch_origins(self, rejected: Callable[[], Mapping[str, int]]) -> None:
+        self.registry.register(OriginCollector(rejected))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from metrics.hpa import MetricSpec
+from api.metric_spec import MetricSpec
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import yaml
 
-from reconciler.crd import InvalidObject, RemoteBackend, parse_remote_backend
+from api.crd import InvalidObject, RemoteBackend, parse_remote_backend
+from overspill.settings import DEFAULTS, Settings
 from reconciler.documents import parse_documents
 
 
@@ -68,26 +69,37 @@ def parser() -> argparse.ArgumentParser:
         help="directory of YAML: ModelDeployments, Policies, Services, EndpointSlices, Deployments",
     )
     s.add_argument(
-        "--xds-port", type=int, default=18000, help="gRPC ADS port Envoy connects to (default 18000)"
+        "--xds-port",
+        type=int,
+        default=DEFAULTS.xds_port,
+        help="gRPC ADS port Envoy connects to (default %(default)s)",
     )
-    s.add_argument("--xds-address", default="0.0.0.0", help="address the ADS server binds (default 0.0.0.0)")
+    s.add_argument(
+        "--xds-address",
+        default=DEFAULTS.xds_address,
+        help="address the ADS server binds (default %(default)s)",
+    )
     s.add_argument(
         "--listener-port",
         type=int,
-        default=10000,
-        help="port of the HTTP listener served to Envoy, where clients call models (default 10000)",
+        default=DEFAULTS.listener_port,
+        help="port of the HTTP listener served to Envoy, where clients call models (default %(default)s)",
     )
     s.add_argument(
-        "--listener-address", default="0.0.0.0", help="address of that Envoy listener (default 0.0.0.0)"
+        "--listener-address",
+        default=DEFAULTS.listener_address,
+        help="address of that Envoy listener (default %(default)s)",
     )
     s.add_argument(
         "--metrics-port",
         type=int,
-        default=9102,
-        help="port for /metrics, /status and /healthz (default 9102)",
+        default=DEFAULTS.metrics_port,
+        help="port for /metrics, /status and /healthz (default %(default)s)",
     )
     s.add_argument(
-        "--metrics-address", default="0.0.0.0", help="address for the metrics port (default 0.0.0.0)"
+        "--metrics-address",
+        default=DEFAULTS.metrics_address,
+        help="address for the metrics port (default %(default)s)",
     )
     s.add_argument(
         "--prometheus-url",
@@ -97,9 +109,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--evaluation-interval",
         type=_positive,
-        default=5.0,
+        default=DEFAULTS.evaluation_interval,
         metavar="SECONDS",
-        help="how often offloading metrics are read and decisions made (default 5)",
+        help="how often offloading metrics are read and decisions made (default %(default)s)",
     )
     s.add_argument(
         "--default-remote",
@@ -110,8 +122,8 @@ def parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--cluster-domain",
-        default="cluster.local",
-        help="cluster DNS domain in Service host names (default cluster.local)",
+        default=DEFAULTS.cluster_domain,
+        help="cluster DNS domain in Service host names (default %(default)s)",
     )
 
     v = sub.add_parser(
@@ -125,8 +137,9 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser(
         "render",
         help="print the Envoy resources for a manifests directory",
-        description="Print the resources the control plane would serve for DIR (no live metrics: "
-        "every model in Standby, or Outage without ready endpoints).",
+        description="Print the resources the control plane serves an unscoped Envoy for DIR, decoded "
+        "from the very bytes `serve` sends (no live metrics: every model in Standby, or Outage without "
+        "ready endpoints).",
     )
     r.add_argument("manifests", type=Path, metavar="DIR")
     r.add_argument(
@@ -134,8 +147,15 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print a complete static Envoy bootstrap instead (accepted by envoy --mode validate)",
     )
-    r.add_argument("--listener-port", type=int, default=10000, help="listener port (default 10000)")
-    r.add_argument("--listener-address", default="0.0.0.0", help="listener address (default 0.0.0.0)")
+    r.add_argument(
+        "--listener-port",
+        type=int,
+        default=DEFAULTS.listener_port,
+        help="listener port (default %(default)s)",
+    )
+    r.add_argument(
+        "--listener-address", default=DEFAULTS.listener_address, help="listener address (default %(default)s)"
+    )
     r.add_argument("--admin-port", type=int, default=9901, help="admin port in the bootstrap (default 9901)")
     r.add_argument("--format", choices=["yaml", "json"], default="yaml", help="output format (default yaml)")
 
@@ -146,7 +166,9 @@ def parser() -> argparse.ArgumentParser:
         "--namespaces and --match-labels scope which models the node receives.",
     )
     b.add_argument("--xds-host", default="127.0.0.1", help="control plane address (default 127.0.0.1)")
-    b.add_argument("--xds-port", type=int, default=18000, help="control plane ADS port (default 18000)")
+    b.add_argument(
+        "--xds-port", type=int, default=DEFAULTS.xds_port, help="control plane ADS port (default %(default)s)"
+    )
     b.add_argument("--node-id", default="overspill-gateway", help="node.id (default overspill-gateway)")
     b.add_argument(
         "--node-cluster", default="overspill-gateway", help="node.cluster (default overspill-gateway)"
@@ -179,8 +201,8 @@ def parser() -> argparse.ArgumentParser:
     )
     st.add_argument(
         "--url",
-        default="http://127.0.0.1:9102",
-        help="the control plane's metrics address (default http://127.0.0.1:9102)",
+        default=f"http://127.0.0.1:{DEFAULTS.metrics_port}",
+        help="the control plane's metrics address (default %(default)s)",
     )
     st.add_argument("--json", action="store_true", help="print the raw status document")
 
@@ -212,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from overspill.plane import ControlPlane, Settings
+    from overspill.plane import ControlPlane
 
     settings = Settings(
         manifests=args.manifests,
@@ -266,29 +288,28 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    from overspill.plane import ControlPlane, Settings
-    from xds.render import dynamic_resources, static_bootstrap
-
-    async def render() -> dict:
-        plane = ControlPlane(
-            Settings(args.manifests, listener_address=args.listener_address, listener_port=args.listener_port)
-        )
-        plane.load_once()
-        for r in plane.store.rejected():
-            for err in r.errors:
-                print(f"warning: {err}", file=sys.stderr)
-        for status in plane.controller.status.values():
-            for err in status.errors:
-                print(f"warning: {err}", file=sys.stderr)
-        routes = plane.controller.routes
-        if args.bootstrap:
-            return static_bootstrap(routes, args.listener_address, args.listener_port, args.admin_port)
-        return dynamic_resources(routes, args.listener_address, args.listener_port)
+    from overspill.plane import ControlPlane
+    from xds.render import served_documents, static_bootstrap
+    from xds.scope import Scope
 
     if not args.manifests.is_dir():
         print(f"{args.manifests}: not a directory", file=sys.stderr)
         return 2
-    doc = asyncio.run(render())
+    plane = ControlPlane(
+        Settings(args.manifests, listener_address=args.listener_address, listener_port=args.listener_port)
+    )
+    plane.load_once()
+    for r in plane.store.rejected():
+        for err in r.errors:
+            print(f"warning: {err}", file=sys.stderr)
+    for status in plane.controller.status.values():
+        for err in status.errors:
+            print(f"warning: {err}", file=sys.stderr)
+    if args.bootstrap:
+        routes = plane.controller.routes
+        doc = static_bootstrap(routes, args.listener_address, args.listener_port, args.admin_port)
+    else:
+        doc = served_documents(plane.translator.cache.view(Scope()))
     if args.format == "json":
         print(json.dumps(doc, indent=2))
     else:

@@ -1,18 +1,23 @@
-"""Process wiring: one store, one cache, the sources, the controller and the servers, as tasks."""
+"""Process wiring: one store, one cache, the sources, the controller and the servers, as tasks.
+
+Data flows one way: source → store → controller (decisions) → translator (resources) →
+xDS streams. The server's events come back through `events.XdsEvents`.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
-from pathlib import Path
 
 import aiohttp
+from aiohttp import web
 
 from metrics.instruments import Instruments
 from metrics.prometheus import PrometheusInformer
+from overspill.admin import make_app
+from overspill.events import XdsEvents
+from overspill.settings import Settings
 from reconciler.controller import Controller
-from reconciler.crd import RemoteBackend
 from reconciler.directory import DirectorySource
 from reconciler.store import ObjectStore
 from xds.server import XdsServer, start_server
@@ -21,50 +26,50 @@ from xds.snapshot import Translator
 log = logging.getLogger("overspill")
 
 
-@dataclass
-class Settings:
-    """`overspill serve` flags."""
-
-    manifests: Path
-    xds_address: str = "0.0.0.0"
-    xds_port: int = 18000
-    listener_address: str = "0.0.0.0"
-    listener_port: int = 10000
-    metrics_address: str = "0.0.0.0"
-    metrics_port: int = 9102
-    prometheus_url: str | None = None
-    evaluation_interval: float = 5.0
-    default_remote: RemoteBackend | None = None
-    cluster_domain: str = "cluster.local"
-
-
 class ControlPlane:
     def __init__(self, settings: Settings):
+        if settings.manifests is None:
+            raise ValueError("settings.manifests: a manifests directory is required")
         self.settings = settings
-        self.instruments = Instruments()
         self.store = ObjectStore()
         self.translator = Translator(settings.listener_address, settings.listener_port)
-        self.xds = XdsServer(self.translator.cache, self.instruments)
-        self.source = DirectorySource(settings.manifests, self.store, self.instruments)
+        self.source = DirectorySource(settings.manifests, self.store)
         self.controller = Controller(
             self.store,
-            self.translator,
-            self.instruments,
+            self.translator.publish,
             evaluation_interval=settings.evaluation_interval,
             default_remote=settings.default_remote,
             cluster_domain=settings.cluster_domain,
         )
+        self.instruments = Instruments()
+        self.instruments.watch_controller(
+            lambda: self.controller.status.values(), lambda: self.controller.evaluations
+        )
+        self.instruments.watch_origins(self.store.rejected_by_origin)
+        self.xds = XdsServer(self.translator.cache, XdsEvents(self.instruments, self.controller))
 
     def load_once(self) -> None:
         """Read the manifests and decide once, without live metrics (for `render`)."""
         self.source.sync()
         self.controller.reconcile()
 
+    def status_document(self) -> dict:
+        """Per model: state, remote %, metrics, errors (Envoy NACKs too); per node: versions and NACKs."""
+        return {
+            "models": {str(k): s.to_dict() for k, s in sorted(self.controller.status.items())},
+            "rejected": [
+                {
+                    "origin": r.origin,
+                    "object": str(r.key) if r.key else None,
+                    "kind": r.key.kind if r.key else None,
+                    "errors": list(r.errors),
+                }
+                for r in self.store.rejected()
+            ],
+            "nodes": [stream.describe() for stream in self.xds.streams.values()],
+        }
+
     async def run(self) -> None:
-        from aiohttp import web
-
-        from overspill.admin import make_app
-
         s = self.settings
         if not s.manifests.is_dir():
             raise SystemExit(f"--manifests {s.manifests}: not a directory")
@@ -73,7 +78,7 @@ class ControlPlane:
                 self.controller.informer = PrometheusInformer(s.prometheus_url, session)
             self.load_once()  # the first state is complete before any stream is answered
             grpc_server, xds_port = await start_server(self.xds, s.xds_address, s.xds_port)
-            runner = web.AppRunner(make_app(self), access_log=None)
+            runner = web.AppRunner(make_app(self.status_document, self.instruments.registry), access_log=None)
             await runner.setup()
             await web.TCPSite(runner, s.metrics_address, s.metrics_port).start()
             log.info(

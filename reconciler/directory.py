@@ -12,7 +12,6 @@ import asyncio
 import logging
 from pathlib import Path
 
-from metrics.instruments import Instruments
 from reconciler.documents import parse_documents
 from reconciler.store import ObjectStore
 
@@ -21,10 +20,9 @@ SUFFIXES = (".yaml", ".yml", ".json")
 
 
 class DirectorySource:
-    def __init__(self, root: Path, store: ObjectStore, instruments: Instruments, poll_interval: float = 0.25):
+    def __init__(self, root: Path, store: ObjectStore, poll_interval: float = 0.25):
         self.root = root
         self.store = store
-        self.instruments = instruments
         self.poll_interval = poll_interval
         self._seen: dict[Path, tuple[int, int, int]] = {}
 
@@ -47,8 +45,6 @@ class DirectorySource:
         changed = False
         for path in self._seen.keys() - current.keys():
             self.store.remove_origin(str(path))
-            if (str(path),) in self.instruments.invalid_objects._metrics:
-                self.instruments.invalid_objects.remove(str(path))
             log.info("event=file_removed file=%s", path)
             changed = True
         for path, stamp in current.items():
@@ -61,7 +57,6 @@ class DirectorySource:
                 continue
             objects, rejected = parse_documents(text, str(path))
             self.store.replace_origin(str(path), objects, rejected)
-            self.instruments.invalid_objects.labels(str(path)).set(len(rejected))
             for r in rejected:
                 for err in r.errors:
                     log.error("event=invalid_object file=%s error=%r", path, err)

@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from reconciler.crd import (
+from api.crd import (
     MODEL_API,
     POLICY_API,
     InvalidObject,

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from reconciler.crd import InvalidObject, Meta, ObjectKey, parse_meta
-from reconciler.fields import FieldError, Fields
+from api.crd import InvalidObject, Meta, ObjectKey, parse_meta
+from api.fields import FieldError, Fields
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 

@@ -11,19 +11,9 @@ last decision, as the peers that flap when their metric source goes away do not.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import StrEnum
 
-from metrics.hpa import MetricStatus
-from reconciler.crd import Behavior
-
-
-class Phase(StrEnum):
-    STANDBY = "Standby"  # watching; all traffic local
-    ACTIVATING = "Activating"  # a metric is over, waiting out activationDelaySeconds
-    OFFLOADING = "Offloading"  # percentage % to the remote
-    RELEASING = "Releasing"  # still offloading; every metric under, waiting out the buffer
-    OUTAGE = "Outage"  # no ready local endpoint; 100 % to the remote
-    REMOTE_DOWN = "RemoteUnavailable"  # offloading wanted but no usable remote; all local
+from api.crd import Behavior
+from api.status import MetricStatus, Phase
 
 
 @dataclass(frozen=True)

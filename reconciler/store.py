@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import Iterable
 from typing import Any
 
-from reconciler.crd import ModelDeployment, ObjectKey, Policy
+from api.crd import ModelDeployment, ObjectKey, Policy
 from reconciler.documents import Rejected
 from reconciler.kube import EndpointSlice, Service, Workload
 
@@ -106,6 +106,10 @@ class ObjectStore:
 
     def rejected(self) -> list[Rejected]:
         return [r for items in self._rejected.values() for r in items]
+
+    def rejected_by_origin(self) -> dict[str, int]:
+        """Rejected documents per origin, 0 for origins that loaded cleanly."""
+        return {origin: len(self._rejected.get(origin, ())) for origin in self._by_origin}
 
     def rejected_for(self, key: ObjectKey) -> list[Rejected]:
         return [r for r in self.rejected() if r.key == key]

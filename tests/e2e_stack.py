@@ -22,7 +22,14 @@ import pytest
 import yaml
 from aiohttp import web
 
-from overspill.demo.procs import ENVOY_HINT, ComponentMissing, ControlPlane, Envoy, Prometheus, find_binary
+from overspill.demo.procs import (
+    ENVOY_HINT,
+    ComponentMissing,
+    ControlPlaneProcess,
+    Envoy,
+    Prometheus,
+    find_binary,
+)
 from overspill.demo.sim import ModelServer
 from xds.render import ads_bootstrap
 
@@ -177,7 +184,7 @@ class Stack:
     manifests: Path
     knob: Knob
     prometheus: Prometheus
-    control_plane: ControlPlane
+    control_plane: ControlPlaneProcess
     envoy: Envoy
     models: dict[str, Model]
     session: aiohttp.ClientSession
@@ -260,7 +267,7 @@ async def stack(
                     Prometheus([f"127.0.0.1:{knob.port}"], scrape_interval=SCRAPE_INTERVAL)
                 )
                 cp = await es.enter_async_context(
-                    ControlPlane(
+                    ControlPlaneProcess(
                         manifests,
                         evaluation_interval=EVALUATION_INTERVAL,
                         prometheus_url=prometheus.url,

@@ -8,9 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from metrics.hpa import MetricSpec
-from overspill.cli import main
-from reconciler.crd import (
+from api.crd import (
     InvalidObject,
     ModelDeployment,
     Policy,
@@ -18,6 +16,8 @@ from reconciler.crd import (
     parse_policy,
     parse_remote_backend,
 )
+from api.metric_spec import MetricSpec
+from overspill.cli import main
 from reconciler.documents import parse_documents
 from reconciler.kube import parse_endpoint_slice, parse_service
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from metrics.hpa import MetricSpec, MetricStatus, MetricTarget, compare
-from reconciler.crd import Behavior
-from reconciler.offload import Decision, OffloadMachine, Phase
+from api.crd import Behavior
+from api.metric_spec import MetricSpec, MetricTarget
+from api.status import MetricStatus, Phase
+from metrics.hpa import compare
+from reconciler.offload import Decision, OffloadMachine
 
 CPU = MetricSpec("Resource", "cpu", MetricTarget("Utilization", 90))
 QUEUE = MetricSpec("External", "queue_depth", MetricTarget("Value", 10))

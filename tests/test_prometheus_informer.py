@@ -10,7 +10,7 @@ import pytest
 import yaml
 from aiohttp import web
 
-from metrics.hpa import MetricSpec, MetricTarget
+from api.metric_spec import MetricSpec, MetricTarget
 from metrics.prometheus import PrometheusInformer, Reading, promql_for
 
 TARGET = MetricTarget("Value", 10)
@@ -262,9 +262,8 @@ async def test_pods_and_object_metrics_are_queried(prometheus, session):
 
 
 async def test_a_broken_answer_for_one_model_does_not_stop_the_others(prometheus, session):
-    from metrics.instruments import Instruments
+    from api.crd import ObjectKey
     from reconciler.controller import Controller
-    from reconciler.crd import ObjectKey
     from reconciler.documents import parse_documents
     from reconciler.store import ObjectStore
     from xds.snapshot import Translator
@@ -312,7 +311,7 @@ async def test_a_broken_answer_for_one_model_does_not_stop_the_others(prometheus
     store = ObjectStore()
     store.replace_origin("x.yaml", *parse_documents(yaml.safe_dump_all(docs), "x.yaml"))
     informer = PrometheusInformer(prometheus[0], session)
-    controller = Controller(store, Translator("127.0.0.1", 10000), Instruments(), informer)
+    controller = Controller(store, Translator("127.0.0.1", 10000).publish, informer)
     try:
         await asyncio.wait_for(controller.evaluate(), 10)
     finally:

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from api.crd import ObjectKey
+from api.status import Phase
 from metrics.instruments import Instruments
 from metrics.prometheus import Reading
 from reconciler.controller import Controller
-from reconciler.crd import ObjectKey
 from reconciler.directory import DirectorySource
 from reconciler.documents import parse_documents
-from reconciler.offload import Phase
 from reconciler.store import ObjectStore
 from xds.cache import ResourceCache, Scope
 from xds.snapshot import Translator
@@ -202,13 +202,19 @@ async def test_wait_changed_wakes_on_a_change():
 # --- DirectorySource ---
 
 
+def watched(store: ObjectStore) -> Instruments:
+    instruments = Instruments()
+    instruments.watch_origins(store.rejected_by_origin)
+    return instruments
+
+
 def invalid_gauge(instruments: Instruments, path: Path) -> float | None:
     return instruments.registry.get_sample_value("overspill_invalid_objects", {"origin": str(path)})
 
 
 def test_directory_sync_picks_up_added_changed_and_deleted_files(tmp_path):
-    store, instruments = ObjectStore(), Instruments()
-    source = DirectorySource(tmp_path, store, instruments)
+    store = ObjectStore()
+    source = DirectorySource(tmp_path, store)
     assert source.sync() is False
     models = tmp_path / "models.yaml"
     models.write_text(text(model_doc(percentage=50)))
@@ -231,7 +237,7 @@ def test_directory_sync_picks_up_added_changed_and_deleted_files(tmp_path):
 
 def test_directory_sees_a_same_size_edit_by_its_mtime(tmp_path):
     store = ObjectStore()
-    source = DirectorySource(tmp_path, store, Instruments())
+    source = DirectorySource(tmp_path, store)
     path = tmp_path / "m.yaml"
     path.write_text(text(model_doc(percentage=50)))
     source.sync()
@@ -244,8 +250,9 @@ def test_directory_sees_a_same_size_edit_by_its_mtime(tmp_path):
 
 
 def test_directory_records_rejected_documents_and_the_invalid_objects_gauge(tmp_path):
-    store, instruments = ObjectStore(), Instruments()
-    source = DirectorySource(tmp_path, store, instruments)
+    store = ObjectStore()
+    instruments = watched(store)
+    source = DirectorySource(tmp_path, store)
     bad = tmp_path / "bad.yaml"
     bad.write_text(
         text(model_doc(name="x", percentage=150), model_doc(name="y", remote="https://h"), model_doc())
@@ -280,7 +287,7 @@ def test_directory_records_rejected_documents_and_the_invalid_objects_gauge(tmp_
 
 def test_directory_ignores_hidden_and_foreign_files(tmp_path):
     store = ObjectStore()
-    source = DirectorySource(tmp_path, store, Instruments())
+    source = DirectorySource(tmp_path, store)
     (tmp_path / ".hidden.yaml").write_text(text(model_doc(name="a")))
     (tmp_path / ".git").mkdir()
     (tmp_path / ".git" / "x.yaml").write_text(text(model_doc(name="b")))
@@ -292,7 +299,7 @@ def test_directory_ignores_hidden_and_foreign_files(tmp_path):
 
 def test_moving_a_model_between_files_keeps_it(tmp_path):
     store = ObjectStore()
-    source = DirectorySource(tmp_path, store, Instruments())
+    source = DirectorySource(tmp_path, store)
     (tmp_path / "b.yaml").write_text(text(model_doc()))
     source.sync()
     assert store.get(MODEL) is not None
@@ -304,7 +311,7 @@ def test_moving_a_model_between_files_keeps_it(tmp_path):
 
 
 def test_directory_run_refuses_a_missing_directory(tmp_path):
-    source = DirectorySource(tmp_path / "nope", ObjectStore(), Instruments())
+    source = DirectorySource(tmp_path / "nope", ObjectStore())
     with pytest.raises(SystemExit, match="not a directory"):
         asyncio.run(asyncio.wait_for(source.run(), 1))
 
@@ -351,7 +358,10 @@ async def remote_port():
 def make_controller(store: ObjectStore, informer=None) -> tuple[Controller, ResourceCache, Clock]:
     clock = Clock()
     translator = Translator("127.0.0.1", 10000)
-    controller = Controller(store, translator, Instruments(), informer=informer, clock=clock)
+    controller = Controller(store, translator.publish, informer=informer, clock=clock)
+    instruments = Instruments()  # what /metrics shows, read from the controller's status
+    instruments.watch_controller(lambda: controller.status.values(), lambda: controller.evaluations)
+    controller.instruments = instruments  # a handle for the tests below
     return controller, translator.cache, clock
 
 

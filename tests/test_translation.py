@@ -22,8 +22,9 @@ from envoy_data_plane.envoy.type.v3 import FractionalPercentDenominatorType
 from envoy_data_plane.google.protobuf import Any
 
 import xds.resources
+from api.crd import RemoteBackend
+from api.desired import ModelRoute, service_domains
 from overspill.cli import main
-from reconciler.crd import RemoteBackend
 from xds import resources as res
 from xds import runtime, wire
 from xds.cache import Resource, Scope, View
@@ -44,9 +45,9 @@ def route(
     percent: float = 50.0,
     endpoints: tuple[tuple[str, int], ...] = (("10.0.0.1", 8000), ("10.0.0.2", 8000)),
     port: int = 80,
-) -> res.ModelRoute:
-    return res.ModelRoute(
-        namespace, name, res.service_domains(name, namespace, port), endpoints, remote, percent
+) -> ModelRoute:
+    return ModelRoute(
+        namespace, name, service_domains(name, namespace, port), endpoints, remote, percent
     )
 
 
@@ -54,7 +55,7 @@ def route(
 
 
 def test_service_domains_cover_every_dns_name_with_and_without_port():
-    assert res.service_domains("llm", "inference", 80) == (
+    assert service_domains("llm", "inference", 80) == (
         "llm",
         "llm:80",
         "llm.inference",
@@ -67,7 +68,7 @@ def test_service_domains_cover_every_dns_name_with_and_without_port():
 
 
 def test_service_domains_use_the_cluster_domain():
-    domains = res.service_domains("m", "ns", 8080, "corp.internal")
+    domains = service_domains("m", "ns", 8080, "corp.internal")
     assert "m.ns.svc.corp.internal" in domains
     assert "m.ns.svc.corp.internal:8080" in domains
     assert not any("cluster.local" in d for d in domains)

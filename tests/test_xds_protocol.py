@@ -22,13 +22,13 @@ from envoy_data_plane.envoy.service.discovery.v3 import (
     DiscoveryResponse,
 )
 
-from metrics.instruments import Instruments
+from api.crd import RemoteBackend
+from api.desired import ModelRoute, service_domains
 from overspill.demo.xds_client import SimEnvoy
-from reconciler.crd import RemoteBackend
 from xds import resources as res
 from xds import runtime
 from xds import stream as stream_module
-from xds.resources import LISTENER_NAME, ROUTE_CONFIG_NAME, ModelRoute
+from xds.resources import LISTENER_NAME, ROUTE_CONFIG_NAME
 from xds.server import XdsServer, start_server
 from xds.snapshot import Translator
 from xds.stream import Stream
@@ -52,7 +52,7 @@ def model(
     return ModelRoute(
         namespace,
         name,
-        res.service_domains(name, namespace, 80),
+        service_domains(name, namespace, 80),
         endpoints,
         remote,
         percent,
@@ -113,7 +113,7 @@ class Plane:
 async def plane() -> AsyncIterator[Plane]:
     translator = Translator("127.0.0.1", 10000)
     translator.publish(BASE)
-    xds = XdsServer(translator.cache, Instruments())
+    xds = XdsServer(translator.cache)
     server, port = await start_server(xds, "127.0.0.1", 0)
     p = Plane(translator, xds, f"127.0.0.1:{port}")
     try:

@@ -1,30 +1,41 @@
-"""The resources as people read them: what `overspill render` prints, and a static bootstrap.
+"""The resources as people read them: what `overspill render` prints, and bootstraps.
 
-The static bootstrap is the same translation with endpoints and routes inlined, so a
-rendered file can run an Envoy with no control plane at all (e.g. to check a config).
+`served` reads the very bytes the server sends (one builder: `snapshot.Translator`). The
+static bootstrap is the same translation with endpoints and routes inlined, so a rendered
+file can run an Envoy with no control plane at all (e.g. to check a config).
 """
 
 from __future__ import annotations
 
+# Imported for their message types: `Any.unpack` finds only the types that were imported.
+import envoy_data_plane.envoy.config.cluster.v3  # noqa: F401
+import envoy_data_plane.envoy.config.endpoint.v3  # noqa: F401
+import envoy_data_plane.envoy.config.listener.v3  # noqa: F401
+import envoy_data_plane.envoy.config.route.v3  # noqa: F401
+import envoy_data_plane.envoy.service.runtime.v3  # noqa: F401
+from envoy_data_plane.google.protobuf import Any as ProtoAny
+
+from api.desired import ModelRoute
 from xds import resources as res
 from xds import runtime
-from xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE, RUNTIME
+from xds.types import PUSH_ORDER
+from xds.view import View
 
 
-def dynamic_resources(routes: list[res.ModelRoute], address: str, port: int) -> dict[str, list[dict]]:
-    """What the ADS server serves to an unscoped node, by type URL, as proto3 JSON mappings."""
-    weights = {r.runtime_key: r.remote_percent for r in routes if r.remote is not None}
-    clusters = [res.local_cluster(r) for r in routes] + [res.remote_cluster(r) for r in routes if r.remote]
+def served(view: View) -> dict[str, dict[str, bytes]]:
+    """What the server sends a node of the view's scope: per type URL, each resource's `Any` bytes."""
+    return {t: {name: r.any for name, r in view.resources[t].items()} for t in PUSH_ORDER}
+
+
+def served_documents(view: View) -> dict[str, list[dict]]:
+    """`served`, decoded to proto3 JSON mappings, as `overspill render` prints it."""
     return {
-        CLUSTER: [c.to_dict() for c in clusters],
-        ENDPOINT: [res.load_assignment(r).to_dict() for r in routes],
-        LISTENER: [res.listener(address, port).to_dict()],
-        ROUTE: [res.route_configuration(routes).to_dict()],
-        RUNTIME: [{"name": "overspill_weights_*", "layer": weights}],
+        t: [ProtoAny.FromString(body).unpack().to_dict() for body in resources.values()]
+        for t, resources in served(view).items()
     }
 
 
-def static_bootstrap(routes: list[res.ModelRoute], address: str, port: int, admin_port: int = 9901) -> dict:
+def static_bootstrap(routes: list[ModelRoute], address: str, port: int, admin_port: int = 9901) -> dict:
     clusters = [res.local_cluster(r, static=True) for r in routes] + [
         res.remote_cluster(r) for r in routes if r.remote
     ]

@@ -11,7 +11,6 @@ cluster. One HTTP listener serves every model.
 from __future__ import annotations
 
 import datetime
-from dataclasses import dataclass
 
 from envoy_data_plane.envoy.config.cluster.v3 import (
     Cluster,
@@ -64,9 +63,9 @@ from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
 )
 from envoy_data_plane.envoy.type.matcher.v3 import StringMatcher
 from envoy_data_plane.envoy.type.v3 import FractionalPercent, FractionalPercentDenominatorType
-from envoy_data_plane.google.protobuf import Any
 
-from reconciler.crd import RemoteBackend
+from api.desired import ModelRoute, virtual_host_name
+from xds.encode import pack
 
 LISTENER_NAME = "overspill_http"
 ROUTE_CONFIG_NAME = "overspill_routes"
@@ -77,45 +76,6 @@ CONNECT_TIMEOUT = datetime.timedelta(seconds=2)
 # requests are not idempotent, but a refused connection loses nothing when tried again.
 RETRY_ON = "connect-failure,refused-stream,reset-before-request"
 ADS = ConfigSource(ads=AggregatedConfigSource(), resource_api_version=ApiVersion.V3)
-
-
-@dataclass(frozen=True)
-class ModelRoute:
-    """Everything Envoy needs to route one model; hashable so unchanged models cost nothing."""
-
-    namespace: str
-    name: str
-    domains: tuple[str, ...]
-    endpoints: tuple[tuple[str, int], ...]
-    remote: RemoteBackend | None
-    remote_percent: float
-    labels: tuple[tuple[str, str], ...] = ()
-
-    @property
-    def local_cluster(self) -> str:
-        return f"overspill/{self.namespace}/{self.name}/local"
-
-    @property
-    def remote_cluster(self) -> str:
-        return f"overspill/{self.namespace}/{self.name}/remote"
-
-    @property
-    def runtime_key(self) -> str:
-        """Where Envoy finds this model's remote share (admin `/runtime` shows it under this name)."""
-        return f"overspill.{self.namespace}.{self.name}"
-
-
-def service_domains(
-    name: str, namespace: str, port: int, cluster_domain: str = "cluster.local"
-) -> tuple[str, ...]:
-    """The Host values clients use for a Service, with and without its port."""
-    names = (
-        name,
-        f"{name}.{namespace}",
-        f"{name}.{namespace}.svc",
-        f"{name}.{namespace}.svc.{cluster_domain}",
-    )
-    return tuple(d for n in names for d in (n, f"{n}:{port}"))
 
 
 def _socket(address: str, port: int) -> Address:
@@ -185,9 +145,7 @@ def remote_cluster(route: ModelRoute) -> Cluster:
                 ],
             )
         tls = UpstreamTlsContext(common_tls_context=context, sni="" if remote.is_ip else remote.host)
-        cluster.transport_socket = TransportSocket(
-            name="envoy.transport_sockets.tls", typed_config=Any.pack(tls)
-        )
+        cluster.transport_socket = TransportSocket(name="envoy.transport_sockets.tls", typed_config=pack(tls))
     return cluster
 
 
@@ -236,7 +194,9 @@ def virtual_host(route: ModelRoute, default_percent: float = 0.0) -> VirtualHost
             route=RouteAction(cluster=route.local_cluster, timeout=ROUTE_TIMEOUT, retry_policy=retry),
         )
     )
-    return VirtualHost(name=f"{route.namespace}/{route.name}", domains=list(route.domains), routes=routes)
+    return VirtualHost(
+        name=virtual_host_name(route.namespace, route.name), domains=list(route.domains), routes=routes
+    )
 
 
 def fallback_virtual_host() -> VirtualHost:
@@ -268,7 +228,7 @@ def route_configuration(routes: list[ModelRoute], static: bool = False) -> Route
 def listener(address: str, port: int, inline_routes: RouteConfiguration | None = None) -> Listener:
     hcm = HttpConnectionManager(
         stat_prefix="overspill",
-        http_filters=[HttpFilter(name="envoy.filters.http.router", typed_config=Any.pack(Router()))],
+        http_filters=[HttpFilter(name="envoy.filters.http.router", typed_config=pack(Router()))],
     )
     if inline_routes is not None:
         hcm.route_config = inline_routes
@@ -279,9 +239,7 @@ def listener(address: str, port: int, inline_routes: RouteConfiguration | None =
         address=_socket(address, port),
         filter_chains=[
             FilterChain(
-                filters=[
-                    Filter(name="envoy.filters.network.http_connection_manager", typed_config=Any.pack(hcm))
-                ]
+                filters=[Filter(name="envoy.filters.network.http_connection_manager", typed_config=pack(hcm))]
             )
         ],
     )

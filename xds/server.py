@@ -2,6 +2,8 @@
 
 Each stream is one task reading requests and one loop answering them from the latest view
 (see `stream.Stream`); a stream never waits for another, so a stuck node delays nobody.
+What happens on the streams is reported through `Callbacks` (as go-control-plane's server
+does), so the app decides what to count, log and show; the server imports none of it.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 
-from metrics.instruments import Instruments
 from xds import wire
 from xds.cache import ResourceCache
+from xds.delta import Delta
+from xds.sotw import StateOfTheWorld
 from xds.stream import Stream
+from xds.subscription import Interner, Nack
 from xds.types import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE, RUNTIME, SHORT
 
 log = logging.getLogger("overspill.xds")
@@ -79,13 +83,31 @@ class ByteBudget:
             self._freed.set()
 
 
+class Callbacks:
+    """What the server reports about its streams; every method is optional (a no-op here)."""
+
+    def stream_opened(self, stream: Stream) -> None:
+        """A stream was opened (the node names itself in its first request, which may come later)."""
+
+    def stream_closed(self, stream: Stream) -> None: ...
+
+    def response_sent(self, stream: Stream, type_url: str, size: int) -> None: ...
+
+    def acked(self, stream: Stream, type_url: str) -> None: ...
+
+    def nacked(self, stream: Stream, nack: Nack) -> None: ...
+
+
 class XdsServer:
-    def __init__(self, cache: ResourceCache, instruments: Instruments, budget_bytes: int = 64 << 20):
+    def __init__(
+        self, cache: ResourceCache, callbacks: Callbacks | None = None, budget_bytes: int = 64 << 20
+    ):
         self.cache = cache
-        self.instruments = instruments
+        self.callbacks = callbacks or Callbacks()
         self.budget = ByteBudget(budget_bytes)
         self.streams: dict[int, Stream] = {}
         self._ids = itertools.count(1)
+        self._interner = Interner()
 
     def handlers(self) -> list[grpc.GenericRpcHandler]:
         out = []
@@ -114,9 +136,10 @@ class XdsServer:
         send: Callable[[bytes], Awaitable[None]],
         peer: str = "",
     ) -> None:
-        stream = Stream(next(self._ids), self.cache, delta, types, peer)
+        protocol = Delta() if delta else StateOfTheWorld()
+        stream = Stream(next(self._ids), self.cache, protocol, types, peer, self._interner)
         self.streams[stream.sid] = stream
-        self.instruments.xds_streams.inc()
+        self.callbacks.stream_opened(stream)
         wake = asyncio.Event()  # set by a cache commit, a request, or the reader ending
         self.cache.subscribe(wake)
         reader = asyncio.create_task(self._read(stream, requests, wake))
@@ -125,8 +148,7 @@ class XdsServer:
             while True:
                 wake.clear()
                 for type_url, payload in stream.next_responses(time.monotonic()):
-                    self.instruments.xds_pushes.labels(SHORT[type_url]).inc()
-                    self.instruments.xds_bytes.labels(SHORT[type_url]).inc(len(payload))
+                    self.callbacks.response_sent(stream, type_url, len(payload))
                     if len(payload) >= LARGE:  # held until the Envoy answers it (see `_read`)
                         await self.budget.acquire((stream.sid, type_url), len(payload))
                     await send(payload)
@@ -145,43 +167,39 @@ class XdsServer:
             self.cache.unsubscribe(wake)
             reader.cancel()
             self.streams.pop(stream.sid, None)
-            self.instruments.xds_streams.dec()
+            stream.close()
+            self.callbacks.stream_closed(stream)
             log.info("event=stream_closed node=%s peer=%s", stream.node_id, stream.peer)
 
     async def _read(self, stream: Stream, requests: AsyncIterator, wake: asyncio.Event) -> None:
-        handle = stream.on_delta if stream.delta else stream.on_sotw
         async for req in requests:
             known = bool(stream.node_id)
-            handle(req)
+            stream.on_request(req)
             if not known and stream.node_id:
                 log.info(
                     "event=stream_opened node=%s cluster=%s peer=%s protocol=%s scope=%s",
                     stream.node_id,
                     stream.cluster,
                     stream.peer,
-                    "delta" if stream.delta else "sotw",
+                    stream.protocol.name,
                     stream.scope,
                 )
-            if stream.acks:
-                self.instruments.xds_acks.labels(SHORT.get(req.type_url, "?")).inc(stream.acks)
-                stream.acks = 0
+            for type_url in stream.acks:
+                self.callbacks.acked(stream, type_url)
+            stream.acks.clear()
             for nack in stream.nacks:
-                short = SHORT[nack.type_url]
-                self.instruments.xds_nacks.labels(short).inc()
-                for model in nack.models:
-                    ns, name = model.split("/", 1)
-                    self.instruments.model_xds_nacks.labels(ns, name, short).inc()
                 log.error(
                     "event=nack node=%s type=%s version=%s models=%s error=%r",
                     stream.node_id,
-                    short,
+                    SHORT[nack.type_url],
                     nack.version,
-                    ",".join(nack.models) or "-",
+                    ",".join(f"{ns}/{n}" for ns, n in nack.models) or "-",
                     nack.message,
                 )
+                self.callbacks.nacked(stream, nack)
             stream.nacks.clear()
-            st = stream.types.get(req.type_url)
-            if st is not None and not st.pending:
+            sub = stream.types.get(req.type_url)
+            if sub is not None and not sub.pending:
                 self.budget.release((stream.sid, req.type_url))
             wake.set()
 

@@ -10,9 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from api.desired import ModelKey, ModelRoute
 from xds import resources as res
 from xds import runtime
-from xds.cache import ModelBundle, ModelKey, Resource, ResourceCache
+from xds.bundle import ModelBundle, Resource
+from xds.cache import ResourceCache
+from xds.encode import encode
 from xds.types import CLUSTER, ENDPOINT, LISTENER
 
 
@@ -38,24 +41,24 @@ class Translator:
 
     def __init__(self, listener_address: str, listener_port: int, shards: int = runtime.SHARDS):
         def listener(port: int | None) -> Resource:
-            body = bytes(res.listener(listener_address, port or listener_port))
+            body = encode(res.listener(listener_address, port or listener_port))
             return Resource.of(LISTENER, res.LISTENER_NAME, body)
 
-        self.cache = ResourceCache(listener, bytes(res.fallback_virtual_host()), shards)
-        self._routes: dict[ModelKey, res.ModelRoute] = {}
+        self.cache = ResourceCache(listener, encode(res.fallback_virtual_host()), shards)
+        self._routes: dict[ModelKey, ModelRoute] = {}
         self._bundles = _Memo()
         self._memos = {part: _Memo() for part in ("local", "remote", "endpoints", "vhost", "runtime")}
 
-    def publish(self, routes: list[res.ModelRoute]) -> int:
+    def publish(self, routes: list[ModelRoute]) -> int:
         """Make the cache hold exactly `routes`; returns how many models changed."""
         wanted = {(r.namespace, r.name): r for r in routes}
-        changes: dict[ModelKey, res.ModelRoute | None] = {
+        changes: dict[ModelKey, ModelRoute | None] = {
             k: r for k, r in wanted.items() if self._routes.get(k) != r
         }
         changes.update(dict.fromkeys(self._routes.keys() - wanted.keys()))
         return self.apply(changes)
 
-    def apply(self, changes: dict[ModelKey, res.ModelRoute | None]) -> int:
+    def apply(self, changes: dict[ModelKey, ModelRoute | None]) -> int:
         """Change only the models named (None removes one): O(changes), whatever the number of models."""
         bundles: dict[ModelKey, ModelBundle | None] = {}
         for key, route in changes.items():
@@ -71,13 +74,13 @@ class Translator:
         self.cache.commit()
         return len(changes)
 
-    def _bundle(self, r: res.ModelRoute) -> ModelBundle:
+    def _bundle(self, r: ModelRoute) -> ModelBundle:
         key, m = (r.namespace, r.name), self._memos
         clusters = [
             m["local"].get(
                 key,
                 r.local_cluster,
-                lambda: Resource.of(CLUSTER, r.local_cluster, bytes(res.local_cluster(r))),
+                lambda: Resource.of(CLUSTER, r.local_cluster, encode(res.local_cluster(r))),
             )
         ]
         if r.remote is not None:
@@ -85,7 +88,7 @@ class Translator:
                 m["remote"].get(
                     key,
                     r.remote,
-                    lambda: Resource.of(CLUSTER, r.remote_cluster, bytes(res.remote_cluster(r))),
+                    lambda: Resource.of(CLUSTER, r.remote_cluster, encode(res.remote_cluster(r))),
                 )
             )
         return ModelBundle(
@@ -96,9 +99,9 @@ class Translator:
             endpoints=m["endpoints"].get(
                 key,
                 r.endpoints,
-                lambda: Resource.of(ENDPOINT, r.local_cluster, bytes(res.load_assignment(r))),
+                lambda: Resource.of(ENDPOINT, r.local_cluster, encode(res.load_assignment(r))),
             ),
-            vhost=m["vhost"].get(key, (r.domains, r.remote), lambda: bytes(res.virtual_host(r))),
+            vhost=m["vhost"].get(key, (r.domains, r.remote), lambda: encode(res.virtual_host(r))),
             runtime_key=r.runtime_key,
             runtime_entry=m["runtime"].get(
                 key, r.remote_percent, lambda: runtime.entry(r.runtime_key, r.remote_percent)

@@ -1,19 +1,15 @@
 """Protobuf framing by hand for the few envelopes the server sends many times.
 
-Serializing an envoy-data-plane message re-validates it with pydantic (about 2 ms for a
-small Cluster), so each resource is serialized once per content and the envelopes around
-it (Any, DiscoveryResponse, the RouteConfiguration's list of virtual hosts) are byte joins.
+Each resource is serialized once per content (see `encode`) and the envelopes around it
+(Any, DiscoveryResponse, the RouteConfiguration's list of virtual hosts) are byte joins.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import enum
 import struct
 from collections.abc import Iterable, Iterator
-from typing import Any
 
-import betterproto2
 from envoy_data_plane.envoy.config.core.v3 import Node
 
 
@@ -94,39 +90,6 @@ def delta_response(
             *(field(6, n.encode()) for n in removed),
         )
     )
-
-
-def _no_revalidation(message: betterproto2.Message) -> None:
-    """betterproto2 re-validates every message with pydantic on each `bytes(message)`, building
-    a new `SchemaValidator` for every nested message: most of the 2 ms a Cluster costs. Messages
-    are already validated when constructed (pydantic dataclasses), which is where ours are made."""
-
-
-def _cached_field_default(message: betterproto2.Message, field_name: str) -> Any:
-    """betterproto2 computes a field's default inside `warnings.catch_warnings()` for every field
-    of every message serialized: half of all serialization time. Defaults never change, so
-    immutable ones are kept and empty lists and maps are made afresh without the ceremony."""
-    key = (type(message), field_name)
-    kind = _DEFAULTS.get(key, _MISSING)
-    if kind is _MISSING:
-        value = _ORIGINAL_DEFAULT(message, field_name)
-        if value is None or isinstance(value, (int, float, str, bytes, enum.Enum)):
-            _DEFAULTS[key] = (value,)
-        elif value == [] or value == {}:
-            _DEFAULTS[key] = type(value)
-        else:
-            _DEFAULTS[key] = None  # anything else: always ask betterproto2
-        return value
-    if kind is None:
-        return _ORIGINAL_DEFAULT(message, field_name)
-    return kind[0] if isinstance(kind, tuple) else kind()
-
-
-_MISSING = object()
-_DEFAULTS: dict[tuple[type, str], Any] = {}
-_ORIGINAL_DEFAULT = betterproto2.Message._get_field_default
-betterproto2.Message._validate = _no_revalidation  # type: ignore[method-assign]
-betterproto2.Message._get_field_default = _cached_field_default  # type: ignore[method-assign]
 
 
 # --- reading requests ---------------------------------------------------------------------------

@@ -23,10 +23,10 @@ from typing import Any, BinaryIO, Self
 import aiohttp
 import yaml
 
+from xds.render import ads_bootstrap
+
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_BOOTSTRAP = REPO_ROOT / "envoy" / "bootstrap.yaml"
 STARTUP_TIMEOUT = 30.0
 LOG_TAIL_LINES = 40
 
@@ -370,7 +370,8 @@ def patch_bootstrap(config: dict[str, Any], xds_port: int, admin_port: int, node
 
 
 class Envoy(ManagedProcess):
-    """The venv's Envoy with the repo's bootstrap, patched to our xDS port, admin port and node id."""
+    """The venv's Envoy with a bootstrap (default: the gateway `overspill bootstrap` prints), patched
+    to our xDS port, admin port and node id."""
 
     name = "envoy"
 
@@ -379,7 +380,7 @@ class Envoy(ManagedProcess):
         xds_port: int,
         admin_port: int | None = None,
         node_id: str = "overspill-test",
-        bootstrap: Path = DEFAULT_BOOTSTRAP,
+        bootstrap: Path | None = None,
         *,
         log_level: str = "warn",
         extra_args: Sequence[str] = (),
@@ -389,7 +390,7 @@ class Envoy(ManagedProcess):
         self.xds_port = xds_port
         self.admin_port = admin_port or free_port()
         self.node_id = node_id
-        self.bootstrap = Path(bootstrap)
+        self.bootstrap = Path(bootstrap) if bootstrap is not None else None
         self.log_level = log_level
         self.extra_args = list(extra_args)
 
@@ -399,7 +400,7 @@ class Envoy(ManagedProcess):
 
     def _prepare(self, workdir: Path) -> list[str]:
         binary = find_binary("envoy", ENVOY_HINT, before=[Path(sys.executable).parent / "envoy"])
-        config = yaml.safe_load(self.bootstrap.read_text())
+        config = yaml.safe_load(self.bootstrap.read_text()) if self.bootstrap else ads_bootstrap()
         patch_bootstrap(config, self.xds_port, self.admin_port, self.node_id)
         config_path = workdir / "bootstrap.yaml"
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -448,7 +449,7 @@ class Envoy(ManagedProcess):
             return
 
 
-class ControlPlane(ManagedProcess):
+class ControlPlaneProcess(ManagedProcess):
     """`python -m overspill serve` over a manifests directory, as users run it."""
 
     name = "control-plane"
@@ -497,9 +498,7 @@ class ControlPlane(ManagedProcess):
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
-        # Runs from a checkout without `pip install -e` too; unbuffered so the log is current.
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
-        env["PYTHONUNBUFFERED"] = "1"
+        env["PYTHONUNBUFFERED"] = "1"  # so the log is current
         return env
 
     async def _ready(self) -> bool:

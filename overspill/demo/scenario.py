@@ -22,7 +22,7 @@ import yaml
 
 from overspill.demo.load import SecondStats, run_load
 from overspill.demo.plot import plot_timeline
-from overspill.demo.procs import ControlPlane, Envoy, Prometheus
+from overspill.demo.procs import ControlPlaneProcess, Envoy, Prometheus
 from overspill.demo.sim import ModelServer
 
 log = logging.getLogger(__name__)
@@ -287,7 +287,7 @@ def summary_lines(s: Summary, plan: DemoPlan) -> list[str]:
 class StatusSampler:
     """Polls the control plane's /status; keeps the last view seen in each second of the run."""
 
-    def __init__(self, cp: ControlPlane, period: float = 0.25) -> None:
+    def __init__(self, cp: ControlPlaneProcess, period: float = 0.25) -> None:
         self.cp = cp
         self.period = period
         self.latest = ModelView()
@@ -390,7 +390,7 @@ async def _run(out_dir: Path, plan: DemoPlan) -> Summary:
 
         manifest_dir = write_manifests(out_dir / "manifests", local.port or 0, remote.port or 0, plan)
         cp = await stack.enter_async_context(
-            ControlPlane(
+            ControlPlaneProcess(
                 manifest_dir,
                 evaluation_interval=plan.evaluation_interval,
                 prometheus_url=prom.url,

@@ -11,8 +11,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from metrics.hpa import MetricSpec, parse_metric
-from reconciler.fields import FieldError, Fields
+from api.fields import FieldError, Fields
+from api.metric_spec import MetricSpec, parse_metric
 
 MODEL_API = "deployment.beamlit.com/v1alpha1"
 POLICY_API = "authorization.beamlit.com/v1alpha1"

@@ -1,0 +1,89 @@
+"""The contract between the reconciler and the Envoy side: desired state per model, and its names.
+
+The reconciler decides a `ModelRoute` per model; `xds` turns it into Envoy resources.
+Neither imports the other. The naming rules live here too, because the builder, NACK
+attribution and status all have to agree on which Envoy resources belong to which model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from api.crd import RemoteBackend
+
+ModelKey = tuple[str, str]  # (namespace, name) of a ModelDeployment
+
+CLUSTER_PREFIX = "overspill/"
+RUNTIME_PREFIX = "overspill."
+SIDES = ("local", "remote")
+
+
+def cluster_name(namespace: str, name: str, side: str) -> str:
+    """`overspill/<ns>/<name>/<side>`: '/' cannot occur in Kubernetes names, so it parses back."""
+    return f"{CLUSTER_PREFIX}{namespace}/{name}/{side}"
+
+
+def runtime_key(namespace: str, name: str) -> str:
+    """Where Envoy finds a model's remote share (admin `/runtime` shows it under this name)."""
+    return f"{RUNTIME_PREFIX}{namespace}.{name}"
+
+
+def virtual_host_name(namespace: str, name: str) -> str:
+    return f"{namespace}/{name}"
+
+
+def model_of(resource_name: str) -> ModelKey | None:
+    """The model a cluster or endpoint set (by its cluster name) belongs to, or None."""
+    if not resource_name.startswith(CLUSTER_PREFIX):
+        return None
+    parts = resource_name[len(CLUSTER_PREFIX) :].split("/")
+    if len(parts) != 3 or parts[2] not in SIDES:
+        return None
+    return parts[0], parts[1]
+
+
+def models_named_in(message: str, keys: set[ModelKey]) -> list[ModelKey]:
+    """The models whose resources an Envoy error message names (cluster or virtual host names)."""
+    return sorted(k for k in keys if f"{k[0]}/{k[1]}/" in message or f"'{k[0]}/{k[1]}'" in message)
+
+
+def service_domains(
+    name: str, namespace: str, port: int, cluster_domain: str = "cluster.local"
+) -> tuple[str, ...]:
+    """The Host values clients use for a Service, with and without its port."""
+    names = (
+        name,
+        f"{name}.{namespace}",
+        f"{name}.{namespace}.svc",
+        f"{name}.{namespace}.svc.{cluster_domain}",
+    )
+    return tuple(d for n in names for d in (n, f"{n}:{port}"))
+
+
+@dataclass(frozen=True)
+class ModelRoute:
+    """Everything Envoy needs to route one model; hashable so unchanged models cost nothing."""
+
+    namespace: str
+    name: str
+    domains: tuple[str, ...]
+    endpoints: tuple[tuple[str, int], ...]
+    remote: RemoteBackend | None
+    remote_percent: float
+    labels: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def key(self) -> ModelKey:
+        return (self.namespace, self.name)
+
+    @property
+    def local_cluster(self) -> str:
+        return cluster_name(self.namespace, self.name, "local")
+
+    @property
+    def remote_cluster(self) -> str:
+        return cluster_name(self.namespace, self.name, "remote")
+
+    @property
+    def runtime_key(self) -> str:
+        return runtime_key(self.namespace, self.name)

@@ -1,0 +1,76 @@
+"""Delta (incremental) xDS: requests subscribe and unsubscribe names; responses carry changes only.
+
+On reconnect a node lists what it holds (`initial_resource_versions`), so only what
+differs is sent again and anything gone is in `removed_resources`.
+"""
+
+from __future__ import annotations
+
+from xds import wire
+from xds.stream import Stream
+from xds.subscription import Subscription
+
+
+class Delta:
+    name = "delta"
+
+    def read(self, stream: Stream, req: wire.Request) -> None:
+        first = req.type_url not in stream.types
+        sub = stream.subscription(req.type_url, wildcard=False)
+        if sub is None:
+            return
+        view = stream.view
+        assert view is not None
+        subscribe, unsubscribe = set(req.resource_names_subscribe), set(req.resource_names_unsubscribe)
+        current: set[str] = set()  # named by the node as held, at the version the view has
+        if first:
+            sub.wildcard = not subscribe or "*" in subscribe
+            current = self._reconnect(stream, req.type_url, sub, dict(req.initial_resource_versions))
+        elif "*" in subscribe:
+            sub.wildcard = True
+            sub.recheck |= set(view.resources[req.type_url])
+        if "*" in unsubscribe:
+            sub.wildcard = False
+        subscribe.discard("*")
+        unsubscribe.discard("*")
+        if subscribe - sub.names or unsubscribe & sub.names:
+            sub.names = stream.intern((sub.names | subscribe) - unsubscribe)
+        sub.recheck |= subscribe - current
+        if req.response_nonce and req.response_nonce == sub.nonce:
+            stream.settle(req.type_url, sub, str(sub.sent_version), req.error_detail)
+
+    @staticmethod
+    def _reconnect(stream: Stream, type_url: str, sub: Subscription, versions: dict[str, str]) -> set[str]:
+        """A node says what it already holds: only what differs is sent again.
+        Returns the names it holds at their current version."""
+        view = stream.view
+        assert view is not None
+        if not versions:
+            sub.synced = 0  # holds nothing: everything it wants is new to it
+            return set()
+        sub.synced = view.version_of(type_url)
+        current = set()
+        for name, version in versions.items():
+            resource = view.resources[type_url].get(name)
+            if resource is None:
+                sub.gone.add(name)
+            elif resource.version != version:
+                sub.recheck.add(name)
+            else:
+                current.add(name)
+        if sub.wildcard:  # and what it lacks of the whole set
+            sub.recheck |= set(view.resources[type_url]) - current
+        return current
+
+    def respond(self, stream: Stream, type_url: str, sub: Subscription) -> bytes | None:
+        view = stream.view
+        assert view is not None
+        changes = sub.changes(view, type_url, stream.route_refs)
+        if changes is None:
+            return None
+        send, removed = changes
+        nonce = stream.nonce()
+        version = view.version_of(type_url)
+        sub.sent(version, str(version), nonce)
+        stream.sent(type_url)
+        return wire.delta_response(str(version), type_url, nonce, (r.delta for r in send), removed)
