@@ -23,10 +23,12 @@ demo: $(STAMP) prometheus
 
 test: $(STAMP) prometheus
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	$(BIN)/pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	$(BIN)/ruff format --check .
 
 # N models x M simulated Envoys over loopback gRPC (bench/README.md); not part of `make test`.

@@ -612,3 +612,29 @@ def test_same_service_name_in_two_namespaces_both_route():
     assert "llm.team-a.svc.cluster.local" in routes["team-a"].domains
     assert "llm.team-b.svc.cluster.local:80" in routes["team-b"].domains
     assert not set(routes["team-a"].domains) & set(routes["team-b"].domains)
+
+
+def test_an_invalid_model_shows_the_invalid_phase_and_a_deleted_model_leaves_no_series():
+    store = ObjectStore()
+    load(store, "a.yaml", text(model_doc(), *service_docs()))
+    controller, _, _ = make_controller(store)
+    controller.reconcile()
+    registry = controller.instruments.registry
+
+    def phase(p: str) -> float | None:
+        return registry.get_sample_value(
+            "overspill_model_offload_state", {"namespace": "default", "name": "m", "phase": p}
+        )
+
+    assert (phase("Standby"), phase("Invalid")) == (1, 0)
+    load(store, "a.yaml", text(model_doc(service="nowhere"), *service_docs()))
+    controller.reconcile()
+    assert (phase("Standby"), phase("Invalid")) == (0, 1)
+    labels = {"namespace": "default", "name": "m"}
+    assert registry.get_sample_value("overspill_model_config_errors", labels) == 1
+    assert registry.get_sample_value("overspill_model_transitions_total", {**labels, "phase": "Invalid"}) == 1
+
+    load(store, "a.yaml", text(*service_docs()))
+    controller.reconcile()
+    families = {m.name for m in registry.collect() for s in m.samples if s.labels.get("name") == "m"}
+    assert families == set()  # gauges and counters alike
