@@ -6,6 +6,7 @@ Overspill adds is optional so the documented examples apply unchanged.
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 import re
 from dataclasses import dataclass, field
@@ -121,6 +122,23 @@ class OffloadingConfig:
 
 
 @dataclass(frozen=True)
+class ObservedStatus:
+    """The decision a leader last wrote on the CR's status.
+
+    Followers serve it as is; a new leader resumes the offload state machine from it, so a
+    failover moves no traffic and restarts no buffer timer. Times are wall-clock seconds.
+    """
+
+    phase: str = ""
+    remote_percent: float = 0.0
+    triggered: bool = False
+    triggered_at: float | None = None
+    over_since: float | None = None
+    under_since: float | None = None
+    observed_generation: int = 0
+
+
+@dataclass(frozen=True)
 class ModelDeployment:
     """A model to offload: its Service, its workload, and when and where to spill over.
 
@@ -134,6 +152,8 @@ class ModelDeployment:
     model: str = ""
     environment: str = "production"
     policies: tuple[PolicyRef, ...] = ()
+    observed: ObservedStatus | None = None  # from `status`, where the object came from a cluster
+    raw_status: dict | None = field(default=None, compare=False)  # that status as written, for diffs
 
     @property
     def key(self) -> ObjectKey:
@@ -232,6 +252,7 @@ def parse_model_deployment(raw: Any, default_namespace: str = "default") -> Mode
         policies.append(PolicyRef(ref_type, p.str("name", required=True) or ""))
 
     offloading = _parse_offloading(spec.sub("offloadingConfig")) if spec.has("offloadingConfig") else None
+    status = raw.get("status") if isinstance(raw, dict) else None
     if errors:
         raise InvalidObject(f"{meta.namespace}/{meta.name or '?'}", errors)
     return ModelDeployment(
@@ -242,7 +263,45 @@ def parse_model_deployment(raw: Any, default_namespace: str = "default") -> Mode
         model=spec.str("model", meta.name) or meta.name,
         environment=environment,
         policies=tuple(policies),
+        observed=parse_observed_status(status),
+        raw_status=status if isinstance(status, dict) else None,
     )
+
+
+def parse_observed_status(raw: Any) -> ObservedStatus | None:
+    """Our own `status`, read leniently: whatever is odd in it is left out, never an error."""
+    if not isinstance(raw, dict) or not raw.get("phase"):
+        return None
+
+    def number(key: str) -> float | None:
+        value = raw.get(key)
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    return ObservedStatus(
+        phase=str(raw.get("phase")),
+        remote_percent=number("remotePercent") or 0.0,
+        triggered=bool(raw.get("triggeredAt")),
+        triggered_at=parse_time(raw.get("triggeredAt")),
+        over_since=parse_time(raw.get("overSince")),
+        under_since=parse_time(raw.get("underSince")),
+        observed_generation=int(number("observedGeneration") or 0),
+    )
+
+
+def parse_time(value: Any) -> float | None:
+    """An RFC 3339 timestamp (as Kubernetes writes them) as epoch seconds, or None."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return datetime.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def format_time(epoch: float, micro: bool = False) -> str:
+    """Epoch seconds as an RFC 3339 UTC timestamp: seconds, as metav1.Time has it, or microseconds."""
+    when = datetime.datetime.fromtimestamp(epoch, datetime.UTC)
+    return when.strftime("%Y-%m-%dT%H:%M:%S.%fZ" if micro else "%Y-%m-%dT%H:%M:%SZ")
 
 
 def _parse_offloading(f: Fields) -> OffloadingConfig:

@@ -9,20 +9,11 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 
 import aiohttp
 
 from api.metric_spec import MetricSpec
-
-
-@dataclass(frozen=True)
-class Reading:
-    """A metric's value summed over its series, or why there is none."""
-
-    total: float | None
-    error: str | None = None
-    query: str = ""
+from metrics.source import MetricScope, Reading
 
 
 def promql_for(spec: MetricSpec) -> str:
@@ -46,7 +37,7 @@ class PrometheusInformer:
         self.session = session
         self.timeout = timeout
 
-    async def read(self, spec: MetricSpec) -> Reading:
+    async def read(self, spec: MetricSpec, scope: MetricScope | None = None) -> Reading:
         if spec.type in ("Resource", "ContainerResource"):
             return Reading(
                 None,

@@ -57,16 +57,57 @@ def parser() -> argparse.ArgumentParser:
         "serve",
         help="run the control plane",
         description=(
-            "Run the control plane: watch the manifests directory, read offloading metrics, decide per model "
-            "how much traffic spills over, and serve Envoy over gRPC ADS."
+            "Run the control plane: watch the manifests directory (or the Kubernetes API), read offloading "
+            "metrics, decide per model how much traffic spills over, and serve Envoy over gRPC ADS."
         ),
     )
-    s.add_argument(
+    source = s.add_mutually_exclusive_group(required=True)
+    source.add_argument(
         "--manifests",
         type=Path,
-        required=True,
         metavar="DIR",
         help="directory of YAML: ModelDeployments, Policies, Services, EndpointSlices, Deployments",
+    )
+    source.add_argument(
+        "--kubernetes",
+        action="store_true",
+        help="watch the Kubernetes API instead (in-cluster config, or --kubeconfig/--context); metrics "
+        "from metrics.k8s.io, custom.metrics.k8s.io and external.metrics.k8s.io; status written on the CRs",
+    )
+    k = s.add_argument_group("Kubernetes mode")
+    k.add_argument(
+        "--kubeconfig", metavar="FILE", help="kubeconfig file (default: in-cluster, else ~/.kube/config)"
+    )
+    k.add_argument("--context", help="kubeconfig context (default: the current one)")
+    k.add_argument(
+        "--namespace",
+        dest="namespaces",
+        action="append",
+        default=[],
+        metavar="NS",
+        help="watch only this namespace (repeatable; default: all namespaces)",
+    )
+    k.add_argument(
+        "--leader-elect",
+        action="store_true",
+        help="run several replicas: one (holding a coordination.k8s.io Lease) decides and writes status, "
+        "all serve xDS",
+    )
+    k.add_argument("--lease-name", default=DEFAULTS.lease_name, help="the Lease's name (default %(default)s)")
+    k.add_argument(
+        "--lease-namespace",
+        metavar="NS",
+        help="the Lease's namespace (default: $POD_NAMESPACE, else overspill-system)",
+    )
+    k.add_argument(
+        "--lease-seconds",
+        type=_positive,
+        default=DEFAULTS.lease_seconds,
+        metavar="SECONDS",
+        help="how long a lease lasts unrenewed before another replica takes over (default %(default)s)",
+    )
+    k.add_argument(
+        "--identity", help="this replica's name in the Lease (default: $POD_NAME, else the host name)"
     )
     s.add_argument(
         "--xds-port",
@@ -248,6 +289,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         evaluation_interval=args.evaluation_interval,
         default_remote=args.default_remote,
         cluster_domain=args.cluster_domain,
+        kubernetes=args.kubernetes,
+        kubeconfig=args.kubeconfig,
+        context=args.context,
+        namespaces=args.namespaces,
+        leader_elect=args.leader_elect,
+        lease_name=args.lease_name,
+        lease_namespace=args.lease_namespace,
+        lease_seconds=args.lease_seconds,
+        identity=args.identity,
     )
     asyncio.run(_until_signalled(ControlPlane(settings).run()))
     return 0

@@ -1,24 +1,37 @@
-"""Process wiring: one store, one cache, the sources, the controller and the servers, as tasks.
+"""Process wiring: one store, one cache, a source, the controller and the servers, as tasks.
 
 Data flows one way: source → store → controller (decisions) → translator (resources) →
-xDS streams. The server's events come back through `events.XdsEvents`.
+xDS streams. The server's events come back through `events.XdsEvents`. In Kubernetes
+mode the source is the API server, metrics come from its metrics APIs, the leader writes
+each model's status, and followers serve the decisions it wrote.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
+from collections.abc import Iterable
 
 import aiohttp
 from aiohttp import web
 
+from api.crd import ModelDeployment
+from api.status import ModelStatus
 from metrics.instruments import Instruments
+from metrics.kubernetes import KubernetesMetrics
 from metrics.prometheus import PrometheusInformer
 from overspill.admin import make_app
 from overspill.events import XdsEvents
 from overspill.settings import Settings
 from reconciler.controller import Controller
 from reconciler.directory import DirectorySource
+from reconciler.kubeapi import KubeApi, load_client
+from reconciler.kubernetes import KubernetesSource
+from reconciler.leader import LeaderElector
+from reconciler.offload import OffloadMachine
+from reconciler.status_writer import StatusWriter, desired_status
 from reconciler.store import ObjectStore
 from xds.server import XdsServer, start_server
 from xds.snapshot import Translator
@@ -27,13 +40,12 @@ log = logging.getLogger("overspill")
 
 
 class ControlPlane:
-    def __init__(self, settings: Settings):
-        if settings.manifests is None:
-            raise ValueError("settings.manifests: a manifests directory is required")
+    def __init__(self, settings: Settings, kube: KubeApi | None = None):
+        if settings.kubernetes == (settings.manifests is not None):
+            raise ValueError("give either a manifests directory or Kubernetes mode, not both or neither")
         self.settings = settings
         self.store = ObjectStore()
         self.translator = Translator(settings.listener_address, settings.listener_port)
-        self.source = DirectorySource(settings.manifests, self.store)
         self.controller = Controller(
             self.store,
             self.translator.publish,
@@ -41,21 +53,61 @@ class ControlPlane:
             default_remote=settings.default_remote,
             cluster_domain=settings.cluster_domain,
         )
+        self.kube: KubeApi | None = None
+        self.source: DirectorySource | KubernetesSource
+        self.status_writer: StatusWriter | None = None
+        self.elector: LeaderElector | None = None
+        if settings.kubernetes:
+            self.kube = kube or KubeApi(load_client(settings.kubeconfig, settings.context))
+            self.source = KubernetesSource(self.store, self.kube, settings.namespaces or None)
+            self.status_writer = StatusWriter(self.kube)
+            self.controller.on_reconciled = self._write_status
+            if settings.leader_elect:
+                self.controller.follow()  # until the lease says otherwise
+                self.elector = LeaderElector(
+                    self.kube,
+                    settings.lease_namespace or os.environ.get("POD_NAMESPACE") or "overspill-system",
+                    settings.lease_name,
+                    settings.identity or os.environ.get("POD_NAME") or socket.gethostname(),
+                    lease_seconds=settings.lease_seconds,
+                    renew_every=max(0.5, settings.lease_seconds / 5),
+                    on_lead=self._lead,
+                    on_follow=self.controller.follow,
+                )
+        else:
+            assert settings.manifests is not None
+            self.source = DirectorySource(settings.manifests, self.store)
         self.instruments = Instruments()
         self.instruments.watch_controller(
             lambda: self.controller.status.values(), lambda: self.controller.evaluations
         )
         self.instruments.watch_origins(self.store.rejected_by_origin)
         self.xds = XdsServer(self.translator.cache, XdsEvents(self.instruments, self.controller))
+        self.ready = False
 
     def load_once(self) -> None:
         """Read the manifests and decide once, without live metrics (for `render`)."""
+        assert isinstance(self.source, DirectorySource)
         self.source.sync()
         self.controller.reconcile()
 
+    def _lead(self) -> None:
+        self.controller.lead()
+        self.controller.reconcile()
+
+    def _write_status(
+        self, items: Iterable[tuple[ModelDeployment, ModelStatus, OffloadMachine | None]]
+    ) -> None:
+        if self.status_writer is None or not self.controller.leading:
+            return
+        self.status_writer.sync(
+            (model, desired_status(model, status, machine, self.controller.to_wall))
+            for model, status, machine in items
+        )
+
     def status_document(self) -> dict:
         """Per model: state, remote %, metrics, errors (Envoy NACKs too); per node: versions and NACKs."""
-        return {
+        doc = {
             "models": {str(k): s.to_dict() for k, s in sorted(self.controller.status.items())},
             "rejected": [
                 {
@@ -68,34 +120,54 @@ class ControlPlane:
             ],
             "nodes": [stream.describe() for stream in self.xds.streams.values()],
         }
+        if self.elector is not None:
+            doc["leader"] = {"leading": self.elector.leading, "holder": self.elector.holder}
+        return doc
 
     async def run(self) -> None:
         s = self.settings
-        if not s.manifests.is_dir():
+        if s.manifests is not None and not s.manifests.is_dir():
             raise SystemExit(f"--manifests {s.manifests}: not a directory")
-        async with aiohttp.ClientSession() as session:
-            if s.prometheus_url:
-                self.controller.informer = PrometheusInformer(s.prometheus_url, session)
-            self.load_once()  # the first state is complete before any stream is answered
-            grpc_server, xds_port = await start_server(self.xds, s.xds_address, s.xds_port)
-            runner = web.AppRunner(make_app(self.status_document, self.instruments.registry), access_log=None)
+        async with aiohttp.ClientSession() as session, asyncio.TaskGroup() as tg:
+            prometheus = PrometheusInformer(s.prometheus_url, session) if s.prometheus_url else None
+            if self.kube is not None:
+                self.controller.informer = KubernetesMetrics(self.kube.get, fallback=prometheus)
+            elif prometheus is not None:
+                self.controller.informer = prometheus
+            runner = web.AppRunner(
+                make_app(self.status_document, self.instruments.registry, lambda: self.ready), access_log=None
+            )
             await runner.setup()
             await web.TCPSite(runner, s.metrics_address, s.metrics_port).start()
-            log.info(
-                "event=started xds=%s:%d listener=%s:%d metrics=%s:%d manifests=%s prometheus=%s",
-                s.xds_address,
-                xds_port,
-                s.listener_address,
-                s.listener_port,
-                s.metrics_address,
-                s.metrics_port,
-                s.manifests,
-                s.prometheus_url or "-",
-            )
+            grpc_server = None
             try:
-                async with asyncio.TaskGroup() as tg:
+                # The first state is complete before any stream is answered.
+                if isinstance(self.source, KubernetesSource):
                     tg.create_task(self.source.run())
-                    tg.create_task(self.controller.run())
+                    await self.source.synced.wait()
+                    if self.elector is not None:
+                        await self.elector.try_once()
+                        tg.create_task(self.elector.run())
+                    self.controller.reconcile()
+                else:
+                    self.load_once()
+                    tg.create_task(self.source.run())
+                grpc_server, xds_port = await start_server(self.xds, s.xds_address, s.xds_port)
+                self.ready = True
+                log.info(
+                    "event=started xds=%s:%d listener=%s:%d metrics=%s:%d source=%s prometheus=%s",
+                    s.xds_address,
+                    xds_port,
+                    s.listener_address,
+                    s.listener_port,
+                    s.metrics_address,
+                    s.metrics_port,
+                    "kubernetes" if s.kubernetes else s.manifests,
+                    s.prometheus_url or "-",
+                )
+                await self.controller.run()
             finally:
-                await grpc_server.stop(grace=1)
+                self.ready = False
+                if grpc_server is not None:
+                    await grpc_server.stop(grace=1)
                 await runner.cleanup()

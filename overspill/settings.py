@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from api.crd import RemoteBackend
@@ -21,6 +21,16 @@ class Settings:
     evaluation_interval: float = 5.0
     default_remote: RemoteBackend | None = None
     cluster_domain: str = "cluster.local"
+    # Kubernetes mode (instead of `manifests`)
+    kubernetes: bool = False
+    kubeconfig: str | None = None
+    context: str | None = None
+    namespaces: list[str] = field(default_factory=list)  # empty: all
+    leader_elect: bool = False
+    lease_name: str = "overspill-leader"
+    lease_namespace: str | None = None  # default: the pod's namespace (POD_NAMESPACE), else overspill-system
+    identity: str | None = None  # default: the pod's name (POD_NAME), else the host name
+    lease_seconds: float = 15.0
 
 
 DEFAULTS = Settings()

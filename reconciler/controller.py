@@ -13,35 +13,24 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable
-from typing import Protocol
 
 from api.crd import ModelDeployment, ObjectKey, RemoteBackend
 from api.desired import ModelKey, ModelRoute, service_domains
-from api.metric_spec import MetricSpec
 from api.status import EnvoyRejection, MetricStatus, ModelStatus, Phase
 from metrics.hpa import compare
-from metrics.prometheus import Reading
+from metrics.source import MetricScope, MetricSource, NoSource
 from reconciler.claims import HostClaims
 from reconciler.offload import Decision, OffloadMachine
 from reconciler.probe import RemoteProbe
-from reconciler.resolve import pod_count, resolve_backend
+from reconciler.resolve import pod_count, pod_selector, resolve_backend
 from reconciler.store import ObjectStore
 
 log = logging.getLogger("overspill.reconciler")
 
 
-class Informer(Protocol):
-    async def read(self, spec: MetricSpec) -> Reading: ...
-
-
-class NoInformer:
-    """Used when no metric source is configured: every metric says so on the model's status."""
-
-    async def read(self, spec: MetricSpec) -> Reading:
-        return Reading(None, "no metric source configured (use --prometheus-url)")
-
-
 Publish = Callable[[list[ModelRoute]], object]
+# After each reconcile: every model with its status and state machine (the CR status writer).
+Reconciled = Callable[[list[tuple[ModelDeployment, ModelStatus, OffloadMachine | None]]], object]
 
 
 class Controller:
@@ -51,19 +40,25 @@ class Controller:
         self,
         store: ObjectStore,
         publish: Publish,
-        informer: Informer | None = None,
+        informer: MetricSource | None = None,
         evaluation_interval: float = 5.0,
         default_remote: RemoteBackend | None = None,
         cluster_domain: str = "cluster.local",
         clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
     ):
         self.store = store
         self.publish = publish
-        self.informer = informer or NoInformer()
+        self.informer = informer or NoSource()
         self.evaluation_interval = evaluation_interval
         self.default_remote = default_remote
         self.cluster_domain = cluster_domain
         self.clock = clock
+        self.wall = wall
+        # Only the leader reads metrics and decides; a follower serves the decisions the
+        # leader wrote on each model's status (`ModelDeployment.observed`).
+        self.leading = True
+        self.on_reconciled: Reconciled | None = None
         self.probe = RemoteProbe()
         self.machines: dict[ObjectKey, OffloadMachine] = {}
         self.readings: dict[ObjectKey, list[MetricStatus]] = {}
@@ -91,6 +86,9 @@ class Controller:
 
     async def evaluate(self) -> None:
         """Read every model's metrics and probe every remote, then reconcile."""
+        if not self.leading:
+            self.reconcile()
+            return
         models = self.store.models()
         remotes = {(r.host, r.port): r for m in models if (r := self.remote_of(m)) is not None}
         results = await asyncio.gather(
@@ -105,8 +103,9 @@ class Controller:
         if model.offloading is None:
             return []
         specs = model.offloading.metrics
-        readings = await asyncio.gather(*(self.informer.read(s) for s in specs))
         status = self._status_of(model.key)
+        scope = MetricScope(model.meta.namespace, pod_selector(self.store, model))
+        readings = await asyncio.gather(*(self.informer.read(s, scope) for s in specs))
         pods = pod_count(self.store, model, status.ready_endpoints or 1)
         statuses = []
         for spec, reading in zip(specs, readings, strict=True):
@@ -118,7 +117,7 @@ class Controller:
                     spec.describe(),
                     reading.error,
                 )
-            statuses.append(compare(spec, reading.total, pods, reading.error))
+            statuses.append(compare(spec, reading.total, reading.pods or pods, reading.error))
         return statuses
 
     def remote_of(self, model: ModelDeployment) -> RemoteBackend | None:
@@ -149,6 +148,37 @@ class Controller:
             log.info("event=model_removed model=%s", key)
         self.routes = routes
         self.publish(routes)
+        if self.on_reconciled is not None:
+            self.on_reconciled([(m, self.status[m.key], self.machines.get(m.key)) for m in models])
+
+    # --- leadership ---
+
+    def lead(self) -> None:
+        """Start deciding: every state machine resumes from the status the last leader wrote."""
+        self.leading = True
+        self.machines.clear()
+
+    def follow(self) -> None:
+        self.leading = False
+
+    def to_wall(self, t: float) -> float:
+        return self.wall() - (self.clock() - t)
+
+    def _to_clock(self, t: float | None) -> float | None:
+        return None if t is None else self.clock() - (self.wall() - t)
+
+    def _machine_for(self, model: ModelDeployment) -> OffloadMachine:
+        machine = self.machines.get(model.key)
+        if machine is None:
+            seen = model.observed
+            machine = OffloadMachine()
+            if seen is not None:  # a restart or a new leader: carry on where the status says
+                machine.triggered = seen.triggered
+                machine.triggered_at = self._to_clock(seen.triggered_at)
+                machine.over_since = self._to_clock(seen.over_since)
+                machine.under_since = self._to_clock(seen.under_since)
+            self.machines[model.key] = machine
+        return machine
 
     def _reconcile_model(self, model: ModelDeployment, claims: HostClaims, now: float) -> ModelRoute | None:
         status = self._status_of(model.key)
@@ -174,10 +204,12 @@ class Controller:
         status.remote = f"{remote.scheme}://{remote.authority}{remote.path_prefix}" if remote else None
         status.remote_usable = remote is not None and self.probe.usable(remote)
         status.metrics = self.readings.get(model.key, [])
-        machine = self.machines.setdefault(model.key, OffloadMachine())
         if model.offloading is None:
             decision = Decision(Phase.STANDBY, 0.0, "no offloadingConfig: all traffic local")
+        elif not self.leading:
+            decision = self._followed(model, status)
         else:
+            machine = self._machine_for(model)
             decision = machine.step(
                 now, model.offloading.behavior, status.metrics, status.ready_endpoints, status.remote_usable
             )
@@ -191,6 +223,19 @@ class Controller:
             decision.remote_percent if remote else 0.0,
             labels=tuple(sorted(model.meta.labels.items())),
         )
+
+    def _followed(self, model: ModelDeployment, status: ModelStatus) -> Decision:
+        """A follower's decision: the leader's, from status; an outage it sees itself at once."""
+        if status.ready_endpoints == 0 and status.remote is not None:
+            return Decision(Phase.OUTAGE, 100.0, "no ready local endpoint")
+        seen = model.observed
+        if seen is None:
+            return Decision(Phase.STANDBY, 0.0, "waiting for the leader's first decision")
+        try:
+            phase = Phase(seen.phase)
+        except ValueError:
+            phase = Phase.STANDBY
+        return Decision(phase, seen.remote_percent, "decided by the leader")
 
     def _record(self, model: ModelDeployment, status: ModelStatus, decision: Decision, now: float) -> None:
         """Write the decision on the model's status; count and log a change of phase or share."""

@@ -63,17 +63,26 @@ def parse_documents(text: str, origin: str) -> tuple[list[Any], list[Rejected]]:
         if doc.get("kind") == "List" or str(doc.get("kind", "")).endswith("List"):
             queue[:0] = [i for i in doc.get("items") or [] if i is not None]
             continue
-        parser = PARSERS.get((str(doc.get("apiVersion", "")), str(doc.get("kind", ""))))
-        if parser is None:
+        if (str(doc.get("apiVersion", "")), str(doc.get("kind", ""))) not in PARSERS:
             continue  # other kinds in the same directory are not ours to judge
-        try:
-            objects.append(parser(doc))
-        except InvalidObject as exc:
-            rejected.append(Rejected(origin, _key_of(doc), tuple(f"{exc.key}: {e}" for e in exc.errors)))
-        except Exception as exc:  # a parser bug must cost one document, never the source
-            key = _key_of(doc)
-            rejected.append(Rejected(origin, key, (f"{key or origin}: cannot be read: {exc!r}",)))
+        obj, rejection = parse_object(doc, origin)
+        if obj is not None:
+            objects.append(obj)
+        if rejection is not None:
+            rejected.append(rejection)
     return objects, rejected
+
+
+def parse_object(doc: dict, origin: str) -> tuple[Any | None, Rejected | None]:
+    """One object of a known apiVersion and kind: the typed object, or why it was rejected."""
+    parser = PARSERS[(str(doc.get("apiVersion", "")), str(doc.get("kind", "")))]
+    try:
+        return parser(doc), None
+    except InvalidObject as exc:
+        return None, Rejected(origin, _key_of(doc), tuple(f"{exc.key}: {e}" for e in exc.errors))
+    except Exception as exc:  # a parser bug must cost one document, never the source
+        key = _key_of(doc)
+        return None, Rejected(origin, key, (f"{key or origin}: cannot be read: {exc!r}",))
 
 
 def _key_of(doc: dict) -> ObjectKey | None:

@@ -72,6 +72,7 @@ class Workload:
     meta: Meta
     replicas: int
     ready_replicas: int
+    selector: str = ""  # `spec.selector` as a label selector string: how the metrics APIs find its pods
 
     @property
     def key(self) -> ObjectKey:
@@ -142,6 +143,26 @@ def parse_workload(raw: Any, kind: str) -> Workload:
         replicas = doc.sub("spec").int("replicas", 1)
         replicas = 1 if replicas is None else replicas
         ready = status.int("readyReplicas", 0) or 0
+    selector = label_selector(doc.sub("spec").sub("selector"))
     if errors:
         raise InvalidObject(f"{meta.namespace}/{meta.name}", errors)
-    return Workload(kind, meta, replicas, ready)
+    return Workload(kind, meta, replicas, ready, selector)
+
+
+def label_selector(f: Fields) -> str:
+    """A `LabelSelector` (matchLabels and matchExpressions) as the string the API's `labelSelector` takes."""
+    terms = [f"{k}={v}" for k, v in sorted(f.string_map("matchLabels").items())]
+    for e in f.items("matchExpressions"):
+        key, op = e.str("key", "") or "", e.str("operator", "") or ""
+        values = [str(v) for v in e.list("values")]
+        if op == "In":
+            terms.append(f"{key} in ({','.join(values)})")
+        elif op == "NotIn":
+            terms.append(f"{key} notin ({','.join(values)})")
+        elif op == "Exists":
+            terms.append(key)
+        elif op == "DoesNotExist":
+            terms.append(f"!{key}")
+        elif key or op:
+            e.error("operator", f"must be In, NotIn, Exists or DoesNotExist, got {op!r}")
+    return ",".join(terms)

@@ -30,6 +30,7 @@ class OffloadMachine:
     """Timers and the trigger latch of one model; `step` is called on every evaluation."""
 
     triggered: bool = False
+    triggered_at: float | None = None
     over_since: float | None = None
     under_since: float | None = None
     last: Decision | None = None
@@ -49,9 +50,9 @@ class OffloadMachine:
         self.under_since = (self.under_since if self.under_since is not None else now) if all_under else None
 
         if not self.triggered and over and now - self.over_since >= behavior.activation_delay_seconds:
-            self.triggered = True
+            self.triggered, self.triggered_at = True, now
         elif self.triggered and all_under and now - self.under_since >= behavior.buffer_duration_seconds:
-            self.triggered = False
+            self.triggered, self.triggered_at = False, None
 
         decision = self._decide(now, behavior, over, all_under, ready_endpoints, remote_usable)
         if (

@@ -60,3 +60,11 @@ def pod_count(store: ObjectStore, model: ModelDeployment, ready_endpoints: int) 
         if workload is not None:
             return workload.ready_replicas or workload.replicas
     return ready_endpoints
+
+
+def pod_selector(store: ObjectStore, model: ModelDeployment) -> str:
+    """The workload's pod selector, where the metrics APIs find the model's pods ("" if unknown)."""
+    if model.source is None:
+        return ""
+    workload = store.workload(model.source.kind, model.source.namespace, model.source.name)
+    return workload.selector if workload is not None else ""

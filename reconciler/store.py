@@ -1,8 +1,11 @@
 """The object store: the one place the sources write and the decisions read.
 
-Sources replace what they know per origin (a file, or a Kubernetes watch); the store keeps
-the last valid version of an object whose new version is invalid, so a bad edit never
-takes a serving model down, and it remembers why the edit was rejected.
+Sources write per origin: a file replaces everything it held (`replace_origin`); a
+Kubernetes watch changes objects one at a time (`update`). The store keeps the last valid
+version of an object whose new version is invalid, so a bad edit never takes a serving
+model down, and it remembers why the edit was rejected. Lookups the decisions make per
+model (a Service, its EndpointSlices, a workload) are indexed, so a reconcile costs the
+same per model whatever the number of models.
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ class ObjectStore:
         self._objects: dict[ObjectKey, Any] = {}
         # Each origin's own objects; when two hold one key, the origin written last wins.
         self._by_origin: dict[str, dict[ObjectKey, Any]] = {}
+        self._holders: dict[ObjectKey, set[str]] = {}
         self._written: dict[str, int] = {}
         self._rejected: dict[str, list[Rejected]] = {}
+        self._slices: dict[tuple[str, str], dict[ObjectKey, EndpointSlice]] = {}  # (ns, service) -> slices
         self.revision = 0
         self._changed = asyncio.Event()
 
@@ -43,30 +48,76 @@ class ObjectStore:
         if any(r.key is None for r in rejected) and not new:
             keep = set(old)
         held = {k: v for k, v in old.items() if k in keep and k not in new} | new
-        self._by_origin[origin] = held
-        self._written[origin] = self.revision
-        self._resolve(old.keys() | held.keys(), prefer=origin)
+        self._hold(origin, held, old.keys() - held.keys())
         if rejected:
             self._rejected[origin] = rejected
         else:
             self._rejected.pop(origin, None)
         self._bump()
 
+    def update(
+        self,
+        origin: str,
+        upserts: Iterable[Any] = (),
+        deletes: Iterable[ObjectKey] = (),
+        rejected: Iterable[Rejected] = (),
+    ) -> None:
+        """Change some of `origin`'s objects: a watch's events. A rejected new version keeps the old one."""
+        upserts, deletes, rejected = list(upserts), set(deletes), list(rejected)
+        old = self._by_origin.get(origin, {})
+        touched = {o.key for o in upserts} | deletes | {r.key for r in rejected}
+        held = {k: v for k, v in old.items() if k not in deletes} | {o.key: o for o in upserts}
+        self._hold(origin, held, deletes & old.keys())
+        standing = [r for r in self._rejected.get(origin, ()) if r.key not in touched] + rejected
+        if standing:
+            self._rejected[origin] = standing
+        else:
+            self._rejected.pop(origin, None)
+        self._bump()
+
     def remove_origin(self, origin: str) -> None:
-        old = self._by_origin.pop(origin, {})
+        old = self._by_origin.get(origin, {})
+        self._hold(origin, {}, set(old))
+        del self._by_origin[origin]
         self._written.pop(origin, None)
-        self._resolve(old.keys())
         self._rejected.pop(origin, None)
         self._bump()
 
-    def _resolve(self, keys: Iterable[ObjectKey], prefer: str | None = None) -> None:
-        for key in keys:
-            holders = [o for o, objs in self._by_origin.items() if key in objs]
-            if not holders:
-                self._objects.pop(key, None)
+    def _hold(self, origin: str, held: dict[ObjectKey, Any], dropped: Iterable[ObjectKey]) -> None:
+        old = self._by_origin.get(origin, {})
+        self._by_origin[origin] = held
+        self._written[origin] = self.revision
+        for key in dropped:
+            holders = self._holders.get(key)
+            if holders is not None:
+                holders.discard(origin)
+                if not holders:
+                    del self._holders[key]
+            self._resolve(key)
+        for key, obj in held.items():
+            if old.get(key) is obj:
                 continue
+            self._holders.setdefault(key, set()).add(origin)
+            self._resolve(key, prefer=origin)
+
+    def _resolve(self, key: ObjectKey, prefer: str | None = None) -> None:
+        holders = self._holders.get(key)
+        previous = self._objects.get(key)
+        if not holders:
+            current = None
+        else:
             winner = prefer if prefer in holders else max(holders, key=lambda o: self._written[o])
-            self._objects[key] = self._by_origin[winner][key]
+            current = self._by_origin[winner][key]
+        if previous is current:
+            return
+        if isinstance(previous, EndpointSlice):
+            self._slices.get((previous.meta.namespace, previous.service_name), {}).pop(key, None)
+        if current is None:
+            self._objects.pop(key, None)
+            return
+        self._objects[key] = current
+        if isinstance(current, EndpointSlice):
+            self._slices.setdefault((current.meta.namespace, current.service_name), {})[key] = current
 
     def _bump(self) -> None:
         self.revision += 1
@@ -96,13 +147,7 @@ class ObjectStore:
         return self._objects.get(ObjectKey(kind, namespace, name))
 
     def endpoint_slices(self, namespace: str, service_name: str) -> list[EndpointSlice]:
-        return [
-            o
-            for o in self._objects.values()
-            if isinstance(o, EndpointSlice)
-            and o.meta.namespace == namespace
-            and o.service_name == service_name
-        ]
+        return list(self._slices.get((namespace, service_name), {}).values())
 
     def rejected(self) -> list[Rejected]:
         return [r for items in self._rejected.values() for r in items]

@@ -11,7 +11,8 @@ import yaml
 from aiohttp import web
 
 from api.metric_spec import MetricSpec, MetricTarget
-from metrics.prometheus import PrometheusInformer, Reading, promql_for
+from metrics.prometheus import PrometheusInformer, promql_for
+from metrics.source import Reading
 
 TARGET = MetricTarget("Value", 10)
 

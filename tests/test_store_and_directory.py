@@ -12,7 +12,7 @@ import yaml
 from api.crd import ObjectKey
 from api.status import Phase
 from metrics.instruments import Instruments
-from metrics.prometheus import Reading
+from metrics.source import Reading
 from reconciler.controller import Controller
 from reconciler.directory import DirectorySource
 from reconciler.documents import parse_documents
@@ -334,7 +334,7 @@ class FakeInformer:
         self.values = values
         self.reads: list[str] = []
 
-    async def read(self, spec) -> Reading:
+    async def read(self, spec, scope=None) -> Reading:
         self.reads.append(spec.name)
         value = self.values.get(spec.name)
         if value is None:

@@ -1,0 +1,194 @@
+"""Offloading metrics from the Kubernetes metrics APIs, as the HPA reads them (seed 002's default).
+
+`Resource` and `ContainerResource` come from `metrics.k8s.io` PodMetrics of the workload's
+pods (found through its selector), with the HPA's arithmetic: utilization is the summed
+usage over the summed requests of the ready pods that have metrics. Pods the HPA would
+treat specially are handled as it does: a pod without metrics counts as 0 % of its
+request when the others say "over", as 100 % when they say "under", and if that flips
+the verdict there is no verdict (the last decision holds), just as the HPA then does not
+scale. Unready pods are left out. A ready pod whose container has no request for the
+resource is an error on the model's status, as it is for the HPA.
+`Pods` and `Object` come from `custom.metrics.k8s.io`, `External` from
+`external.metrics.k8s.io`, unless a Prometheus source is given for those.
+
+The API is reached through an injected `get(path, params) -> JSON` so this layer needs no
+Kubernetes client of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from api.fields import parse_quantity
+from api.metric_spec import MetricSpec
+from metrics.source import MetricScope, MetricSource, Reading
+
+Get = Callable[[str, dict], Awaitable[dict]]
+METRICS = "/apis/metrics.k8s.io/v1beta1"
+CUSTOM = "/apis/custom.metrics.k8s.io/v1beta2"
+EXTERNAL = "/apis/external.metrics.k8s.io/v1beta1"
+
+
+@dataclass(frozen=True)
+class PodSample:
+    """One pod as the HPA sees it: ready or not, its request and its usage (None: no metrics)."""
+
+    name: str
+    ready: bool
+    request: float | None
+    usage: float | None
+
+
+def utilization(samples: list[PodSample], target: float) -> tuple[float | None, str | None]:
+    """The HPA's utilization (percent of requests) and its verdict rules for missing metrics.
+
+    Returns (utilization, None), or (None, why) when there is no verdict.
+    """
+    ready = [s for s in samples if s.ready]
+    if not ready:
+        return None, "no ready pod"
+    no_request = [s.name for s in ready if not s.request]
+    if no_request:
+        return None, f"no request for this resource on pod(s) {', '.join(sorted(no_request)[:3])}"
+    measured = [s for s in ready if s.usage is not None]
+    if not measured:
+        return None, "no pod metrics yet for any ready pod"
+    requests = sum(s.request for s in measured)  # type: ignore[misc]
+    value = 100 * sum(s.usage for s in measured) / requests  # type: ignore[misc]
+    missing = [s for s in ready if s.usage is None]
+    if missing:
+        over = value > target
+        fill = 0.0 if over else 1.0  # as the HPA: 0 % when scaling up, 100 % when scaling down
+        total_requests = requests + sum(s.request for s in missing)  # type: ignore[misc]
+        adjusted = (
+            100 * (sum(s.usage for s in measured) + fill * sum(s.request for s in missing)) / total_requests
+        )  # type: ignore[misc]
+        if (adjusted > target) != over:
+            return None, (
+                f"{len(missing)} ready pod(s) without metrics leave the verdict open "
+                f"({value:.0f}% measured, {adjusted:.0f}% assuming them {'idle' if over else 'full'})"
+            )
+    return value, None
+
+
+class KubernetesMetrics:
+    def __init__(self, get: Get, fallback: MetricSource | None = None):
+        self.get = get
+        self.fallback = fallback  # Prometheus, for Pods/Object/External when configured
+
+    async def read(self, spec: MetricSpec, scope: MetricScope) -> Reading:
+        try:
+            if spec.type in ("Resource", "ContainerResource"):
+                return await self._resource(spec, scope)
+            if self.fallback is not None:
+                return await self.fallback.read(spec, scope)
+            if spec.type == "Pods":
+                return await self._pods(spec, scope)
+            if spec.type == "Object":
+                return await self._object(spec, scope)
+            return await self._external(spec, scope)
+        except Exception as exc:  # the API's errors, odd answers: never a crash
+            return Reading(None, f"{spec.type} metric {spec.name}: {exc}")
+
+    async def _resource(self, spec: MetricSpec, scope: MetricScope) -> Reading:
+        if not scope.pod_selector:
+            return Reading(None, "spec.modelSourceRef: the workload (and its pod selector) is not known")
+        params = {"labelSelector": scope.pod_selector}
+        pods = await self.get(f"/api/v1/namespaces/{scope.namespace}/pods", params)
+        usage = await self.get(f"{METRICS}/namespaces/{scope.namespace}/pods", params)
+        used = {
+            (item.get("metadata") or {}).get("name"): _container_sum(
+                item.get("containers") or [], spec, "usage"
+            )
+            for item in usage.get("items") or []
+        }
+        samples = [
+            PodSample(
+                name=(p.get("metadata") or {}).get("name", ""),
+                ready=_ready(p),
+                request=_container_sum((p.get("spec") or {}).get("containers") or [], spec, "requests"),
+                usage=used.get((p.get("metadata") or {}).get("name")),
+            )
+            for p in pods.get("items") or []
+            if not (p.get("metadata") or {}).get("deletionTimestamp")
+        ]
+        where = f"pods {scope.pod_selector} in {scope.namespace}"
+        if spec.target.type == "Utilization":
+            value, why = utilization(samples, spec.target.threshold)
+            return Reading(
+                value, None if why is None else f"{spec.name} utilization of {where}: {why}", where
+            )
+        measured = [s for s in samples if s.ready and s.usage is not None]
+        if not measured:
+            return Reading(None, f"no {spec.name} metrics for the ready {where}", where)
+        return Reading(sum(s.usage for s in measured), None, where, pods=len(measured))  # type: ignore[misc]
+
+    async def _pods(self, spec: MetricSpec, scope: MetricScope) -> Reading:
+        selector = ",".join(t for t in (scope.pod_selector, _selector(spec)) if t)
+        body = await self.get(
+            f"{CUSTOM}/namespaces/{scope.namespace}/pods/*/{spec.name}", {"labelSelector": selector}
+        )
+        values = [parse_quantity(i.get("value")) for i in body.get("items") or []]
+        if not values:
+            return Reading(None, f"custom metric {spec.name} has no value for pods {selector}")
+        return Reading(sum(values), None, spec.name, pods=len(values))
+
+    async def _object(self, spec: MetricSpec, scope: MetricScope) -> Reading:
+        obj = spec.described_object
+        assert obj is not None
+        resource = _plural(obj.kind)
+        params = {"labelSelector": _selector(spec)} if spec.selector else {}
+        body = await self.get(
+            f"{CUSTOM}/namespaces/{scope.namespace}/{resource}/{obj.name}/{spec.name}", params
+        )
+        values = [parse_quantity(i.get("value")) for i in body.get("items") or []]
+        if not values:
+            return Reading(None, f"custom metric {spec.name} has no value for {obj.kind} {obj.name}")
+        return Reading(sum(values), None, spec.name)
+
+    async def _external(self, spec: MetricSpec, scope: MetricScope) -> Reading:
+        params = {"labelSelector": _selector(spec)} if spec.selector else {}
+        body = await self.get(f"{EXTERNAL}/namespaces/{scope.namespace}/{spec.name}", params)
+        values = [parse_quantity(i.get("value")) for i in body.get("items") or []]
+        if not values:
+            return Reading(None, f"external metric {spec.name} returned no value")
+        return Reading(sum(values), None, spec.name)
+
+
+def _container_sum(containers: list[dict], spec: MetricSpec, field: str) -> float | None:
+    """The resource's usage (PodMetrics) or requests (pod spec) summed over the pod's containers,
+    or over the one container a ContainerResource metric names; None when none states it."""
+    total, found = 0.0, False
+    for c in containers:
+        if spec.container is not None and c.get("name") != spec.container:
+            continue
+        source = c.get(field) if field == "usage" else (c.get("resources") or {}).get("requests")
+        value = (source or {}).get(spec.name)
+        if value is None:
+            if field == "requests":
+                return None  # the HPA needs every container's request
+            continue
+        total += parse_quantity(value)
+        found = True
+    return total if found else None
+
+
+def _ready(pod: dict) -> bool:
+    status = pod.get("status") or {}
+    if status.get("phase") != "Running":
+        return False
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+
+
+def _selector(spec: MetricSpec) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(spec.selector.items()))
+
+
+def _plural(kind: str) -> str:
+    lower = kind.lower()
+    if lower.endswith(("s", "x", "ch", "sh")):
+        return lower + "es"
+    if lower.endswith("y") and lower[-2:-1] not in "aeiou":
+        return lower[:-1] + "ies"
+    return lower + "s"
