@@ -2,8 +2,10 @@
 
 Three kinds of process, so each one's CPU and memory are its own:
 
-* the control plane (`--role server`): `Translator` + `XdsServer` on 127.0.0.1:0, nothing else;
-* fleets (`--role fleet`): asyncio loops of `FleetEnvoy`s, each on its own TCP connection;
+* the control plane (`--role server`): `Translator` + `XdsServer` (production's `XdsEvents`) on
+  127.0.0.1:0, nothing else;
+* fleets (`--role fleet`): asyncio loops of `SimEnvoy`s (`overspill.sim.envoy`), each on its own
+  TCP connection;
 * the coordinator (no role): starts the others, asks for weight changes, joins the timings.
 
 They talk JSON lines over stdin/stdout. Latency is measured with `time.monotonic()`, one clock
@@ -40,11 +42,12 @@ from prometheus_client import Counter
 
 from api.crd import RemoteBackend
 from api.desired import ModelRoute, service_domains
-from bench import fleet
-from bench.fleet import FleetEnvoy
 from metrics.instruments import Instruments
-from overspill.demo.xds_client import SimEnvoy
-from xds import runtime
+from overspill.events import XdsEvents
+from overspill.sim import envoy as sim
+from overspill.sim.envoy import SimEnvoy
+from reconciler.controller import Controller
+from reconciler.store import ObjectStore
 from xds.server import XdsServer, start_server
 from xds.snapshot import Translator
 from xds.types import CLUSTER, ENDPOINT, ROUTE, RUNTIME
@@ -230,7 +233,10 @@ class ServerRole:
 
     def __init__(self, translator: Translator, instruments: Instruments, routes: list[ModelRoute]):
         self.translator, self.instruments, self.routes = translator, instruments, routes
-        self.xds = XdsServer(translator.cache, instruments)
+        # The server's events as production wires them (`overspill.plane`): counters, and a controller
+        # that hears of every ACK (it has no models, so nothing else).
+        controller = Controller(ObjectStore(), publish=lambda routes: None)
+        self.xds = XdsServer(translator.cache, XdsEvents(instruments, controller))
         self.profile: cProfile.Profile | None = None
 
     def stats(self) -> dict:
@@ -321,7 +327,7 @@ async def server_role(models: int, profile_cold: bool) -> None:
 
 
 async def fleet_role(target: str, delta: bool, count: int, models: int, prefix: str, parallel: int) -> None:
-    """`count` FleetEnvoys; at most `parallel` of them pulling their initial state at once."""
+    """`count` SimEnvoys; at most `parallel` of them pulling their initial state at once."""
     armed = False
     seen: dict[tuple[str, float], list[float]] = defaultdict(list)
     complete: dict[tuple[str, float], asyncio.Event] = defaultdict(asyncio.Event)
@@ -333,13 +339,16 @@ async def fleet_role(target: str, delta: bool, count: int, models: int, prefix: 
             if len(times) == count:
                 complete[(key, value)].set()
 
-    envoys = [FleetEnvoy(target, f"{prefix}-{i}", delta, on_runtime=on_runtime) for i in range(count)]
+    envoys = [
+        SimEnvoy(target, node_id=f"{prefix}-{i}", delta=delta, record=False, on_runtime=on_runtime)
+        for i in range(count)
+    ]
     gate = asyncio.Semaphore(parallel)
 
-    async def join(envoy: FleetEnvoy) -> None:
+    async def join(envoy: SimEnvoy) -> None:
         async with gate:
             await envoy.start()
-            await envoy.wait(lambda e: e.holds(models), timeout=3600)
+            await envoy.wait(lambda e: holds(e, models), timeout=3600)
 
     t0, c0 = time.monotonic(), time.process_time()
     inbox = await Inbox().open()
@@ -385,10 +394,10 @@ class Point:
     cold_start_rss_mib: float
     fleet_sync_s: float = math.nan  # all M clients, at most `parallel` syncing at once
     fleet_rss_mib: float = math.nan  # control plane RSS once the M clients hold everything
-    sync_s: float = math.nan  # one new FleetEnvoy (raw bytes) while the M are connected
+    sync_s: float = math.nan  # one new SimEnvoy (raw bytes) while the M are connected
     sync_server_cpu_s: float = math.nan
     sync_bytes: int = 0
-    decoding_sync_s: float | None = None  # one new SimEnvoy decoding every resource
+    decoding_sync_s: float | None = None  # one new SimEnvoy(decode=True): pydantic messages
     changes: int = 0
     missed: int = 0  # client receipts that never came within the timeout
     latency_all_p50_ms: float = math.nan  # decision -> the last of the M clients has it
@@ -407,30 +416,29 @@ class Point:
     profile: str = field(default="", repr=False)
 
 
+def holds(envoy: SimEnvoy, models: int) -> bool:
+    """The whole state of `models` models with a remote each: clusters, endpoints, routes, weights."""
+    held = envoy.held
+    return (
+        len(held[CLUSTER]) == 2 * models
+        and len(held[ENDPOINT]) == models
+        and len(held[ROUTE]) == 1
+        and len(held[RUNTIME]) == len(envoy.layers)
+        and len(envoy.runtime_values) == models
+    )
+
+
 async def sync_one(target: str, delta: bool, models: int, decoding: bool, timeout: float) -> float:
     """Seconds until one new node holds every cluster, endpoint set, route and runtime layer."""
     t0 = time.monotonic()
-    if decoding:
-        sim = SimEnvoy(target, node_id="newcomer-decoding", delta=delta)
-
-        def holds(e: SimEnvoy) -> bool:
-            h = e.held
-            counts = (len(h[CLUSTER]), len(h[ENDPOINT]), len(h[ROUTE]), len(h[RUNTIME]))
-            return counts == (2 * models, models, 1, runtime.SHARDS) and len(e.runtime_values) == models
-
-        await sim.start()
-        try:
-            await sim.wait(holds, timeout=timeout)
-        finally:
-            await sim.stop()
-    else:
-        fleet.forget()
-        envoy = FleetEnvoy(target, "newcomer", delta)
-        await envoy.start()
-        try:
-            await envoy.wait(lambda e: e.holds(models), timeout=timeout)
-        finally:
-            await envoy.stop()
+    sim.forget()  # it parses everything, as a new Envoy does
+    name = "newcomer-decoding" if decoding else "newcomer"
+    envoy = SimEnvoy(target, node_id=name, delta=delta, decode=decoding, record=False)
+    await envoy.start()
+    try:
+        await envoy.wait(lambda e: holds(e, models), timeout=timeout)
+    finally:
+        await envoy.stop()
     return time.monotonic() - t0
 
 
@@ -564,7 +572,7 @@ async def coordinate(args: argparse.Namespace) -> list[Point]:
     say(f"grid: {points} x {protocols}, {args.changes} weight changes per point; {where}")
     results: list[Point] = []
     counter = itertools.count(1)
-    fleet.warm_up()
+    sim.warm_up()
     for n in sorted({n for n, _ in points}):
         say(f"[N={n}] cold start of the control plane ...")
         extra = ["--cold-profiled"] if args.profile_cold else []

@@ -24,7 +24,7 @@ from envoy_data_plane.envoy.service.discovery.v3 import (
 
 from api.crd import RemoteBackend
 from api.desired import ModelRoute, service_domains
-from overspill.demo.xds_client import SimEnvoy
+from overspill.sim.envoy import SimEnvoy
 from xds import resources as res
 from xds import runtime
 from xds import stream as stream_module
@@ -98,7 +98,7 @@ class Plane:
         self.translator.apply(changes)
 
     async def client(self, node_id: str, delta: bool, **kwargs) -> SimEnvoy:
-        c = SimEnvoy(self.target, node_id=node_id, delta=delta, **kwargs)
+        c = SimEnvoy(self.target, node_id=node_id, delta=delta, decode=True, **kwargs)
         self.clients.append(c)
         await c.start()
         return c
