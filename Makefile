@@ -12,11 +12,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-# Debian's Prometheus, installed when missing (needs root, as on these machines).
+# Debian's Prometheus (and promtool), and kubectl for the Kubernetes tests, installed when
+# missing (needs root, as on these machines). kubectl usually comes with the machine image;
+# Debian's kubernetes-client is the fallback.
 prometheus:
 	@command -v prometheus >/dev/null || { \
 	  echo "installing Debian's prometheus"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
+	@command -v kubectl >/dev/null || { \
+	  echo "installing Debian's kubernetes-client (kubectl)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubernetes-client >/dev/null; }
 
 demo: $(STAMP) prometheus
 	$(BIN)/overspill demo --out out/demo

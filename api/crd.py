@@ -404,12 +404,13 @@ def parse_policy(raw: Any, default_namespace: str = "default") -> Policy:
     if ptype is not None and ptype not in ("location", "flavor"):
         spec.error("type", f"must be location or flavor, got {ptype!r}")
     rules = {}
-    for key, allowed in (("locations", ("country", "continent")), ("flavors", ("cpu", "gpu"))):
+    # `location` is the upstream CRD's own location type (a named location), accepted as it is there.
+    for key, allowed in (("locations", ("location", "country", "continent")), ("flavors", ("cpu", "gpu"))):
         items = []
         for r in spec.items(key):
             rtype = r.str("type", required=True)
             if rtype is not None and rtype not in allowed:
-                r.error("type", f"must be {' or '.join(allowed)}, got {rtype!r}")
+                r.error("type", f"must be {', '.join(allowed[:-1])} or {allowed[-1]}, got {rtype!r}")
             items.append(PolicyRule(rtype or "", r.str("name", required=True) or ""))
         rules[key] = tuple(items)
     if ptype == "location" and not rules["locations"]:

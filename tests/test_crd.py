@@ -710,7 +710,9 @@ def test_policy_errors():
                 "spec": {"type": "location", "locations": [{"type": "planet", "name": "mars"}]},
             }
         )
-    assert str(info.value) == "team/p: spec.locations[0].type: must be country or continent, got 'planet'"
+    assert str(info.value) == (
+        "team/p: spec.locations[0].type: must be location, country or continent, got 'planet'"
+    )
     with pytest.raises(InvalidObject) as info:
         parse_policy({"metadata": {"name": "p"}, "spec": {"type": "location"}})
     assert str(info.value) == "default/p: spec.locations: is required for a location policy"
