@@ -2,8 +2,9 @@
 
 The client brings configuration (in-cluster service account, kubeconfig files and
 contexts, exec plugins, token refresh, TLS) and its REST layer; it is synchronous, so
-every call runs in a worker thread (`asyncio.to_thread`) and a watch stream is read in
-one, handing events to the loop. Objects stay plain JSON dicts: the parsers in `api/` and
+every call runs on a small pool of worker threads of its own, and each watch stream is
+read by a thread of its own that hands events to the loop (watches last minutes: on a
+shared pool they would starve every other call). Objects stay plain JSON dicts: the parsers in `api/` and
 `reconciler/kube.py` read those, and typed client models would cost more than they give.
 """
 
@@ -15,7 +16,9 @@ import json
 import logging
 import random
 import socket
+import threading
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,9 +75,13 @@ class Backoff:
 class KubeApi:
     """JSON in, JSON out, over the client's REST layer."""
 
-    def __init__(self, client: ApiClient, request_timeout: float = 30.0):
+    def __init__(self, client: ApiClient, request_timeout: float = 30.0, workers: int = 8):
         self.client = client
         self.request_timeout = request_timeout
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="kube-api")
+
+    async def _in_thread(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     def _request(
         self, method: str, path: str, params: dict | None, body: Any, content_type: str | None, timeout: Any
@@ -107,16 +114,16 @@ class KubeApi:
         return json.loads(data) if data else {}
 
     async def get(self, path: str, params: dict | None = None) -> dict:
-        return await asyncio.to_thread(self._call, "GET", path, params, None, None)
+        return await self._in_thread(self._call, "GET", path, params, None, None)
 
     async def create(self, path: str, body: dict) -> dict:
-        return await asyncio.to_thread(self._call, "POST", path, None, body, "application/json")
+        return await self._in_thread(self._call, "POST", path, None, body, "application/json")
 
     async def replace(self, path: str, body: dict) -> dict:
-        return await asyncio.to_thread(self._call, "PUT", path, None, body, "application/json")
+        return await self._in_thread(self._call, "PUT", path, None, body, "application/json")
 
     async def merge_patch(self, path: str, body: dict) -> dict:
-        return await asyncio.to_thread(self._call, "PATCH", path, None, body, "application/merge-patch+json")
+        return await self._in_thread(self._call, "PATCH", path, None, body, "application/merge-patch+json")
 
     async def list(self, path: str, params: dict | None = None) -> tuple[list[dict], str]:
         """Every item (following `continue`) and the list's resourceVersion."""
@@ -148,24 +155,32 @@ class KubeApi:
         )
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        response = await asyncio.to_thread(
+        response = await self._in_thread(
             self._request, "GET", path, query, None, None, (self.request_timeout, timeout_seconds + 30)
         )
         if not 200 <= response.status <= 299:
             response.read()
             raise _error(response.status, response.data or b"")
 
+        done = asyncio.Event()
+
+        def hand(item) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed under us: nobody is listening
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+
         def pump() -> None:
             try:
                 for line in iter_resp_lines(response.response):
                     if line.strip():
-                        loop.call_soon_threadsafe(queue.put_nowait, line)
+                        hand(line)
             except Exception as exc:  # the socket shut by `close` below, or the server going away
-                loop.call_soon_threadsafe(queue.put_nowait, exc)
+                hand(exc)
             finally:
-                loop.call_soon_threadsafe(queue.put_nowait, None)
+                hand(None)
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(done.set)
 
-        reader = loop.run_in_executor(None, pump)
+        threading.Thread(target=pump, name=f"watch {path}", daemon=True).start()
         try:
             while (item := await queue.get()) is not None:
                 if isinstance(item, Exception):
@@ -179,8 +194,8 @@ class KubeApi:
                 yield event
         finally:
             _shut(response.response)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.shield(reader), 5)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), 5)
 
 
 def _shut(raw) -> None:

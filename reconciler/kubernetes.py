@@ -85,15 +85,20 @@ class KubernetesSource:
         self.interest = Interest()
         self.synced = asyncio.Event()  # every reflector has listed once
         self._listed: set[str] = set()
+        self._models_listed = asyncio.Event()
         self._fetches: set[asyncio.Task] = set()
 
     def origin(self, kind: str, namespace: str | None) -> str:
         return f"kubernetes/{kind}/{namespace if self.namespaces else '*'}"
 
     async def run(self) -> None:
+        """ModelDeployments first: what they refer to decides which dependents the other lists keep."""
         scopes = self.namespaces or [None]
         async with asyncio.TaskGroup() as tg:
-            for kind in KINDS:
+            for ns in scopes:
+                tg.create_task(self._reflect(MODELS, ns))
+            await self._models_listed.wait()
+            for kind in KINDS[1:]:
                 for ns in scopes:
                     tg.create_task(self._reflect(kind, ns))
 
@@ -160,7 +165,10 @@ class KubernetesSource:
         if kind is MODELS:
             self._refresh_interest()
         self._listed.add(origin)
-        if len(self._listed) == len(KINDS) * len(self.namespaces or [None]):
+        scopes = self.namespaces or [None]
+        if all(self.origin(MODELS.kind, ns) in self._listed for ns in scopes):
+            self._models_listed.set()
+        if len(self._listed) == len(KINDS) * len(scopes):
             self.synced.set()
 
     def _on_event(self, kind: Kind, origin: str, type_: str, raw: dict) -> None:

@@ -216,6 +216,11 @@ class ManagedProcess:
                 shutil.rmtree(self.workdir, ignore_errors=True)
                 self.workdir = None
 
+    def kill(self) -> None:
+        """SIGKILL, as a node failure or an OOM kill would end it (`close` still cleans up)."""
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+
     # -- inspection ------------------------------------------------------------------------------
 
     @property
@@ -450,13 +455,14 @@ class Envoy(ManagedProcess):
 
 
 class ControlPlaneProcess(ManagedProcess):
-    """`python -m overspill serve` over a manifests directory, as users run it."""
+    """`python -m overspill serve`, as users run it: over a manifests directory, or with
+    `manifests=None` and the source in `extra_args` (e.g. `--kubernetes --kubeconfig F`)."""
 
     name = "control-plane"
 
     def __init__(
         self,
-        manifests: Path,
+        manifests: Path | None,
         xds_port: int | None = None,
         listener_port: int | None = None,
         metrics_port: int | None = None,
@@ -467,7 +473,7 @@ class ControlPlaneProcess(ManagedProcess):
         log_dir: Path | None = None,
     ) -> None:
         super().__init__(log_dir)
-        self.manifests = Path(manifests).resolve()
+        self.manifests = Path(manifests).resolve() if manifests is not None else None
         self.xds_port = xds_port or free_port()
         self.listener_port = listener_port or free_port()
         self.metrics_port = metrics_port or free_port()
@@ -482,7 +488,7 @@ class ControlPlaneProcess(ManagedProcess):
     def _prepare(self, workdir: Path) -> list[str]:
         argv = [
             sys.executable, "-m", "overspill", "serve",
-            "--manifests", str(self.manifests),
+            *(["--manifests", str(self.manifests)] if self.manifests else []),
             "--xds-port", str(self.xds_port),
             "--listener-port", str(self.listener_port),
             "--metrics-port", str(self.metrics_port),

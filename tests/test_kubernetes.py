@@ -1,0 +1,374 @@
+"""Kubernetes mode end to end: real `kubectl`, the real `kubernetes` client inside `overspill serve
+--kubernetes`, a real Envoy, and backends that count what reaches them.
+
+No kube-apiserver can be had here, so the API server is `kubeapi.FakeApiServer`, a double that
+speaks the Kubernetes REST wire protocol (discovery, list/watch with bookmarks and 410, status
+subresource, Table output, merge patch, Leases, the metrics APIs) and is tested on its own in
+`test_kubeapi.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import yaml
+from e2e_stack import bootstrap_file, missing
+from kubeapi import FakeApiServer, find_kubectl
+
+from overspill.demo.procs import ComponentMissing, ControlPlaneProcess, Envoy
+from overspill.demo.sim import ModelServer
+
+ROOT = Path(__file__).resolve().parent.parent
+CRDS = [ROOT / "manifests/crds/modeldeployments.yaml", ROOT / "manifests/crds/policies.yaml"]
+HOST = "my-model.default.svc.cluster.local:8080"
+
+# Seed 001's example as written, with the Service, EndpointSlice and Deployment it names.
+SEED = """\
+apiVersion: deployment.beamlit.com/v1alpha1
+kind: ModelDeployment
+metadata:
+  name: my-model
+spec:
+  model: my-model-on-Beamlit
+  environment: production
+  modelSourceRef:
+    apiVersion: apps/v1
+    kind: Deployment
+    name: my-model
+    namespace: default
+  serviceRef:
+    name: my-model
+    namespace: default
+    targetPort: 8080
+  offloadingConfig:
+    behavior:
+      percentage: 50
+    metrics:
+      - type: Resource
+        resource:
+          name: cpu
+          target:
+            type: Utilization
+            averageUtilization: 90
+"""
+
+
+def workload(local_port: int, ready: bool = True) -> str:
+    return yaml.safe_dump_all(
+        [
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {"name": "my-model", "namespace": "default"},
+                "spec": {"selector": {"app": "my-model"}, "ports": [{"name": "http", "port": 8080}]},
+            },
+            {
+                "apiVersion": "discovery.k8s.io/v1",
+                "kind": "EndpointSlice",
+                "metadata": {
+                    "name": "my-model-abcde",
+                    "namespace": "default",
+                    "labels": {"kubernetes.io/service-name": "my-model"},
+                },
+                "addressType": "IPv4",
+                "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": ready}}],
+                "ports": [{"name": "http", "port": local_port, "protocol": "TCP"}],
+            },
+            {
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "metadata": {"name": "my-model", "namespace": "default"},
+                "spec": {
+                    "replicas": 1,
+                    "selector": {"matchLabels": {"app": "my-model"}},
+                    "template": {
+                        "metadata": {"labels": {"app": "my-model"}},
+                        "spec": {"containers": [{"name": "model", "image": "my-model:1"}]},
+                    },
+                },
+            },
+        ]
+    )
+
+
+POD = {
+    "apiVersion": "v1",
+    "kind": "Pod",
+    "metadata": {"name": "my-model-1", "namespace": "default", "labels": {"app": "my-model"}},
+    "spec": {
+        "containers": [{"name": "model", "image": "my-model:1", "resources": {"requests": {"cpu": "500m"}}}]
+    },
+    "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]},
+}
+
+
+@dataclass
+class KubeStack:
+    api: FakeApiServer
+    local: ModelServer
+    remote: ModelServer
+    planes: list[ControlPlaneProcess]
+    envoy: Envoy
+    session: aiohttp.ClientSession
+    listener_port: int
+
+    async def send(self, n: int, concurrency: int = 8) -> list[int]:
+        codes: list[int] = []
+        todo = iter(range(n))
+        url = f"http://127.0.0.1:{self.listener_port}/v1/predict"
+
+        async def worker() -> None:
+            for _ in todo:
+                async with self.session.post(url, headers={"Host": HOST}, data=b"{}") as resp:
+                    await resp.read()
+                    codes.append(resp.status)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return codes
+
+    def cpu(self, millicores: int) -> None:
+        self.api.set_pod_metrics(
+            "default", "my-model-1", {"model": {"cpu": f"{millicores}m", "memory": "1Gi"}}
+        )
+
+    def md_status(self, name: str = "my-model") -> dict:
+        return (self.api.get("modeldeployments", name) or {}).get("status") or {}
+
+    async def until(self, predicate, timeout: float, what: str) -> float:
+        started = time.monotonic()
+        while not predicate():
+            if time.monotonic() - started > timeout:
+                raise AssertionError(f"not within {timeout}s: {what}; status {self.md_status()}")
+            await asyncio.sleep(0.1)
+        return time.monotonic() - started
+
+    async def runtime_weight(self) -> float | None:
+        body = await self.envoy.admin_get("/runtime")
+        import json
+
+        entry = (json.loads(body).get("entries") or {}).get("overspill.default.my-model")
+        return None if entry is None else float(entry.get("final_value"))
+
+
+@contextlib.asynccontextmanager
+async def kube_stack(
+    tmp_path: Path, replicas: int = 1, lease_seconds: float = 3.0, envoy_to: int = 0
+) -> AsyncIterator[KubeStack]:
+    try:
+        find_kubectl()
+    except Exception as exc:  # noqa: BLE001 - reported as a missing component
+        missing(ComponentMissing(str(exc)))
+    async with contextlib.AsyncExitStack() as es:
+        api = es.enter_context(FakeApiServer(crds=CRDS, bookmark_interval=0.5))
+        local = await es.enter_async_context(ModelServer("local", None, 0.0, "my-model"))
+        remote = await es.enter_async_context(ModelServer("remote", None, 0.0, "my-model-remote"))
+        (tmp_path / "seed.yaml").write_text(SEED)
+        (tmp_path / "workload.yaml").write_text(workload(local.port))
+        await api.kubectl("apply", "-f", str(tmp_path / "seed.yaml"), "-f", str(tmp_path / "workload.yaml"))
+        api.create(POD)
+        api.set_pod_metrics("default", "my-model-1", {"model": {"cpu": "100m", "memory": "1Gi"}})
+        kubeconfig = api.kubeconfig(tmp_path / "kubeconfig")
+        planes = []
+        for i in range(replicas):
+            args = [
+                "--kubernetes",
+                "--kubeconfig",
+                str(kubeconfig),
+                "--default-remote",
+                f"http://{remote.address}",
+            ]
+            args += [
+                "--xds-address",
+                "127.0.0.1",
+                "--listener-address",
+                "127.0.0.1",
+                "--metrics-address",
+                "127.0.0.1",
+            ]
+            if replicas > 1:
+                args += ["--leader-elect", "--lease-namespace", "default", "--identity", f"replica-{i}"]
+                args += ["--lease-seconds", f"{lease_seconds:g}"]
+            try:
+                plane = await es.enter_async_context(
+                    ControlPlaneProcess(
+                        None, evaluation_interval=0.5, extra_args=args, log_dir=tmp_path / f"cp{i}"
+                    )
+                )
+            except ComponentMissing as exc:
+                missing(exc)
+            planes.append(plane)
+            if i == 0 and replicas > 1:
+                await asyncio.sleep(0.5)  # replica-0 takes the lease first
+        listener_port = planes[0].listener_port
+        try:
+            envoy = await es.enter_async_context(
+                Envoy(
+                    planes[envoy_to].xds_port, bootstrap=bootstrap_file(tmp_path), log_dir=tmp_path / "envoy"
+                )
+            )
+        except ComponentMissing as exc:
+            missing(exc)
+        listener_port = planes[envoy_to].listener_port
+        await envoy.wait_listener(listener_port, timeout=30)
+        session = await es.enter_async_context(aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)))
+        yield KubeStack(api, local, remote, planes, envoy, session, listener_port)
+
+
+async def test_kubectl_apply_of_seed_001_offloads_and_kubectl_get_shows_it(tmp_path):
+    async with asyncio.timeout(120), kube_stack(tmp_path) as k:
+        await k.until(lambda: k.md_status().get("phase") == "Standby", 15, "Standby written on status")
+        codes = await k.send(100)
+        assert codes == [200] * 100
+        assert (k.local.counts.total, k.remote.counts.total) == (100, 0)
+
+        k.cpu(480)  # 96 % of the 500m request: over 90
+        waited = await k.until(lambda: k.md_status().get("phase") == "Offloading", 15, "Offloading")
+        await asyncio.sleep(1.0)  # the weight reaches Envoy over RTDS
+        before = k.remote.counts.total
+        codes = await k.send(400)
+        assert set(codes) == {200}
+        share = (k.remote.counts.total - before) / 400
+        assert 0.40 <= share <= 0.60, share
+        status = k.md_status()
+        assert status["remotePercent"] == 50 and status["offloadingStatus"] is True
+        assert status["metric"] == "96/90"
+        conditions = {c["type"]: c for c in status["conditions"]}
+        assert conditions["Offloading"]["status"] == "True"
+        assert conditions["MetricsAvailable"]["status"] == "True"
+        assert conditions["Ready"]["observedGeneration"] == 1
+
+        _, table, _ = await k.api.kubectl("get", "md")
+        header, row = table.splitlines()[:2]
+        assert header.split() == ["NAME", "PHASE", "REMOTE%", "METRIC", "READY", "AGE"]
+        assert row.split()[:5] == ["my-model", "Offloading", "50", "96/90", "1"]
+        _, described, _ = await k.api.kubectl("describe", "md", "my-model")
+        assert "OffloadingStarted" in described
+        print(f"\noffloading on {waited:.1f}s after the metric crossed; remote share {share:.0%}")
+
+
+async def test_bad_metric_input_shows_on_status_and_keeps_routing(tmp_path):
+    async with asyncio.timeout(90), kube_stack(tmp_path) as k:
+        await k.until(lambda: k.md_status().get("phase") == "Standby", 15, "Standby")
+        k.api.delete_pod_metrics("default", "my-model-1")
+        await k.until(
+            lambda: (
+                {c["type"]: c["status"] for c in k.md_status().get("conditions", [])}.get("MetricsAvailable")
+                == "False"
+            ),
+            10,
+            "MetricsAvailable=False",
+        )
+        assert set(await k.send(50)) == {200}
+
+
+async def test_a_status_conflict_is_retried(tmp_path):
+    async with asyncio.timeout(90), kube_stack(tmp_path) as k:
+        await k.until(lambda: k.md_status().get("phase") == "Standby", 15, "Standby")
+        k.api.conflict_status_writes("modeldeployments", "my-model", times=2)
+        k.cpu(480)
+        await k.until(lambda: k.md_status().get("phase") == "Offloading", 15, "Offloading despite two 409s")
+        conflicts = [c for c in k.api.calls if c.subresource == "status" and c.code == 409]
+        assert len(conflicts) == 2
+
+
+async def test_watch_resume_and_410_relist_lose_no_update(tmp_path):
+    async with asyncio.timeout(90), kube_stack(tmp_path) as k:
+        await k.until(lambda: k.md_status().get("phase") == "Standby", 15, "Standby")
+        # The watches end (as they do every few minutes): the next ones resume, and see this.
+        k.api.drop_watches()
+        k.api.patch(
+            "endpointslices",
+            "my-model-abcde",
+            {"endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": False}}]},
+        )
+        await k.until(lambda: k.md_status().get("phase") == "Outage", 10, "Outage after a resumed watch")
+        # History compacted and every watch cut: a watch from an old version gets 410 and lists again.
+        k.api.compact()
+        k.api.drop_watches(abrupt=True)
+        k.api.patch(
+            "endpointslices",
+            "my-model-abcde",
+            {"endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": True}}]},
+        )
+        await k.until(lambda: k.md_status().get("phase") == "Standby", 15, "Standby after a relist")
+        assert set(await k.send(40)) == {200}
+
+
+async def test_scaled_to_zero_sends_everything_remote_and_deleting_the_cr_removes_only_its_routes(tmp_path):
+    async with asyncio.timeout(90), kube_stack(tmp_path) as k:
+        await k.until(lambda: k.md_status().get("phase") == "Standby", 15, "Standby")
+        k.api.patch("endpointslices", "my-model-abcde", {"endpoints": []})
+        await k.until(lambda: k.md_status().get("phase") == "Outage", 10, "Outage")
+        await asyncio.sleep(1.0)
+        before = k.remote.counts.total
+        assert set(await k.send(60)) == {200}
+        assert k.remote.counts.total - before == 60
+
+        # A second model on the same Envoy; deleting the first removes only the first's routes.
+        other = dict(yaml.safe_load(SEED))
+        other["metadata"] = {"name": "other", "namespace": "default"}
+        other["spec"] = dict(other["spec"], serviceRef={"name": "other", "targetPort": 8080})
+        await k.api.kubectl("apply", "-f", "-", input=yaml.safe_dump(other))
+        k.api.create(
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {"name": "other", "namespace": "default"},
+                "spec": {"ports": [{"name": "http", "port": 8080}]},
+            }
+        )
+        await k.until(lambda: k.md_status("other").get("phase") is not None, 10, "other has status")
+        await k.api.kubectl("delete", "md", "my-model")
+        await asyncio.sleep(1.5)
+        async with k.session.post(f"http://127.0.0.1:{k.listener_port}/", headers={"Host": HOST}) as resp:
+            assert resp.status == 404  # no model serves that Host any more
+        dump = await k.envoy.admin_get("/clusters")
+        assert "overspill/default/other/local" in dump and "overspill/default/my-model/" not in dump
+
+
+async def test_killing_the_leader_hands_over_without_a_failed_request_or_a_weight_change(tmp_path):
+    lease = 3.0
+    async with asyncio.timeout(150), kube_stack(tmp_path, replicas=2, lease_seconds=lease, envoy_to=1) as k:
+        leader, follower = k.planes
+        await k.until(
+            lambda: (
+                (k.api.get("leases", "overspill-leader") or {}).get("spec", {}).get("holderIdentity")
+                == "replica-0"
+            ),
+            15,
+            "replica-0 leads",
+        )
+        k.cpu(480)
+        await k.until(lambda: k.md_status().get("phase") == "Offloading", 15, "Offloading")
+        await asyncio.sleep(1.5)  # the follower serves the leader's weight
+        assert await k.runtime_weight() == 50
+
+        load = asyncio.create_task(k.send(1500, concurrency=4))
+        await asyncio.sleep(0.5)
+        leader.kill()
+        took = await k.until(
+            lambda: (
+                (k.api.get("leases", "overspill-leader") or {}).get("spec", {}).get("holderIdentity")
+                == "replica-1"
+            ),
+            lease + 5,
+            "replica-1 takes the lease",
+        )
+        weights = []
+        for _ in range(10):
+            weights.append(await k.runtime_weight())
+            await asyncio.sleep(0.2)
+        codes = await load
+        assert set(codes) == {200}, {c: codes.count(c) for c in set(codes)}
+        assert set(weights) == {50.0}
+        assert k.md_status().get("phase") == "Offloading"
+        print(
+            f"\nleader killed; replica-1 led {took:.1f}s later (lease {lease:g}s); "
+            f"{len(codes)} requests, all 200"
+        )
