@@ -276,6 +276,8 @@ class Controller:
 
     def envoy_accepted(self, stream: int, xds_type: str | None = None) -> None:
         """A later version was accepted (or, with no type, the Envoy went away): its NACKs are over."""
+        if not self._rejections:
+            return  # the common case, once per ACK of every Envoy
         gone = [k for k in self._rejections if k[0] == stream and (xds_type is None or k[1] == xds_type)]
         touched = {m for k in gone for m in self._rejections.pop(k)[1]}
         for ns, name in touched:

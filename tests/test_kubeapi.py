@@ -1,4 +1,4 @@
-"""The Kubernetes API server double (tests/kubeapi.py), checked with the clients that will use it:
+"""The Kubernetes API server double (overspill/testing/kubeapi.py), checked with the clients that will use it:
 the official `kubernetes` Python client and a real kubectl. One test per behaviour the double
 promises; under CI=true a missing kubectl fails instead of skipping."""
 
@@ -19,8 +19,9 @@ import kubernetes
 import pytest
 import urllib3
 import yaml
-from kubeapi import FakeApiServer, find_kubectl
 from kubernetes.client import ApiClient, ApiException
+
+from overspill.testing.kubeapi import FakeApiServer, find_kubectl
 
 WIDGET_CRD: dict[str, Any] = {
     "apiVersion": "apiextensions.k8s.io/v1",
@@ -994,10 +995,10 @@ async def test_crd_applied_later_and_deleted(
 
 async def test_standalone_command(tmp_path: Path, kubectl: None) -> None:
     kubeconfig = tmp_path / "kc"
-    script = Path(__file__).with_name("kubeapi.py")
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
-        str(script),
+        "-m",
+        "overspill.testing.kubeapi",
         "--port",
         "0",
         "--kubeconfig",

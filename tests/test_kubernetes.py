@@ -1,8 +1,8 @@
 """Kubernetes mode end to end: real `kubectl`, the real `kubernetes` client inside `overspill serve
 --kubernetes`, a real Envoy, and backends that count what reaches them.
 
-No kube-apiserver can be had here, so the API server is `kubeapi.FakeApiServer`, a double that
-speaks the Kubernetes REST wire protocol (discovery, list/watch with bookmarks and 410, status
+No kube-apiserver can be had here, so the API server is `overspill.testing.kubeapi.FakeApiServer`,
+a double that speaks the Kubernetes REST wire protocol (discovery, list/watch with bookmarks and 410, status
 subresource, Table output, merge patch, Leases, the metrics APIs) and is tested on its own in
 `test_kubeapi.py`.
 """
@@ -19,10 +19,10 @@ from pathlib import Path
 import aiohttp
 import yaml
 from e2e_stack import bootstrap_file, missing
-from kubeapi import FakeApiServer, find_kubectl
 
 from overspill.demo.procs import ComponentMissing, ControlPlaneProcess, Envoy
 from overspill.demo.sim import ModelServer
+from overspill.testing.kubeapi import FakeApiServer, find_kubectl
 
 ROOT = Path(__file__).resolve().parent.parent
 CRDS = [ROOT / "manifests/crds/modeldeployments.yaml", ROOT / "manifests/crds/policies.yaml"]

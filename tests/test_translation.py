@@ -46,9 +46,7 @@ def route(
     endpoints: tuple[tuple[str, int], ...] = (("10.0.0.1", 8000), ("10.0.0.2", 8000)),
     port: int = 80,
 ) -> ModelRoute:
-    return ModelRoute(
-        namespace, name, service_domains(name, namespace, port), endpoints, remote, percent
-    )
+    return ModelRoute(namespace, name, service_domains(name, namespace, port), endpoints, remote, percent)
 
 
 # --- domains ---

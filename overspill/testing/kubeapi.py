@@ -16,7 +16,7 @@ The server runs on its own thread and event loop, so blocking clients (the `kube
 `subprocess`) can be called from test coroutines without deadlocking it; every helper is a plain
 synchronous method that is safe from any thread. Standalone, for manual use:
 
-    .venv/bin/python tests/kubeapi.py --port 0 --kubeconfig /tmp/kc [--crd file.yaml ...]
+    python -m overspill.testing.kubeapi --port 0 --kubeconfig /tmp/kc [--crd file.yaml ...]
 
 What it does not do: admission, schema validation or pruning of custom resources, conversion
 between versions (all versions of a resource share one storage, only `apiVersion` is rewritten),
