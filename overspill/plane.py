@@ -104,6 +104,11 @@ class ControlPlane:
             (model, desired_status(model, status, machine, self.controller.to_wall))
             for model, status, machine in items
         )
+        self.status_writer.sync_rejected(
+            (r.key, r.errors)
+            for r in self.store.rejected()
+            if r.key is not None and r.key.kind == "ModelDeployment" and self.store.get(r.key) is None
+        )
 
     def status_document(self) -> dict:
         """Per model: state, remote %, metrics, errors (Envoy NACKs too); per node: versions and NACKs."""

@@ -149,7 +149,10 @@ class Controller:
         self.routes = routes
         self.publish(routes)
         if self.on_reconciled is not None:
-            self.on_reconciled([(m, self.status[m.key], self.machines.get(m.key)) for m in models])
+            try:
+                self.on_reconciled([(m, self.status[m.key], self.machines.get(m.key)) for m in models])
+            except Exception:  # reporting must never stop deciding and routing
+                log.exception("event=reconciled_hook_error")
 
     # --- leadership ---
 

@@ -127,12 +127,18 @@ class KubernetesSource:
                 )
             except ApiError as exc:
                 delay = backoff.next()
+                hint = ""
+                if exc.status == 404 and kind in (MODELS, POLICIES):
+                    hint = "the CRD is not installed: kubectl apply -k manifests/crds"
+                elif exc.status in (401, 403):
+                    hint = "the service account lacks RBAC for it: see manifests/install/base/rbac.yaml"
                 log.warning(
-                    "event=watch_error kind=%s namespace=%s error=%r retry_in=%.1fs",
+                    "event=watch_error kind=%s namespace=%s error=%r retry_in=%.1fs%s",
                     kind.kind,
                     namespace or "*",
                     str(exc),
                     delay,
+                    f" hint={hint!r}" if hint else "",
                 )
                 await asyncio.sleep(delay)
 

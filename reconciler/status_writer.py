@@ -137,6 +137,7 @@ class StatusWriter:
         self._events: dict[
             tuple[str, str, str], tuple[str, int]
         ] = {}  # (uid, reason, message) -> (name, count)
+        self._rejected_written: dict[ObjectKey, tuple[str, ...]] = {}
         self.writes = 0
         self.conflicts = 0
 
@@ -156,6 +157,38 @@ class StatusWriter:
                 self._spawn(self._write(model.key, previous))
         for key in self._written.keys() - seen:
             del self._written[key]
+
+    def sync_rejected(self, rejected: Iterable[tuple[ObjectKey, tuple[str, ...]]]) -> None:
+        """ModelDeployments that never parsed (so the controller has no model for them) still get
+        their errors on status, once per distinct set of errors."""
+        for key, errors in rejected:
+            if self._rejected_written.get(key) == errors:
+                continue
+            self._rejected_written[key] = errors
+            message = "; ".join(errors)
+            status = {
+                "phase": Phase.INVALID.value,
+                "offloadingStatus": False,
+                "remotePercent": 0,
+                "errors": list(errors),
+                "conditions": [
+                    dict(
+                        _condition("Ready", False, "Invalid", message, 0),
+                        lastTransitionTime=format_time(time.time()),
+                    )
+                ],
+            }
+            path = f"/apis/{MODEL_API}/namespaces/{key.namespace}/modeldeployments/{key.name}/status"
+            self._spawn(self._patch_quietly(key, path, status))
+
+    async def _patch_quietly(self, key: ObjectKey, path: str, status: dict) -> None:
+        async with self._slots:
+            try:
+                await self.api.merge_patch(path, {"status": status})
+                self.writes += 1
+            except ApiError as exc:
+                self._rejected_written.pop(key, None)  # try again on the next sync
+                log.warning("event=status_write_error model=%s error=%r", key, str(exc))
 
     def _spawn(self, work) -> None:
         task = asyncio.get_running_loop().create_task(work)

@@ -218,6 +218,9 @@ async def kube_stack(
         await envoy.wait_listener(listener_port, timeout=30)
         session = await es.enter_async_context(aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)))
         yield KubeStack(api, local, remote, planes, envoy, session, listener_port)
+        for plane in planes:  # every control plane lived through the test, but those killed on purpose
+            if plane.proc is not None and plane.proc.returncode not in (None, -9):
+                plane.check_alive("during the test")
 
 
 async def test_kubectl_apply_of_seed_001_offloads_and_kubectl_get_shows_it(tmp_path):
@@ -372,3 +375,21 @@ async def test_killing_the_leader_hands_over_without_a_failed_request_or_a_weigh
             f"\nleader killed; replica-1 led {took:.1f}s later (lease {lease:g}s); "
             f"{len(codes)} requests, all 200"
         )
+
+
+async def test_a_cr_the_api_accepts_but_overspill_cannot_use_gets_its_error_on_status(tmp_path):
+    """`a:b:c` passes the CRD's host pattern but is no IP address or DNS name."""
+    async with asyncio.timeout(90), kube_stack(tmp_path) as k:
+        await k.until(lambda: k.md_status().get("phase") == "Standby", 15, "Standby")
+        bad = yaml.safe_load(SEED)
+        bad["metadata"]["name"] = "bad-model"
+        bad["spec"]["offloadingConfig"]["remoteBackend"] = {"host": "a:b:c"}
+        await k.api.kubectl("apply", "-f", "-", input=yaml.safe_dump(bad))
+        await k.until(lambda: k.md_status("bad-model").get("phase") == "Invalid", 10, "bad-model Invalid")
+        (error,) = k.md_status("bad-model")["errors"]
+        assert error.startswith(
+            "default/bad-model: spec.offloadingConfig.remoteBackend.host: must be a DNS name"
+        )
+        assert set(await k.send(40)) == {200}  # the good model is untouched
+        _, table, _ = await k.api.kubectl("get", "md", "bad-model")
+        assert "Invalid" in table
