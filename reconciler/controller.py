@@ -137,8 +137,16 @@ class Controller:
         routes: list[ModelRoute] = []
         claims = HostClaims()
         models = self.store.models()
+        last = {(r.namespace, r.name): r for r in self.routes}
         for model in models:
-            route = self._reconcile_model(model, claims, now)
+            try:
+                route = self._reconcile_model(model, claims, now)
+            except Exception as exc:  # a bug met by one model must not stop the others
+                log.exception("event=reconcile_error model=%s", model.key)
+                status = self._status_of(model.key)
+                status.errors = [f"{model.key}: internal error: {exc!r}"]
+                status.reason = status.errors[0]
+                route = last.get((model.meta.namespace, model.meta.name))  # keeps serving as it was
             if route is not None:
                 routes.append(route)
         for key in self.status.keys() - {m.key for m in models}:
