@@ -12,11 +12,15 @@ resource is an error on the model's status, as it is for the HPA.
 `external.metrics.k8s.io`, unless a Prometheus source is given for those.
 
 The API is reached through an injected `get(path, params) -> JSON` so this layer needs no
-Kubernetes client of its own.
+Kubernetes client of its own. A namespace's pods and PodMetrics are listed once per
+evaluation and shared by every model in it (selectors are matched here), so a thousand
+models cost two API calls per namespace per evaluation, not two thousand.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -72,10 +76,69 @@ def utilization(samples: list[PodSample], target: float) -> tuple[float | None, 
     return value, None
 
 
+def selector_matches(selector: str, labels: dict[str, str]) -> bool:
+    """Whether `labels` satisfy a label selector string (`a=b`, `a!=b`, `a in (x,y)`, `a notin (x)`,
+    `a`, `!a`), as the API server's `labelSelector` would."""
+    for term in _terms(selector):
+        if " notin " in term or " in " in term:
+            negate = " notin " in term
+            key, _, values = term.partition(" notin " if negate else " in ")
+            allowed = {v.strip() for v in values.strip().strip("()").split(",")}
+            present = key.strip() in labels and labels[key.strip()] in allowed
+            if present == negate:
+                return False
+        elif "!=" in term:
+            key, _, value = term.partition("!=")
+            if labels.get(key.strip()) == value.strip():
+                return False
+        elif "=" in term:
+            key, _, value = term.partition("==" if "==" in term else "=")
+            if labels.get(key.strip()) != value.strip():
+                return False
+        elif term.startswith("!"):
+            if term[1:].strip() in labels:
+                return False
+        elif term not in labels:
+            return False
+    return True
+
+
+def _terms(selector: str) -> list[str]:
+    terms, depth, current = [], 0, ""
+    for ch in selector:
+        depth += ch == "("
+        depth -= ch == ")"
+        if ch == "," and depth == 0:
+            terms.append(current.strip())
+            current = ""
+        else:
+            current += ch
+    if current.strip():
+        terms.append(current.strip())
+    return terms
+
+
 class KubernetesMetrics:
-    def __init__(self, get: Get, fallback: MetricSource | None = None):
+    def __init__(self, get: Get, fallback: MetricSource | None = None, max_age: float = 1.0):
         self.get = get
         self.fallback = fallback  # Prometheus, for Pods/Object/External when configured
+        self.max_age = max_age  # how long a namespace's pod lists serve every model reading them
+        self._shared: dict[str, tuple[float, asyncio.Future]] = {}
+
+    async def _listed(self, path: str, selector: str) -> list[dict]:
+        """The items of a namespace-wide list that match `selector`, the list shared for `max_age`."""
+        now = time.monotonic()
+        entry = self._shared.get(path)
+        if entry is None or now - entry[0] >= self.max_age:
+            for key in [k for k, (at, _) in self._shared.items() if now - at >= self.max_age]:
+                del self._shared[key]
+            entry = self._shared[path] = (now, asyncio.ensure_future(self.get(path, {})))
+        body = await asyncio.shield(entry[1])
+        return [
+            item
+            for item in body.get("items") or []
+            if selector_matches(selector, (item.get("metadata") or {}).get("labels") or {})
+        ]
 
     async def read(self, spec: MetricSpec, scope: MetricScope) -> Reading:
         try:
@@ -94,14 +157,13 @@ class KubernetesMetrics:
     async def _resource(self, spec: MetricSpec, scope: MetricScope) -> Reading:
         if not scope.pod_selector:
             return Reading(None, "spec.modelSourceRef: the workload (and its pod selector) is not known")
-        params = {"labelSelector": scope.pod_selector}
-        pods = await self.get(f"/api/v1/namespaces/{scope.namespace}/pods", params)
-        usage = await self.get(f"{METRICS}/namespaces/{scope.namespace}/pods", params)
+        pods = await self._listed(f"/api/v1/namespaces/{scope.namespace}/pods", scope.pod_selector)
+        usage = await self._listed(f"{METRICS}/namespaces/{scope.namespace}/pods", scope.pod_selector)
         used = {
             (item.get("metadata") or {}).get("name"): _container_sum(
                 item.get("containers") or [], spec, "usage"
             )
-            for item in usage.get("items") or []
+            for item in usage
         }
         samples = [
             PodSample(
@@ -110,7 +172,7 @@ class KubernetesMetrics:
                 request=_container_sum((p.get("spec") or {}).get("containers") or [], spec, "requests"),
                 usage=used.get((p.get("metadata") or {}).get("name")),
             )
-            for p in pods.get("items") or []
+            for p in pods
             if not (p.get("metadata") or {}).get("deletionTimestamp")
         ]
         where = f"pods {scope.pod_selector} in {scope.namespace}"

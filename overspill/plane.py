@@ -136,7 +136,9 @@ class ControlPlane:
         async with aiohttp.ClientSession() as session, asyncio.TaskGroup() as tg:
             prometheus = PrometheusInformer(s.prometheus_url, session) if s.prometheus_url else None
             if self.kube is not None:
-                self.controller.informer = KubernetesMetrics(self.kube.get, fallback=prometheus)
+                self.controller.informer = KubernetesMetrics(
+                    self.kube.get, fallback=prometheus, max_age=s.evaluation_interval / 2
+                )
             elif prometheus is not None:
                 self.controller.informer = prometheus
             runner = web.AppRunner(

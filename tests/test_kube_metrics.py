@@ -14,7 +14,7 @@ import pytest
 
 from api.metric_spec import MetricSpec, MetricTarget
 from metrics.hpa import compare
-from metrics.kubernetes import KubernetesMetrics, PodSample, utilization
+from metrics.kubernetes import KubernetesMetrics, PodSample, selector_matches, utilization
 from metrics.source import MetricScope
 
 # (case, pods as (ready, request millicores, usage millicores or None), target %, utilization or None)
@@ -62,7 +62,7 @@ def pod(name: str, ready: bool = True, cpu: str | None = "500m", containers: int
 
 def usage(name: str, *cpu: str, memory: str = "512Mi"):
     return {
-        "metadata": {"name": name, "namespace": "default"},
+        "metadata": {"name": name, "namespace": "default", "labels": {"app": "m"}},
         "containers": [{"name": f"c{i}", "usage": {"cpu": c, "memory": memory}} for i, c in enumerate(cpu)],
     }
 
@@ -100,7 +100,38 @@ async def test_resource_utilization_reads_pods_by_the_workloads_selector():
     reading = await KubernetesMetrics(api.get).read(cpu(), SCOPE)
     assert reading.total == pytest.approx(80.0)  # 800m of 1000m
     assert not compare(cpu(), reading.total, 2).over  # 80 is not over 80
-    assert [p for _, p in api.asked] == [{"labelSelector": "app=m"}] * 2
+    # One namespace-wide list each of pods and PodMetrics, matched against the selector here.
+    assert [path for path, _ in api.asked] == [
+        "/api/v1/namespaces/default/pods",
+        "/apis/metrics.k8s.io/v1beta1/namespaces/default/pods",
+    ]
+
+
+async def test_models_in_one_namespace_share_one_list_per_evaluation():
+    other = dict(pod("x"), metadata={"name": "x", "namespace": "default", "labels": {"app": "other"}})
+    api = Api([pod("a"), other], [usage("a", "450m"), dict(usage("x", "50m"), metadata=other["metadata"])])
+    source = KubernetesMetrics(api.get, max_age=60)
+    first = await source.read(cpu(), SCOPE)
+    second = await source.read(cpu(), MetricScope("default", "app=other"))
+    assert (first.total, second.total) == (pytest.approx(90.0), pytest.approx(10.0))
+    assert len(api.asked) == 2  # shared by both models
+
+
+@pytest.mark.parametrize(
+    "selector,labels,matches",
+    [
+        ("app=m", {"app": "m"}, True),
+        ("app=m,tier!=db", {"app": "m", "tier": "db"}, False),
+        ("app in (m, n)", {"app": "n"}, True),
+        ("app notin (m)", {"app": "m"}, False),
+        ("gpu", {"gpu": ""}, True),
+        ("!gpu", {"gpu": "a100"}, False),
+        ("app==m,env in (prod,staging),!canary", {"app": "m", "env": "prod"}, True),
+        ("", {"anything": "x"}, True),
+    ],
+)
+def test_label_selectors_match_as_the_api_server_does(selector, labels, matches):
+    assert selector_matches(selector, labels) is matches
 
 
 async def test_a_container_without_a_request_is_an_error_not_a_crash():
