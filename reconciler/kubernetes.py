@@ -178,16 +178,17 @@ class KubernetesSource:
             self.synced.set()
 
     def _on_event(self, kind: Kind, origin: str, type_: str, raw: dict) -> None:
+        meta = raw.get("metadata") or {}
+        key = ObjectKey(kind.kind, meta.get("namespace") or "default", meta.get("name") or "")
+        before = _references(self.store.get(key)) if kind is MODELS else None
         if type_ == "DELETED" or not self.interest.wants(kind.kind, raw):
-            meta = raw.get("metadata") or {}
-            key = ObjectKey(kind.kind, meta.get("namespace") or "default", meta.get("name") or "")
             if self.store.get(key) is not None or type_ == "DELETED":
                 self.store.update(origin, deletes=[key])
         else:
             obj, rejection = self._parse(kind, origin, raw)
             self.store.update(origin, [obj] if obj else [], rejected=[rejection] if rejection else [])
-        if kind is MODELS:
-            self._refresh_interest()
+        if kind is MODELS and _references(self.store.get(key)) != before:
+            self._refresh_interest()  # a status write (most events) changes no reference
 
     def _refresh_interest(self) -> None:
         """Recompute what the models refer to; fetch what is new, drop what nobody needs any more."""
@@ -258,6 +259,15 @@ class KubernetesSource:
             if held is not None and _older(obj.meta.resource_version, held.meta.resource_version):
                 continue  # the watch brought a newer version meanwhile
             self.store.update(origin, [obj] if obj else [], rejected=[rejection] if rejection else [])
+
+
+def _references(model) -> tuple | None:
+    """What of a ModelDeployment decides which dependents are kept."""
+    if model is None:
+        return None
+    source = model.source
+    return (model.service.namespace, model.service.name, source.kind if source else None,
+            source.namespace if source else None, source.name if source else None)  # fmt: skip
 
 
 def _older(a: str, b: str) -> bool:
