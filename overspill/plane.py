@@ -62,8 +62,10 @@ class ControlPlane:
             self.source = KubernetesSource(self.store, self.kube, settings.namespaces or None)
             self.status_writer = StatusWriter(self.kube)
             self.controller.on_reconciled = self._write_status
+            self.source.status_changes_wake = False  # a lone replica leads: its own writes need no action
             if settings.leader_elect:
                 self.controller.follow()  # until the lease says otherwise
+                self.source.status_changes_wake = True
                 self.elector = LeaderElector(
                     self.kube,
                     settings.lease_namespace or os.environ.get("POD_NAMESPACE") or "overspill-system",
@@ -72,7 +74,7 @@ class ControlPlane:
                     lease_seconds=settings.lease_seconds,
                     renew_every=max(0.5, settings.lease_seconds / 5),
                     on_lead=self._lead,
-                    on_follow=self.controller.follow,
+                    on_follow=self._follow,
                 )
         else:
             assert settings.manifests is not None
@@ -84,6 +86,7 @@ class ControlPlane:
         self.instruments.watch_origins(self.store.rejected_by_origin)
         self.xds = XdsServer(self.translator.cache, XdsEvents(self.instruments, self.controller))
         self.ready = False
+        self._tasks: set[asyncio.Task] = set()
 
     def load_once(self) -> None:
         """Read the manifests and decide once, without live metrics (for `render`)."""
@@ -92,8 +95,19 @@ class ControlPlane:
         self.controller.reconcile()
 
     def _lead(self) -> None:
+        """Take over: resume every state machine from status, and decide once the metrics are read
+        (a reconcile without readings would first write a status that shows none)."""
         self.controller.lead()
-        self.controller.reconcile()
+        if isinstance(self.source, KubernetesSource):
+            self.source.status_changes_wake = False
+        task = asyncio.get_running_loop().create_task(self.controller.evaluate())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _follow(self) -> None:
+        self.controller.follow()
+        if isinstance(self.source, KubernetesSource):
+            self.source.status_changes_wake = True
 
     def _write_status(
         self, items: Iterable[tuple[ModelDeployment, ModelStatus, OffloadMachine | None]]

@@ -55,6 +55,7 @@ class Controller:
         self.cluster_domain = cluster_domain
         self.clock = clock
         self.wall = wall
+        self._wall_offset = wall() - clock()
         # Only the leader reads metrics and decides; a follower serves the decisions the
         # leader wrote on each model's status (`ModelDeployment.observed`).
         self.leading = True
@@ -87,8 +88,7 @@ class Controller:
     async def evaluate(self) -> None:
         """Read every model's metrics and probe every remote, then reconcile."""
         if not self.leading:
-            self.reconcile()
-            return
+            return  # a follower acts on the leader's status writes, which wake it through the store
         models = self.store.models()
         remotes = {(r.host, r.port): r for m in models if (r := self.remote_of(m)) is not None}
         results = await asyncio.gather(
@@ -173,10 +173,12 @@ class Controller:
         self.leading = False
 
     def to_wall(self, t: float) -> float:
-        return self.wall() - (self.clock() - t)
+        """A state-machine time as wall-clock seconds, with one fixed offset: the same instant
+        always maps to the same timestamp, so a steady model's status never changes."""
+        return t + self._wall_offset
 
     def _to_clock(self, t: float | None) -> float | None:
-        return None if t is None else self.clock() - (self.wall() - t)
+        return None if t is None else t - self._wall_offset
 
     def _machine_for(self, model: ModelDeployment) -> OffloadMachine:
         machine = self.machines.get(model.key)

@@ -44,6 +44,7 @@ class Gone(ApiError):
 def load_client(kubeconfig: str | None = None, context: str | None = None) -> ApiClient:
     """In-cluster config when running in a pod (and no kubeconfig is named), else the kubeconfig."""
     configuration = Configuration()
+    configuration.connection_pool_maxsize = 32  # 8 request threads and a watch per kind, with room
     if kubeconfig is None and context is None:
         try:
             kubernetes.config.load_incluster_config(client_configuration=configuration)

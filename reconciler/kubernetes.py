@@ -13,6 +13,7 @@ its models, not to everything it runs.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -83,6 +84,9 @@ class KubernetesSource:
         self.namespaces = sorted(set(namespaces)) if namespaces else None
         self.watch_timeout = watch_timeout
         self.interest = Interest()
+        # Whether a change to a ModelDeployment's status alone wakes the decisions: a follower
+        # must act on the leader's writes; the leader need not act on its own (set by the app).
+        self.status_changes_wake = True
         self.synced = asyncio.Event()  # every reflector has listed once
         self._listed: set[str] = set()
         self._models_listed = asyncio.Event()
@@ -186,7 +190,16 @@ class KubernetesSource:
                 self.store.update(origin, deletes=[key])
         else:
             obj, rejection = self._parse(kind, origin, raw)
-            self.store.update(origin, [obj] if obj else [], rejected=[rejection] if rejection else [])
+            held = self.store.get(key) if kind is MODELS else None
+            quiet = (
+                not self.status_changes_wake
+                and obj is not None
+                and held is not None
+                and dataclasses.replace(obj, observed=held.observed) == held
+            )
+            self.store.update(
+                origin, [obj] if obj else [], rejected=[rejection] if rejection else [], quiet=quiet
+            )
         if kind is MODELS and _references(self.store.get(key)) != before:
             self._refresh_interest()  # a status write (most events) changes no reference
 
@@ -198,10 +211,13 @@ class KubernetesSource:
             if m.source is not None and m.source.kind in WORKLOADS:
                 new.workloads.add((m.source.kind, m.source.namespace, m.source.name))
         old, self.interest = self.interest, new
+        # Before a kind's first list, that list brings what is wanted: fetching would double it.
         for ns, name in new.services - old.services:
-            self._spawn(self._fetch_service(ns, name))
+            if self.origin("EndpointSlice", ns) in self._listed or self.origin("Service", ns) in self._listed:
+                self._spawn(self._fetch_service(ns, name))
         for kind, ns, name in new.workloads - old.workloads:
-            self._spawn(self._fetch_workload(WORKLOADS[kind], ns, name))
+            if self.origin(kind, ns) in self._listed:
+                self._spawn(self._fetch_workload(WORKLOADS[kind], ns, name))
         for ns, name in old.services - new.services:
             self.store.update(self.origin("Service", ns), deletes=[ObjectKey("Service", ns, name)])
             slices = [s.key for s in self.store.endpoint_slices(ns, name)]

@@ -61,19 +61,32 @@ class ObjectStore:
         upserts: Iterable[Any] = (),
         deletes: Iterable[ObjectKey] = (),
         rejected: Iterable[Rejected] = (),
+        quiet: bool = False,
     ) -> None:
-        """Change some of `origin`'s objects: a watch's events. A rejected new version keeps the old one."""
+        """Change some of `origin`'s objects: a watch's events. A rejected new version keeps the old one.
+
+        `quiet` stores the change without waking the decisions (a change they need not act on)."""
         upserts, deletes, rejected = list(upserts), set(deletes), list(rejected)
-        old = self._by_origin.get(origin, {})
         touched = {o.key for o in upserts} | deletes | {r.key for r in rejected}
-        held = {k: v for k, v in old.items() if k not in deletes} | {o.key: o for o in upserts}
-        self._hold(origin, held, deletes & old.keys())
+        held = self._by_origin.setdefault(origin, {})  # changed in place: O(change), not O(origin)
+        self._written[origin] = self.revision
+        for key in deletes:
+            if held.pop(key, None) is not None:
+                self._drop_holder(origin, key)
+        for obj in upserts:
+            if held.get(obj.key) is not obj:
+                held[obj.key] = obj
+                self._holders.setdefault(obj.key, set()).add(origin)
+                self._resolve(obj.key, prefer=origin)
         standing = [r for r in self._rejected.get(origin, ()) if r.key not in touched] + rejected
         if standing:
             self._rejected[origin] = standing
         else:
             self._rejected.pop(origin, None)
-        self._bump()
+        if quiet:
+            self.revision += 1
+        else:
+            self._bump()
 
     def remove_origin(self, origin: str) -> None:
         old = self._by_origin.get(origin, {})
@@ -88,17 +101,20 @@ class ObjectStore:
         self._by_origin[origin] = held
         self._written[origin] = self.revision
         for key in dropped:
-            holders = self._holders.get(key)
-            if holders is not None:
-                holders.discard(origin)
-                if not holders:
-                    del self._holders[key]
-            self._resolve(key)
+            self._drop_holder(origin, key)
         for key, obj in held.items():
             if old.get(key) is obj:
                 continue
             self._holders.setdefault(key, set()).add(origin)
             self._resolve(key, prefer=origin)
+
+    def _drop_holder(self, origin: str, key: ObjectKey) -> None:
+        holders = self._holders.get(key)
+        if holders is not None:
+            holders.discard(origin)
+            if not holders:
+                del self._holders[key]
+        self._resolve(key)
 
     def _resolve(self, key: ObjectKey, prefer: str | None = None) -> None:
         holders = self._holders.get(key)

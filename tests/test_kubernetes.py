@@ -393,3 +393,16 @@ async def test_a_cr_the_api_accepts_but_overspill_cannot_use_gets_its_error_on_s
         assert set(await k.send(40)) == {200}  # the good model is untouched
         _, table, _ = await k.api.kubectl("get", "md", "bad-model")
         assert "Invalid" in table
+
+
+async def test_a_steady_model_writes_no_status(tmp_path):
+    async with asyncio.timeout(60), kube_stack(tmp_path) as k:
+        await k.until(lambda: k.md_status().get("metric") == "20/90", 15, "the metric on status")
+        await asyncio.sleep(1.0)
+
+        def writes() -> int:
+            return sum(1 for c in k.api.calls if c.subresource == "status" and c.name == "my-model")
+
+        before = writes()
+        await asyncio.sleep(3.0)  # six evaluations
+        assert writes() == before
