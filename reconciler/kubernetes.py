@@ -195,7 +195,7 @@ class KubernetesSource:
                 not self.status_changes_wake
                 and obj is not None
                 and held is not None
-                and dataclasses.replace(obj, observed=held.observed) == held
+                and _same_but_status(obj, held)
             )
             self.store.update(
                 origin, [obj] if obj else [], rejected=[rejection] if rejection else [], quiet=quiet
@@ -275,6 +275,12 @@ class KubernetesSource:
             if held is not None and _older(obj.meta.resource_version, held.meta.resource_version):
                 continue  # the watch brought a newer version meanwhile
             self.store.update(origin, [obj] if obj else [], rejected=[rejection] if rejection else [])
+
+
+def _same_but_status(new, old) -> bool:
+    """Whether a ModelDeployment changed only in status (and so in resourceVersion)."""
+    meta = dataclasses.replace(new.meta, resource_version=old.meta.resource_version)
+    return dataclasses.replace(new, meta=meta, observed=old.observed) == old
 
 
 def _references(model) -> tuple | None:
