@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean prometheus
+.PHONY: demo test lint bench bench-kube clean prometheus
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -40,6 +40,12 @@ lint: $(STAMP)
 # BENCH_ARGS=--full adds N=10,000 x M=1,000; BENCH_ARGS=--quick is a smoke run.
 bench: $(STAMP)
 	$(BIN)/python -m bench.xds_bench $(BENCH_ARGS)
+
+# Kubernetes mode as real processes against the API server double (bench/README.md, "Kubernetes
+# mode"): decision -> status -> followers' Envoys, failover, fan-out over 1 and 2 replicas, and a
+# watch of N ModelDeployments. BENCH_ARGS=--quick is a smoke run; --full adds N=10,000 to the watch.
+bench-kube: $(STAMP)
+	$(BIN)/python -m bench.kube_bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
