@@ -26,6 +26,7 @@ from reconciler.resolve import pod_count, pod_selector, resolve_backend
 from reconciler.store import ObjectStore
 
 log = logging.getLogger("overspill.reconciler")
+METRIC_ERROR_REPEAT = 300.0  # seconds before the same metric error is logged again
 
 
 Publish = Callable[[list[ModelRoute]], object]
@@ -66,6 +67,7 @@ class Controller:
         self.status: dict[ObjectKey, ModelStatus] = {}
         self.routes: list[ModelRoute] = []
         self.evaluations = 0
+        self._metric_errors: dict[tuple[ObjectKey, str], tuple[str, float]] = {}  # last logged, and when
         # Envoy NACKs still standing, per (stream, xDS type): the rejection and the models it concerns.
         self._rejections: dict[tuple[int, str], tuple[EnvoyRejection, tuple[ModelKey, ...]]] = {}
 
@@ -111,14 +113,28 @@ class Controller:
         for spec, reading in zip(specs, readings, strict=True):
             if reading.error:
                 status.metric_read_errors[spec.describe()] += 1
-                log.warning(
-                    "event=metric_unavailable model=%s metric=%s error=%r",
-                    model.key,
-                    spec.describe(),
-                    reading.error,
-                )
+            self._log_metric(
+                model.key, spec.describe(), reading.error, status.metric_read_errors[spec.describe()]
+            )
             statuses.append(compare(spec, reading.total, reading.pods or pods, reading.error))
         return statuses
+
+    def _log_metric(self, key: ObjectKey, metric: str, error: str | None, failures: int) -> None:
+        """One line when a metric becomes unavailable (or its error changes) and one when it is
+        back, not one per model per evaluation; the count is on status and in /metrics."""
+        last = self._metric_errors.get((key, metric))
+        if error is None:
+            if last is not None:
+                del self._metric_errors[(key, metric)]
+                log.info("event=metric_available model=%s metric=%s", key, metric)
+            return
+        now = self.clock()
+        if last is not None and last[0] == error and now - last[1] < METRIC_ERROR_REPEAT:
+            return
+        self._metric_errors[(key, metric)] = (error, now)
+        log.warning(
+            "event=metric_unavailable model=%s metric=%s failures=%d error=%r", key, metric, failures, error
+        )
 
     def remote_of(self, model: ModelDeployment) -> RemoteBackend | None:
         if model.offloading is None:
@@ -151,6 +167,8 @@ class Controller:
                 routes.append(route)
         for key in self.status.keys() - {m.key for m in models}:
             del self.status[key]
+            for gone in [k for k in self._metric_errors if k[0] == key]:
+                del self._metric_errors[gone]
             self.machines.pop(key, None)
             self.readings.pop(key, None)
             log.info("event=model_removed model=%s", key)

@@ -638,3 +638,23 @@ def test_an_invalid_model_shows_the_invalid_phase_and_a_deleted_model_leaves_no_
     controller.reconcile()
     families = {m.name for m in registry.collect() for s in m.samples if s.labels.get("name") == "m"}
     assert families == set()  # gauges and counters alike
+
+
+async def test_an_unavailable_metric_is_logged_once_until_it_changes_or_returns(remote_port, caplog):
+    store = ObjectStore()
+    load(store, "a.yaml", text(model_doc(remote=f"127.0.0.1:{remote_port}"), *service_docs()))
+    informer = FakeInformer()
+    controller, _, clock = make_controller(store, informer)
+    with caplog.at_level("INFO", logger="overspill.reconciler"):
+        for _ in range(5):
+            await asyncio.wait_for(controller.evaluate(), 5)
+            clock.now += 1
+        informer.values["queue_depth"] = 1
+        await asyncio.wait_for(controller.evaluate(), 5)
+    events = [r.getMessage().split()[0] for r in caplog.records if "metric_" in r.getMessage()]
+    assert events == ["event=metric_unavailable", "event=metric_available"]
+    errors = controller.instruments.registry.get_sample_value(
+        "overspill_metric_read_errors_total",
+        {"namespace": "default", "name": "m", "metric": "External/queue_depth"},
+    )
+    assert errors == 5  # every failed read still counted
