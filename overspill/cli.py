@@ -397,6 +397,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(doc, indent=2))
         return 0
+    leader = doc.get("leader")
+    if leader is not None:  # Kubernetes mode with --leader-elect
+        role = "leader" if leader["leading"] else f"follower (leader: {leader['holder'] or '-'})"
+        print(f"this replica: {role}\n")
     print(f"{'MODEL':32} {'STATE':18} {'REMOTE%':>7} {'READY':>5}  METRICS")
     for key, m in doc["models"].items():
         metrics = (

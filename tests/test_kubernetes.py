@@ -371,6 +371,7 @@ async def test_killing_the_leader_hands_over_without_a_failed_request_or_a_weigh
         assert set(codes) == {200}, {c: codes.count(c) for c in set(codes)}
         assert set(weights) == {50.0}
         assert k.md_status().get("phase") == "Offloading"
+        assert (await follower.status())["leader"] == {"leading": True, "holder": "replica-1"}
         print(
             f"\nleader killed; replica-1 led {took:.1f}s later (lease {lease:g}s); "
             f"{len(codes)} requests, all 200"
