@@ -19,6 +19,7 @@ from pathlib import Path
 import aiohttp
 import yaml
 from e2e_stack import bootstrap_file, missing
+from seeds import SEED_001_MODEL
 
 from overspill.demo.procs import ComponentMissing, ControlPlaneProcess, Envoy
 from overspill.demo.sim import ModelServer
@@ -28,35 +29,9 @@ ROOT = Path(__file__).resolve().parent.parent
 CRDS = [ROOT / "manifests/crds/modeldeployments.yaml", ROOT / "manifests/crds/policies.yaml"]
 HOST = "my-model.default.svc.cluster.local:8080"
 
-# Seed 001's example as written, with the Service, EndpointSlice and Deployment it names.
-SEED = """\
-apiVersion: deployment.beamlit.com/v1alpha1
-kind: ModelDeployment
-metadata:
-  name: my-model
-spec:
-  model: my-model-on-Beamlit
-  environment: production
-  modelSourceRef:
-    apiVersion: apps/v1
-    kind: Deployment
-    name: my-model
-    namespace: default
-  serviceRef:
-    name: my-model
-    namespace: default
-    targetPort: 8080
-  offloadingConfig:
-    behavior:
-      percentage: 50
-    metrics:
-      - type: Resource
-        resource:
-          name: cpu
-          target:
-            type: Utilization
-            averageUtilization: 90
-"""
+SEED = (
+    SEED_001_MODEL  # seed 001's example as written, with the Service, EndpointSlice and Deployment it names
+)
 
 
 def workload(local_port: int, ready: bool = True) -> str:

@@ -22,6 +22,16 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from seeds import (
+    SEED_001_MODEL,
+    SEED_001_MODEL_WITH_POLICIES,
+    SEED_001_POLICY,
+    SEED_002_EXTERNAL_HPA,
+    SEED_002_EXTERNAL_NESTED,
+    SEED_002_METRICS_SERVER,
+    SEED_002_OVERVIEW,
+    model_with,
+)
 
 from api.crd import (
     MODEL_API,
@@ -62,169 +72,14 @@ OUR_KINDS = {"ModelDeployment", "Policy"}
 OTHER_CUSTOM_KINDS = {"ServiceMonitor"}
 
 
-# --- Seed 001's examples, as written (the page lost its indentation; this is its structure) ---
-
-SEED_001_MODEL = """\
-apiVersion: deployment.beamlit.com/v1alpha1
-kind: ModelDeployment
-metadata:
-  name: my-model
-spec:
-  model: my-model-on-Beamlit
-  environment: production
-  modelSourceRef:
-    apiVersion: apps/v1
-    kind: Deployment
-    name: my-model
-    namespace: default
-  serviceRef:
-    name: my-model
-    namespace: default
-    targetPort: 8080
-  offloadingConfig:
-    behavior:
-      percentage: 50
-    metrics:
-      - type: Resource
-        resource:
-          name: cpu
-          target:
-            type: Utilization
-            averageUtilization: 90
-"""
-
-SEED_001_POLICY = """\
-apiVersion: authorization.beamlit.com/v1alpha1
-kind: Policy
-metadata:
-  name: my-policy
-spec:
-  type: location
-  locations:
-    - type: country
-      name: "us"
-    - type: continent
-      name: "na"
-"""
-
-SEED_001_MODEL_WITH_POLICIES = """\
-apiVersion: deployment.beamlit.com/v1alpha1
-kind: ModelDeployment
-metadata:
-  name: my-model
-spec:
-  model: my-model-on-Beamlit
-  environment: production
-  modelSourceRef:
-    apiVersion: apps/v1
-    kind: Deployment
-    name: my-model
-    namespace: default
-  serviceRef:
-    name: my-model
-    namespace: default
-    targetPort: 8080
-  policies:
-    - refType: localPolicy
-      name: my-policy
-    - refType: remotePolicy
-      name: my-policy-on-beamlit
-  offloadingConfig:
-    behavior:
-      percentage: 50
-    metrics:
-      - type: Resource
-        resource:
-          name: cpu
-          target:
-            type: Utilization
-            averageUtilization: 90
-"""
-
-# --- Seed 002's snippets, as written (indentation restored, tabs as spaces) ---
-
-SEED_002_OVERVIEW = """\
-spec:
-  offloadingConfig:
-    behavior:
-      percentage: 50
-    metrics:
-      - type: Resource
-        resource:
-          name: cpu
-          target:
-            type: Utilization
-            averageUtilization: 50
-"""
-
-# The Prometheus example as the page nests it: `target` under `metric`.
-SEED_002_PROMETHEUS = """\
-offloadingConfig:
-    behavior:
-      percentage: 50
-    metrics:
-      - type: External
-        external:
-          metric:
-            name: my_custom_metric_in_prom # Metric name, or PromQL query
-            selector:
-              # Any label you want to match in your metric.
-              # This only works for a single metric (not a PromQL query).
-              matchLabels:
-                my_label: "value"
-            target:
-              type: Value
-              value: 10
-"""
-
-# The same example in the HPA ExternalMetricSource shape: `target` beside `metric`.
-SEED_002_PROMETHEUS_HPA_SHAPE = """\
-offloadingConfig:
-    behavior:
-      percentage: 50
-    metrics:
-      - type: External
-        external:
-          metric:
-            name: my_custom_metric_in_prom # Metric name, or PromQL query
-            selector:
-              matchLabels:
-                my_label: "value"
-          target:
-            type: Value
-            value: 10
-"""
-
-SEED_002_METRICS_SERVER = """\
-  metrics:
-  - type: Resource
-    resource:
-      name: cpu
-      target:
-        type: Utilization
-        averageUtilization: 50
-"""
-
-
-def seed_model_with(offloading: Any) -> dict:
-    """Seed 001's ModelDeployment with its offloadingConfig replaced by a seed 002 snippet."""
-    doc = yaml.safe_load(SEED_001_MODEL)
-    doc["spec"]["offloadingConfig"] = offloading
-    return doc
-
-
 SEED_DOCUMENTS = {
     "001-model": yaml.safe_load(SEED_001_MODEL),
     "001-policy": yaml.safe_load(SEED_001_POLICY),
     "001-model-with-policies": yaml.safe_load(SEED_001_MODEL_WITH_POLICIES),
-    "002-overview": seed_model_with(yaml.safe_load(SEED_002_OVERVIEW)["spec"]["offloadingConfig"]),
-    "002-prometheus-target-under-metric": seed_model_with(
-        yaml.safe_load(SEED_002_PROMETHEUS)["offloadingConfig"]
-    ),
-    "002-prometheus-hpa-shape": seed_model_with(
-        yaml.safe_load(SEED_002_PROMETHEUS_HPA_SHAPE)["offloadingConfig"]
-    ),
-    "002-metrics-server": seed_model_with(yaml.safe_load(SEED_002_METRICS_SERVER)),
+    "002-overview": model_with(SEED_002_OVERVIEW),
+    "002-prometheus-target-under-metric": model_with(SEED_002_EXTERNAL_NESTED),
+    "002-prometheus-hpa-shape": model_with(SEED_002_EXTERNAL_HPA),
+    "002-metrics-server": model_with("offloadingConfig:\n" + SEED_002_METRICS_SERVER),
 }
 
 
