@@ -29,9 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 CRDS = [ROOT / "manifests/crds/modeldeployments.yaml", ROOT / "manifests/crds/policies.yaml"]
 HOST = "my-model.default.svc.cluster.local:8080"
 
-SEED = (
-    SEED_001_MODEL  # seed 001's example as written, with the Service, EndpointSlice and Deployment it names
-)
+# Seed 001's example as written; `workload` adds the Service, EndpointSlice and Deployment it names.
+SEED = SEED_001_MODEL
 
 
 def workload(local_port: int, ready: bool = True) -> str:
