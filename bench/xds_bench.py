@@ -50,7 +50,7 @@ from reconciler.controller import Controller
 from reconciler.store import ObjectStore
 from xds.server import XdsServer, start_server
 from xds.snapshot import Translator
-from xds.types import CLUSTER, ENDPOINT, ROUTE, RUNTIME
+from xds.types import CLUSTER, ENDPOINT, ROUTE, RUNTIME, SCOPED_ROUTE
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMESPACES = 8
@@ -417,12 +417,14 @@ class Point:
 
 
 def holds(envoy: SimEnvoy, models: int) -> bool:
-    """The whole state of `models` models with a remote each: clusters, endpoints, routes, weights."""
+    """The whole state of `models` models with a remote each: clusters, endpoints, scopes (four
+    Host names each), routes, weights."""
     held = envoy.held
     return (
         len(held[CLUSTER]) == 2 * models
         and len(held[ENDPOINT]) == models
-        and len(held[ROUTE]) == 1
+        and len(held[SCOPED_ROUTE]) == 4 * models
+        and len(held[ROUTE]) == models
         and len(held[RUNTIME]) == len(envoy.layers)
         and len(envoy.runtime_values) == models
     )

@@ -10,7 +10,9 @@ Three rules make updates safe:
   update waits until the node has answered the clusters, endpoints and weights it needs
   (bounded by `HOLD_LIMIT`, after which it goes anyway and says so in the log).
 * Make-before-break: a cluster the node's routes still use stays in its CDS until the node
-  has answered routes that no longer use it.
+  has answered routes that no longer use it. Each model has its own route configuration;
+  the node holds one while a routing scope names it, and drops it (asking no more for it)
+  once it has taken the scopes without it.
 * NACK hold: a rejected version is never sent again to that node; it keeps its last good
   config until something different comes. As Envoy applies the valid resources of a
   rejected response, the node counts as holding all it was sent.
@@ -20,9 +22,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Collection
 from typing import Protocol
 
-from api.desired import model_of, models_named_in
+from api.desired import models_named_in
 from xds import wire
 from xds.cache import ResourceCache
 from xds.scope import Scope
@@ -63,10 +66,13 @@ class Stream:
         self.scope = Scope()
         self.view: View | None = None
         self.types: dict[str, Subscription] = {}
-        self.route_refs: frozenset[str] = frozenset()  # clusters the node's routes use (held or in flight)
-        self._route_refs_held: frozenset[str] = frozenset()
-        self._route_refs_sent: frozenset[str] = frozenset()
-        self.refs_generation = 0  # bumps whenever route_refs changes
+        # Clusters the node's routes use (held or in flight), each with how many route
+        # configurations use it; and per route configuration, the clusters of the version held
+        # and of the version in flight.
+        self.route_refs: dict[str, int] = {}
+        self._routes_held: dict[str, frozenset[str]] = {}
+        self._routes_sent: dict[str, frozenset[str]] = {}
+        self.refs_generation = 0  # bumps whenever the clusters in route_refs change
         self._nonces = 0
         self._held_since: float | None = None  # a route update waiting for its clusters, since
         self.nacks: list[Nack] = []  # new NACKs, for the server to report
@@ -80,7 +86,15 @@ class Stream:
 
     def on_request(self, req: wire.Request) -> None:
         self._hello(req.node)
+        routes = self.types.get(ROUTE)
+        before = routes.names if routes is not None else frozenset()
         self.protocol.read(self, req)
+        routes = self.types.get(ROUTE)
+        if routes is not None and routes.names is not before and not routes.wildcard:
+            # Envoy asks no more for a route configuration once no scope names it: it is gone.
+            for name in before - routes.names:
+                self._route_refs(self._routes_sent, name, None)
+                self._route_refs(self._routes_held, name, None)
 
     def _hello(self, node) -> None:
         """The first request names the node (Envoy sends it only then): its scope picks the view."""
@@ -106,6 +120,12 @@ class Stream:
         """The node answered the response in flight: an ACK of `version`, or a NACK."""
         before, sub.pending, sub.settled_version = sub.settled_version, False, sub.sent_version
         if error is not None and (error.code or error.message):
+            if type_url == ROUTE:  # it may hold the old or the new version of each: both count
+                for name, clusters in list(self._routes_sent.items()):
+                    self._route_refs(
+                        self._routes_held, name, self._routes_held.get(name, frozenset()) | clusters
+                    )
+                    self._route_refs(self._routes_sent, name, None)
             models = self._models_in(type_url, error.message, before)
             # A SotW NACK carries the node's last good version; the rejected one is what was sent.
             sub.nack = Nack(type_url, sub.sent_label, error.message, models, time.time())
@@ -114,7 +134,32 @@ class Stream:
         sub.acked, sub.nack = version, None
         self.acks.append(type_url)
         if type_url == ROUTE:
-            self._route_refs_held = self.route_refs = self._route_refs_sent
+            for name, clusters in list(self._routes_sent.items()):
+                self._route_refs(self._routes_held, name, clusters or None)
+                self._route_refs(self._routes_sent, name, None)
+
+    def _route_refs(
+        self, book: dict[str, frozenset[str]], name: str, clusters: frozenset[str] | None
+    ) -> None:
+        """Set (None: drop) the clusters route configuration `name` uses in `book`, counting them."""
+        old = book.pop(name, None)
+        if clusters is not None:
+            book[name] = clusters
+        if old == clusters:
+            return
+        changed = False
+        for cluster in clusters or ():
+            count = self.route_refs.get(cluster, 0)
+            self.route_refs[cluster] = count + 1
+            changed |= count == 0
+        for cluster in old or ():
+            count = self.route_refs[cluster] - 1
+            if count:
+                self.route_refs[cluster] = count
+            else:
+                del self.route_refs[cluster]
+                changed = True
+        if changed:
             self.refs_generation += 1
 
     def _models_in(self, type_url: str, message: str, since: int) -> tuple[tuple[str, str], ...]:
@@ -126,7 +171,7 @@ class Stream:
         if named:
             return tuple(named)
         changed = self.view.changed_since(type_url, since) or frozenset()
-        return tuple(sorted({m for n in changed if (m := model_of(n)) is not None} & keys))
+        return tuple(sorted({m for n in changed if (m := self.view.owner(type_url, n)) is not None} & keys))
 
     # --- responses ---
 
@@ -166,7 +211,7 @@ class Stream:
             eds.pending
             or eds.recheck
             or eds.settled_version < needs.endpoint_version
-            or not needs.eds_names <= eds.names
+            or not self._route_endpoints(sub) <= eds.names
         ):
             waiting.append("EDS")
         if not waiting:
@@ -186,6 +231,18 @@ class Stream:
         self._held_since = None
         return True
 
+    def _route_endpoints(self, sub: Subscription) -> frozenset[str]:
+        """The endpoint sets used by the route configurations the node is about to be sent."""
+        view = self.view
+        assert view is not None
+        names = view.changed_since(ROUTE, sub.synced) if sub.synced else None
+        if names is None:
+            names = frozenset(view.resources[ROUTE])
+        names = names | sub.recheck
+        if not sub.wildcard:
+            names = names & sub.names
+        return frozenset().union(*(view.route_uses(n)[1] for n in names))
+
     def nonce(self) -> str:
         self._nonces += 1
         return f"{self.sid}-{self._nonces}"
@@ -195,13 +252,15 @@ class Stream:
         assert self.view is not None
         return frozenset(n for n in self.route_refs if n not in self.view.resources[CLUSTER])
 
-    def sent(self, type_url: str) -> None:
-        """A response of `type_url` is on its way: routes in flight count as used until answered."""
+    def sent(self, type_url: str, names: Collection[str], removed: Collection[str] = ()) -> None:
+        """A response of `type_url` carrying `names` (and removing `removed`) is on its way:
+        route configurations in flight count as used until answered."""
         if type_url == ROUTE:
             assert self.view is not None
-            self._route_refs_sent = self.view.route_needs.clusters
-            self.route_refs = self._route_refs_held | self._route_refs_sent
-            self.refs_generation += 1
+            for name in names:
+                self._route_refs(self._routes_sent, name, self.view.route_uses(name)[0])
+            for name in removed:
+                self._route_refs(self._routes_sent, name, frozenset())
 
     def describe(self) -> dict:
         view = self.view
