@@ -527,6 +527,47 @@ async def test_nacked_cluster_version_is_held_and_reported_and_others_unaffected
         assert cds_state["acked"] == last.version
 
 
+def duplicate_domain(type_url: str, name: str, rc) -> str | None:
+    """What Envoy says of a route configuration that names a domain twice."""
+    if type_url != ROUTE:
+        return None
+    domains = [d for vh in rc.virtual_hosts for d in vh.domains]
+    for d in domains:
+        if domains.count(d) > 1:
+            duplicate = f"Duplicate entry of domain {d} in route {name}"
+            return f"Only unique values for domains are permitted. {duplicate}"
+    return None
+
+
+@pytest.mark.parametrize("delta", PROTOCOLS)
+async def test_a_rejected_route_configuration_stays_rejected_while_other_routes_are_taken(plane, delta):
+    async with asyncio.timeout(LIMIT):
+        picky = await plane.client("picky", delta, invalid=duplicate_domain)
+        await synced(plane, picky, BASE)
+        llm, embed = BASE[0], BASE[1]
+        broken = replace(llm, domains=(*llm.domains, "llm"))
+        plane.apply(broken)
+        await picky.wait(lambda c: any(r.nacked for r in c.received), 3)
+
+        def rds() -> dict:
+            return plane.stream("picky").describe()["types"]["RDS"]
+
+        await eventually(lambda: rds()["nackModels"] == ["inference/llm"])
+        # Another model's new routes are taken; the rejected ones are still not.
+        mark = len(picky.received)
+        renamed = replace(embed, domains=(*embed.domains, "embed.example.com"))
+        plane.apply(renamed)
+        await picky.wait(lambda c: "embed.example.com" in domains_of(c, renamed), 3)
+        await eventually(lambda: not plane.stream("picky").types[ROUTE].pending)
+        assert [r.names for r in picky.received[mark:] if r.type_url == ROUTE] == [(embed.route_config,)]
+        assert rds()["nack"] is not None and rds()["nackModels"] == ["inference/llm"]
+        assert rds()["acked"]  # the other model's routes were ACKed
+        # Fixing the model ends the rejection.
+        plane.apply(llm)
+        await eventually(lambda: rds()["nack"] is None)
+        await synced(plane, picky, [llm, renamed, BASE[2]])
+
+
 # --- 6. Delta specifics ---
 
 

@@ -15,7 +15,8 @@ Three rules make updates safe:
   once it has taken the scopes without it.
 * NACK hold: a rejected version is never sent again to that node; it keeps its last good
   config until something different comes. As Envoy applies the valid resources of a
-  rejected response, the node counts as holding all it was sent.
+  rejected response, the node counts as holding all it was sent. A later response that
+  carries none of the rejected models' resources does not end the rejection.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ class Stream:
         self.route_refs: dict[str, int] = {}
         self._routes_held: dict[str, frozenset[str]] = {}
         self._routes_sent: dict[str, frozenset[str]] = {}
+        self._in_flight: dict[str, tuple[str, ...]] = {}  # type -> names in the response in flight
         self.refs_generation = 0  # bumps whenever the clusters in route_refs change
         self._nonces = 0
         self._held_since: float | None = None  # a route update waiting for its clusters, since
@@ -119,6 +121,7 @@ class Stream:
     def settle(self, type_url: str, sub: Subscription, version: str, error) -> None:
         """The node answered the response in flight: an ACK of `version`, or a NACK."""
         before, sub.pending, sub.settled_version = sub.settled_version, False, sub.sent_version
+        in_flight = self._in_flight.pop(type_url, ())
         if error is not None and (error.code or error.message):
             if type_url == ROUTE:  # it may hold the old or the new version of each: both count
                 for name, clusters in list(self._routes_sent.items()):
@@ -131,12 +134,15 @@ class Stream:
             sub.nack = Nack(type_url, sub.sent_label, error.message, models, time.time())
             self.nacks.append(sub.nack)
             return
-        sub.acked, sub.nack = version, None
-        self.acks.append(type_url)
+        sub.acked = version
         if type_url == ROUTE:
             for name, clusters in list(self._routes_sent.items()):
                 self._route_refs(self._routes_held, name, clusters or None)
                 self._route_refs(self._routes_sent, name, None)
+        if sub.nack is not None and self._still_rejected(type_url, sub.nack, in_flight):
+            return  # it took other resources; the rejected ones stay rejected (not reported as accepted)
+        sub.nack = None
+        self.acks.append(type_url)
 
     def _route_refs(
         self, book: dict[str, frozenset[str]], name: str, clusters: frozenset[str] | None
@@ -161,6 +167,14 @@ class Stream:
                 changed = True
         if changed:
             self.refs_generation += 1
+
+    def _still_rejected(self, type_url: str, nack: Nack, answered: Collection[str]) -> bool:
+        """Whether a model of a NACK, still in the view, had none of its resources in the
+        response just ACKed (Delta, and named types: a response carries what changed)."""
+        assert self.view is not None
+        covered = {self.view.owner(type_url, name) for name in answered}
+        models = self.view.models()
+        return any(m not in covered and m in models for m in nack.models)
 
     def _models_in(self, type_url: str, message: str, since: int) -> tuple[tuple[str, str], ...]:
         """The ModelDeployments a NACK is about: named in the error, else those whose resources changed."""
@@ -255,6 +269,7 @@ class Stream:
     def sent(self, type_url: str, names: Collection[str], removed: Collection[str] = ()) -> None:
         """A response of `type_url` carrying `names` (and removing `removed`) is on its way:
         route configurations in flight count as used until answered."""
+        self._in_flight[type_url] = (*names, *removed) if removed else names
         if type_url == ROUTE:
             assert self.view is not None
             for name in names:
