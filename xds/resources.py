@@ -88,6 +88,7 @@ from xds.fields import Fields
 
 LISTENER_NAME = "overspill_http"
 ROUTE_CONFIG_NAME = "overspill_routes"  # the one inline route configuration of a static bootstrap
+STAT_PREFIX = "overspill"  # the listener's stats are http.<this>.*
 SCOPES_NAME = "overspill_scopes"  # the listener's scoped routes (Envoy's stats say scoped_rds.<this>)
 NOT_SERVED = "overspill: no ModelDeployment serves this Host\n"
 # Inference can take minutes; Envoy's 15 s default route timeout would cut long generations.
@@ -329,7 +330,7 @@ def _not_served() -> LocalReplyConfig:
 def listener(address: str, port: int, inline_routes: RouteConfiguration | None = None) -> Listener:
     """The HTTP listener: scoped routes over ADS, or (a static bootstrap) one inline route configuration."""
     hcm = HttpConnectionManager(
-        stat_prefix="overspill",
+        stat_prefix=STAT_PREFIX,
         http_filters=[HttpFilter(name="envoy.filters.http.router", typed_config=pack(Router()))],
     )
     if inline_routes is not None:
