@@ -404,6 +404,57 @@ async def test_removed_model_leaves_routes_before_its_clusters_leave(plane, delt
             assert gone.runtime_key not in c.runtime_values
 
 
+def single_route(resources: dict, r: ModelRoute) -> bool:
+    rc = resources.get(r.route_config)
+    return rc is not None and len(rc.virtual_hosts[0].routes) == 1
+
+
+@pytest.mark.parametrize("delta", PROTOCOLS)
+async def test_a_dropped_remote_leaves_the_routes_before_its_cluster_leaves(plane, delta):
+    async with asyncio.timeout(LIMIT):
+        ack_delay = 0.3
+        log = Recorder()
+        slow = await plane.client("slow", delta, reject=log)
+        await synced(plane, slow, BASE)
+        slow.ack_delay = ack_delay
+        local_only = replace(BASE[0], remote=None)
+        mark = len(slow.received)
+        plane.apply(local_only)
+        await synced(plane, slow, [local_only, *BASE[1:]], timeout=10)
+        i_rds = first(log.seen, ROUTE, lambda r: single_route(r, local_only), mark)
+        gone = BASE[0].remote_cluster
+        if delta:
+            i_cds = next(i for i in range(mark, len(log.seen)) if gone in slow.received[i].removed)
+        else:
+            i_cds = first(log.seen, CLUSTER, lambda r: gone not in r, mark)
+        assert i_rds < i_cds
+        assert slow.received[i_cds].at - slow.received[i_rds].at >= 0.9 * ack_delay
+
+
+@pytest.mark.parametrize("delta", PROTOCOLS)
+async def test_a_remote_cluster_stays_while_the_node_rejects_routes_without_it(plane, delta):
+    async with asyncio.timeout(LIMIT):
+        refuse = {"routes": True}
+
+        def reject(type_url: str, resources: dict) -> str | None:
+            return "rejected" if type_url == ROUTE and refuse["routes"] else None
+
+        c = await plane.client("edge", delta)
+        await synced(plane, c, BASE)
+        c.reject = reject
+        mark = len(c.received)
+        local_only = replace(BASE[0], remote=None)
+        plane.apply(local_only)
+        await c.wait(lambda c: any(r.nacked for r in c.received[mark:]), 3)
+        await asyncio.sleep(1.0)
+        assert BASE[0].remote_cluster in c.held[CLUSTER]  # its kept routes still send there
+        assert not any(BASE[0].remote_cluster in r.removed for r in c.received[mark:])
+        # Routes it takes (the model's, changed again) let the cluster go.
+        refuse["routes"] = False
+        plane.apply(replace(local_only, domains=(*local_only.domains, "llm.example.com")))
+        await c.wait(lambda c: BASE[0].remote_cluster not in c.held[CLUSTER], 3)
+
+
 @pytest.mark.parametrize("delta", PROTOCOLS)
 async def test_clusters_stay_while_the_node_rejects_scopes_without_them(plane, delta):
     async with asyncio.timeout(LIMIT):

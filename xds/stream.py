@@ -26,7 +26,7 @@ import time
 from collections.abc import Collection
 from typing import Protocol
 
-from api.desired import models_named_in
+from api.desired import model_of, models_named_in, route_config_name
 from xds import wire
 from xds.cache import ResourceCache
 from xds.scope import Scope
@@ -44,6 +44,23 @@ class XdsProtocol(Protocol):
     def read(self, stream: Stream, req: wire.Request) -> None: ...
 
     def respond(self, stream: Stream, type_url: str, sub: Subscription) -> bytes | None: ...
+
+
+class _RouteRefs(Collection[str]):
+    """The clusters (and their endpoint sets) gone from the view that a node's routes still
+    use, looked up one name at a time: a weight change never computes them."""
+
+    def __init__(self, stream: Stream):
+        self._stream = stream
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self._stream.routes_use(name)
+
+    def __iter__(self):
+        return iter(self._stream.lingering_clusters())
+
+    def __len__(self) -> int:
+        return len(self._stream.lingering_clusters())
 
 
 class Stream:
@@ -67,14 +84,17 @@ class Stream:
         self.scope = Scope()
         self.view: View | None = None
         self.types: dict[str, Subscription] = {}
-        # Clusters the node's routes use (held or in flight), each with how many route
-        # configurations use it; and per route configuration, the clusters of the version held
-        # and of the version in flight.
-        self.route_refs: dict[str, int] = {}
-        self._routes_held: dict[str, frozenset[str]] = {}
-        self._routes_sent: dict[str, frozenset[str]] = {}
-        self._in_flight: dict[str, tuple[str, ...]] = {}  # type -> names in the response in flight
-        self.refs_generation = 0  # bumps whenever the clusters in route_refs change
+        # What the node's route configurations are, as versions of the view (nothing per model,
+        # so a thousand nodes of ten thousand models cost no more than before): it holds those
+        # it asks for, as of the last route response it took, except those of a rejected
+        # response (old or new: both count) until a later response carries them again.
+        self._routes_since: int | None = None  # view route version of the first routes sent
+        self._routes_taken = 0  # view route version of the last route response ACKed
+        self._routes_unsure: set[str] = set()
+        self._in_flight: dict[str, Collection[str]] = {}  # type -> names in the response in flight
+        self.refs_generation = 0  # bumps whenever what the node's routes use may have changed
+        self._lingering: tuple[tuple[int, int], frozenset[str]] = ((-1, -1), frozenset())
+        self.route_refs = _RouteRefs(self)  # what `Subscription.changes` keeps from going
         self._nonces = 0
         self._held_since: float | None = None  # a route update waiting for its clusters, since
         self.nacks: list[Nack] = []  # new NACKs, for the server to report
@@ -92,11 +112,10 @@ class Stream:
         before = routes.names if routes is not None else frozenset()
         self.protocol.read(self, req)
         routes = self.types.get(ROUTE)
-        if routes is not None and routes.names is not before and not routes.wildcard:
+        if routes is not None and routes.names is not before:
             # Envoy asks no more for a route configuration once no scope names it: it is gone.
-            for name in before - routes.names:
-                self._route_refs(self._routes_sent, name, None)
-                self._route_refs(self._routes_held, name, None)
+            self._routes_unsure &= routes.names
+            self.refs_generation += 1
 
     def _hello(self, node) -> None:
         """The first request names the node (Envoy sends it only then): its scope picks the view."""
@@ -123,12 +142,9 @@ class Stream:
         before, sub.pending, sub.settled_version = sub.settled_version, False, sub.sent_version
         in_flight = self._in_flight.pop(type_url, ())
         if error is not None and (error.code or error.message):
-            if type_url == ROUTE:  # it may hold the old or the new version of each: both count
-                for name, clusters in list(self._routes_sent.items()):
-                    self._route_refs(
-                        self._routes_held, name, self._routes_held.get(name, frozenset()) | clusters
-                    )
-                    self._route_refs(self._routes_sent, name, None)
+            if type_url == ROUTE:  # it may hold the old or the new version of each
+                self._routes_unsure.update(in_flight)
+                self.refs_generation += 1
             models = self._models_in(type_url, error.message, before)
             # A SotW NACK carries the node's last good version; the rejected one is what was sent.
             sub.nack = Nack(type_url, sub.sent_label, error.message, models, time.time())
@@ -136,37 +152,13 @@ class Stream:
             return
         sub.acked = version
         if type_url == ROUTE:
-            for name, clusters in list(self._routes_sent.items()):
-                self._route_refs(self._routes_held, name, clusters or None)
-                self._route_refs(self._routes_sent, name, None)
+            self._routes_taken = sub.settled_version
+            self._routes_unsure.difference_update(in_flight)
+            self.refs_generation += 1
         if sub.nack is not None and self._still_rejected(type_url, sub.nack, in_flight):
             return  # it took other resources; the rejected ones stay rejected (not reported as accepted)
         sub.nack = None
         self.acks.append(type_url)
-
-    def _route_refs(
-        self, book: dict[str, frozenset[str]], name: str, clusters: frozenset[str] | None
-    ) -> None:
-        """Set (None: drop) the clusters route configuration `name` uses in `book`, counting them."""
-        old = book.pop(name, None)
-        if clusters is not None:
-            book[name] = clusters
-        if old == clusters:
-            return
-        changed = False
-        for cluster in clusters or ():
-            count = self.route_refs.get(cluster, 0)
-            self.route_refs[cluster] = count + 1
-            changed |= count == 0
-        for cluster in old or ():
-            count = self.route_refs[cluster] - 1
-            if count:
-                self.route_refs[cluster] = count
-            else:
-                del self.route_refs[cluster]
-                changed = True
-        if changed:
-            self.refs_generation += 1
 
     def _still_rejected(self, type_url: str, nack: Nack, answered: Collection[str]) -> bool:
         """Whether a model of a NACK, still in the view, had none of its resources in the
@@ -261,21 +253,39 @@ class Stream:
         self._nonces += 1
         return f"{self.sid}-{self._nonces}"
 
+    def routes_use(self, cluster: str) -> bool:
+        """Whether the node's routes may still use a cluster gone from the view: its model's
+        route configuration is one the node holds, in a version from before the cluster left it
+        (or the model went, and the node has not yet dropped its routes)."""
+        view = self.view
+        assert view is not None
+        dropped, key = view.dropped(cluster), model_of(cluster)
+        routes = self.types.get(ROUTE)
+        if dropped is None or key is None or routes is None or self._routes_since is None:
+            return False
+        since, model_went = dropped
+        name = route_config_name(*key)
+        if since <= self._routes_since or not (routes.wildcard or name in routes.names):
+            return False  # never sent routes that used it, or no longer holds them
+        return model_went or name in self._routes_unsure or self._routes_taken < since
+
     def lingering_clusters(self) -> frozenset[str]:
         """Clusters gone from the view that the node's routes still use."""
-        assert self.view is not None
-        return frozenset(n for n in self.route_refs if n not in self.view.resources[CLUSTER])
+        view = self.view
+        assert view is not None
+        key = (self.refs_generation, view.applied)
+        if self._lingering[0] != key:
+            lingering = frozenset(c for c in view.retired_names(CLUSTER) if self.routes_use(c))
+            self._lingering = (key, lingering)
+        return self._lingering[1]
 
     def sent(self, type_url: str, names: Collection[str], removed: Collection[str] = ()) -> None:
-        """A response of `type_url` carrying `names` (and removing `removed`) is on its way:
-        route configurations in flight count as used until answered."""
+        """A response of `type_url` carrying `names` (and removing `removed`) is on its way."""
         self._in_flight[type_url] = (*names, *removed) if removed else names
-        if type_url == ROUTE:
+        if type_url == ROUTE and self._routes_since is None:
             assert self.view is not None
-            for name in names:
-                self._route_refs(self._routes_sent, name, self.view.route_uses(name)[0])
-            for name in removed:
-                self._route_refs(self._routes_sent, name, frozenset())
+            self._routes_since = self.view.version_of(ROUTE)
+            self.refs_generation += 1
 
     def describe(self) -> dict:
         view = self.view

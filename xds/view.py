@@ -72,6 +72,11 @@ class View:
         self._log = {t: ChangeLog() for t in PUSH_ORDER}
         self._bundles: dict[ModelKey, ModelBundle] = {}
         self._retired: dict[str, dict[str, tuple[Resource, float]]] = {CLUSTER: {}, ENDPOINT: {}}
+        # A retired cluster -> (the route version from which its model's routes no longer use
+        # it, whether the model itself went): what a stream needs to know whether its node's
+        # routes may still use it, without keeping per node what each route configuration uses.
+        self._dropped: dict[str, tuple[int, bool]] = {}
+        self.applied = 0  # bumps on every apply (retired clusters change or expire then)
         self._claims: dict[str, set[ModelKey]] = {}  # Host name -> the models with a scope for it
         self._shard_names = runtime.layer_names(shards)
         self._shard_entries: list[dict[str, bytes]] = [{} for _ in range(shards)]
@@ -105,6 +110,11 @@ class View:
     def retired_names(self, type_url: str) -> Collection[str]:
         return self._retired.get(type_url, {}).keys()
 
+    def dropped(self, cluster: str) -> tuple[int, bool] | None:
+        """For a retired cluster: the route version from which no route uses it, and whether
+        its model went (then the model's last routes use it for as long as a node holds them)."""
+        return self._dropped.get(cluster)
+
     def models(self) -> Collection[ModelKey]:
         return self._bundles.keys()
 
@@ -130,7 +140,9 @@ class View:
         touched: dict[str, set[str]] = {t: set() for t in PUSH_ORDER}
         shards: set[int] = set()
         hosts: set[str] = set()
+        dropped: list[tuple[str, bool]] = []
         now = time.monotonic()
+        self.applied += 1
         for key, new in changes.items():
             if new is not None and not self.scope.admits(new):
                 new = None
@@ -143,6 +155,9 @@ class View:
                 (ROUTE, (old.routes,) if old else (), (new.routes,) if new else ()),
             ):
                 self._replace(type_url, old_res, new_res, touched[type_url], now)
+            if old is not None:
+                kept = {c.name for c in new.clusters} if new is not None else set()
+                dropped += [(c.name, new is None) for c in old.clusters if c.name not in kept]
             old_hosts = {r.name for r in old.scopes} if old else set()
             new_hosts = {r.name for r in new.scopes} if new else set()
             for host in old_hosts - new_hosts:
@@ -176,6 +191,9 @@ class View:
                 endpoint_version=self._log[ENDPOINT].version,
                 runtime_version=self._log[RUNTIME].version,
             )
+        for name, model_went in dropped:
+            if name in self._retired[CLUSTER]:
+                self._dropped[name] = (self._log[ROUTE].version, model_went)
         self._expire_retired(now)
 
     def _rescope(self, host: str, touched: set[str]) -> None:
@@ -215,6 +233,7 @@ class View:
                 current[r.name] = r
                 if retired is not None:
                     retired.pop(r.name, None)
+                    self._dropped.pop(r.name, None)
                 touched.add(r.name)
 
     def _rebuild_shard(self, i: int) -> None:
@@ -227,3 +246,4 @@ class View:
         for retired in self._retired.values():
             for name in [n for n, (_, at) in retired.items() if now - at > RETIRE_SECONDS]:
                 del retired[name]
+                self._dropped.pop(name, None)
