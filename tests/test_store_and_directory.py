@@ -664,6 +664,54 @@ def test_same_service_name_in_two_namespaces_both_route():
     assert not set(routes["team-a"].domains) & set(routes["team-b"].domains)
 
 
+def test_a_bare_name_moves_to_the_next_model_when_its_holder_goes():
+    """`llm` in team-a keeps the bare name `llm`; once team-a's model is deleted, team-b's takes
+    it, though nothing of team-b's changed."""
+    store = ObjectStore()
+    load(
+        store,
+        "a.yaml",
+        text(model_doc(name="llm", service="llm", namespace="team-a"), *service_docs("llm", "team-a")),
+    )
+    load(
+        store,
+        "b.yaml",
+        text(model_doc(name="llm", service="llm", namespace="team-b"), *service_docs("llm", "team-b")),
+    )
+    controller, _, _ = make_controller(store)
+    controller.reconcile()
+    team_b = ObjectKey("ModelDeployment", "team-b", "llm")
+    assert "llm" not in {r.namespace: r for r in controller.routes}["team-b"].domains
+    assert controller.status[team_b].warnings
+    store.remove_origin("a.yaml")
+    controller.reconcile()
+    (route,) = controller.routes
+    assert route.namespace == "team-b" and "llm" in route.domains and "llm:80" in route.domains
+    assert controller.status[team_b].warnings == []
+
+
+def test_a_change_decides_only_the_models_it_touches():
+    """One EndpointSlice of 200 models changes: one model is decided and one route published."""
+    store = ObjectStore()
+    for i in range(200):
+        load(store, f"m{i}.yaml", text(model_doc(name=f"m{i}", service=f"s{i}"), *service_docs(f"s{i}")))
+    controller, _, _ = make_controller(store)
+    published: list[dict] = []
+    decided: list[list] = []
+    apply = controller.publish
+    controller.publish = lambda changes: (published.append(changes), apply(changes))
+    controller.on_reconciled = lambda items, removed: decided.append([m.key.name for m, _, _ in items])
+    controller.reconcile()
+    assert len(decided[-1]) == 200 and len(published[-1]) == 200
+    load(store, "m7.yaml", text(model_doc(name="m7", service="s7"), *service_docs("s7", ready=(True, False))))
+    controller.reconcile()
+    assert decided[-1] == ["m7"]
+    assert list(published[-1]) == [("default", "m7")]
+    assert published[-1][("default", "m7")].endpoints == (("10.0.0.1", 8000),)
+    controller.reconcile()  # nothing changed: nothing decided
+    assert len(decided) == 2
+
+
 def test_an_invalid_model_shows_the_invalid_phase_and_a_deleted_model_leaves_no_series():
     store = ObjectStore()
     load(store, "a.yaml", text(model_doc(), *service_docs()))
