@@ -50,7 +50,7 @@ class HostClaims:
             )
         kept, warnings = [], []
         for d in domains:
-            holder = self._owner(d)
+            holder = model if len(self._by_name[d]) == 1 else self._owner(d)  # uncontested: the usual case
             if holder == model:
                 kept.append(d)
             else:
@@ -79,7 +79,10 @@ class HostClaims:
         return {k for k in neighbours if self.claim(k) != before[k]}
 
     def _fqdn_owner(self, fqdn: str) -> ObjectKey:
-        return min(k for k in self._by_name[fqdn] if self._wants[k][1] == fqdn)
+        holders = self._by_name[fqdn]
+        if len(holders) == 1:
+            return next(iter(holders))
+        return min(k for k in holders if self._wants[k][1] == fqdn)
 
     def _owner(self, name: str) -> ObjectKey | None:
         """The first model by namespace/name wanting `name` among those serving their Service."""

@@ -29,6 +29,7 @@ class ObjectStore:
         self._holders: dict[ObjectKey, set[str]] = {}
         self._written: dict[str, int] = {}
         self._rejected: dict[str, list[Rejected]] = {}
+        self._rejected_by_key: dict[ObjectKey, set[Rejected]] = {}  # what a model's status shows
         self._slices: dict[tuple[str, str], dict[ObjectKey, EndpointSlice]] = {}  # (ns, service) -> slices
         self.revision = 0
         self._changed = asyncio.Event()
@@ -100,6 +101,14 @@ class ObjectStore:
         for r in old.symmetric_difference(rejected):
             if r.key is not None:
                 self._dirty.add(r.key)
+        for r in old:
+            if r.key is not None:
+                self._rejected_by_key[r.key].discard(r)
+                if not self._rejected_by_key[r.key]:
+                    del self._rejected_by_key[r.key]
+        for r in rejected:
+            if r.key is not None:
+                self._rejected_by_key.setdefault(r.key, set()).add(r)
         if rejected:
             self._rejected[origin] = rejected
         else:
@@ -191,4 +200,4 @@ class ObjectStore:
         return {origin: len(self._rejected.get(origin, ())) for origin in self._by_origin}
 
     def rejected_for(self, key: ObjectKey) -> list[Rejected]:
-        return [r for r in self.rejected() if r.key == key]
+        return sorted(self._rejected_by_key.get(key, ()), key=lambda r: (r.origin, r.errors))
