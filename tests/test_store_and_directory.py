@@ -690,6 +690,37 @@ def test_a_bare_name_moves_to_the_next_model_when_its_holder_goes():
     assert controller.status[team_b].warnings == []
 
 
+async def test_a_metric_source_that_hangs_does_not_hold_up_other_changes(remote_port):
+    """While the metric source takes its time, a change in the store is still acted on at once."""
+
+    class Hanging(FakeInformer):
+        async def read_many(self, requests):
+            await asyncio.sleep(30)
+            return []
+
+    store = ObjectStore()
+    load(store, "a.yaml", text(model_doc(remote=f"127.0.0.1:{remote_port}"), *service_docs()))
+    controller, _, _ = make_controller(store, Hanging())
+    controller.reconcile()
+    task = asyncio.create_task(controller.run())
+    try:
+        await asyncio.sleep(0.1)  # the evaluation is waiting on the source
+        load(
+            store,
+            "a.yaml",
+            text(model_doc(remote=f"127.0.0.1:{remote_port}"), *service_docs(ready=(False, False))),
+        )
+        for _ in range(50):
+            if controller.status[MODEL].phase == Phase.OUTAGE:
+                break
+            await asyncio.sleep(0.01)
+        assert controller.status[MODEL].phase == Phase.OUTAGE
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 def test_a_change_decides_only_the_models_it_touches():
     """One EndpointSlice of 200 models changes: one model is decided and one route published."""
     store = ObjectStore()
