@@ -16,6 +16,7 @@ ModelKey = tuple[str, str]  # (namespace, name) of a ModelDeployment
 CLUSTER_PREFIX = "overspill/"
 RUNTIME_PREFIX = "overspill."
 SIDES = ("local", "remote")
+ROUTES = "routes"  # the last part of a model's route configuration name
 
 
 def cluster_name(namespace: str, name: str, side: str) -> str:
@@ -32,18 +33,26 @@ def virtual_host_name(namespace: str, name: str) -> str:
     return f"{namespace}/{name}"
 
 
+def route_config_name(namespace: str, name: str) -> str:
+    """`overspill/<ns>/<name>/routes`: the model's own route configuration, named like its
+    clusters so that an Envoy error naming it ("... in route overspill/ns/name/routes") and
+    `model_of` both lead back to the model."""
+    return f"{CLUSTER_PREFIX}{namespace}/{name}/{ROUTES}"
+
+
 def model_of(resource_name: str) -> ModelKey | None:
-    """The model a cluster or endpoint set (by its cluster name) belongs to, or None."""
+    """The model a cluster, endpoint set (by its cluster name) or route configuration belongs to."""
     if not resource_name.startswith(CLUSTER_PREFIX):
         return None
     parts = resource_name[len(CLUSTER_PREFIX) :].split("/")
-    if len(parts) != 3 or parts[2] not in SIDES:
+    if len(parts) != 3 or (parts[2] not in SIDES and parts[2] != ROUTES):
         return None
     return parts[0], parts[1]
 
 
 def models_named_in(message: str, keys: set[ModelKey]) -> list[ModelKey]:
-    """The models whose resources an Envoy error message names (cluster or virtual host names)."""
+    """The models whose resources an Envoy error message names (cluster, route configuration or
+    virtual host names)."""
     return sorted(k for k in keys if f"{k[0]}/{k[1]}/" in message or f"'{k[0]}/{k[1]}'" in message)
 
 
@@ -58,6 +67,11 @@ def service_domains(
         f"{name}.{namespace}.svc.{cluster_domain}",
     )
     return tuple(d for n in names for d in (n, f"{n}:{port}"))
+
+
+def host_of(domain: str) -> str:
+    """A Host value without its port: how Envoy picks a model's routing scope (`svc.ns:80` -> `svc.ns`)."""
+    return domain.split(":", 1)[0]
 
 
 @dataclass(frozen=True)
@@ -87,3 +101,12 @@ class ModelRoute:
     @property
     def runtime_key(self) -> str:
         return runtime_key(self.namespace, self.name)
+
+    @property
+    def route_config(self) -> str:
+        return route_config_name(self.namespace, self.name)
+
+    @property
+    def hosts(self) -> tuple[str, ...]:
+        """Its Host names without port, each once, in the order of `domains`."""
+        return tuple(dict.fromkeys(host_of(d) for d in self.domains))

@@ -50,7 +50,7 @@ from reconciler.controller import Controller
 from reconciler.store import ObjectStore
 from xds.server import XdsServer, start_server
 from xds.snapshot import Translator
-from xds.types import CLUSTER, ENDPOINT, ROUTE, RUNTIME
+from xds.types import CLUSTER, ENDPOINT, ROUTE, RUNTIME, SCOPED_ROUTE, SHORT
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMESPACES = 8
@@ -65,14 +65,15 @@ BYTES_IN_FLIGHT = 128 << 20  # how much initial state fleets may be pulling at o
 def synthetic_models(n: int) -> list[ModelRoute]:
     """`n` models over a few namespaces, each with two pods and an https remote by IP (the
     heaviest cluster kind: TLS context and SAN check), as a fleet of hosted models would be."""
-    out = []
-    for i in range(n):
-        ns, name = f"team-{i % NAMESPACES}", f"model-{i:05d}"
-        hi, lo = (i >> 8) & 255, i & 255
-        remote = RemoteBackend(f"192.168.{hi}.{lo}", 8443, "https", "/v1", (("x-api-key", "bench"),))
-        pods = ((f"10.{hi}.{lo}.1", 8000), (f"10.{hi}.{lo}.2", 8000))
-        out.append(ModelRoute(ns, name, service_domains(name, ns, 8000), pods, remote, 0.0))
-    return out
+    return [synthetic_model(i) for i in range(n)]
+
+
+def synthetic_model(i: int) -> ModelRoute:
+    ns, name = f"team-{i % NAMESPACES}", f"model-{i:05d}"
+    hi, lo = (i >> 8) & 255, i & 255
+    remote = RemoteBackend(f"192.168.{hi}.{lo}", 8443, "https", "/v1", (("x-api-key", "bench"),))
+    pods = ((f"10.{hi}.{lo}.1", 8000), (f"10.{hi}.{lo}.2", 8000))
+    return ModelRoute(ns, name, service_domains(name, ns, 8000), pods, remote, 0.0)
 
 
 # --- JSON lines between processes -----------------------------------------------------------------
@@ -264,6 +265,35 @@ class ServerRole:
         return {"key": new.runtime_key, "value": percent, "t0": t0, "cpu0": cpu0, "apply_cpu": apply_cpu,
                 "before": before}  # fmt: skip
 
+    async def structural(self, i: int, add: bool, timeout: float) -> dict:
+        """Add model `i` (or remove it again) and wait until every stream has answered all it was
+        sent and nothing more comes: bytes per type, seconds until then, server CPU."""
+        model = synthetic_model(i)
+        kinds = list(SHORT.values())
+        before = {k: total(self.instruments.xds_bytes, k) for k in kinds}
+        cpu0, t0 = time.process_time(), time.monotonic()
+        self.translator.apply({(model.namespace, model.name): model if add else None})
+        sent, done = total(self.instruments.xds_bytes), None
+        while time.monotonic() - t0 < timeout:
+            await asyncio.sleep(0.005)
+            now = total(self.instruments.xds_bytes)
+            busy = now != sent or any(
+                sub.pending for stream in self.xds.streams.values() for sub in stream.types.values()
+            )
+            sent = now
+            if busy:
+                done = None
+            elif done is None:
+                done = (time.monotonic(), time.process_time())
+            elif time.monotonic() - done[0] > 0.3:  # quiet: the removal's second round is not coming
+                break
+        at, cpu = done or (math.inf, math.inf)
+        return {
+            "bytes": {k: total(self.instruments.xds_bytes, k) - before[k] for k in kinds},
+            "seconds": at - t0,
+            "cpu": cpu - cpu0,
+        }
+
     async def settle(self, rtds_acks: float, timeout: float) -> dict:
         """Wait until the server has read `rtds_acks` RTDS ACKs in all: the change's work is done."""
         await poll(lambda: total(self.instruments.xds_acks, "RTDS") >= rtds_acks, timeout, 0.005)
@@ -313,6 +343,8 @@ async def server_role(models: int, profile_cold: bool) -> None:
                     emit(role.change(cmd["i"]))
                 case "settle":
                     emit(await role.settle(cmd["rtds_acks"], cmd["timeout"]))
+                case "structural":
+                    emit(await role.structural(cmd["i"], cmd["add"], cmd["timeout"]))
                 case "wait_streams":
                     emit(await role.wait_streams(cmd["count"], cmd["timeout"]))
                 case "profile":
@@ -411,18 +443,30 @@ class Point:
     bytes_per_change_per_client: float = math.nan
     client_bytes_per_change: float = math.nan  # as the clients counted them (cross-check)
     client_cpu_ms: float = math.nan  # median, all fleet processes together
+    # Adding one model, then removing it (medians over `--structural` of each): bytes sent per
+    # client and per type, ms until every client has answered all it was sent, server CPU ms.
+    add_bytes_per_client: float = math.nan
+    remove_bytes_per_client: float = math.nan
+    add_bytes_by_type: dict = field(default_factory=dict)
+    remove_bytes_by_type: dict = field(default_factory=dict)
+    add_all_ms: float = math.nan
+    remove_all_ms: float = math.nan
+    add_server_cpu_ms: float = math.nan
+    remove_server_cpu_ms: float = math.nan
     peak_rss_mib: float = math.nan  # control plane VmHWM during this point (reset before it)
     leaked_tasks: int = 0  # asyncio tasks left in the server once every stream closed, over its start
     profile: str = field(default="", repr=False)
 
 
 def holds(envoy: SimEnvoy, models: int) -> bool:
-    """The whole state of `models` models with a remote each: clusters, endpoints, routes, weights."""
+    """The whole state of `models` models with a remote each: clusters, endpoints, scopes (four
+    Host names each), routes, weights."""
     held = envoy.held
     return (
         len(held[CLUSTER]) == 2 * models
         and len(held[ENDPOINT]) == models
-        and len(held[ROUTE]) == 1
+        and len(held[SCOPED_ROUTE]) == 4 * models
+        and len(held[ROUTE]) == models
         and len(held[RUNTIME]) == len(envoy.layers)
         and len(envoy.runtime_values) == models
     )
@@ -521,6 +565,13 @@ async def run_point(
             await asyncio.sleep(args.spacing)
         if args.profile:
             point.profile = (await server.ask({"cmd": "profile", "on": False}))["profile"]
+        structural: dict[str, list[dict]] = {"add": [], "remove": []}
+        for _ in range(args.structural):
+            i = n + next(counter)  # a model none of the N is
+            for kind in ("add", "remove"):
+                cmd = {"cmd": "structural", "i": i, "add": kind == "add", "timeout": 60}
+                structural[kind].append(await server.ask(cmd, timeout=90))
+                await asyncio.sleep(args.spacing)
         client_cpu = [b["client_cpu"] - a["client_cpu"] for a, b in itertools.pairwise(rows)]
         stats = await server.ask({"cmd": "stats"})
     finally:
@@ -543,6 +594,22 @@ async def run_point(
     point.client_bytes_per_change = statistics.median(r["client_bytes"] for r in rows)
     point.client_cpu_ms = statistics.median(client_cpu) * ms if client_cpu else math.nan
     point.peak_rss_mib = stats["peak_rss_mib"]
+    for kind, runs in structural.items():
+        if not runs:
+            continue
+        by_type = {t: statistics.median(r["bytes"][t] for r in runs) / m for t in runs[0]["bytes"]}
+        setattr(point, f"{kind}_bytes_by_type", {t: b for t, b in by_type.items() if b})
+        per_client = statistics.median(sum(r["bytes"].values()) for r in runs) / m
+        setattr(point, f"{kind}_bytes_per_client", per_client)
+        setattr(point, f"{kind}_all_ms", statistics.median(r["seconds"] for r in runs) * ms)
+        setattr(point, f"{kind}_server_cpu_ms", statistics.median(r["cpu"] for r in runs) * ms)
+    if structural["add"]:
+        say(
+            f"{label} add a model: {point.add_bytes_per_client / 1024:.1f} KiB/client "
+            f"({', '.join(f'{t} {b:,.0f}' for t, b in point.add_bytes_by_type.items())}), all answered in "
+            f"{point.add_all_ms:.0f} ms; remove: {point.remove_bytes_per_client / 1024:.1f} KiB/client, "
+            f"{point.remove_all_ms:.0f} ms"
+        )
     say(
         f"{label} weight change -> all {m}: p50 {point.latency_all_p50_ms:.1f} ms, "
         f"p99 {point.latency_all_p99_ms:.1f} ms; server CPU {point.server_cpu_ms:.1f} ms "
@@ -649,6 +716,32 @@ def table(results: list[Point]) -> str:
     return "\n".join(rows)
 
 
+def structural_table(results: list[Point]) -> str:
+    """Adding and removing one model: what each client is sent, and how long until all answered."""
+
+    def num(v: float, fmt: str) -> str:
+        return "-" if math.isnan(v) else format(v, fmt)
+
+    def kib(by_type: dict, kind: str) -> str:
+        return num(by_type.get(kind, 0) / 1024, ",.1f")
+
+    rows = [
+        "| N | M | protocol | add: KiB per client (SRDS / RDS / CDS) | add -> all M answered ms "
+        "| remove: KiB per client | remove -> all M answered ms | server CPU ms add / remove |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for p in results:
+        by_type = p.add_bytes_by_type
+        rows.append(
+            f"| {p.models:,} | {p.clients:,} | {p.protocol} | {num(p.add_bytes_per_client / 1024, ',.1f')} "
+            f"({kib(by_type, 'SRDS')} / {kib(by_type, 'RDS')} / {kib(by_type, 'CDS')}) "
+            f"| {num(p.add_all_ms, '.0f')} | {num(p.remove_bytes_per_client / 1024, ',.1f')} "
+            f"| {num(p.remove_all_ms, '.0f')} "
+            f"| {num(p.add_server_cpu_ms, '.0f')} / {num(p.remove_server_cpu_ms, '.0f')} |"
+        )
+    return "\n".join(rows)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     def ints(text: str) -> list[int]:
         return [int(x.replace("_", "").replace(",", "")) for x in text.split(":") if x]
@@ -659,6 +752,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--protocol", choices=["sotw", "delta", "both"], default="both")
     ap.add_argument("--changes", type=int, default=20, help="weight changes per point")
     ap.add_argument("--spacing", type=float, default=0.1, help="seconds between weight changes")
+    ap.add_argument(
+        "--structural", type=int, default=3, help="models added then removed per point (after the weights)"
+    )
     ap.add_argument("--full", action="store_true", help="include N=10,000 x M=1,000")
     ap.add_argument("--quick", action="store_true", help="a tiny grid for a smoke run")
     ap.add_argument("--client-procs", type=int, default=2, help="fleet processes per point")
@@ -713,6 +809,7 @@ def main(argv: list[str] | None = None) -> None:
         Child.kill_all()
     if results:
         say(f"\n{table(results)}\n")
+        say(f"{structural_table(results)}\n")
         say(f"results in {args.out}; {time.monotonic() - started:.0f} s in all")
 
 

@@ -172,3 +172,36 @@ async def test_a_node_scoped_to_a_namespace_routes_only_its_models(tmp_path):
             await s.wait_phase(mine, {"Offloading"}, timeout=SWITCH_BUDGET + 2)
             await asyncio.sleep(0.5)
             assert sidecar_node(await s.control_plane.status())["types"]["RTDS"] != before["types"]["RTDS"]
+
+
+@pytest.mark.parametrize("delta", PROTOCOLS)
+async def test_every_service_name_reaches_its_model_and_other_hosts_get_a_404_that_says_so(tmp_path, delta):
+    """Envoy picks a model's routes by the Host without its port (a routing scope per name). A
+    Host no model serves, or a model's name with another port, gets the 404 with its reason."""
+    gpt = Model("gpt", percentage=0)
+    async with stack(tmp_path, gpt, delta=delta) as s:
+        names = ("gpt", "gpt.default", "gpt.default.svc", "gpt.default.svc.cluster.local")
+        for host in (h for n in names for h in (n, f"{n}:8080")):
+            before = gpt.local.counts.total
+            assert (await s.request(host))[0] == 200, host
+            assert gpt.local.counts.total == before + 1, host
+            assert gpt.local.counts.recent[-1].host == host  # the pods see the Host the client sent
+        for host in ("nobody.default", "nobody.default.svc.cluster.local:8080", "gpt.default:9999"):
+            assert await s.request(host) == (404, "overspill: no ModelDeployment serves this Host\n"), host
+
+        # A model added while Envoy runs is answered by its own pods; deleted, its names get the 404.
+        late = Model("late", percentage=0)
+        await late.local.start()
+        await late.remote.start()
+        try:
+            late.write(s.manifests)
+            await routed(s.envoy, late)
+            assert (await s.send(late, 20)).count(200) == 20
+            assert late.local.counts.total == 20
+            (s.manifests / "late.yaml").unlink()
+            await routed(s.envoy, late, present=False)
+            assert await s.request(late.host) == (404, "overspill: no ModelDeployment serves this Host\n")
+            assert (await s.send(gpt, 20)).count(200) == 20
+        finally:
+            await late.local.stop()
+            await late.remote.stop()

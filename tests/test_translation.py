@@ -38,6 +38,7 @@ from envoy_data_plane.envoy.config.route.v3 import (
     RouteAction,
     RouteConfiguration,
     RouteMatch,
+    ScopedRouteConfiguration,
     VirtualHost,
 )
 from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
@@ -61,7 +62,7 @@ from xds import resources as res
 from xds import runtime, wire
 from xds.cache import Resource, Scope, View
 from xds.snapshot import Translator
-from xds.types import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE, RUNTIME
+from xds.types import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE, RUNTIME, SCOPED_ROUTE
 
 ROOT = Path(__file__).resolve().parent.parent
 HOSTED = RemoteBackend(
@@ -163,7 +164,7 @@ def test_without_remote_only_the_local_route():
     assert only.match.runtime_fraction is None
 
 
-def test_route_configuration_ends_with_a_404_for_unknown_hosts():
+def test_static_route_configuration_ends_with_a_404_for_unknown_hosts():
     config = res.route_configuration([route(), route(name="other", remote=None)])
     assert config.name == res.ROUTE_CONFIG_NAME
     assert [v.name for v in config.virtual_hosts] == ["inference/llm", "inference/other", "unknown-host"]
@@ -245,10 +246,19 @@ def versions(view: View) -> dict[str, int]:
     return dict(view.version)
 
 
-def decoded_routes(view: View) -> RouteConfiguration:
-    return RouteConfiguration.FromString(
-        Any.FromString(view.resources[ROUTE][res.ROUTE_CONFIG_NAME].any).value
-    )
+def decoded_routes(view: View, r: ModelRoute) -> RouteConfiguration:
+    return RouteConfiguration.FromString(Any.FromString(view.resources[ROUTE][r.route_config].any).value)
+
+
+def scopes(view: View) -> dict[str, str]:
+    """Host (the scope's key) -> the route configuration its scope names."""
+    out = {}
+    for name, resource in view.resources[SCOPED_ROUTE].items():
+        scope = ScopedRouteConfiguration.FromString(Any.FromString(resource.any).value)
+        (fragment,) = scope.key.fragments
+        assert scope.name == fragment.string_key == name
+        out[name] = scope.route_configuration_name
+    return out
 
 
 def runtime_layers(view: View) -> dict[str, dict]:
@@ -272,7 +282,7 @@ def test_a_weight_change_sends_one_runtime_layer_and_serializes_nothing_else(mon
     translator, view = make()
     names = [f"m{i}" for i in range(20)]
     translator.publish([route(name=n, percent=0) for n in names])
-    before, routes_before = versions(view), view.resources[ROUTE][res.ROUTE_CONFIG_NAME]
+    before, routes_before = versions(view), dict(view.resources[ROUTE])
 
     calls: list[str] = []
     for fn in ("virtual_host", "local_cluster", "remote_cluster", "load_assignment"):
@@ -288,7 +298,7 @@ def test_a_weight_change_sends_one_runtime_layer_and_serializes_nothing_else(mon
     assert view.changed_since(RUNTIME, before[RUNTIME]) == {
         runtime.layer_names(8)[runtime.shard_of("overspill.inference.m3", 8)]
     }
-    assert view.resources[ROUTE][res.ROUTE_CONFIG_NAME] is routes_before
+    assert view.resources[ROUTE] == routes_before
     layers = runtime_layers(view)
     values = {k: v for layer in layers.values() for k, v in layer.get("layer", {}).items()}
     assert values["overspill.inference.m3"] == 30
@@ -317,22 +327,66 @@ def test_removing_a_model_drops_its_resources_but_keeps_them_retired_for_make_be
     before = versions(view)
     translator.publish([route()])
     after = versions(view)
-    assert [t for t in PUSH_ORDER if after[t] != before[t]] == [CLUSTER, ENDPOINT, RUNTIME, ROUTE]
+    changed = [t for t in PUSH_ORDER if after[t] != before[t]]
+    assert changed == [CLUSTER, ENDPOINT, RUNTIME, SCOPED_ROUTE, ROUTE]
     assert set(view.resources[CLUSTER]) == {"overspill/inference/llm/local", "overspill/inference/llm/remote"}
     assert set(view.resources[ENDPOINT]) == {"overspill/inference/llm/local"}
+    assert set(view.resources[ROUTE]) == {"overspill/inference/llm/routes"}
+    assert set(scopes(view).values()) == {"overspill/inference/llm/routes"}
     assert view.lookup(CLUSTER, "overspill/inference/other/local") is not None
 
 
-def test_hand_framed_route_configuration_decodes_to_the_same_message():
+def test_each_model_has_its_route_configuration_and_a_scope_per_host_name():
     translator, view = make()
     routes = [route(), route(name="b", remote=PLAIN, percent=12.5), route(name="c", remote=None)]
     translator.publish(routes)
-    envelope = Any.FromString(view.resources[ROUTE][res.ROUTE_CONFIG_NAME].any)
-    assert envelope.type_url == ROUTE
-    # Virtual hosts are served in namespace/name order, whatever order the models came in.
-    assert decoded_routes(view) == res.route_configuration(
-        sorted(routes, key=lambda r: (r.namespace, r.name))
+    assert set(view.resources[ROUTE]) == {r.route_config for r in routes}
+    for r in routes:
+        envelope = Any.FromString(view.resources[ROUTE][r.route_config].any)
+        assert envelope.type_url == ROUTE
+        assert decoded_routes(view, r) == RouteConfiguration(
+            name=f"overspill/inference/{r.name}/routes",
+            virtual_hosts=[VirtualHost.FromString(res.virtual_host(r))],
+        )
+    # A scope per Host name without port: `svc:80` and `svc` both pick the model's routes.
+    assert scopes(view) == {
+        host: f"overspill/inference/{n}/routes"
+        for n in ("llm", "b", "c")
+        for host in (n, f"{n}.inference", f"{n}.inference.svc", f"{n}.inference.svc.cluster.local")
+    }
+
+
+def test_adding_a_model_changes_only_its_own_resources():
+    translator, view = make()
+    translator.publish([route(name=f"m{i}") for i in range(20)])
+    before = versions(view)
+    translator.publish([route(name=f"m{i}") for i in range(21)])
+    new = route(name="m20")
+    for type_url, names in (
+        (CLUSTER, {new.local_cluster, new.remote_cluster}),
+        (ENDPOINT, {new.local_cluster}),
+        (ROUTE, {new.route_config}),
+        (SCOPED_ROUTE, set(new.hosts)),
+    ):
+        assert view.changed_since(type_url, before[type_url]) == names, type_url
+    assert view.route_uses(new.route_config) == (
+        frozenset({new.local_cluster, new.remote_cluster}),
+        frozenset({new.local_cluster}),
     )
+
+
+def test_a_host_name_two_models_share_is_one_scope_owned_by_the_first_model():
+    """The reconciler gives `svc` to one model; another Service of that name elsewhere keeps its
+    `svc:port`. One scope per Host name: it routes to the first model by namespace/name."""
+    a = ModelRoute("a", "llm", ("llm", "llm:80", "llm.a"), (("10.0.0.1", 80),), None, 0)
+    b = ModelRoute("b", "llm", ("llm:8080", "llm.b", "llm.b:8080"), (("10.0.0.2", 80),), None, 0)
+    translator, view = make()
+    translator.publish([b])
+    assert scopes(view) == {"llm": b.route_config, "llm.b": b.route_config}
+    translator.publish([a, b])
+    assert scopes(view) == {"llm": a.route_config, "llm.a": a.route_config, "llm.b": b.route_config}
+    translator.publish([b])
+    assert scopes(view) == {"llm": b.route_config, "llm.b": b.route_config}
 
 
 def test_every_cached_resource_decodes_to_the_typed_message():
@@ -385,7 +439,7 @@ def test_every_cached_resource_decodes_to_the_typed_message():
         cluster_name=r.local_cluster,
         endpoints=[LocalityLbEndpoints(lb_endpoints=[lb_endpoint(ip, port) for ip, port in r.endpoints])],
     )
-    (vhost,) = decoded_routes(view).virtual_hosts[:-1]
+    (vhost,) = decoded_routes(view, r).virtual_hosts
     assert vhost == VirtualHost(
         name="inference/llm",
         domains=list(r.domains),
@@ -437,7 +491,8 @@ def test_a_scoped_view_holds_only_its_models():
     translator.publish([route(name="a", namespace="team-a"), route(name="b", namespace="team-b")])
     scoped = translator.cache.view(Scope.from_metadata({"overspill": {"namespaces": ["team-a"]}}))
     assert set(scoped.resources[CLUSTER]) == {"overspill/team-a/a/local", "overspill/team-a/a/remote"}
-    assert [v.name for v in decoded_routes(scoped).virtual_hosts] == ["team-a/a", "unknown-host"]
+    assert set(scoped.resources[ROUTE]) == {"overspill/team-a/a/routes"}
+    assert set(scopes(scoped).values()) == {"overspill/team-a/a/routes"}
     translator.publish([route(name="a", namespace="team-a"), route(name="b", namespace="team-b", percent=10)])
     assert scoped.version[RUNTIME] == 1 + 1  # built, then untouched by team-b's change
 
@@ -494,15 +549,15 @@ def render(tmp_path, capsys, *args: str) -> Path:
 
 def test_render_prints_every_resource_type(tmp_path, capsys):
     doc = yaml.safe_load(render(tmp_path, capsys).read_text())
-    assert set(doc) == {CLUSTER, ENDPOINT, LISTENER, ROUTE, RUNTIME}
+    assert set(doc) == {CLUSTER, ENDPOINT, LISTENER, SCOPED_ROUTE, ROUTE, RUNTIME}
     names = {c["name"] for c in doc[CLUSTER]}
     assert names == {
         "overspill/default/my-model/local",
         "overspill/inference/llm/local",
         "overspill/inference/llm/remote",
     }
-    (config,) = doc[ROUTE]
-    vhosts = {v["name"]: v for v in config["virtualHosts"]}
+    vhosts = {v["name"]: v for config in doc[ROUTE] for v in config["virtualHosts"]}
+    assert {s["routeConfigurationName"] for s in doc[SCOPED_ROUTE]} == {c["name"] for c in doc[ROUTE]}
     assert "my-model.default.svc.cluster.local:8080" in vhosts["default/my-model"]["domains"]
     assert "llm.inference:80" in vhosts["inference/llm"]["domains"]
 

@@ -174,7 +174,7 @@ async def test_render_prints_exactly_what_serve_sends(manifests, capsys):
             node = Node(id="render-check", cluster="c")
             wanted = {
                 ENDPOINT: [f"overspill/default/m{i}/local" for i in range(3)],
-                ROUTE: ["overspill_routes"],
+                ROUTE: [f"overspill/default/m{i}/routes" for i in range(3)],
                 RUNTIME: runtime.layer_names(),
             }
             for t in PUSH_ORDER:

@@ -34,7 +34,8 @@ class ModelBundle:
     labels: tuple[tuple[str, str], ...]
     clusters: tuple[Resource, ...]
     endpoints: Resource
-    vhost: bytes
+    routes: Resource  # its route configuration
+    scopes: tuple[Resource, ...]  # one per Host name without port, each naming `routes`
     runtime_key: str
     runtime_entry: bytes
 

@@ -22,11 +22,8 @@ from xds.view import View
 class ResourceCache:
     """Every model's bundle, and one view per scope of connected nodes."""
 
-    def __init__(
-        self, listener: Callable[[int | None], Resource], fallback_vhost: bytes, shards: int = runtime.SHARDS
-    ):
+    def __init__(self, listener: Callable[[int | None], Resource], shards: int = runtime.SHARDS):
         self.listener = listener  # the listener for a port (None: the default port)
-        self.fallback_vhost = fallback_vhost
         self.shards = shards
         self.bundles: dict[ModelKey, ModelBundle] = {}
         self.views: dict[Scope, View] = {}
@@ -47,7 +44,7 @@ class ResourceCache:
         """The view of `scope`, built on first use and kept up to date while it is held."""
         view = self.views.get(scope)
         if view is None:
-            view = View(scope, self.listener(scope.listener_port), self.fallback_vhost, self.shards)
+            view = View(scope, self.listener(scope.listener_port), self.shards)
             view.apply(dict(self.bundles))
             self.views[scope] = view
         return view

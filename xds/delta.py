@@ -9,6 +9,7 @@ from __future__ import annotations
 from xds import wire
 from xds.stream import Stream
 from xds.subscription import Subscription
+from xds.types import ROUTE
 
 
 class Delta:
@@ -69,8 +70,15 @@ class Delta:
         if changes is None:
             return None
         send, removed = changes
+        if type_url == ROUTE and removed:
+            # Envoy ignores (and logs an error for) a route configuration removed over Delta: it
+            # drops one when no scope names it, and unsubscribes then.
+            removed = []
+            if not send:
+                sub.settled_version = sub.synced
+                return None
         nonce = stream.nonce()
         version = view.version_of(type_url)
         sub.sent(version, str(version), nonce)
-        stream.sent(type_url)
+        stream.sent(type_url, [r.name for r in send], removed)
         return wire.delta_response(str(version), type_url, nonce, (r.delta for r in send), removed)

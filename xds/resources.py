@@ -3,10 +3,14 @@ and endpoints as byte joins numbered by those types, see `fields`: ten thousand 
 
 Per model: a local cluster (EDS, the Service's ready endpoints), a remote cluster (the
 standby copy, TLS with SNI for https), and a virtual host answering the Service's DNS
-names. The split is two routes: the first matches `remote_percent` % of requests
-(`runtime_fraction`, its value delivered over RTDS so a weight change sends no route) and
-carries the remote's path prefix, Host and headers; the second sends the rest to the local
-cluster. One HTTP listener serves every model.
+names, in a route configuration of its own. The split is two routes: the first matches
+`remote_percent` % of requests (`runtime_fraction`, its value delivered over RTDS so a weight
+change sends no route) and carries the remote's path prefix, Host and headers; the second
+sends the rest to the local cluster.
+
+One HTTP listener serves every model. It picks a model's route configuration by the request's
+Host without its port (scoped routes, SRDS): one routing scope per Host name, so adding or
+removing a model sends that model's scopes and route configuration, not every model's.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import datetime
 from collections.abc import Iterable
 
+from envoy_data_plane.envoy.config.accesslog.v3 import AccessLogFilter, ResponseFlagFilter
 from envoy_data_plane.envoy.config.cluster.v3 import (
     Cluster,
     ClusterDiscoveryType,
@@ -48,13 +53,22 @@ from envoy_data_plane.envoy.config.route.v3 import (
     RouteAction,
     RouteConfiguration,
     RouteMatch,
+    ScopedRouteConfiguration,
+    ScopedRouteConfigurationKey,
+    ScopedRouteConfigurationKeyFragment,
     VirtualHost,
 )
 from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
 from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
     HttpConnectionManager,
     HttpFilter,
-    Rds,
+    LocalReplyConfig,
+    ResponseMapper,
+    ScopedRds,
+    ScopedRoutes,
+    ScopedRoutesScopeKeyBuilder,
+    ScopedRoutesScopeKeyBuilderFragmentBuilder,
+    ScopedRoutesScopeKeyBuilderFragmentBuilderHeaderValueExtractor,
 )
 from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
     CertificateValidationContext,
@@ -73,7 +87,10 @@ from xds.encode import encode, pack
 from xds.fields import Fields
 
 LISTENER_NAME = "overspill_http"
-ROUTE_CONFIG_NAME = "overspill_routes"
+ROUTE_CONFIG_NAME = "overspill_routes"  # the one inline route configuration of a static bootstrap
+STAT_PREFIX = "overspill"  # the listener's stats are http.<this>.*
+SCOPES_NAME = "overspill_scopes"  # the listener's scoped routes (Envoy's stats say scoped_rds.<this>)
+NOT_SERVED = "overspill: no ModelDeployment serves this Host\n"
 # Inference can take minutes; Envoy's 15 s default route timeout would cut long generations.
 ROUTE_TIMEOUT = datetime.timedelta(seconds=300)
 CONNECT_TIMEOUT = datetime.timedelta(seconds=2)
@@ -246,17 +263,15 @@ def fallback_virtual_host() -> VirtualHost:
         routes=[
             Route(
                 match=RouteMatch(prefix="/"),
-                direct_response=DirectResponseAction(
-                    status=404,
-                    body=DataSource(inline_string="overspill: no ModelDeployment serves this Host\n"),
-                ),
+                direct_response=DirectResponseAction(status=404, body=DataSource(inline_string=NOT_SERVED)),
             )
         ],
     )
 
 
 def route_configuration(routes: list[ModelRoute], static: bool = False) -> RouteConfiguration:
-    """All models' virtual hosts; `static` bakes the current weights in as the defaults (no RTDS)."""
+    """Every model's virtual host in one route configuration, as the static bootstrap inlines it;
+    `static` bakes the current weights in as the defaults (no RTDS)."""
     return RouteConfiguration(
         name=ROUTE_CONFIG_NAME,
         virtual_hosts=[
@@ -266,15 +281,68 @@ def route_configuration(routes: list[ModelRoute], static: bool = False) -> Route
     )
 
 
+_ROUTE_CONFIG, _SCOPE = Fields(RouteConfiguration), Fields(ScopedRouteConfiguration)
+_SCOPE_KEY, _KEY_FRAGMENT = Fields(ScopedRouteConfigurationKey), Fields(ScopedRouteConfigurationKeyFragment)
+
+
+def model_route_configuration(route: ModelRoute) -> bytes:
+    """The model's own route configuration, served over RDS to the Envoys whose scopes name it."""
+    return _ROUTE_CONFIG.name(route.route_config) + _ROUTE_CONFIG.virtual_hosts(virtual_host(route))
+
+
+def scoped_route(host: str, route_config: str) -> bytes:
+    """The routing scope of one Host name (without port): requests for it use `route_config`.
+    Named after its key, so an Envoy can never hold two scopes with the same key (it would
+    reject the update)."""
+    return (
+        _SCOPE.name(host)
+        + _SCOPE.route_configuration_name(route_config)
+        + _SCOPE.key(_SCOPE_KEY.fragments(_KEY_FRAGMENT.string_key(host)))
+    )
+
+
+def _scoped_routes() -> ScopedRoutes:
+    """Scopes keyed by the Host without its port: `:authority` split at ':', the first element
+    (a Host without port is the whole element). Scopes and route configurations come over ADS."""
+    host = ScopedRoutesScopeKeyBuilderFragmentBuilderHeaderValueExtractor(
+        name=":authority", element_separator=":", index=0
+    )
+    return ScopedRoutes(
+        name=SCOPES_NAME,
+        scope_key_builder=ScopedRoutesScopeKeyBuilder(
+            fragments=[ScopedRoutesScopeKeyBuilderFragmentBuilder(header_value_extractor=host)]
+        ),
+        rds_config_source=ADS,
+        scoped_rds=ScopedRds(scoped_rds_config_source=ADS),
+    )
+
+
+def _not_served() -> LocalReplyConfig:
+    """Envoy answers a Host with no scope, or a scope whose routes do not match it (another port),
+    with an empty 404 flagged NR (no route): this gives it the body the static bootstrap's
+    fallback virtual host has. Our routes all match "/", so NR means no model serves the Host."""
+    return LocalReplyConfig(
+        mappers=[
+            ResponseMapper(
+                filter=AccessLogFilter(response_flag_filter=ResponseFlagFilter(flags=["NR"])),
+                status_code=404,
+                body=DataSource(inline_string=NOT_SERVED),
+            )
+        ]
+    )
+
+
 def listener(address: str, port: int, inline_routes: RouteConfiguration | None = None) -> Listener:
+    """The HTTP listener: scoped routes over ADS, or (a static bootstrap) one inline route configuration."""
     hcm = HttpConnectionManager(
-        stat_prefix="overspill",
+        stat_prefix=STAT_PREFIX,
         http_filters=[HttpFilter(name="envoy.filters.http.router", typed_config=pack(Router()))],
     )
     if inline_routes is not None:
         hcm.route_config = inline_routes
     else:
-        hcm.rds = Rds(config_source=ADS, route_config_name=ROUTE_CONFIG_NAME)
+        hcm.scoped_routes = _scoped_routes()
+        hcm.local_reply_config = _not_served()
     return Listener(
         name=LISTENER_NAME,
         address=_socket(address, port),

@@ -23,7 +23,7 @@ from xds.delta import Delta
 from xds.sotw import StateOfTheWorld
 from xds.stream import Stream
 from xds.subscription import Interner, Nack
-from xds.types import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE, RUNTIME, SHORT
+from xds.types import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE, RUNTIME, SCOPED_ROUTE, SHORT
 
 log = logging.getLogger("overspill.xds")
 LARGE = 256 << 10  # responses from this size on are written within the shared byte budget
@@ -36,6 +36,8 @@ SERVICES = {
     "envoy.service.endpoint.v3.EndpointDiscoveryService": ("StreamEndpoints", "DeltaEndpoints", (ENDPOINT,)),
     "envoy.service.listener.v3.ListenerDiscoveryService": ("StreamListeners", "DeltaListeners", (LISTENER,)),
     "envoy.service.route.v3.RouteDiscoveryService": ("StreamRoutes", "DeltaRoutes", (ROUTE,)),
+    "envoy.service.route.v3.ScopedRoutesDiscoveryService": (
+        "StreamScopedRoutes", "DeltaScopedRoutes", (SCOPED_ROUTE,)),
     "envoy.service.runtime.v3.RuntimeDiscoveryService": ("StreamRuntime", "DeltaRuntime", (RUNTIME,)),
 }  # fmt: skip
 

@@ -1,8 +1,8 @@
 """From desired state to cached resources, re-serializing only what changed.
 
-Each model's cluster, endpoints, virtual host and runtime entry are memoized on exactly the
-inputs they depend on, so a weight change serializes one runtime entry and nothing else;
-the route configuration and runtime layers are byte joins (see `wire`).
+Each model's clusters, endpoints, route configuration, routing scopes and runtime entry are
+memoized on exactly the inputs they depend on, so a weight change serializes one runtime entry
+and nothing else; the runtime layers are byte joins (see `wire`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from xds import runtime
 from xds.bundle import ModelBundle, Resource
 from xds.cache import ResourceCache
 from xds.encode import encode
-from xds.types import CLUSTER, ENDPOINT, LISTENER
+from xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE, SCOPED_ROUTE
 
 
 class _Memo:
@@ -44,10 +44,12 @@ class Translator:
             body = encode(res.listener(listener_address, port or listener_port))
             return Resource.of(LISTENER, res.LISTENER_NAME, body)
 
-        self.cache = ResourceCache(listener, encode(res.fallback_virtual_host()), shards)
+        self.cache = ResourceCache(listener, shards)
         self._routes: dict[ModelKey, ModelRoute] = {}
         self._bundles = _Memo()
-        self._memos = {part: _Memo() for part in ("local", "remote", "endpoints", "vhost", "runtime")}
+        self._memos = {
+            part: _Memo() for part in ("local", "remote", "endpoints", "routes", "scopes", "runtime")
+        }
 
     def publish(self, routes: list[ModelRoute]) -> int:
         """Make the cache hold exactly `routes`; returns how many models changed."""
@@ -101,7 +103,18 @@ class Translator:
                 r.endpoints,
                 lambda: Resource.of(ENDPOINT, r.local_cluster, res.load_assignment(r)),
             ),
-            vhost=m["vhost"].get(key, (r.domains, r.remote), lambda: res.virtual_host(r)),
+            routes=m["routes"].get(
+                key,
+                (r.domains, r.remote),
+                lambda: Resource.of(ROUTE, r.route_config, res.model_route_configuration(r)),
+            ),
+            scopes=m["scopes"].get(
+                key,
+                r.hosts,
+                lambda: tuple(
+                    Resource.of(SCOPED_ROUTE, h, res.scoped_route(h, r.route_config)) for h in r.hosts
+                ),
+            ),
             runtime_key=r.runtime_key,
             runtime_entry=m["runtime"].get(
                 key, r.remote_percent, lambda: runtime.entry(r.runtime_key, r.remote_percent)

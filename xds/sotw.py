@@ -1,4 +1,5 @@
-"""State of the world: requests name everything wanted; Listener and Cluster responses carry the whole set.
+"""State of the world: requests name everything wanted; Listener, Cluster and scoped-route
+responses carry the whole set (Envoy removes what they leave out).
 
 For the other types (endpoints, routes, runtime layers) a response carries only what
 changed or was newly asked for, as the protocol allows, so a weight change is one layer.
@@ -7,6 +8,7 @@ changed or was newly asked for, as the protocol allows, so a weight change is on
 from __future__ import annotations
 
 import weakref
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from xds import wire
@@ -69,6 +71,7 @@ class StateOfTheWorld:
                 return None
             label = str(version)
             body = wire.discovery_body(label, type_url, (r.any for r in changes[0]))
+            names: Collection[str] = [r.name for r in changes[0]]
         else:
             sent = self._sent.setdefault(type_url, _Sent())
             seen = (version, stream.refs_generation if type_url == CLUSTER else 0)
@@ -84,9 +87,11 @@ class StateOfTheWorld:
                 chosen = list(view.resources[type_url].values())
                 chosen += [r for n in sorted(extra) if (r := view.lookup(type_url, n)) is not None]
                 body = wire.discovery_body(label, type_url, (r.any for r in chosen))
+                names = [r.name for r in chosen]
             else:
                 label, body = str(version), whole_set_body(view, type_url, version)
+                names = view.resources[type_url].keys()
         nonce = stream.nonce()
         sub.sent(version, label, nonce)
-        stream.sent(type_url)
+        stream.sent(type_url, names)
         return body + wire.text(5, nonce)

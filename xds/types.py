@@ -3,11 +3,22 @@
 CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
+SCOPED_ROUTE = "type.googleapis.com/envoy.config.route.v3.ScopedRouteConfiguration"
 ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 RUNTIME = "type.googleapis.com/envoy.service.runtime.v3.Runtime"
 
-# Clusters, their endpoints and the weights before the listeners and routes that use them.
-PUSH_ORDER = (CLUSTER, ENDPOINT, RUNTIME, LISTENER, ROUTE)
-# Types a client subscribes to by name; the others are wildcard.
+# Clusters, their endpoints and the weights before the listeners and routes that use them; the
+# listener before the routing scopes (its HttpConnectionManager subscribes to them), and the
+# scopes before the route configurations (Envoy asks for those the scopes name).
+PUSH_ORDER = (CLUSTER, ENDPOINT, RUNTIME, LISTENER, SCOPED_ROUTE, ROUTE)
+# Types a client subscribes to by name; the others are wildcard (in state of the world, a
+# response of a wildcard type carries the whole set: Envoy removes what it leaves out).
 NAMED = {ENDPOINT, ROUTE, RUNTIME}
-SHORT = {CLUSTER: "CDS", ENDPOINT: "EDS", LISTENER: "LDS", ROUTE: "RDS", RUNTIME: "RTDS"}
+SHORT = {
+    CLUSTER: "CDS",
+    ENDPOINT: "EDS",
+    LISTENER: "LDS",
+    SCOPED_ROUTE: "SRDS",
+    ROUTE: "RDS",
+    RUNTIME: "RTDS",
+}

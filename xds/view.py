@@ -5,6 +5,12 @@ content does, a short log of which names changed at which version (so a stream s
 only what changed), and the clusters it recently dropped (so a node still routing to one
 keeps it until its new routes are in: make-before-break). Streams read it through the
 methods below; only `ResourceCache` changes it.
+
+Each model has its own route configuration; a routing scope per Host name (without port)
+names it. The reconciler gives each Host name to one model, but a bare `svc` and a port-qualified
+`svc:8080` may still go to two models: a scope has one key, so the first model by
+namespace/name keeps the scope (as the reconciler keeps contested names) and the other's
+Host with that name is answered 404.
 """
 
 from __future__ import annotations
@@ -14,12 +20,11 @@ from collections import deque
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
-from api.desired import ModelKey
+from api.desired import ModelKey, model_of
 from xds import runtime, wire
 from xds.bundle import ModelBundle, Resource
-from xds.resources import ROUTE_CONFIG_NAME
 from xds.scope import Scope
-from xds.types import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE, RUNTIME
+from xds.types import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE, RUNTIME, SCOPED_ROUTE
 
 LOG_LENGTH = 256  # changes a stream may lag behind before it gets a full comparison
 RETIRE_SECONDS = 300.0  # how long a dropped cluster stays available to nodes that still route to it
@@ -27,13 +32,12 @@ RETIRE_SECONDS = 300.0  # how long a dropped cluster stays available to nodes th
 
 @dataclass(frozen=True)
 class RouteNeeds:
-    """What the current route configuration needs a node to hold before it may be sent there."""
+    """The versions of clusters, endpoints and weights a node must have answered before it may
+    take the route configurations changed up to now (which clusters each one uses: `route_uses`)."""
 
     cluster_version: int = 0
     endpoint_version: int = 0
     runtime_version: int = 0
-    eds_names: frozenset[str] = frozenset()
-    clusters: frozenset[str] = frozenset()
 
 
 class ChangeLog:
@@ -61,21 +65,25 @@ class ChangeLog:
 class View:
     """The resources one scope of nodes sees."""
 
-    def __init__(self, scope: Scope, listener: Resource, fallback_vhost: bytes, shards: int):
+    def __init__(self, scope: Scope, listener: Resource, shards: int):
         self.scope = scope
         self.shards = shards
         self.resources: dict[str, dict[str, Resource]] = {t: {} for t in PUSH_ORDER}
         self._log = {t: ChangeLog() for t in PUSH_ORDER}
         self._bundles: dict[ModelKey, ModelBundle] = {}
         self._retired: dict[str, dict[str, tuple[Resource, float]]] = {CLUSTER: {}, ENDPOINT: {}}
-        self._fallback_vhost = fallback_vhost
+        # A retired cluster -> (the route version from which its model's routes no longer use
+        # it, whether the model itself went): what a stream needs to know whether its node's
+        # routes may still use it, without keeping per node what each route configuration uses.
+        self._dropped: dict[str, tuple[int, bool]] = {}
+        self.applied = 0  # bumps on every apply (retired clusters change or expire then)
+        self._claims: dict[str, set[ModelKey]] = {}  # Host name -> the models with a scope for it
         self._shard_names = runtime.layer_names(shards)
         self._shard_entries: list[dict[str, bytes]] = [{} for _ in range(shards)]
         self.route_needs = RouteNeeds()
         self.resources[LISTENER][listener.name] = listener
         for i in range(shards):
             self._rebuild_shard(i)
-        self._rebuild_routes()
         for log in self._log.values():
             log.version = 1  # the initial content; nothing in the log, so a new node gets it all
 
@@ -102,8 +110,28 @@ class View:
     def retired_names(self, type_url: str) -> Collection[str]:
         return self._retired.get(type_url, {}).keys()
 
+    def dropped(self, cluster: str) -> tuple[int, bool] | None:
+        """For a retired cluster: the route version from which no route uses it, and whether
+        its model went (then the model's last routes use it for as long as a node holds them)."""
+        return self._dropped.get(cluster)
+
     def models(self) -> Collection[ModelKey]:
         return self._bundles.keys()
+
+    def owner(self, type_url: str, name: str) -> ModelKey | None:
+        """The model a resource of this view belongs to (a scope: the model it routes to)."""
+        if type_url == SCOPED_ROUTE:
+            claims = self._claims.get(name)
+            return min(claims) if claims else None
+        return model_of(name)
+
+    def route_uses(self, name: str) -> tuple[frozenset[str], frozenset[str]]:
+        """The clusters and the endpoint sets the current route configuration `name` routes to."""
+        key = model_of(name)
+        bundle = self._bundles.get(key) if key is not None else None
+        if bundle is None:
+            return frozenset(), frozenset()
+        return frozenset(c.name for c in bundle.clusters), frozenset((bundle.endpoints.name,))
 
     # --- writing (the cache) ---
 
@@ -111,8 +139,10 @@ class View:
         """Replace the bundles in `changes` (None removes a model) and bump what changed."""
         touched: dict[str, set[str]] = {t: set() for t in PUSH_ORDER}
         shards: set[int] = set()
-        vhosts_changed = False
+        hosts: set[str] = set()
+        dropped: list[tuple[str, bool]] = []
         now = time.monotonic()
+        self.applied += 1
         for key, new in changes.items():
             if new is not None and not self.scope.admits(new):
                 new = None
@@ -122,8 +152,19 @@ class View:
             for type_url, old_res, new_res in (
                 (CLUSTER, old.clusters if old else (), new.clusters if new else ()),
                 (ENDPOINT, (old.endpoints,) if old else (), (new.endpoints,) if new else ()),
+                (ROUTE, (old.routes,) if old else (), (new.routes,) if new else ()),
             ):
                 self._replace(type_url, old_res, new_res, touched[type_url], now)
+            if old is not None:
+                kept = {c.name for c in new.clusters} if new is not None else set()
+                dropped += [(c.name, new is None) for c in old.clusters if c.name not in kept]
+            old_hosts = {r.name for r in old.scopes} if old else set()
+            new_hosts = {r.name for r in new.scopes} if new else set()
+            for host in old_hosts - new_hosts:
+                self._claims[host].discard(key)
+            for host in new_hosts:
+                self._claims.setdefault(host, set()).add(key)
+            hosts |= old_hosts | new_hosts
             if old is not None and (new is None or new.runtime_key != old.runtime_key):
                 i = runtime.shard_of(old.runtime_key, self.shards)
                 self._shard_entries[i].pop(old.runtime_key, None)
@@ -132,20 +173,43 @@ class View:
                 i = runtime.shard_of(new.runtime_key, self.shards)
                 self._shard_entries[i][new.runtime_key] = new.runtime_entry
                 shards.add(i)
-            vhosts_changed |= (old.vhost if old else None) != (new.vhost if new else None)
             if new is None:
                 del self._bundles[key]
             else:
                 self._bundles[key] = new
+        for host in hosts:  # once every bundle is in: the owner of a scope may have changed
+            self._rescope(host, touched[SCOPED_ROUTE])
         for i in shards:
             self._rebuild_shard(i)
             touched[RUNTIME].add(self._shard_names[i])
-        for type_url in (CLUSTER, ENDPOINT, RUNTIME):
+        for type_url in (CLUSTER, ENDPOINT, RUNTIME, SCOPED_ROUTE):
             self._log[type_url].bump(touched[type_url])
-        if vhosts_changed:
-            self._rebuild_routes()
-            self._log[ROUTE].bump((ROUTE_CONFIG_NAME,))
+        if touched[ROUTE]:
+            self._log[ROUTE].bump(touched[ROUTE])
+            self.route_needs = RouteNeeds(
+                cluster_version=self._log[CLUSTER].version,
+                endpoint_version=self._log[ENDPOINT].version,
+                runtime_version=self._log[RUNTIME].version,
+            )
+        for name, model_went in dropped:
+            if name in self._retired[CLUSTER]:
+                self._dropped[name] = (self._log[ROUTE].version, model_went)
         self._expire_retired(now)
+
+    def _rescope(self, host: str, touched: set[str]) -> None:
+        """The scope of `host` routes to the first model by namespace/name that has it, if any."""
+        current = self.resources[SCOPED_ROUTE]
+        claims = self._claims.get(host)
+        if not claims:
+            self._claims.pop(host, None)
+            if current.pop(host, None) is not None:
+                touched.add(host)
+            return
+        scope = next(r for r in self._bundles[min(claims)].scopes if r.name == host)
+        held = current.get(host)
+        if held is None or held.version != scope.version:
+            current[host] = scope
+            touched.add(host)
 
     def _replace(
         self,
@@ -156,15 +220,20 @@ class View:
         now: float,
     ) -> None:
         current = self.resources[type_url]
+        retired = self._retired.get(type_url)
         new_names = {r.name for r in new}
         for r in old:
             if r.name not in new_names and current.pop(r.name, None) is not None:
-                self._retired[type_url][r.name] = (r, now)
+                if retired is not None:
+                    retired[r.name] = (r, now)
                 touched.add(r.name)
         for r in new:
-            if current.get(r.name) is not r:
+            held = current.get(r.name)
+            if held is None or held.version != r.version:  # the same content is not news
                 current[r.name] = r
-                self._retired[type_url].pop(r.name, None)
+                if retired is not None:
+                    retired.pop(r.name, None)
+                    self._dropped.pop(r.name, None)
                 touched.add(r.name)
 
     def _rebuild_shard(self, i: int) -> None:
@@ -173,24 +242,8 @@ class View:
             RUNTIME, name, wire.runtime(name, self._shard_entries[i].values())
         )
 
-    def _rebuild_routes(self) -> None:
-        """The one route configuration: a byte join of the models' virtual hosts, in a stable order."""
-        name = ROUTE_CONFIG_NAME
-        body = (
-            wire.text(1, name)
-            + b"".join(wire.field(2, self._bundles[k].vhost) for k in sorted(self._bundles))
-            + wire.field(2, self._fallback_vhost)
-        )
-        self.resources[ROUTE][name] = Resource.of(ROUTE, name, body)
-        self.route_needs = RouteNeeds(
-            cluster_version=self._log[CLUSTER].version,
-            endpoint_version=self._log[ENDPOINT].version,
-            runtime_version=self._log[RUNTIME].version,
-            eds_names=frozenset(self.resources[ENDPOINT]),
-            clusters=frozenset(self.resources[CLUSTER]),
-        )
-
     def _expire_retired(self, now: float) -> None:
         for retired in self._retired.values():
             for name in [n for n, (_, at) in retired.items() if now - at > RETIRE_SECONDS]:
                 del retired[name]
+                self._dropped.pop(name, None)

@@ -1,8 +1,9 @@
 """A simulated Envoy on the xDS wire: a thousand real Envoys would not fit on one machine.
 
 Like Envoy a node subscribes to clusters and listeners (wildcard), to the endpoints of the EDS
-clusters it holds, to the route configurations its listeners name and to the runtime layers it
-is given, and ACKs every response. Each node has its own TCP connection, as each Envoy has.
+clusters it holds, to the routing scopes of a listener with scoped routes (wildcard), to the
+route configurations its listeners and scopes name, and to the runtime layers it is given, and
+ACKs every response. Each node has its own TCP connection, as each Envoy has.
 
 It reads responses as raw bytes with a small protobuf scanner (`xds.wire.fields_of`) and parses
 each distinct resource once per process, since every node receives the same bytes. Decoding
@@ -30,7 +31,7 @@ from envoy_data_plane.envoy.config.cluster.v3 import Cluster
 from envoy_data_plane.envoy.config.core.v3 import Node
 from envoy_data_plane.envoy.config.endpoint.v3 import ClusterLoadAssignment
 from envoy_data_plane.envoy.config.listener.v3 import Listener
-from envoy_data_plane.envoy.config.route.v3 import RouteConfiguration
+from envoy_data_plane.envoy.config.route.v3 import RouteConfiguration, ScopedRouteConfiguration
 from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import HttpConnectionManager
 from envoy_data_plane.envoy.service.discovery.v3 import DeltaDiscoveryRequest, DiscoveryRequest
 from envoy_data_plane.envoy.service.runtime.v3 import Runtime
@@ -39,13 +40,14 @@ from envoy_data_plane.google.rpc import Status
 
 from xds import runtime, wire
 from xds.resources import listener
-from xds.types import CLUSTER, ENDPOINT, LISTENER, NAMED, PUSH_ORDER, ROUTE, RUNTIME
+from xds.types import CLUSTER, ENDPOINT, LISTENER, NAMED, PUSH_ORDER, ROUTE, RUNTIME, SCOPED_ROUTE
 
 ADS = "/envoy.service.discovery.v3.AggregatedDiscoveryService/"
 MESSAGES = {
     CLUSTER: Cluster,
     ENDPOINT: ClusterLoadAssignment,
     LISTENER: Listener,
+    SCOPED_ROUTE: ScopedRouteConfiguration,
     ROUTE: RouteConfiguration,
     RUNTIME: Runtime,
 }
@@ -63,11 +65,13 @@ scan = wire.fields_of
 @dataclass(frozen=True)
 class Info:
     """What a node takes from one resource: its name, whether it is an EDS cluster, the route
-    configurations a listener names, a runtime layer's values (key -> percent)."""
+    configurations a listener or scope names, whether a listener has scoped routes, a runtime
+    layer's values (key -> percent)."""
 
     name: str
     eds: bool = False
     routes: frozenset[str] = frozenset()
+    scoped: bool = False
     values: dict[str, float] = field(default_factory=dict)
 
 
@@ -103,19 +107,26 @@ def _parse(type_url: str, body: bytes) -> Info:
         name, layer = _text(body, 1), _field(body, 2)
         return Info(name, values={_text(e, 1): _percent(_field(e, 2)) for _, e in scan(layer)})
     if type_url == LISTENER:
-        return Info(_text(body, 1), routes=frozenset(_routes_of(body)))
+        routes, scoped = _routes_of(body)
+        return Info(_text(body, 1), routes=frozenset(routes), scoped=scoped)
+    if type_url == SCOPED_ROUTE:  # name=1, route_configuration_name=2
+        return Info(_text(body, 1), routes=frozenset((_text(body, 2),)))
     return Info(_text(body, 1))  # RouteConfiguration: name; ClusterLoadAssignment: cluster_name
 
 
-def _routes_of(listener: bytes) -> set[str]:
-    """The route configurations a listener names (one small resource: decoded with envoy-data-plane)."""
-    routes = set()
+def _routes_of(listener: bytes) -> tuple[set[str], bool]:
+    """The route configurations a listener names, and whether it takes scoped routes over SRDS
+    (one small resource: decoded with envoy-data-plane)."""
+    routes, scoped = set(), False
     for chain in Listener.FromString(listener).filter_chains:
         for f in chain.filters:
             hcm = f.typed_config.unpack()
-            if isinstance(hcm, HttpConnectionManager) and hcm.rds is not None:
+            if not isinstance(hcm, HttpConnectionManager):
+                continue
+            if hcm.rds is not None:
                 routes.add(hcm.rds.route_config_name)
-    return routes
+            scoped |= hcm.scoped_routes is not None and hcm.scoped_routes.scoped_rds is not None
+    return routes, scoped
 
 
 def _text(buf: bytes, number: int) -> str:
@@ -495,10 +506,21 @@ class SimEnvoy:
                         self.on_runtime(key, value, now)
 
     def _follow(self, type_url: str) -> None:
-        """As Envoy: subscribe to the endpoints of the EDS clusters and the routes the listeners name."""
+        """As Envoy: subscribe to the endpoints of the EDS clusters, to the scopes of listeners with
+        scoped routes, and to the route configurations the listeners and scopes name."""
         if type_url == CLUSTER:
             eds = {n for n, i in self._infos[CLUSTER].items() if i.eds}
             self._subscribe(ENDPOINT, eds, delay=self.ack_delay)
-        elif type_url == LISTENER:
-            routes = set().union(*(i.routes for i in self._infos[LISTENER].values()))
+            return
+        if type_url == LISTENER:
+            scoped = any(i.scoped for i in self._infos[LISTENER].values())
+            if scoped and SCOPED_ROUTE not in self._subscribed:
+                self._subscribe(SCOPED_ROUTE, set(), delay=self.ack_delay)  # wildcard
+        elif type_url != SCOPED_ROUTE:
+            return
+        routes = set().union(
+            *(i.routes for i in self._infos[LISTENER].values()),
+            *(i.routes for i in self._infos[SCOPED_ROUTE].values()),
+        )
+        if routes or ROUTE in self._subscribed:
             self._subscribe(ROUTE, routes, delay=self.ack_delay)
