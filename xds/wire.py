@@ -106,7 +106,7 @@ class Status:
     message: str = ""
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class Request:
     """The fields of a `DiscoveryRequest` or `DeltaDiscoveryRequest` that the server reads."""
 
@@ -115,10 +115,48 @@ class Request:
     response_nonce: str = ""
     node: Node | None = None
     error_detail: Status | None = None
-    resource_names: list[str] = dataclasses.field(default_factory=list)
+    resource_names: frozenset[str] = frozenset()  # a SotW request names a set; shared, see `_NameRuns`
     resource_names_subscribe: list[str] = dataclasses.field(default_factory=list)
     resource_names_unsubscribe: list[str] = dataclasses.field(default_factory=list)
     initial_resource_versions: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+class _NameRuns:
+    """The names of a SotW request's `resource_names` run, by the run's bytes.
+
+    A SotW ACK repeats every name the node wants (all 64 runtime layers, or every EDS cluster),
+    and nodes alike send the same run, ACK after ACK. Decoding it name by name cost most of an
+    ACK's parse; a run seen before is one slice and one lookup, and every node gets the same
+    frozenset, so the server compares subscriptions by identity first.
+    """
+
+    LIMIT = 256  # distinct runs kept: subscriptions in use, not one per node
+    TAG = 3 << 3 | 2  # field 3, length-delimited
+
+    def __init__(self) -> None:
+        self._runs: dict[bytes, frozenset[str]] = {}
+
+    def read(self, data: bytes, start: int, type_tag: bytes) -> tuple[frozenset[str], int]:
+        """The names from `start` (a field 3 tag) to the end of the run, and where it ends."""
+        # Envoy writes fields in number order, so the run usually ends at the type_url field (or
+        # at the end, when a client appends it). A slice found that way is trusted only if it is a
+        # run read in full before: such a slice ends on a field boundary, wherever the search stopped.
+        for end in (data.find(type_tag, start), len(data)):
+            if end > start and (names := self._runs.get(data[start:end])) is not None:
+                return names, end
+        names_list, i = [], start
+        while i < len(data) and data[i] == self.TAG:
+            length, j = _read_varint(data, i + 1)
+            names_list.append(data[j : j + length].decode())
+            i = j + length
+        names = frozenset(names_list)
+        if len(self._runs) >= self.LIMIT:
+            self._runs.clear()  # old subscriptions: sharing resumes with the next ones
+        return self._runs.setdefault(data[start:i], names), i
+
+
+_name_runs = _NameRuns()
+_TYPE_URL_TAG = bytes([4 << 3 | 2])
 
 
 def fields_of(data: bytes) -> Iterator[tuple[int, int | bytes]]:
@@ -167,20 +205,41 @@ def parse_sotw_request(data: bytes) -> Request:
     """`DiscoveryRequest{version_info=1, node=2, resource_names=3, type_url=4, response_nonce=5,
     error_detail=6}`."""
     req = Request()
-    for number, value in fields_of(data):
+    i, end = 0, len(data)
+    while i < end:
+        if data[i] == _NameRuns.TAG:
+            names, i = _name_runs.read(data, i, _TYPE_URL_TAG)
+            req.resource_names = names if not req.resource_names else req.resource_names | names
+            continue
+        key, i = _read_varint(data, i)
+        number, wire_type = key >> 3, key & 7
+        if wire_type != 2:
+            i = _skip(data, i, wire_type)
+            continue
+        length, i = _read_varint(data, i)
+        value, i = data[i : i + length], i + length
         if number == 1:
-            req.version_info = value.decode()  # type: ignore[union-attr]
+            req.version_info = value.decode()
         elif number == 2:
             req.node = Node.FromString(value)
-        elif number == 3:
-            req.resource_names.append(value.decode())  # type: ignore[union-attr]
         elif number == 4:
-            req.type_url = value.decode()  # type: ignore[union-attr]
+            req.type_url = value.decode()
         elif number == 5:
-            req.response_nonce = value.decode()  # type: ignore[union-attr]
+            req.response_nonce = value.decode()
         elif number == 6:
-            req.error_detail = _status(value)  # type: ignore[arg-type]
+            req.error_detail = _status(value)
     return req
+
+
+def _skip(data: bytes, i: int, wire_type: int) -> int:
+    """Past a field this reader does not use (varint, fixed 64 or fixed 32 bits)."""
+    if wire_type == 0:
+        return _read_varint(data, i)[1]
+    if wire_type == 1:
+        return i + 8
+    if wire_type == 5:
+        return i + 4
+    raise ValueError(f"unsupported wire type {wire_type}")
 
 
 def parse_delta_request(data: bytes) -> Request:
