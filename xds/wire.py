@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from envoy_data_plane.envoy.config.core.v3 import Node
 
@@ -39,10 +39,47 @@ def any_bytes(type_url: str, body: bytes) -> bytes:
     return text(1, type_url) + field(2, body)
 
 
+class _Bodies:
+    """Response bodies (without their nonce) by version, type and the exact resource objects.
+
+    Nodes that were in step before a push are sent the same resources, so the body is framed
+    once per push rather than once per node. Resources are keyed by identity (cheap, and the
+    cache keeps one object per content) and each entry holds them, so no id is reused while
+    its entry lives.
+    """
+
+    LIMIT = 32 << 20  # bytes of bodies kept; past it the memo starts again
+
+    def __init__(self) -> None:
+        self._bodies: dict[tuple, tuple[tuple[bytes, ...], bytes]] = {}
+        self._size = 0
+
+    def get(self, head: tuple, parts: tuple[bytes, ...], build: Callable[[], bytes]) -> bytes:
+        key = (*head, tuple(map(id, parts)))
+        found = self._bodies.get(key)
+        if found is not None:
+            return found[1]
+        body = build()
+        if self._size + len(body) > self.LIMIT:
+            self._bodies.clear()
+            self._size = 0
+        self._bodies[key] = (parts, body)
+        self._size += len(body)
+        return body
+
+
+_bodies = _Bodies()
+
+
 def discovery_body(version: str, type_url: str, resources: Iterable[bytes]) -> bytes:
     """`DiscoveryResponse{version_info=1, resources=2 (Any), type_url=4}` without its nonce, so the
     same bytes serve every stream; append `text(5, nonce)` per stream (field order is free)."""
-    return b"".join((text(1, version), *(field(2, r) for r in resources), text(4, type_url)))
+    parts = tuple(resources)
+    return _bodies.get(
+        ("sotw", version, type_url),
+        parts,
+        lambda: b"".join((text(1, version), *(field(2, r) for r in parts), text(4, type_url))),
+    )
 
 
 def discovery_response(version: str, type_url: str, nonce: str, resources: Iterable[bytes]) -> bytes:
@@ -80,16 +117,21 @@ def delta_response(
     system_version: str, type_url: str, nonce: str, resources: Iterable[bytes], removed: Iterable[str]
 ) -> bytes:
     """`DeltaDiscoveryResponse{system_version_info=1, resources=2, type_url=4, nonce=5,
-    removed_resources=6}`."""
-    return b"".join(
-        (
-            text(1, system_version),
-            *(field(2, r) for r in resources),
-            text(4, type_url),
-            text(5, nonce),
-            *(field(6, n.encode()) for n in removed),
-        )
+    removed_resources=6}`; the body is shared as in `discovery_body`, the nonce goes last."""
+    parts, gone = tuple(resources), tuple(removed)
+    body = _bodies.get(
+        ("delta", system_version, type_url, gone),
+        parts,
+        lambda: b"".join(
+            (
+                text(1, system_version),
+                *(field(2, r) for r in parts),
+                text(4, type_url),
+                *(field(6, n.encode()) for n in gone),
+            )
+        ),
     )
+    return body + text(5, nonce)
 
 
 # --- reading requests ---------------------------------------------------------------------------
@@ -98,7 +140,7 @@ def delta_response(
 # uses and leave the node, sent once per stream, to envoy-data-plane.
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class Status:
     """`google.rpc.Status`, the error detail of a NACK."""
 
