@@ -63,6 +63,9 @@ class Subscription:
         endpoints) that the node's routes still use is neither resent nor removed until
         they no longer do.
         """
+        if self.synced == view.version_of(type_url) and not (self.recheck or self.gone or self.lingering):
+            self.settled_version = self.synced  # in step: a wake for another type costs no more than this
+            return None
         current = view.resources[type_url]
         if self.synced == 0:  # holds nothing yet
             changed = frozenset(current)
