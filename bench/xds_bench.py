@@ -52,6 +52,7 @@ from reconciler.store import ObjectStore
 from xds import runtime
 from xds.server import XdsServer, start_server
 from xds.snapshot import Translator
+from xds.stream import Stream
 from xds.types import CLUSTER, ENDPOINT, ROUTE, RUNTIME
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -230,6 +231,21 @@ async def poll(condition: Callable[[], bool], timeout: float, interval: float) -
         await asyncio.sleep(interval)
 
 
+class RuntimeSends(XdsEvents):
+    """Production's events, plus when each stream was sent each runtime version (during a storm)."""
+
+    def __init__(self, instruments: Instruments, controller: Controller):
+        super().__init__(instruments, controller)
+        self.sends: dict[int, list[tuple[int, float]]] | None = None  # stream -> [(view version, time)]
+
+    def response_sent(self, stream: Stream, type_url: str, size: int) -> None:
+        super().response_sent(stream, type_url, size)
+        if self.sends is not None and type_url == RUNTIME:
+            self.sends.setdefault(stream.sid, []).append(
+                (stream.types[RUNTIME].sent_version, time.monotonic())
+            )
+
+
 class ServerRole:
     """The control plane under test, and the few counters the coordinator asks for."""
 
@@ -238,8 +254,19 @@ class ServerRole:
         # The server's events as production wires them (`overspill.plane`): counters, and a controller
         # that hears of every ACK (it has no models, so nothing else).
         controller = Controller(ObjectStore(), publish=lambda routes: None)
-        self.xds = XdsServer(translator.cache, XdsEvents(instruments, controller))
+        self.events = RuntimeSends(instruments, controller)
+        self.xds = XdsServer(translator.cache, self.events)
         self.profile: cProfile.Profile | None = None
+        self.flushes: list[tuple[float, int]] | None = None  # (time, runtime version) during a storm
+        flush = translator.cache.flush
+
+        def recorded_flush() -> None:
+            flush()
+            if self.flushes is not None and translator.cache.views:
+                view = next(iter(translator.cache.views.values()))  # the bench's nodes share one scope
+                self.flushes.append((time.monotonic(), view.version_of(RUNTIME)))
+
+        translator.cache.flush = recorded_flush  # type: ignore[method-assign]
 
     def stats(self) -> dict:
         return {
@@ -278,6 +305,7 @@ class ServerRole:
         `translator.apply`, as decisions arriving one by one would be. Each value is new for its
         model within the storm, so a client's receipt of (key, value) names exactly one change."""
         rng = random.Random(seed)
+        self.flushes, self.events.sends = [], {}
         before = self.stats()
         count = max(1, round(rate * seconds))
         taken: dict[int, set[float]] = {}
@@ -307,6 +335,18 @@ class ServerRole:
 
         await poll(answered, timeout, 0.005)
         return self.stats()
+
+    def sent(self, changes: list) -> dict:
+        """When the server had sent each storm change to every stream: the first flush after the
+        change holds it, and each stream has it once sent that runtime version or a later one."""
+        flushes, sends = self.flushes or [], self.events.sends or {}
+        self.flushes = self.events.sends = None
+        lags = []
+        for _, _, at in changes:
+            version = next((v for t, v in flushes if t >= at), None)
+            firsts = [next((t for v, t in s if v >= version), math.inf) for s in sends.values()]
+            lags.append(max(firsts, default=math.inf) - at if version is not None else math.inf)
+        return {"lags": lags, "flushes": len(flushes)}
 
     async def wait_streams(self, count: int, timeout: float) -> dict:
         await poll(lambda: len(self.xds.streams) == count, timeout, 0.01)
@@ -358,6 +398,8 @@ async def server_role(models: int, profile_cold: bool, shards: int = runtime.SHA
                     emit(await role.storm(cmd["rate"], cmd["seconds"], cmd["seed"]))
                 case "quiet":
                     emit(await role.quiet(cmd["timeout"]))
+                case "sent":
+                    emit(role.sent(cmd["changes"]))
                 case "profile":
                     emit(role.toggle_profile(cmd["on"]))
                 case "stop":
@@ -702,6 +744,8 @@ class StormPoint:
     lag_p50_ms: float = math.nan  # change -> a client holds it (or a later value of its key)
     lag_p99_ms: float = math.nan
     lag_max_ms: float = math.nan
+    sent_lag_p50_ms: float = math.nan  # change -> the server has sent it to every client (median run)
+    sent_lag_max_ms: float = math.nan  # (the worst of all runs)
     rtds_per_client: float = math.nan  # runtime responses each client received per storm
     kib_per_client: float = math.nan  # bytes each client received per storm
     client_cpu_ms_per_change: float = math.nan  # all fleet processes together
@@ -739,6 +783,7 @@ async def run_storm(
                 f.send({"cmd": "storm", "changes": changes, "timeout": 60})
             seen = [await f.recv(120) for f in fleets]
             done = await server.ask({"cmd": "quiet", "timeout": 30}, timeout=60)
+            sent = await server.ask({"cmd": "sent", "changes": changes}, timeout=60)
             first, last = changes[0][2], changes[-1][2]
             run = {
                 "changes": len(changes),
@@ -747,6 +792,9 @@ async def run_storm(
                 "loop_cpu_per_change": (done["loop_cpu"] - before["loop_cpu"]) / len(changes),
                 "cpu_during_storm": storm["after"]["cpu"] - before["cpu"],
                 "converged": max(s["converged_at"] for s in seen) - last,
+                "sent_lag_p50": percentile(sent["lags"], 50),
+                "sent_lag_max": max(sent["lags"]),
+                "flushes": sent["flushes"],
                 "lag_p50": statistics.median(s["lag_p50"] for s in seen),
                 "lag_p99": max(s["lag_p99"] for s in seen),
                 "lag_max": max(s["lag_max"] for s in seen),
@@ -762,7 +810,9 @@ async def run_storm(
                 f"({run['loop_cpu_per_change'] * 1000:.2f} in the event loop); all {m} clients hold the "
                 f"latest {run['converged'] * 1000:.0f} ms after the last change; lag p99 "
                 f"{run['lag_p99'] * 1000:.0f} ms, max {run['lag_max'] * 1000:.0f} ms; "
-                f"{run['rtds_per_client']:.1f} RTDS responses per client"
+                f"{run['rtds_per_client']:.1f} RTDS responses per client ({run['flushes']} flushes); "
+                f"server had sent each change to all: p50 {run['sent_lag_p50'] * 1000:.0f} ms, "
+                f"max {run['sent_lag_max'] * 1000:.0f} ms"
                 + (f"; {run['missing']} clients MISSING the latest" if run["missing"] else "")
             )
         if args.profile:
@@ -784,6 +834,8 @@ async def run_storm(
     point.lag_p50_ms = med("lag_p50", ms)
     point.lag_p99_ms = med("lag_p99", ms)
     point.lag_max_ms = max(r["lag_max"] for r in point.runs) * ms
+    point.sent_lag_p50_ms = med("sent_lag_p50", ms)
+    point.sent_lag_max_ms = max(r["sent_lag_max"] for r in point.runs) * ms
     point.rtds_per_client = med("rtds_per_client")
     point.kib_per_client = med("bytes_per_client") / 1024
     point.client_cpu_ms_per_change = med("client_cpu", ms) / point.changes
@@ -883,16 +935,19 @@ def num(v: float | None, fmt: str) -> str:
 
 def storm_table(results: list[StormPoint]) -> str:
     rows = [
-        "| N | M | protocol | changes/s asked (made) | server CPU ms per change | all M hold the latest, "
-        "ms after the last change | lag p50 / p99 / max ms | RTDS responses per client (changes) |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|",
+        "| N | M | protocol | changes/s asked (made) | server CPU ms per change (event loop) "
+        "| all M hold the latest, ms after the last change | lag p50 / p99 / max ms "
+        "| server sent to all M, p50 / max ms | RTDS responses per client (changes) |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for p in results:
         missing = f" ({p.missing} missing)" if p.missing else ""
         rows.append(
             f"| {p.models:,} | {p.clients:,} | {p.protocol} | {p.rate:g} ({num(p.achieved_rate, '.0f')}) "
-            f"| {num(p.cpu_per_change_ms, '.2f')} | {num(p.converged_ms, '.0f')}{missing} "
+            f"| {num(p.cpu_per_change_ms, '.2f')} ({num(p.loop_cpu_per_change_ms, '.2f')}) "
+            f"| {num(p.converged_ms, '.0f')}{missing} "
             f"| {num(p.lag_p50_ms, '.0f')} / {num(p.lag_p99_ms, '.0f')} / {num(p.lag_max_ms, '.0f')} "
+            f"| {num(p.sent_lag_p50_ms, '.0f')} / {num(p.sent_lag_max_ms, '.0f')} "
             f"| {num(p.rtds_per_client, '.1f')} ({p.changes}) |"
         )
     return "\n".join(rows)
