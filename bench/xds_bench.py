@@ -231,6 +231,21 @@ async def poll(condition: Callable[[], bool], timeout: float, interval: float) -
         await asyncio.sleep(interval)
 
 
+GC_TIME = [0.0]  # seconds this process has spent in the cyclic garbage collector
+
+
+def _time_gc() -> None:
+    started = [0.0]
+
+    def callback(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[0] = time.thread_time()
+        else:
+            GC_TIME[0] += time.thread_time() - started[0]
+
+    gc.callbacks.append(callback)
+
+
 class RuntimeSends(XdsEvents):
     """Production's events, plus when each stream was sent each runtime version (during a storm)."""
 
@@ -271,6 +286,7 @@ class ServerRole:
     def stats(self) -> dict:
         return {
             "cpu": time.process_time(),
+            "gc": GC_TIME[0],
             "loop_cpu": time.thread_time(),  # the event loop's thread: Python; the rest is gRPC's threads
             "bytes": total(self.instruments.xds_bytes),
             "rtds_acks": total(self.instruments.xds_acks, "RTDS"),
@@ -341,11 +357,14 @@ class ServerRole:
         change holds it, and each stream has it once sent that runtime version or a later one."""
         flushes, sends = self.flushes or [], self.events.sends or {}
         self.flushes = self.events.sends = None
+        sent_all: dict[int, float] = {}  # runtime version -> when the last stream was sent it (or later)
+        for _, version in flushes:
+            firsts = [next((t for v, t in s if v >= version), math.inf) for s in sends.values()]
+            sent_all[version] = max(firsts, default=math.inf)
         lags = []
         for _, _, at in changes:
             version = next((v for t, v in flushes if t >= at), None)
-            firsts = [next((t for v, t in s if v >= version), math.inf) for s in sends.values()]
-            lags.append(max(firsts, default=math.inf) - at if version is not None else math.inf)
+            lags.append(sent_all[version] - at if version is not None else math.inf)
         return {"lags": lags, "flushes": len(flushes)}
 
     async def wait_streams(self, count: int, timeout: float) -> dict:
@@ -368,6 +387,7 @@ async def server_role(models: int, profile_cold: bool, shards: int = runtime.SHA
     t0, c0 = time.monotonic(), time.process_time()
     if profile:
         profile.enable()
+    _time_gc()
     routes = synthetic_models(models)
     translator = Translator("0.0.0.0", 10000, shards=shards)
     translator.publish(routes)
@@ -790,6 +810,7 @@ async def run_storm(
                 "achieved_rate": (len(changes) - 1) / (last - first) if last > first else math.nan,
                 "cpu_per_change": (done["cpu"] - before["cpu"]) / len(changes),
                 "loop_cpu_per_change": (done["loop_cpu"] - before["loop_cpu"]) / len(changes),
+                "gc_per_change": (done["gc"] - before["gc"]) / len(changes),
                 "cpu_during_storm": storm["after"]["cpu"] - before["cpu"],
                 "converged": max(s["converged_at"] for s in seen) - last,
                 "sent_lag_p50": percentile(sent["lags"], 50),
@@ -807,7 +828,8 @@ async def run_storm(
             say(
                 f"{label} run {r + 1}: {run['changes']} changes at {run['achieved_rate']:.0f}/s; "
                 f"server CPU {run['cpu_per_change'] * 1000:.2f} ms per change "
-                f"({run['loop_cpu_per_change'] * 1000:.2f} in the event loop); all {m} clients hold the "
+                f"({run['loop_cpu_per_change'] * 1000:.2f} in the event loop, "
+                f"{run['gc_per_change'] * 1000:.2f} in the garbage collector); all {m} clients hold the "
                 f"latest {run['converged'] * 1000:.0f} ms after the last change; lag p99 "
                 f"{run['lag_p99'] * 1000:.0f} ms, max {run['lag_max'] * 1000:.0f} ms; "
                 f"{run['rtds_per_client']:.1f} RTDS responses per client ({run['flushes']} flushes); "
