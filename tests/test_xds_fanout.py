@@ -24,6 +24,7 @@ from test_xds_protocol import plane as plane  # noqa: F401  (the fixture: a real
 
 from overspill.sim.envoy import encode
 from xds import cache, runtime, wire
+from xds.server import ByteBudget
 from xds.types import ENDPOINT, RUNTIME
 
 MODELS = [model(f"m{i:02d}", "burst") for i in range(20)]
@@ -152,3 +153,37 @@ def test_shared_response_bodies_carry_each_streams_own_nonce():
         )
         assert (delta.system_version_info, delta.nonce, delta.removed_resources) == ("7", nonce, ["gone"])
         assert [r.name for r in delta.resources] == ["a"]
+
+
+# --- the byte budget of large responses ---
+
+
+async def test_large_responses_take_turns_within_the_budget_first_come_first_served():
+    async with asyncio.timeout(LIMIT):
+        budget = ByteBudget(100)
+        await budget.acquire((1, RUNTIME), 60)
+        waiting = [asyncio.create_task(budget.acquire((sid, RUNTIME), 60)) for sid in (2, 3, 4)]
+        await asyncio.sleep(0.05)
+        assert not any(t.done() for t in waiting) and budget.used == 60
+        budget.release((1, RUNTIME))  # the Envoy answered: the next in line goes, and only it
+        await asyncio.sleep(0.05)
+        assert [t.done() for t in waiting] == [True, False, False] and budget.used == 60
+        waiting[1].cancel()  # that stream ended while waiting: it is skipped
+        budget.release((2, RUNTIME))
+        await waiting[2]
+        assert budget.used == 60
+        alone = asyncio.create_task(budget.acquire((5, RUNTIME), 500))  # larger than the whole budget
+        await asyncio.sleep(0.05)
+        assert not alone.done()  # it waits to go alone
+        budget.release((4, RUNTIME))
+        await alone
+        assert budget.used == 500
+
+
+async def test_a_share_never_answered_is_given_back_after_a_while(monkeypatch):
+    async with asyncio.timeout(LIMIT):
+        monkeypatch.setattr(ByteBudget, "STALE", 0.2)
+        budget = ByteBudget(100)
+        await budget.acquire((1, RUNTIME), 80)  # a stuck Envoy never answers this one
+        await budget.acquire((2, RUNTIME), 80)  # goes once the stuck one's share has gone stale
+        assert budget.used == 80
