@@ -273,7 +273,9 @@ class ServerRole:
         self.xds = XdsServer(translator.cache, self.events)
         self.profile: cProfile.Profile | None = None
         self.flushes: list[tuple[float, int]] | None = None  # (time, runtime version) during a storm
-        flush = translator.cache.flush
+        # When the views change: at a flush (or, in a tree from before coalescing, at each commit).
+        hook = "flush" if hasattr(translator.cache, "flush") else "commit"
+        flush = getattr(translator.cache, hook)
 
         def recorded_flush() -> None:
             flush()
@@ -281,7 +283,7 @@ class ServerRole:
                 view = next(iter(translator.cache.views.values()))  # the bench's nodes share one scope
                 self.flushes.append((time.monotonic(), view.version_of(RUNTIME)))
 
-        translator.cache.flush = recorded_flush  # type: ignore[method-assign]
+        setattr(translator.cache, hook, recorded_flush)
 
     def stats(self) -> dict:
         return {
