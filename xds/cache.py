@@ -26,12 +26,15 @@ from xds.bundle import ModelBundle, Resource
 from xds.scope import Scope
 from xds.view import View
 
-SETTLE = 0.005  # a lone change waits this long for others: what one reconcile commits goes together
-# During a burst, flushes are at least an interval apart; it grows with the streams a flush wakes.
-# A push and its ACK cost this process 0.15 to 0.3 ms per stream (mostly grpc.aio: a write and a
-# read, each completing through its poller thread), so 0.5 ms per stream keeps a storm's fan-out
-# to about half a core whatever the number of Envoys: 2 flushes a second at 1,000 streams. The
-# bounds keep bursts coalesced for a few Envoys, and no change waiting more than half a second.
+# A change after a quiet spell waits this long for company, and that is all it adds to its
+# latency: the changes one reconcile or a run of watch events commits one by one go together.
+SETTLE = 0.002
+# During a burst, flushes are at least an interval apart, and the interval grows with the streams
+# a flush wakes. A push and its ACK cost this process 0.2 to 0.3 ms per stream (mostly grpc.aio:
+# a write and a read, each completing through its poller thread), so 0.5 ms per stream bounds a
+# storm's fan-out to about 2,000 pushes a second (half a core or a little more) whatever the
+# number of Envoys: 2 flushes a second at 1,000 streams. The floor keeps a burst coalesced for a
+# few Envoys; the ceiling keeps any change from waiting more than half a second.
 PER_STREAM = 0.0005
 MIN_INTERVAL = 0.05
 MAX_INTERVAL = 0.5
