@@ -1033,7 +1033,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--profile", metavar="DIR", help="cProfile weight changes in the server (inflates CPU)")
     ap.add_argument("--profile-cold", metavar="DIR", help="cProfile the cold starts (slows them down)")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
+    ap.add_argument("--out", help="results as JSON (bench/results.json, storms bench/storm_results.json)")
     # child roles
     ap.add_argument("--role", choices=["server", "fleet"], help=argparse.SUPPRESS)
     ap.add_argument("--cold-profiled", action="store_true", help=argparse.SUPPRESS)
@@ -1044,6 +1044,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.quick:
         args.changes = min(args.changes, 5)
+    if args.out is None:
+        args.out = str(ROOT / "bench" / ("storm_results.json" if args.storm else "results.json"))
     return args
 
 
