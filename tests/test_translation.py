@@ -8,17 +8,49 @@ from pathlib import Path
 import pytest
 import yaml
 from e2e_stack import envoy_binary
-from envoy_data_plane.envoy.config.cluster.v3 import Cluster, ClusterDiscoveryType
-from envoy_data_plane.envoy.config.endpoint.v3 import ClusterLoadAssignment
+from envoy_data_plane.envoy.config.cluster.v3 import (
+    Cluster,
+    ClusterDiscoveryType,
+    ClusterDnsLookupFamily,
+    ClusterEdsClusterConfig,
+    ClusterLbPolicy,
+)
+from envoy_data_plane.envoy.config.core.v3 import (
+    Address,
+    DataSource,
+    HeaderValue,
+    HeaderValueOption,
+    HeaderValueOptionHeaderAppendAction,
+    RuntimeFractionalPercent,
+    SocketAddress,
+    TransportSocket,
+)
+from envoy_data_plane.envoy.config.endpoint.v3 import (
+    ClusterLoadAssignment,
+    Endpoint,
+    LbEndpoint,
+    LocalityLbEndpoints,
+)
 from envoy_data_plane.envoy.config.listener.v3 import Listener
-from envoy_data_plane.envoy.config.route.v3 import RouteConfiguration
+from envoy_data_plane.envoy.config.route.v3 import (
+    RetryPolicy,
+    Route,
+    RouteAction,
+    RouteConfiguration,
+    RouteMatch,
+    VirtualHost,
+)
 from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
+    CertificateValidationContext,
+    CommonTlsContext,
+    SubjectAltNameMatcher,
     SubjectAltNameMatcherSanType,
     UpstreamTlsContext,
 )
 from envoy_data_plane.envoy.service.discovery.v3 import DiscoveryResponse
 from envoy_data_plane.envoy.service.runtime.v3 import Runtime
-from envoy_data_plane.envoy.type.v3 import FractionalPercentDenominatorType
+from envoy_data_plane.envoy.type.matcher.v3 import StringMatcher
+from envoy_data_plane.envoy.type.v3 import FractionalPercent, FractionalPercentDenominatorType
 from envoy_data_plane.google.protobuf import Any
 
 import xds.resources
@@ -74,7 +106,7 @@ def test_service_domains_use_the_cluster_domain():
 
 def test_virtual_host_answers_the_service_domains():
     r = route()
-    vh = res.virtual_host(r)
+    vh = VirtualHost.FromString(res.virtual_host(r))
     assert vh.domains == list(r.domains)
     assert vh.name == "inference/llm"
 
@@ -84,7 +116,9 @@ def test_virtual_host_answers_the_service_domains():
 
 @pytest.mark.parametrize(("percent", "numerator"), [(0, 0), (12.5, 125_000), (50, 500_000), (100, 1_000_000)])
 def test_remote_route_default_is_in_millionths_and_its_key_names_the_model(percent, numerator):
-    remote_route, local_route = res.virtual_host(route(percent=99), default_percent=percent).routes
+    remote_route, local_route = VirtualHost.FromString(
+        res.virtual_host(route(percent=99), default_percent=percent)
+    ).routes
     fraction = remote_route.match.runtime_fraction.default_value
     assert fraction.numerator == numerator
     assert fraction.denominator == FractionalPercentDenominatorType.MILLION
@@ -100,7 +134,7 @@ def test_served_routes_default_to_nothing_spilled_and_static_ones_to_the_current
 
 
 def test_remote_route_rewrites_host_path_and_adds_headers():
-    remote_route, local_route = res.virtual_host(route()).routes
+    remote_route, local_route = VirtualHost.FromString(res.virtual_host(route())).routes
     action = remote_route.route
     assert remote_route.name == "remote"
     assert action.cluster == "overspill/inference/llm/remote"
@@ -118,13 +152,13 @@ def test_remote_route_rewrites_host_path_and_adds_headers():
 
 
 def test_remote_on_a_non_default_port_keeps_the_port_in_the_host():
-    remote_route, _ = res.virtual_host(route(remote=PLAIN)).routes
+    remote_route, _ = VirtualHost.FromString(res.virtual_host(route(remote=PLAIN))).routes
     assert remote_route.route.host_rewrite_literal == "10.9.8.7:8080"
     assert not remote_route.route.prefix_rewrite
 
 
 def test_without_remote_only_the_local_route():
-    (only,) = res.virtual_host(route(remote=None)).routes
+    (only,) = VirtualHost.FromString(res.virtual_host(route(remote=None))).routes
     assert only.route.cluster == "overspill/inference/llm/local"
     assert only.match.runtime_fraction is None
 
@@ -142,7 +176,7 @@ def test_route_configuration_ends_with_a_404_for_unknown_hosts():
 
 
 def test_https_remote_gets_tls_with_sni_and_verification():
-    cluster = res.remote_cluster(route())
+    cluster = Cluster.FromString(res.remote_cluster(route()))
     assert cluster.type == ClusterDiscoveryType.LOGICAL_DNS
     socket = cluster.transport_socket
     assert socket.name == "envoy.transport_sockets.tls"
@@ -159,7 +193,7 @@ def test_https_remote_gets_tls_with_sni_and_verification():
 
 def test_https_remote_by_ip_checks_the_ip_san_and_sends_no_sni():
     remote = RemoteBackend("10.9.8.7", 8443, "https")
-    cluster = res.remote_cluster(route(remote=remote))
+    cluster = Cluster.FromString(res.remote_cluster(route(remote=remote)))
     assert cluster.type == ClusterDiscoveryType.STATIC
     tls = UpstreamTlsContext.FromString(cluster.transport_socket.typed_config.value)
     assert not tls.sni
@@ -170,31 +204,31 @@ def test_https_remote_by_ip_checks_the_ip_san_and_sends_no_sni():
 def test_insecure_skip_verify_drops_the_validation_context():
     remote = RemoteBackend("standby.example.com", 443, "https", insecure_skip_verify=True)
     tls = UpstreamTlsContext.FromString(
-        res.remote_cluster(route(remote=remote)).transport_socket.typed_config.value
+        Cluster.FromString(res.remote_cluster(route(remote=remote))).transport_socket.typed_config.value
     )
     assert tls.sni == "standby.example.com"
     assert tls.common_tls_context.validation_context is None
 
 
 def test_http_remote_has_no_tls():
-    cluster = res.remote_cluster(route(remote=PLAIN))
+    cluster = Cluster.FromString(res.remote_cluster(route(remote=PLAIN)))
     assert cluster.transport_socket is None
     assert cluster.type == ClusterDiscoveryType.STATIC
 
 
 def test_local_cluster_is_eds_and_its_endpoints_are_the_ready_pods():
     r = route()
-    cluster = res.local_cluster(r)
+    cluster = Cluster.FromString(res.local_cluster(r))
     assert cluster.type == ClusterDiscoveryType.EDS
     assert cluster.name == "overspill/inference/llm/local"
-    cla = res.load_assignment(r)
+    cla = ClusterLoadAssignment.FromString(res.load_assignment(r))
     assert cla.cluster_name == cluster.name
     got = [
         (e.endpoint.address.socket_address.address, e.endpoint.address.socket_address.port_value)
         for e in cla.endpoints[0].lb_endpoints
     ]
     assert got == [("10.0.0.1", 8000), ("10.0.0.2", 8000)]
-    static = res.local_cluster(r, static=True)
+    static = Cluster.FromString(res.local_cluster(r, static=True))
     assert static.type == ClusterDiscoveryType.STATIC
     assert static.load_assignment == cla
 
@@ -301,20 +335,100 @@ def test_hand_framed_route_configuration_decodes_to_the_same_message():
     )
 
 
-def test_every_cached_resource_decodes_to_what_the_resources_module_builds():
+def test_every_cached_resource_decodes_to_the_typed_message():
+    """The per-model resources are byte joins (xds.fields): decoded, they are exactly the
+    envoy-data-plane messages written out here field by field."""
     translator, view = make()
     r = route()
     translator.publish([r])
+    retry = RetryPolicy(retry_on=res.RETRY_ON, num_retries=2)
+    ads = res.ADS
+    local = Cluster(
+        name=r.local_cluster,
+        type=ClusterDiscoveryType.EDS,
+        eds_cluster_config=ClusterEdsClusterConfig(eds_config=ads),
+        connect_timeout=res.CONNECT_TIMEOUT,
+        lb_policy=ClusterLbPolicy.LEAST_REQUEST,
+    )
+    tls = UpstreamTlsContext(
+        common_tls_context=CommonTlsContext(
+            validation_context=CertificateValidationContext(
+                trusted_ca=DataSource(filename=HOSTED.ca_file),
+                match_typed_subject_alt_names=[
+                    SubjectAltNameMatcher(
+                        san_type=SubjectAltNameMatcherSanType.DNS, matcher=StringMatcher(exact=HOSTED.host)
+                    )
+                ],
+            )
+        ),
+        sni=HOSTED.host,
+    )
+    remote = Cluster(
+        name=r.remote_cluster,
+        type=ClusterDiscoveryType.LOGICAL_DNS,
+        connect_timeout=res.CONNECT_TIMEOUT,
+        dns_lookup_family=ClusterDnsLookupFamily.V4_PREFERRED,
+        load_assignment=ClusterLoadAssignment(
+            cluster_name=r.remote_cluster,
+            endpoints=[LocalityLbEndpoints(lb_endpoints=[lb_endpoint(HOSTED.host, HOSTED.port)])],
+        ),
+        transport_socket=TransportSocket(name="envoy.transport_sockets.tls", typed_config=Any.pack(tls)),
+    )
     clusters = {
         n: Cluster.FromString(Any.FromString(x.any).value) for n, x in view.resources[CLUSTER].items()
     }
-    assert clusters == {r.local_cluster: res.local_cluster(r), r.remote_cluster: res.remote_cluster(r)}
+    assert clusters == {r.local_cluster: local, r.remote_cluster: remote}
     (cla,) = view.resources[ENDPOINT].values()
     assert Any.FromString(cla.any).type_url == ENDPOINT
-    assert ClusterLoadAssignment.FromString(Any.FromString(cla.any).value) == res.load_assignment(r)
+    assert ClusterLoadAssignment.FromString(Any.FromString(cla.any).value) == ClusterLoadAssignment(
+        cluster_name=r.local_cluster,
+        endpoints=[LocalityLbEndpoints(lb_endpoints=[lb_endpoint(ip, port) for ip, port in r.endpoints])],
+    )
+    (vhost,) = decoded_routes(view).virtual_hosts[:-1]
+    assert vhost == VirtualHost(
+        name="inference/llm",
+        domains=list(r.domains),
+        routes=[
+            Route(
+                name="remote",
+                match=RouteMatch(
+                    prefix="/",
+                    runtime_fraction=RuntimeFractionalPercent(
+                        default_value=FractionalPercent(denominator=FractionalPercentDenominatorType.MILLION),
+                        runtime_key=r.runtime_key,
+                    ),
+                ),
+                route=RouteAction(
+                    cluster=r.remote_cluster,
+                    host_rewrite_literal=HOSTED.host,
+                    prefix_rewrite="/v1/llm/",
+                    timeout=res.ROUTE_TIMEOUT,
+                    retry_policy=retry,
+                ),
+                request_headers_to_add=[
+                    HeaderValueOption(
+                        header=HeaderValue(key=k, value=v),
+                        append_action=HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD,
+                    )
+                    for k, v in HOSTED.headers_to_add
+                ],
+            ),
+            Route(
+                name="local",
+                match=RouteMatch(prefix="/"),
+                route=RouteAction(cluster=r.local_cluster, timeout=res.ROUTE_TIMEOUT, retry_policy=retry),
+            ),
+        ],
+    )
     (lis,) = view.resources[LISTENER].values()
     assert Listener.FromString(Any.FromString(lis.any).value) == res.listener("127.0.0.1", 10000)
     assert len(view.resources[RUNTIME]) == 8  # every layer exists, even empty: Envoy waits for each
+
+
+def lb_endpoint(ip: str, port: int) -> LbEndpoint:
+    return LbEndpoint(
+        endpoint=Endpoint(address=Address(socket_address=SocketAddress(address=ip, port_value=port)))
+    )
 
 
 def test_a_scoped_view_holds_only_its_models():

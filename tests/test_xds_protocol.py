@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 
 import grpc
 import pytest
+from envoy_data_plane.envoy.config.cluster.v3 import Cluster
 from envoy_data_plane.envoy.config.core.v3 import Node
 from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import UpstreamTlsContext
 from envoy_data_plane.envoy.service.discovery.v3 import (
@@ -474,7 +475,9 @@ async def test_nacked_cluster_version_is_held_and_reported_and_others_unaffected
         assert set(picky.held[CLUSTER]) == clusters_of(*BASE) | {broken.local_cluster}
 
         cds_state = plane.stream("picky").describe()["types"]["CDS"]
-        assert cds_state["nack"] == missing_ca(CLUSTER, broken.remote_cluster, res.remote_cluster(broken))
+        assert cds_state["nack"] == missing_ca(
+            CLUSTER, broken.remote_cluster, Cluster.FromString(res.remote_cluster(broken))
+        )
         assert cds_state["nackModels"] == ["inference/broken"]
         assert cds_state["nackVersion"] == nacked.version  # the version rejected, not the last good one
 

@@ -13,6 +13,7 @@ import envoy_data_plane.envoy.config.endpoint.v3  # noqa: F401
 import envoy_data_plane.envoy.config.listener.v3  # noqa: F401
 import envoy_data_plane.envoy.config.route.v3  # noqa: F401
 import envoy_data_plane.envoy.service.runtime.v3  # noqa: F401
+from envoy_data_plane.envoy.config.cluster.v3 import Cluster
 from envoy_data_plane.google.protobuf import Any as ProtoAny
 
 from api.desired import ModelRoute
@@ -39,6 +40,7 @@ def static_bootstrap(routes: list[ModelRoute], address: str, port: int, admin_po
     clusters = [res.local_cluster(r, static=True) for r in routes] + [
         res.remote_cluster(r) for r in routes if r.remote
     ]
+    clusters = [Cluster.FromString(body) for body in clusters]
     return {
         "node": {"id": "overspill-static", "cluster": "overspill"},
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},

@@ -80,7 +80,7 @@ class Translator:
             m["local"].get(
                 key,
                 r.local_cluster,
-                lambda: Resource.of(CLUSTER, r.local_cluster, encode(res.local_cluster(r))),
+                lambda: Resource.of(CLUSTER, r.local_cluster, res.local_cluster(r)),
             )
         ]
         if r.remote is not None:
@@ -88,7 +88,7 @@ class Translator:
                 m["remote"].get(
                     key,
                     r.remote,
-                    lambda: Resource.of(CLUSTER, r.remote_cluster, encode(res.remote_cluster(r))),
+                    lambda: Resource.of(CLUSTER, r.remote_cluster, res.remote_cluster(r)),
                 )
             )
         return ModelBundle(
@@ -99,9 +99,9 @@ class Translator:
             endpoints=m["endpoints"].get(
                 key,
                 r.endpoints,
-                lambda: Resource.of(ENDPOINT, r.local_cluster, encode(res.load_assignment(r))),
+                lambda: Resource.of(ENDPOINT, r.local_cluster, res.load_assignment(r)),
             ),
-            vhost=m["vhost"].get(key, (r.domains, r.remote), lambda: encode(res.virtual_host(r))),
+            vhost=m["vhost"].get(key, (r.domains, r.remote), lambda: res.virtual_host(r)),
             runtime_key=r.runtime_key,
             runtime_entry=m["runtime"].get(
                 key, r.remote_percent, lambda: runtime.entry(r.runtime_key, r.remote_percent)
