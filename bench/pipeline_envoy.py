@@ -198,8 +198,8 @@ class EnvoyView:
         last_print = time.monotonic()
         while not conv.done:
             self.envoy.check_alive("while converging")
-            now = time.monotonic()
-            if now > deadline:
+            began = time.monotonic()
+            if began > deadline:
                 break
             try:
                 if conv.clusters_s is None:
@@ -212,7 +212,9 @@ class EnvoyView:
                     conv.last.update(sample_answering=f"{ok}/{of}")
                     if ok == of:
                         conv.routes_s = time.monotonic() - self.envoy.spawned_at
-                if conv.weights_s is None:
+                # The /runtime dump is built on Envoy's main thread, which is also taking in the
+                # config: read it once the clusters are in (then every poll until it is complete).
+                if conv.weights_s is None and conv.clusters_s is not None:
                     held = wanted & (await self.runtime()).keys()
                     conv.last.update(runtime_keys=f"{len(held)}/{len(wanted)}")
                     if len(held) == len(wanted):
@@ -223,7 +225,8 @@ class EnvoyView:
                 last_print = time.monotonic()
                 on_progress(f"    ... {time.monotonic() - self.envoy.spawned_at:.0f}s: {conv.last}")
             if not conv.done:
-                await asyncio.sleep(poll)
+                # Admin reads run on Envoy's main thread: keep them to about a third of it.
+                await asyncio.sleep(max(poll, 2 * (time.monotonic() - began)))
         return conv
 
 
@@ -237,6 +240,7 @@ async def wait_for(
     deadline = time.monotonic() + timeout
     while True:
         alive()
+        began = time.monotonic()
         try:
             if await check():
                 return True
@@ -244,4 +248,5 @@ async def wait_for(
             pass
         if time.monotonic() > deadline:
             return False
-        await asyncio.sleep(poll)
+        # As above: an admin read that takes long is not repeated at once.
+        await asyncio.sleep(max(poll, 2 * (time.monotonic() - began)))
