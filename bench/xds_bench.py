@@ -235,7 +235,7 @@ class ServerRole:
         self.translator, self.instruments, self.routes = translator, instruments, routes
         # The server's events as production wires them (`overspill.plane`): counters, and a controller
         # that hears of every ACK (it has no models, so nothing else).
-        controller = Controller(ObjectStore(), publish=lambda routes: None)
+        controller = Controller(ObjectStore(), publish=lambda changes: None)
         self.xds = XdsServer(translator.cache, XdsEvents(instruments, controller))
         self.profile: cProfile.Profile | None = None
 

@@ -368,6 +368,7 @@ def test_every_cached_resource_decodes_to_the_typed_message():
         type=ClusterDiscoveryType.LOGICAL_DNS,
         connect_timeout=res.CONNECT_TIMEOUT,
         dns_lookup_family=ClusterDnsLookupFamily.V4_PREFERRED,
+        wait_for_warm_on_init=False,
         load_assignment=ClusterLoadAssignment(
             cluster_name=r.remote_cluster,
             endpoints=[LocalityLbEndpoints(lb_endpoints=[lb_endpoint(HOSTED.host, HOSTED.port)])],

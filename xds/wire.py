@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 from envoy_data_plane.envoy.config.core.v3 import Node
 
 
-def varint(n: int) -> bytes:
+def _varint(n: int) -> bytes:
     out = bytearray()
     while True:
         byte = n & 0x7F
@@ -23,6 +23,13 @@ def varint(n: int) -> bytes:
         else:
             out.append(byte)
             return bytes(out)
+
+
+_SMALL = [_varint(n) for n in range(1 << 14)]  # tags and most lengths: one lookup
+
+
+def varint(n: int) -> bytes:
+    return _SMALL[n] if 0 <= n < 16384 else _varint(n)
 
 
 def field(number: int, payload: bytes) -> bytes:
