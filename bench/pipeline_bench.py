@@ -224,6 +224,7 @@ async def change_loop(
     envoy: TimedEnvoy,
     cfg: argparse.Namespace,
     poll: float,
+    backoff: bool = True,
 ) -> dict[str, Any]:
     """`count` changes: `make(k)` edits and returns (visible-at stamp, check); each is timed until
     the check holds in Envoy; bytes on the wire (when the control plane counts them) per change."""
@@ -233,7 +234,9 @@ async def change_loop(
     for k in range(count):
         before = await rig.sent_bytes()
         stamp, check = await make(k)
-        ok = await wait_for(check, cfg.change_timeout, poll, lambda: envoy.check_alive(f"during {label}"))
+        ok = await wait_for(
+            check, cfg.change_timeout, poll, lambda: envoy.check_alive(f"during {label}"), backoff=backoff
+        )
         took = time.monotonic() - stamp
         if ok:
             times.append(took)
@@ -270,7 +273,7 @@ async def measure_changes(
             step += 1
         m.local_port = backends.local_port(m.index + step)
         want = {f"127.0.0.1:{m.local_port}"}
-        cluster = rig.local_cluster(m) if hasattr(rig, "local_cluster") else m.cluster_local
+        cluster = m.cluster_local
         stamp = await asyncio.to_thread(models.rewrite, m)
 
         async def check() -> bool:
@@ -299,31 +302,60 @@ async def measure_changes(
         return out
     flipped: list[ModelFile] = []
 
-    def weight(
-        ready: bool, value: str
-    ) -> Callable[[int], Awaitable[tuple[float, Callable[[], Awaitable[bool]]]]]:
+    def weight(ready: bool, value: str, seen: list[dict[str, float]]) -> Any:
+        """The edit, and a check that notes separately when Envoy's traffic follows the new weight
+        (at 100 % every request goes to the remote, at 0 % to the local pods: one request tells)
+        and when admin /runtime shows the value (a dump of every key in every layer, built on
+        Envoy's main thread: read at most every twice its own duration)."""
+
         async def make(k: int) -> tuple[float, Callable[[], Awaitable[bool]]]:
             m = picks[cfg.changes + k] if not ready else flipped[k]
             m.ready = ready
             if not ready:
                 flipped.append(m)
-            key = rig.runtime_key(m) if hasattr(rig, "runtime_key") else m.runtime_key
+            port = m.local_port if ready else m.remote_port
+            backend = backends.name_of_port(port) if port is not None else ""
             stamp = await asyncio.to_thread(models.rewrite, m)
+            marks = {"t0": stamp}
+            seen.append(marks)
+            next_runtime = 0.0
 
             async def check() -> bool:
-                return (await view.runtime()).get(key) == value
+                nonlocal next_runtime
+                if "traffic" not in marks and await view.request(m.host, timeout=2.0) == (200, backend):
+                    marks["traffic"] = time.monotonic()
+                if "runtime" not in marks and time.monotonic() >= next_runtime:
+                    began = time.monotonic()
+                    if (await view.runtime()).get(m.runtime_key) == value:
+                        marks["runtime"] = time.monotonic()
+                    next_runtime = time.monotonic() + 2 * (time.monotonic() - began)
+                return "traffic" in marks and "runtime" in marks
 
             return stamp, check
 
         return make
 
+    def split(result: dict[str, Any], seen: list[dict[str, float]]) -> dict[str, Any]:
+        runtime = [m["runtime"] - m["t0"] for m in seen if "runtime" in m]
+        traffic = [m["traffic"] - m["t0"] for m in seen if "traffic" in m]
+        result |= {"median_s": median(runtime), "runtime_runs_s": runtime}
+        result |= {"traffic_median_s": median(traffic), "traffic_runs_s": traffic}
+        say(
+            f"      of which /runtime shows it: {fmt_s(median(runtime))}; "
+            f"traffic follows: {fmt_s(median(traffic))}"
+        )
+        return result
+
     # Outage: the model's only endpoint turns not ready -> 100 % remote; then ready again -> 0 %.
-    out["weight_change"] = await change_loop(
-        "weight change (outage)", cfg.changes, weight(False, WEIGHT_ON), rig, envoy, cfg, poll
-    )
-    out["weight_back"] = await change_loop(
-        "weight back (ready again)", cfg.changes, weight(True, WEIGHT_OFF), rig, envoy, cfg, poll
-    )
+    for label, key, ready, value in (
+        ("weight change (outage)", "weight_change", False, WEIGHT_ON),
+        ("weight back (ready again)", "weight_back", True, WEIGHT_OFF),
+    ):
+        seen: list[dict[str, float]] = []
+        make = weight(ready, value, seen)
+        out[key] = split(
+            await change_loop(label, cfg.changes, make, rig, envoy, cfg, poll, backoff=False), seen
+        )
     return out
 
 
@@ -395,10 +427,7 @@ async def run_config(
                     say(f"    {run['error'][:400]}")
                     continue
                 view = EnvoyView(envoy, rig.listener_port, session)
-                keys = [
-                    rig.runtime_key(m) if hasattr(rig, "runtime_key") else m.runtime_key
-                    for m in model_set.models
-                ]
+                keys = [m.runtime_key for m in model_set.models]
                 conv = await view.wait_converged(
                     rig.expected_clusters(),
                     keys,

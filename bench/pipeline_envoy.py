@@ -235,8 +235,10 @@ async def wait_for(
     timeout: float,  # noqa: ASYNC109
     poll: float,
     alive: Callable[[], None] = lambda: None,
+    backoff: bool = True,
 ) -> bool:
-    """Poll `check` until it returns True (then True) or `timeout` seconds pass (then False)."""
+    """Poll `check` until it returns True (then True) or `timeout` seconds pass (then False);
+    with `backoff`, a check that took long is not repeated sooner than twice its duration."""
     deadline = time.monotonic() + timeout
     while True:
         alive()
@@ -248,5 +250,4 @@ async def wait_for(
             pass
         if time.monotonic() > deadline:
             return False
-        # As above: an admin read that takes long is not repeated at once.
-        await asyncio.sleep(max(poll, 2 * (time.monotonic() - began)))
+        await asyncio.sleep(max(poll, 2 * (time.monotonic() - began)) if backoff else poll)
