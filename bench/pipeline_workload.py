@@ -219,6 +219,10 @@ class ModelFile:
         return f"overspill/{self.namespace}/{self.name}/local"
 
     @property
+    def cluster_remote(self) -> str:
+        return f"overspill/{self.namespace}/{self.name}/remote"
+
+    @property
     def runtime_key(self) -> str:
         return f"overspill.{self.namespace}.{self.name}"
 
