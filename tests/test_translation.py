@@ -21,6 +21,7 @@ from envoy_data_plane.envoy.config.core.v3 import (
     HeaderValue,
     HeaderValueOption,
     HeaderValueOptionHeaderAppendAction,
+    Node,
     RuntimeFractionalPercent,
     SocketAddress,
     TransportSocket,
@@ -48,11 +49,16 @@ from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
     SubjectAltNameMatcherSanType,
     UpstreamTlsContext,
 )
-from envoy_data_plane.envoy.service.discovery.v3 import DiscoveryResponse
+from envoy_data_plane.envoy.service.discovery.v3 import (
+    DeltaDiscoveryRequest,
+    DiscoveryRequest,
+    DiscoveryResponse,
+)
 from envoy_data_plane.envoy.service.runtime.v3 import Runtime
 from envoy_data_plane.envoy.type.matcher.v3 import StringMatcher
 from envoy_data_plane.envoy.type.v3 import FractionalPercent, FractionalPercentDenominatorType
 from envoy_data_plane.google.protobuf import Any
+from envoy_data_plane.google.rpc import Status
 
 import xds.resources
 from api.crd import RemoteBackend
@@ -523,6 +529,35 @@ def test_empty_discovery_response_decodes():
         "n",
         [],
     )
+
+
+NAMES = ["", "overspill/team-a/m/routes", "x" * 127, "y" * 128, "z" * 300, *(f"n{i}" for i in range(1000))]
+
+
+def test_requests_read_by_hand_hold_what_envoy_data_plane_reads():
+    sotw = DiscoveryRequest(
+        version_info="12",
+        node=Node(id="edge", cluster="c"),
+        resource_names=NAMES,
+        type_url=ROUTE,
+        response_nonce="3-45",
+        error_detail=Status(code=3, message="rejected"),
+    )
+    got = wire.parse_sotw_request(bytes(sotw))
+    assert (got.version_info, got.type_url, got.response_nonce) == ("12", ROUTE, "3-45")
+    assert got.resource_names == NAMES and got.node == sotw.node
+    assert (got.error_detail.code, got.error_detail.message) == (3, "rejected")
+    delta = DeltaDiscoveryRequest(
+        node=Node(id="edge"),
+        type_url=ROUTE,
+        resource_names_subscribe=NAMES,
+        resource_names_unsubscribe=["a", "b" * 200],
+        initial_resource_versions={"a": "1", "c": "2"},
+        response_nonce="9",
+    )
+    got = wire.parse_delta_request(bytes(delta))
+    assert got.resource_names_subscribe == NAMES and got.resource_names_unsubscribe == ["a", "b" * 200]
+    assert got.initial_resource_versions == {"a": "1", "c": "2"} and got.response_nonce == "9"
 
 
 @pytest.mark.parametrize("n", [0, 1, 127, 128, 300, 16384, 2**31])

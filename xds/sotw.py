@@ -82,15 +82,14 @@ class StateOfTheWorld:
             if (version, extra) == sent.content:
                 return None  # the routes moved but the clusters they need did not
             sent.content = (version, extra)
+            names = view.resources[type_url].keys()  # (what lingers belongs to no model of the view)
             if extra:
                 label = f"{version}+{len(extra)}"
                 chosen = list(view.resources[type_url].values())
                 chosen += [r for n in sorted(extra) if (r := view.lookup(type_url, n)) is not None]
                 body = wire.discovery_body(label, type_url, (r.any for r in chosen))
-                names = [r.name for r in chosen]
             else:
                 label, body = str(version), whole_set_body(view, type_url, version)
-                names = view.resources[type_url].keys()
         nonce = stream.nonce()
         sub.sent(version, label, nonce)
         stream.sent(type_url, names)
