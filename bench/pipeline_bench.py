@@ -387,6 +387,7 @@ async def run_config(
     poll = cfg.poll if workload.n <= 1000 else cfg.poll_large
     row["poll_s"] = poll
     starts: list[float] = []
+    start_cpus: list[float] = []
     converges: list[float] = []
     runs: list[dict[str, Any]] = []
     for r in range(repeats):
@@ -411,6 +412,7 @@ async def run_config(
                     say(f"    {run['error'][:400]}")
                     break
                 starts.append(start_s)
+                start_cpus.append(rig.detail.get("cpu_s", 0.0))
                 run |= {"start_s": start_s, **rig.detail}
                 say(f"    start {fmt_s(start_s)} {rig.detail}")
                 admin_port = free_port()
@@ -473,6 +475,7 @@ async def run_config(
                     f"Envoy {row['envoy_rss_mib']:.0f} MiB"
                 )
     row["start_s"] = median(starts)
+    row["start_cpu_s"] = median(start_cpus)
     row["converge_s"] = median(converges)
     row["runs"] = runs
     return row
@@ -483,6 +486,7 @@ async def run_config(
 
 COLUMNS = [
     ("start", "start_s", "s"),
+    ("start CPU", "start_cpu_s", "s"),
     ("converge", "converge_s", "s"),
     ("endpoint", "endpoint_change", "c"),
     ("new model", "new_model", "c"),
@@ -612,6 +616,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--out", type=Path, default=DEFAULT_OUT, help="results JSON (default bench/pipeline_results.json)"
     )
+    p.add_argument("--table", type=Path, metavar="JSON", help="only print the table of a results file")
     cfg = p.parse_args(argv)
     if cfg.quick:
         cfg.models = cfg.models or "100"
@@ -669,6 +674,13 @@ async def main_async(cfg: argparse.Namespace) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
+    if cfg.table is not None:
+        rows = json.loads(cfg.table.read_text())["rows"]
+        for row in rows:  # results written before the column existed
+            runs = [r.get("cpu_s") for r in row.get("runs", []) if r.get("cpu_s") is not None]
+            row.setdefault("start_cpu_s", median(runs))
+        say(table([r for r in rows if r.get("n")]))
+        return 0
     say(
         f"pipeline bench: N={cfg.sizes} protocols={cfg.protocols} variants={cfg.variant_list or '-'} "
         f"at N={cfg.variant_models}; repeats={cfg.repeats} changes={cfg.changes}; sovereign={cfg.sovereign}"
