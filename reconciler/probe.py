@@ -11,6 +11,8 @@ from reconciler.logs import some
 
 log = logging.getLogger("overspill.reconciler")
 Target = tuple[str, int]
+STALLED = "stalled"  # a probe whose answer this process was too busy to see in time
+STALL_SLACK = 0.5  # a timeout firing later than this share of itself was a stalled loop
 
 
 class RemoteProbe:
@@ -60,9 +62,14 @@ class RemoteProbe:
             async with slots:
                 return target, await self._connect(target)
 
+        stalled = 0
+
         changed: dict[str, list[str]] = {"down": [], "up": []}
         moved = set()
         for target, error in await asyncio.gather(*(one(t) for t in sorted(targets))):
+            if error is STALLED:
+                stalled += 1
+                continue  # says nothing of the remote: neither a failure nor a success
             failures = self._failures.get(target, 0)
             if error is None:
                 self._failures[target] = 0
@@ -74,6 +81,10 @@ class RemoteProbe:
             if failures + 1 == self.failures_to_down:
                 changed["down"].append(f"{target[0]}:{target[1]} ({error})")
                 moved.add(target)
+        if stalled:
+            log.warning(
+                "event=remote_probes_unjudged count=%d reason='event loop busy past the timeout'", stalled
+            )
         for direction, names in changed.items():
             if names:
                 level = logging.WARNING if direction == "down" else logging.INFO
@@ -81,9 +92,19 @@ class RemoteProbe:
         return moved
 
     async def _connect(self, target: Target) -> str | None:
+        """None when the remote accepted, else why not; STALLED when the timeout fired late.
+
+        A busy event loop (10,000 models loading) can run a connect's timeout in the same turn
+        as the connect's own completion, which the kernel finished long before: a timeout
+        that fires well past its time measures this process, not the remote."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         try:
             _, writer = await asyncio.wait_for(asyncio.open_connection(*target), self.timeout)
-        except (TimeoutError, OSError) as exc:
+        except TimeoutError:
+            late = loop.time() - started - self.timeout
+            return STALLED if late > STALL_SLACK * self.timeout else "TimeoutError"
+        except OSError as exc:
             return str(exc) or type(exc).__name__
         writer.close()
         return None

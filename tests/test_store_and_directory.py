@@ -5,18 +5,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from api.crd import ObjectKey
+from api.crd import ObjectKey, RemoteBackend
 from api.status import Phase
 from metrics.instruments import Instruments
 from metrics.source import Reading, read_each
 from reconciler.controller import Controller
 from reconciler.directory import DirectorySource
 from reconciler.documents import load_all, parse_documents
+from reconciler.probe import RemoteProbe
 from reconciler.store import ObjectStore
 from xds.cache import ResourceCache, Scope
 from xds.snapshot import Translator
@@ -688,6 +690,27 @@ def test_a_bare_name_moves_to_the_next_model_when_its_holder_goes():
     (route,) = controller.routes
     assert route.namespace == "team-b" and "llm" in route.domains and "llm:80" in route.domains
     assert controller.status[team_b].warnings == []
+
+
+async def test_a_busy_event_loop_does_not_mark_a_live_remote_down(remote_port):
+    """The loop blocked past the probe's timeout (10,000 models loading) proves nothing about
+    the remote, which had accepted meanwhile: it must not count as a failure."""
+    probe = RemoteProbe(timeout=0.2, failures_to_down=1)
+    remote = RemoteBackend("127.0.0.1", remote_port, "http")
+
+    async def block() -> None:
+        await asyncio.sleep(0)  # let the connect start first
+        time.sleep(0.5)  # noqa: ASYNC251 - the stall under test
+
+    changed, _ = await asyncio.gather(probe.check_all([remote]), block())
+    assert changed == set() and probe.usable(remote)
+    closed = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = closed.sockets[0].getsockname()[1]
+    closed.close()
+    await closed.wait_closed()
+    dead = RemoteBackend("127.0.0.1", port, "http")
+    assert await probe.check_all([dead]) == {("127.0.0.1", port)}  # a refusal still counts
+    assert not probe.usable(dead)
 
 
 async def test_a_metric_source_that_hangs_does_not_hold_up_other_changes(remote_port):
