@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-kube clean prometheus
+.PHONY: demo test lint bench bench-pipeline bench-kube clean prometheus
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -38,8 +38,18 @@ lint: $(STAMP)
 
 # N models x M simulated Envoys over loopback gRPC (bench/README.md); not part of `make test`.
 # BENCH_ARGS=--full adds N=10,000 x M=1,000; BENCH_ARGS=--quick is a smoke run.
+# Then the pipeline bench (below): BENCH_ARGS goes to both, so keep to the flags both take
+# (--quick, --full, --models, --protocol sotw|delta|both); run each target alone for the others.
 bench: $(STAMP)
 	$(BIN)/python -m bench.xds_bench $(BENCH_ARGS)
+	$(BIN)/python -m bench.pipeline_bench $(BENCH_ARGS)
+
+# The whole pipeline with a real Envoy (bench/README.md, "The pipeline with a real Envoy"):
+# `overspill serve --manifests DIR` + Envoy (SotW and Delta) for N=100 and 1,000 models, and sovereign
+# (installed on demand into out/sovereign-venv) on the same models. BENCH_ARGS=--quick is a smoke
+# run (N=100); --full adds N=10,000 (about 15 more minutes).
+bench-pipeline: $(STAMP)
+	$(BIN)/python -m bench.pipeline_bench $(BENCH_ARGS)
 
 # Kubernetes mode as real processes against the API server double (bench/README.md, "Kubernetes
 # mode"): decision -> status -> followers' Envoys, failover, fan-out over 1 and 2 replicas, and a

@@ -10,6 +10,7 @@ import datetime
 import ipaddress
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from api.fields import FieldError, Fields
@@ -90,7 +91,7 @@ class RemoteBackend:
     ca_file: str = "/etc/ssl/certs/ca-certificates.crt"
     insecure_skip_verify: bool = False
 
-    @property
+    @cached_property  # asked for each resource built; frozen, so computed once
     def is_ip(self) -> bool:
         try:
             ipaddress.ip_address(self.host)

@@ -28,6 +28,7 @@ import math
 import os
 import platform
 import pstats
+import random
 import signal
 import statistics
 import subprocess
@@ -48,8 +49,10 @@ from overspill.sim import envoy as sim
 from overspill.sim.envoy import SimEnvoy
 from reconciler.controller import Controller
 from reconciler.store import ObjectStore
+from xds import runtime
 from xds.server import XdsServer, start_server
 from xds.snapshot import Translator
+from xds.stream import Stream
 from xds.types import CLUSTER, ENDPOINT, ROUTE, RUNTIME, SCOPED_ROUTE, SHORT
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -229,6 +232,36 @@ async def poll(condition: Callable[[], bool], timeout: float, interval: float) -
         await asyncio.sleep(interval)
 
 
+GC_TIME = [0.0]  # seconds this process has spent in the cyclic garbage collector
+
+
+def _time_gc() -> None:
+    started = [0.0]
+
+    def callback(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[0] = time.thread_time()
+        else:
+            GC_TIME[0] += time.thread_time() - started[0]
+
+    gc.callbacks.append(callback)
+
+
+class RuntimeSends(XdsEvents):
+    """Production's events, plus when each stream was sent each runtime version (during a storm)."""
+
+    def __init__(self, instruments: Instruments, controller: Controller):
+        super().__init__(instruments, controller)
+        self.sends: dict[int, list[tuple[int, float]]] | None = None  # stream -> [(view version, time)]
+
+    def response_sent(self, stream: Stream, type_url: str, size: int) -> None:
+        super().response_sent(stream, type_url, size)
+        if self.sends is not None and type_url == RUNTIME:
+            self.sends.setdefault(stream.sid, []).append(
+                (stream.types[RUNTIME].sent_version, time.monotonic())
+            )
+
+
 class ServerRole:
     """The control plane under test, and the few counters the coordinator asks for."""
 
@@ -236,15 +269,31 @@ class ServerRole:
         self.translator, self.instruments, self.routes = translator, instruments, routes
         # The server's events as production wires them (`overspill.plane`): counters, and a controller
         # that hears of every ACK (it has no models, so nothing else).
-        controller = Controller(ObjectStore(), publish=lambda routes: None)
-        self.xds = XdsServer(translator.cache, XdsEvents(instruments, controller))
+        controller = Controller(ObjectStore(), publish=lambda changes: None)
+        self.events = RuntimeSends(instruments, controller)
+        self.xds = XdsServer(translator.cache, self.events)
         self.profile: cProfile.Profile | None = None
+        self.flushes: list[tuple[float, int]] | None = None  # (time, runtime version) during a storm
+        # When the views change: at a flush (or, in a tree from before coalescing, at each commit).
+        hook = "flush" if hasattr(translator.cache, "flush") else "commit"
+        flush = getattr(translator.cache, hook)
+
+        def recorded_flush() -> None:
+            flush()
+            if self.flushes is not None and translator.cache.views:
+                view = next(iter(translator.cache.views.values()))  # the bench's nodes share one scope
+                self.flushes.append((time.monotonic(), view.version_of(RUNTIME)))
+
+        setattr(translator.cache, hook, recorded_flush)
 
     def stats(self) -> dict:
         return {
             "cpu": time.process_time(),
+            "gc": GC_TIME[0],
+            "loop_cpu": time.thread_time(),  # the event loop's thread: Python; the rest is gRPC's threads
             "bytes": total(self.instruments.xds_bytes),
             "rtds_acks": total(self.instruments.xds_acks, "RTDS"),
+            "rtds_pushes": total(self.instruments.xds_pushes, "RTDS"),
             "streams": len(self.xds.streams),
             "tasks": len(asyncio.all_tasks()),  # with no stream open, more than at start is a leak
             **memory_mib(),
@@ -299,6 +348,57 @@ class ServerRole:
         await poll(lambda: total(self.instruments.xds_acks, "RTDS") >= rtds_acks, timeout, 0.005)
         return self.stats()
 
+    async def storm(self, rate: float, seconds: float, seed: int) -> dict:
+        """Weight changes of random models at `rate` per second for `seconds`, each its own
+        `translator.apply`, as decisions arriving one by one would be. Each value is new for its
+        model within the storm, so a client's receipt of (key, value) names exactly one change."""
+        rng = random.Random(seed)
+        self.flushes, self.events.sends = [], {}
+        before = self.stats()
+        count = max(1, round(rate * seconds))
+        taken: dict[int, set[float]] = {}
+        changes = []
+        t0 = time.monotonic()
+        for i in range(count):
+            if (wait := t0 + i / rate - time.monotonic()) > 0:  # on schedule; late ones go at once
+                await asyncio.sleep(wait)
+            index = rng.randrange(len(self.routes))
+            route = self.routes[index]
+            used = taken.setdefault(index, {route.remote_percent})
+            percent = rng.choice([p for p in range(1, 100) if float(p) not in used])
+            used.add(float(percent))
+            self.routes[index] = new = replace(route, remote_percent=float(percent))
+            at = time.monotonic()
+            self.translator.apply({(new.namespace, new.name): new})
+            changes.append((new.runtime_key, float(percent), at))
+        return {"changes": changes, "before": before, "after": self.stats()}
+
+    async def quiet(self, timeout: float) -> dict:
+        """Wait until no stream has a runtime response unanswered: the storm's work is done."""
+
+        def answered() -> bool:
+            return not any(
+                (sub := s.types.get(RUNTIME)) is not None and sub.pending for s in self.xds.streams.values()
+            )
+
+        await poll(answered, timeout, 0.005)
+        return self.stats()
+
+    def sent(self, changes: list) -> dict:
+        """When the server had sent each storm change to every stream: the first flush after the
+        change holds it, and each stream has it once sent that runtime version or a later one."""
+        flushes, sends = self.flushes or [], self.events.sends or {}
+        self.flushes = self.events.sends = None
+        sent_all: dict[int, float] = {}  # runtime version -> when the last stream was sent it (or later)
+        for _, version in flushes:
+            firsts = [next((t for v, t in s if v >= version), math.inf) for s in sends.values()]
+            sent_all[version] = max(firsts, default=math.inf)
+        lags = []
+        for _, _, at in changes:
+            version = next((v for t, v in flushes if t >= at), None)
+            lags.append(sent_all[version] - at if version is not None else math.inf)
+        return {"lags": lags, "flushes": len(flushes)}
+
     async def wait_streams(self, count: int, timeout: float) -> dict:
         await poll(lambda: len(self.xds.streams) == count, timeout, 0.01)
         return self.stats()
@@ -314,13 +414,14 @@ class ServerRole:
         return {"profile": text}
 
 
-async def server_role(models: int, profile_cold: bool) -> None:
+async def server_role(models: int, profile_cold: bool, shards: int = runtime.SHARDS) -> None:
     profile = cProfile.Profile() if profile_cold else None
     t0, c0 = time.monotonic(), time.process_time()
     if profile:
         profile.enable()
+    _time_gc()
     routes = synthetic_models(models)
-    translator = Translator("0.0.0.0", 10000)
+    translator = Translator("0.0.0.0", 10000, shards=shards)
     translator.publish(routes)
     instruments = Instruments()
     role = ServerRole(translator, instruments, routes)
@@ -347,6 +448,12 @@ async def server_role(models: int, profile_cold: bool) -> None:
                     emit(await role.structural(cmd["i"], cmd["add"], cmd["timeout"]))
                 case "wait_streams":
                     emit(await role.wait_streams(cmd["count"], cmd["timeout"]))
+                case "storm":
+                    emit(await role.storm(cmd["rate"], cmd["seconds"], cmd["seed"]))
+                case "quiet":
+                    emit(await role.quiet(cmd["timeout"]))
+                case "sent":
+                    emit(role.sent(cmd["changes"]))
                 case "profile":
                     emit(role.toggle_profile(cmd["on"]))
                 case "stop":
@@ -358,21 +465,40 @@ async def server_role(models: int, profile_cold: bool) -> None:
 # --- the fleet processes ------------------------------------------------------------------------
 
 
-async def fleet_role(target: str, delta: bool, count: int, models: int, prefix: str, parallel: int) -> None:
+async def fleet_role(
+    target: str,
+    delta: bool,
+    count: int,
+    models: int,
+    prefix: str,
+    parallel: int,
+    shards: int = runtime.SHARDS,
+) -> None:
     """`count` SimEnvoys; at most `parallel` of them pulling their initial state at once."""
     armed = False
     seen: dict[tuple[str, float], list[float]] = defaultdict(list)
     complete: dict[tuple[str, float], asyncio.Event] = defaultdict(asyncio.Event)
+    arrivals: list[dict[tuple[str, float], float]] = [{} for _ in range(count)]  # per node, for storms
+    storm = Storm()
 
-    def on_runtime(key: str, value: float, at: float) -> None:
+    def on_runtime(i: int, key: str, value: float, at: float) -> None:
         if armed:  # the initial values are no weight change
             times = seen[(key, value)]
             times.append(at)
             if len(times) == count:
                 complete[(key, value)].set()
+            arrivals[i][(key, value)] = at
+            storm.arrived(i, key, value)
 
     envoys = [
-        SimEnvoy(target, node_id=f"{prefix}-{i}", delta=delta, record=False, on_runtime=on_runtime)
+        SimEnvoy(
+            target,
+            node_id=f"{prefix}-{i}",
+            delta=delta,
+            record=False,
+            layers=tuple(runtime.layer_names(shards)),
+            on_runtime=lambda key, value, at, i=i: on_runtime(i, key, value, at),
+        )
         for i in range(count)
     ]
     gate = asyncio.Semaphore(parallel)
@@ -388,8 +514,19 @@ async def fleet_role(target: str, delta: bool, count: int, models: int, prefix: 
         await asyncio.gather(*(join(e) for e in envoys))
         received = sum(e.received_bytes for e in envoys)
         emit({"event": "synced", "seconds": time.monotonic() - t0, "cpu": time.process_time() - c0})
-        armed = True
+        armed, mark = True, time.process_time()
         while (cmd := await inbox.get())["cmd"] != "stop":
+            if cmd["cmd"] == "storm":  # the storm is over: wait for its last values, then tell
+                await storm.wait(envoys, cmd["changes"], cmd["timeout"])
+                bytes_now, cpu = sum(e.received_bytes for e in envoys), time.process_time()
+                lags = storm.lags(arrivals, cmd["changes"])
+                emit({**lags, "cpu": cpu - mark, "bytes": bytes_now - received})
+                received, mark = bytes_now, cpu
+                for a in arrivals:
+                    a.clear()
+                continue
+            for a in arrivals:
+                a.clear()
             key = (cmd["key"], cmd["value"])
             try:
                 await asyncio.wait_for(complete[key].wait(), cmd["timeout"])
@@ -401,6 +538,52 @@ async def fleet_role(target: str, delta: bool, count: int, models: int, prefix: 
             complete.pop(key, None)
     finally:
         await asyncio.gather(*(e.stop() for e in envoys), return_exceptions=True)
+
+
+class Storm:
+    """A fleet's view of a storm: when each of its nodes held the latest value of every changed key,
+    and how long each change took to reach each node (a change counts as arrived once the node holds
+    its value or a later one of the same key: intermediate values may rightly never be sent)."""
+
+    def __init__(self) -> None:
+        self.final: dict[str, float] = {}
+        self.missing: list[int] = []
+        self.done = asyncio.Event()
+
+    def arrived(self, i: int, key: str, value: float) -> None:
+        if self.final.get(key) == value and self.missing:
+            self.missing[i] -= 1
+            if self.missing[i] == 0 and not any(self.missing):
+                self.done.set()
+
+    async def wait(self, envoys: list[SimEnvoy], changes: list, timeout: float) -> None:
+        self.final = {key: value for key, value, _ in changes}
+        self.missing = [sum(e.runtime_values.get(k) != v for k, v in self.final.items()) for e in envoys]
+        self.done.clear()
+        if any(self.missing):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.done.wait(), timeout)
+
+    def lags(self, arrivals: list[dict[tuple[str, float], float]], changes: list) -> dict:
+        per_key: dict[str, list[tuple[float, float]]] = defaultdict(list)
+        for key, value, at in changes:
+            per_key[key].append((value, at))
+        lags, converged = [], -math.inf
+        for node in arrivals:
+            for key, history in per_key.items():
+                first = math.inf  # the earliest receipt of this value or a later one
+                for value, at in reversed(history):
+                    first = min(first, node.get((key, value), math.inf))
+                    lags.append(first - at)
+                converged = max(converged, node.get((key, history[-1][0]), math.inf))
+        finite = sorted(x for x in lags if x != math.inf)
+        return {
+            "missing": sum(1 for m in self.missing if m),
+            "converged_at": converged,
+            "lag_max": max(lags, default=math.nan),
+            "lag_p50": percentile(finite, 50),
+            "lag_p99": percentile(finite, 99),
+        }
 
 
 # --- the coordinator ----------------------------------------------------------------------------
@@ -472,12 +655,15 @@ def holds(envoy: SimEnvoy, models: int) -> bool:
     )
 
 
-async def sync_one(target: str, delta: bool, models: int, decoding: bool, timeout: float) -> float:
+async def sync_one(
+    target: str, delta: bool, models: int, decoding: bool, timeout: float, shards: int = runtime.SHARDS
+) -> float:
     """Seconds until one new node holds every cluster, endpoint set, route and runtime layer."""
     t0 = time.monotonic()
     sim.forget()  # it parses everything, as a new Envoy does
     name = "newcomer-decoding" if decoding else "newcomer"
-    envoy = SimEnvoy(target, node_id=name, delta=delta, decode=decoding, record=False)
+    layers = tuple(runtime.layer_names(shards))
+    envoy = SimEnvoy(target, node_id=name, delta=delta, decode=decoding, record=False, layers=layers)
     await envoy.start()
     try:
         await envoy.wait(lambda e: holds(e, models), timeout=timeout)
@@ -490,6 +676,27 @@ def say(text: str) -> None:
     print(text, flush=True)
 
 
+async def spawn_fleets(
+    fleets: list[Child], target: str, protocol: str, n: int, m: int, args: argparse.Namespace
+) -> None:
+    """M clients in `--client-procs` fleet processes (appended to `fleets` as they start, so the
+    caller can close them whatever happens); returns once every one holds the whole state."""
+    procs = min(args.client_procs, m)
+    parallel = max(1, min(100, BYTES_IN_FLIGHT // (1300 * n * procs)))
+    for p in range(procs):
+        count = m // procs + (p < m % procs)
+        fleets.append(
+            await Child.spawn(
+                f"fleet-{p}",
+                *("--role", "fleet", "--target", target, "--protocol", protocol),
+                *("--count", str(count), "--models", str(n), "--prefix", f"{protocol}-{m}-{p}"),
+                *("--parallel", str(parallel), "--shards", str(args.shards)),
+            )
+        )
+    for f in fleets:
+        await f.recv(args.timeout)
+
+
 async def run_point(
     server: Child, port: int, point: Point, args: argparse.Namespace, decoding: bool, counter: itertools.count
 ) -> Point:
@@ -498,32 +705,19 @@ async def run_point(
     label = f"[N={n} M={m} {point.protocol}]"
     target = f"127.0.0.1:{port}"
     await server.ask({"cmd": "reset_peak"})
-    procs = min(args.client_procs, m)
-    parallel = max(1, min(100, BYTES_IN_FLIGHT // (1300 * n * procs)))
-    fleets = []
+    fleets: list[Child] = []
     try:
         t0 = time.monotonic()
-        for p in range(procs):
-            count = m // procs + (p < m % procs)
-            fleets.append(
-                await Child.spawn(
-                    f"fleet-{p}",
-                    *("--role", "fleet", "--target", target, "--protocol", point.protocol),
-                    *("--count", str(count), "--models", str(n), "--prefix", f"{point.protocol}-{m}-{p}"),
-                    *("--parallel", str(parallel)),
-                )
-            )
-        for f in fleets:
-            await f.recv(args.timeout)
+        await spawn_fleets(fleets, target, point.protocol, n, m, args)
         point.fleet_sync_s = time.monotonic() - t0
         before = await server.ask({"cmd": "stats"})
         point.fleet_rss_mib = before["rss_mib"]
         say(
-            f"{label} {m} clients synced in {point.fleet_sync_s:.1f} s ({procs} processes), "
+            f"{label} {m} clients synced in {point.fleet_sync_s:.1f} s ({len(fleets)} processes), "
             f"control plane RSS {point.fleet_rss_mib:.0f} MiB"
         )
 
-        point.sync_s = await sync_one(target, delta, n, decoding=False, timeout=args.timeout)
+        point.sync_s = await sync_one(target, delta, n, False, args.timeout, args.shards)
         after = await server.ask({"cmd": "wait_streams", "count": m, "timeout": 30})
         point.sync_server_cpu_s = after["cpu"] - before["cpu"]
         point.sync_bytes = int(after["bytes"] - before["bytes"])
@@ -532,7 +726,7 @@ async def run_point(
             f"server CPU {point.sync_server_cpu_s:.2f} s"
         )
         if decoding:
-            point.decoding_sync_s = await sync_one(target, delta, n, decoding=True, timeout=args.timeout)
+            point.decoding_sync_s = await sync_one(target, delta, n, True, args.timeout, args.shards)
             await server.ask({"cmd": "wait_streams", "count": m, "timeout": 30})
             say(f"{label} full sync of one new decoding SimEnvoy: {point.decoding_sync_s:.2f} s")
 
@@ -620,6 +814,127 @@ async def run_point(
     return point
 
 
+@dataclass
+class StormPoint:
+    """One grid point under a storm of weight changes (medians over `--storm-repeat` storms)."""
+
+    models: int
+    clients: int
+    protocol: str
+    rate: float  # weight changes per second asked for
+    seconds: float
+    cold_start_s: float
+    fleet_sync_s: float = math.nan
+    changes: int = 0  # per storm
+    achieved_rate: float = math.nan  # changes per second the server's loop actually made
+    cpu_per_change_ms: float = math.nan  # server CPU from the storm's start until every ACK is in, / changes
+    loop_cpu_per_change_ms: float = math.nan  # the part of it in the event loop's thread (the rest: gRPC's)
+    converged_ms: float = math.nan  # last change -> every client holds the latest value of every key
+    lag_p50_ms: float = math.nan  # change -> a client holds it (or a later value of its key)
+    lag_p99_ms: float = math.nan
+    lag_max_ms: float = math.nan
+    sent_lag_p50_ms: float = math.nan  # change -> the server has sent it to every client (median run)
+    sent_lag_max_ms: float = math.nan  # (the worst of all runs)
+    rtds_per_client: float = math.nan  # runtime responses each client received per storm
+    kib_per_client: float = math.nan  # bytes each client received per storm
+    client_cpu_ms_per_change: float = math.nan  # all fleet processes together
+    missing: int = 0  # clients that never held the latest values (within the timeout)
+    peak_rss_mib: float = math.nan
+    runs: list[dict] = field(default_factory=list)
+    profile: str = field(default="", repr=False)
+
+
+async def run_storm(
+    server: Child, port: int, point: StormPoint, args: argparse.Namespace, seed: int
+) -> StormPoint:
+    """M clients synced, then `--storm-repeat` storms of `--storm` changes per second for
+    `--storm-seconds`, each followed by a wait until every client holds the latest values and the
+    server has every ACK; a second's pause between storms."""
+    n, m = point.models, point.clients
+    label = f"[N={n} M={m} {point.protocol} storm {point.rate:g}/s]"
+    await server.ask({"cmd": "reset_peak"})
+    fleets: list[Child] = []
+    try:
+        t0 = time.monotonic()
+        await spawn_fleets(fleets, f"127.0.0.1:{port}", point.protocol, n, m, args)
+        point.fleet_sync_s = time.monotonic() - t0
+        say(f"{label} {m} clients synced in {point.fleet_sync_s:.1f} s")
+        if args.profile:
+            await server.ask({"cmd": "profile", "on": True})
+        for r in range(args.storm_repeat):
+            await asyncio.sleep(1.0)
+            storm = await server.ask(
+                {"cmd": "storm", "rate": point.rate, "seconds": point.seconds, "seed": seed + r},
+                timeout=point.seconds * 10 + 60,
+            )
+            changes, before = storm["changes"], storm["before"]
+            for f in fleets:
+                f.send({"cmd": "storm", "changes": changes, "timeout": 60})
+            seen = [await f.recv(120) for f in fleets]
+            done = await server.ask({"cmd": "quiet", "timeout": 30}, timeout=60)
+            sent = await server.ask({"cmd": "sent", "changes": changes}, timeout=60)
+            first, last = changes[0][2], changes[-1][2]
+            run = {
+                "changes": len(changes),
+                "achieved_rate": (len(changes) - 1) / (last - first) if last > first else math.nan,
+                "cpu_per_change": (done["cpu"] - before["cpu"]) / len(changes),
+                "loop_cpu_per_change": (done["loop_cpu"] - before["loop_cpu"]) / len(changes),
+                "gc_per_change": (done["gc"] - before["gc"]) / len(changes),
+                "cpu_during_storm": storm["after"]["cpu"] - before["cpu"],
+                "converged": max(s["converged_at"] for s in seen) - last,
+                "sent_lag_p50": percentile(sent["lags"], 50),
+                "sent_lag_max": max(sent["lags"]),
+                "flushes": sent["flushes"],
+                "lag_p50": statistics.median(s["lag_p50"] for s in seen),
+                "lag_p99": max(s["lag_p99"] for s in seen),
+                "lag_max": max(s["lag_max"] for s in seen),
+                "rtds_per_client": (done["rtds_pushes"] - before["rtds_pushes"]) / m,
+                "bytes_per_client": (done["bytes"] - before["bytes"]) / m,
+                "client_cpu": sum(s["cpu"] for s in seen),  # since the previous storm (or the sync)
+                "missing": sum(s["missing"] for s in seen),
+            }
+            point.runs.append(run)
+            say(
+                f"{label} run {r + 1}: {run['changes']} changes at {run['achieved_rate']:.0f}/s; "
+                f"server CPU {run['cpu_per_change'] * 1000:.2f} ms per change "
+                f"({run['loop_cpu_per_change'] * 1000:.2f} in the event loop, "
+                f"{run['gc_per_change'] * 1000:.2f} in the garbage collector); all {m} clients hold the "
+                f"latest {run['converged'] * 1000:.0f} ms after the last change; lag p99 "
+                f"{run['lag_p99'] * 1000:.0f} ms, max {run['lag_max'] * 1000:.0f} ms; "
+                f"{run['rtds_per_client']:.1f} RTDS responses per client ({run['flushes']} flushes); "
+                f"server had sent each change to all: p50 {run['sent_lag_p50'] * 1000:.0f} ms, "
+                f"max {run['sent_lag_max'] * 1000:.0f} ms"
+                + (f"; {run['missing']} clients MISSING the latest" if run["missing"] else "")
+            )
+        if args.profile:
+            point.profile = (await server.ask({"cmd": "profile", "on": False}))["profile"]
+        stats = await server.ask({"cmd": "stats"})
+    finally:
+        await asyncio.gather(*(f.close() for f in fleets))
+    await server.ask({"cmd": "wait_streams", "count": 0, "timeout": 60}, timeout=90)
+
+    def med(key: str, scale: float = 1.0) -> float:
+        return statistics.median(r[key] for r in point.runs) * scale
+
+    ms = 1000.0
+    point.changes = round(med("changes"))
+    point.achieved_rate = med("achieved_rate")
+    point.cpu_per_change_ms = med("cpu_per_change", ms)
+    point.loop_cpu_per_change_ms = med("loop_cpu_per_change", ms)
+    point.converged_ms = med("converged", ms)
+    point.lag_p50_ms = med("lag_p50", ms)
+    point.lag_p99_ms = med("lag_p99", ms)
+    point.lag_max_ms = max(r["lag_max"] for r in point.runs) * ms
+    point.sent_lag_p50_ms = med("sent_lag_p50", ms)
+    point.sent_lag_max_ms = max(r["sent_lag_max"] for r in point.runs) * ms
+    point.rtds_per_client = med("rtds_per_client")
+    point.kib_per_client = med("bytes_per_client") / 1024
+    point.client_cpu_ms_per_change = med("client_cpu", ms) / point.changes
+    point.missing = sum(r["missing"] for r in point.runs)
+    point.peak_rss_mib = stats["peak_rss_mib"]
+    return point
+
+
 def grid(args: argparse.Namespace) -> list[tuple[int, int]]:
     if args.quick:
         models, clients = [100], [1, 10]
@@ -632,17 +947,23 @@ def grid(args: argparse.Namespace) -> list[tuple[int, int]]:
     return points
 
 
-async def coordinate(args: argparse.Namespace) -> list[Point]:
+async def coordinate(args: argparse.Namespace) -> list[Point | StormPoint]:
     protocols = ["sotw", "delta"] if args.protocol == "both" else [args.protocol]
     points = grid(args)
     where = machine()
-    say(f"grid: {points} x {protocols}, {args.changes} weight changes per point; {where}")
-    results: list[Point] = []
+    what = (
+        f"{args.storm_repeat} storms of {args.storm:g} changes/s for {args.storm_seconds:g} s per point"
+        if args.storm
+        else f"{args.changes} weight changes per point"
+    )
+    say(f"grid: {points} x {protocols}, {what}; {where}")
+    results: list[Point | StormPoint] = []
     counter = itertools.count(1)
     sim.warm_up()
     for n in sorted({n for n, _ in points}):
         say(f"[N={n}] cold start of the control plane ...")
         extra = ["--cold-profiled"] if args.profile_cold else []
+        extra += ["--shards", str(args.shards)]
         server = await Child.spawn("server", "--role", "server", "--models", str(n), *extra)
         try:
             ready = await server.recv(args.timeout)
@@ -652,6 +973,13 @@ async def coordinate(args: argparse.Namespace) -> list[Point]:
             decoded: set[str] = set()
             for m in sorted({m for nn, m in points if nn == n}):
                 for protocol in protocols:
+                    if args.storm:
+                        storm = StormPoint(n, m, protocol, args.storm, args.storm_seconds, ready["seconds"])
+                        results.append(await run_storm(server, ready["port"], storm, args, next(counter)))
+                        if args.profile:
+                            _write_profile(args.profile, f"storm-{n}-{m}-{protocol}", storm.profile)
+                        write_results(args.out, where, results)
+                        continue
                     point = Point(n, m, protocol, ready["seconds"], ready["cpu"], ready["rss_mib"])
                     decoding = n <= args.decoding_sync_max and protocol not in decoded
                     decoded.add(protocol)
@@ -687,16 +1015,41 @@ def machine() -> dict:
     }
 
 
-def write_results(path: str, where: dict, results: list[Point]) -> None:
+def write_results(path: str, where: dict, results: list[Point | StormPoint]) -> None:
     points = [{k: v for k, v in asdict(p).items() if k != "profile"} for p in results]
     Path(path).write_text(json.dumps({"machine": where, "points": points}, indent=1) + "\n")
 
 
-def table(results: list[Point]) -> str:
-    """The README's table: one row per point."""
+def num(v: float | None, fmt: str) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
 
-    def num(v: float | None, fmt: str) -> str:
-        return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+
+def storm_table(results: list[StormPoint]) -> str:
+    rows = [
+        "| N | M | protocol | changes/s asked (made) | server CPU ms per change (event loop) "
+        "| all M hold the latest, ms after the last change | lag p50 / p99 / max ms "
+        "| server sent to all M, p50 / max ms | RTDS responses per client (changes) |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for p in results:
+        missing = f" ({p.missing} missing)" if p.missing else ""
+        rows.append(
+            f"| {p.models:,} | {p.clients:,} | {p.protocol} | {p.rate:g} ({num(p.achieved_rate, '.0f')}) "
+            f"| {num(p.cpu_per_change_ms, '.2f')} ({num(p.loop_cpu_per_change_ms, '.2f')}) "
+            f"| {num(p.converged_ms, '.0f')}{missing} "
+            f"| {num(p.lag_p50_ms, '.0f')} / {num(p.lag_p99_ms, '.0f')} / {num(p.lag_max_ms, '.0f')} "
+            f"| {num(p.sent_lag_p50_ms, '.0f')} / {num(p.sent_lag_max_ms, '.0f')} "
+            f"| {num(p.rtds_per_client, '.1f')} ({p.changes}) |"
+        )
+    return "\n".join(rows)
+
+
+def table(results: list[Point | StormPoint]) -> str:
+    """The README's table: one row per point."""
+    storms = [p for p in results if isinstance(p, StormPoint)]
+    if storms:
+        return storm_table(storms)
+    results = [p for p in results if isinstance(p, Point)]
 
     rows = [
         "| N | M | protocol | cold start s | full sync s (decoding) | weight -> all M p50 / p99 ms "
@@ -765,9 +1118,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="largest N at which a decoding SimEnvoy's full sync is timed too (slow: pydantic)",
     )
     ap.add_argument("--timeout", type=float, default=1800, help="seconds any one phase may take")
+    ap.add_argument("--storm", type=float, metavar="RATE", help="a storm of RATE weight changes/s per point")
+    ap.add_argument("--storm-seconds", type=float, default=5.0, help="how long each storm lasts")
+    ap.add_argument("--storm-repeat", type=int, default=3, help="storms per point (medians reported)")
+    ap.add_argument(
+        "--shards",
+        type=int,
+        default=runtime.SHARDS,
+        help="runtime layers the weights are spread over (Envoy's bootstrap must name as many)",
+    )
     ap.add_argument("--profile", metavar="DIR", help="cProfile weight changes in the server (inflates CPU)")
     ap.add_argument("--profile-cold", metavar="DIR", help="cProfile the cold starts (slows them down)")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
+    ap.add_argument("--out", help="results as JSON (bench/results.json, storms bench/storm_results.json)")
     # child roles
     ap.add_argument("--role", choices=["server", "fleet"], help=argparse.SUPPRESS)
     ap.add_argument("--cold-profiled", action="store_true", help=argparse.SUPPRESS)
@@ -778,6 +1140,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.quick:
         args.changes = min(args.changes, 5)
+    if args.out is None:
+        args.out = str(ROOT / "bench" / ("storm_results.json" if args.storm else "results.json"))
     return args
 
 
@@ -786,15 +1150,17 @@ def main(argv: list[str] | None = None) -> None:
     if args.role:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides when children end
         if args.role == "server":
-            role = server_role(args.models[0], args.cold_profiled)
+            role = server_role(args.models[0], args.cold_profiled, args.shards)
         else:
             delta = args.protocol == "delta"
-            role = fleet_role(args.target, delta, args.count, args.models[0], args.prefix, args.parallel)
+            role = fleet_role(
+                args.target, delta, args.count, args.models[0], args.prefix, args.parallel, args.shards
+            )
         with contextlib.suppress(asyncio.CancelledError):  # cancelled: the coordinator went away
             asyncio.run(role)
         return
     started = time.monotonic()
-    results: list[Point] = []
+    results: list[Point | StormPoint] = []
 
     def terminate(signum: int, frame: object) -> None:
         raise KeyboardInterrupt  # a kill ends the run as Ctrl-C does: children stopped, results kept

@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from api.fields import parse_quantity
 from api.metric_spec import MetricSpec
-from metrics.source import MetricScope, MetricSource, Reading
+from metrics.source import MetricScope, MetricSource, Reading, Request, read_each
 
 Get = Callable[[str, dict], Awaitable[dict]]
 METRICS = "/apis/metrics.k8s.io/v1beta1"
@@ -118,6 +118,9 @@ def _terms(selector: str) -> list[str]:
     return terms
 
 
+RESOURCE_TYPES = ("Resource", "ContainerResource")  # read from metrics-server
+
+
 class KubernetesMetrics:
     def __init__(self, get: Get, fallback: MetricSource | None = None, max_age: float = 1.0):
         self.get = get
@@ -140,9 +143,23 @@ class KubernetesMetrics:
             if selector_matches(selector, (item.get("metadata") or {}).get("labels") or {})
         ]
 
+    async def read_many(self, requests: Sequence[Request]) -> list[Reading]:
+        """Resource metrics from the shared pod lists; the others through the fallback's batched
+        queries (Prometheus) when there is one."""
+        if self.fallback is None:
+            return await read_each(self, requests)
+        mine = [i for i, (spec, _) in enumerate(requests) if spec.type in RESOURCE_TYPES]
+        theirs = [i for i, (spec, _) in enumerate(requests) if spec.type not in RESOURCE_TYPES]
+        own, other = await asyncio.gather(
+            read_each(self, [requests[i] for i in mine]),
+            self.fallback.read_many([requests[i] for i in theirs]),
+        )
+        out: dict[int, Reading] = dict(zip(mine, own, strict=True)) | dict(zip(theirs, other, strict=True))
+        return [out[i] for i in range(len(requests))]
+
     async def read(self, spec: MetricSpec, scope: MetricScope) -> Reading:
         try:
-            if spec.type in ("Resource", "ContainerResource"):
+            if spec.type in RESOURCE_TYPES:
                 return await self._resource(spec, scope)
             if self.fallback is not None:
                 return await self.fallback.read(spec, scope)

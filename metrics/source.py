@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -30,8 +32,27 @@ class MetricScope:
     pod_selector: str = ""  # the workload's `spec.selector`, as a label selector string
 
 
+Request = tuple[MetricSpec, MetricScope]
+READ_CONCURRENCY = 32  # reads in flight at once, so 10,000 models do not open 10,000 connections
+
+
 class MetricSource(Protocol):
     async def read(self, spec: MetricSpec, scope: MetricScope) -> Reading: ...
+
+    async def read_many(self, requests: Sequence[Request]) -> list[Reading]:
+        """One reading per request, in order. Sources that can answer many in one query do."""
+        ...
+
+
+async def read_each(source: MetricSource, requests: Sequence[Request]) -> list[Reading]:
+    """`read_many` for sources that read one at a time: a bounded number in flight."""
+    slots = asyncio.Semaphore(READ_CONCURRENCY)
+
+    async def one(request: Request) -> Reading:
+        async with slots:
+            return await source.read(*request)
+
+    return list(await asyncio.gather(*(one(r) for r in requests)))
 
 
 class NoSource:
@@ -39,3 +60,6 @@ class NoSource:
 
     async def read(self, spec: MetricSpec, scope: MetricScope) -> Reading:
         return Reading(None, "no metric source configured (use --prometheus-url or --kubernetes)")
+
+    async def read_many(self, requests: Sequence[Request]) -> list[Reading]:
+        return [await self.read(*requests[0])] * len(requests) if requests else []

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 import aiohttp
 from aiohttp import web
 
-from api.crd import ModelDeployment
+from api.crd import ModelDeployment, ObjectKey
 from api.status import ModelStatus
 from metrics.instruments import Instruments
 from metrics.kubernetes import KubernetesMetrics
@@ -48,7 +48,7 @@ class ControlPlane:
         self.translator = Translator(settings.listener_address, settings.listener_port)
         self.controller = Controller(
             self.store,
-            self.translator.publish,
+            self.translator.apply,
             evaluation_interval=settings.evaluation_interval,
             default_remote=settings.default_remote,
             cluster_domain=settings.cluster_domain,
@@ -110,13 +110,18 @@ class ControlPlane:
             self.source.status_changes_wake = True
 
     def _write_status(
-        self, items: Iterable[tuple[ModelDeployment, ModelStatus, OffloadMachine | None]]
+        self,
+        items: Iterable[tuple[ModelDeployment, ModelStatus, OffloadMachine | None]],
+        removed: Iterable[ObjectKey],
     ) -> None:
         if self.status_writer is None or not self.controller.leading:
             return
         self.status_writer.sync(
-            (model, desired_status(model, status, machine, self.controller.to_wall))
-            for model, status, machine in items
+            (
+                (model, desired_status(model, status, machine, self.controller.to_wall))
+                for model, status, machine in items
+            ),
+            removed,
         )
         self.status_writer.sync_rejected(
             (r.key, r.errors)

@@ -12,26 +12,44 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 
 from api.crd import ModelDeployment, ObjectKey, RemoteBackend
 from api.desired import ModelKey, ModelRoute, service_domains
 from api.status import EnvoyRejection, MetricStatus, ModelStatus, Phase
 from metrics.hpa import compare
-from metrics.source import MetricScope, MetricSource, NoSource
+from metrics.source import MetricScope, MetricSource, NoSource, Reading, Request
 from reconciler.claims import HostClaims
+from reconciler.logs import some
 from reconciler.offload import Decision, OffloadMachine
 from reconciler.probe import RemoteProbe
-from reconciler.resolve import pod_count, pod_selector, resolve_backend
+from reconciler.resolve import Backend, pod_count, pod_selector, resolve_backend
 from reconciler.store import ObjectStore
 
 log = logging.getLogger("overspill.reconciler")
 METRIC_ERROR_REPEAT = 300.0  # seconds before the same metric error is logged again
+# Phases in which traffic goes, or may soon go, to the remote: its reachability is checked every round.
+REMOTE_PHASES = {Phase.ACTIVATING, Phase.OFFLOADING, Phase.RELEASING, Phase.OUTAGE, Phase.REMOTE_DOWN}
 
 
-Publish = Callable[[list[ModelRoute]], object]
-# After each reconcile: every model with its status and state machine (the CR status writer).
-Reconciled = Callable[[list[tuple[ModelDeployment, ModelStatus, OffloadMachine | None]]], object]
+# The models whose route changed: the new route, or None for a model no longer routed.
+Publish = Callable[[dict[ModelKey, ModelRoute | None]], object]
+# After each reconcile: the models decided, with status and state machine, and the models
+# removed (the CR status writer).
+Reconciled = Callable[
+    [list[tuple[ModelDeployment, ModelStatus, OffloadMachine | None]], list[ObjectKey]], object
+]
+
+
+@dataclass
+class _Reads:
+    """What `evaluate` reads for one model, and the readings it took last (unchanged ones
+    decide nothing, so an evaluation of 10,000 steady models decides none)."""
+
+    model: ModelDeployment
+    requests: list[Request]
+    last: list[Reading] | None = None
 
 
 class Controller:
@@ -65,7 +83,16 @@ class Controller:
         self.machines: dict[ObjectKey, OffloadMachine] = {}
         self.readings: dict[ObjectKey, list[MetricStatus]] = {}
         self.status: dict[ObjectKey, ModelStatus] = {}
-        self.routes: list[ModelRoute] = []
+        self._routes: dict[ObjectKey, ModelRoute] = {}
+        self.claims = HostClaims()
+        self._everything = False
+        self._new_standby: list[ObjectKey] = []  # decided for the first time, all local
+        # What each model depends on, and the reverse: which models a key's change concerns.
+        self._needs: dict[ObjectKey, tuple[tuple[ObjectKey, ...], tuple[str, int] | None]] = {}
+        self._dependents: dict[ObjectKey, set[ObjectKey]] = {}
+        self._remote_users: dict[tuple[str, int], set[ObjectKey]] = {}
+        # Per model with metrics: the model, what to read, and the last readings taken.
+        self._reads: dict[ObjectKey, _Reads] = {}
         self.evaluations = 0
         self._metric_errors: dict[tuple[ObjectKey, str], tuple[str, float]] = {}  # last logged, and when
         # Envoy NACKs still standing, per (stream, xDS type): the rejection and the models it concerns.
@@ -73,13 +100,14 @@ class Controller:
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._evaluate_forever())
+            tg.create_task(self._every_interval(self.evaluate))
+            tg.create_task(self._every_interval(self.probe_remotes))
             tg.create_task(self._react_forever())
 
-    async def _evaluate_forever(self) -> None:
+    async def _every_interval(self, work: Callable[[], Awaitable[None]]) -> None:
         while True:
             started = self.clock()
-            await self.evaluate()
+            await work()
             await asyncio.sleep(max(0.0, self.evaluation_interval - (self.clock() - started)))
 
     async def _react_forever(self) -> None:
@@ -88,53 +116,85 @@ class Controller:
             self.reconcile()
 
     async def evaluate(self) -> None:
-        """Read every model's metrics and probe every remote, then reconcile."""
+        """Read every model's metrics, then decide again the models whose readings changed and
+        those waiting out an activation delay or a buffer duration."""
         if not self.leading:
             return  # a follower acts on the leader's status writes, which wake it through the store
-        models = self.store.models()
-        remotes = {(r.host, r.port): r for m in models if (r := self.remote_of(m)) is not None}
-        results = await asyncio.gather(
-            *(self._read_metrics(m) for m in models), *(self.probe.check(r) for r in remotes.values())
-        )
-        for model, statuses in zip(models, results, strict=False):
-            self.readings[model.key] = statuses
+        self.reconcile()  # take what the store holds now, so what is read is current
+        entries = [(key, entry, entry.requests) for key, entry in self._reads.items()]
+        readings = iter(await self.informer.read_many([r for _, _, reqs in entries for r in reqs]))
+        changed = set()
+        events: dict[tuple[str, str, str], list[ObjectKey]] = {}
+        for key, entry, requests in entries:
+            taken = [next(readings) for _ in requests]
+            if self._reads.get(key) is not entry or entry.requests is not requests:
+                continue  # its metrics changed while they were read: the next evaluation reads them
+            status = self._status_of(key)
+            for (spec, _), reading in zip(requests, taken, strict=True):
+                metric = spec.describe()
+                if reading.error:
+                    status.metric_read_errors[metric] += 1  # every failed read counts
+                event = self._metric_event(key, metric, reading.error)
+                if event is not None:
+                    events.setdefault((event[0], metric, event[1]), []).append(key)
+            if taken == entry.last:
+                continue  # the same answer as last time: nothing to decide
+            entry.last = taken
+            pods = pod_count(self.store, entry.model, status.ready_endpoints or 1)
+            statuses = [
+                compare(spec, r.total, r.pods or pods, r.error)
+                for (spec, _), r in zip(requests, taken, strict=True)
+            ]
+            if self.readings.get(key) != statuses:
+                self.readings[key] = statuses
+                changed.add(key)
+        self._log_metric_events(events)
         self.evaluations += 1
-        self.reconcile()
+        timed = {key for key, machine in self.machines.items() if machine.waiting}
+        self.reconcile(changed | timed)
 
-    async def _read_metrics(self, model: ModelDeployment) -> list[MetricStatus]:
-        if model.offloading is None:
-            return []
-        specs = model.offloading.metrics
-        status = self._status_of(model.key)
-        scope = MetricScope(model.meta.namespace, pod_selector(self.store, model))
-        readings = await asyncio.gather(*(self.informer.read(s, scope) for s in specs))
-        pods = pod_count(self.store, model, status.ready_endpoints or 1)
-        statuses = []
-        for spec, reading in zip(specs, readings, strict=True):
-            if reading.error:
-                status.metric_read_errors[spec.describe()] += 1
-            self._log_metric(
-                model.key, spec.describe(), reading.error, status.metric_read_errors[spec.describe()]
-            )
-            statuses.append(compare(spec, reading.total, reading.pods or pods, reading.error))
-        return statuses
+    async def probe_remotes(self) -> None:
+        """Probe each distinct remote once (a bounded number at a time, see `RemoteProbe`), and
+        decide again the models of those whose reachability changed."""
+        if not self.leading:
+            return
+        remotes: dict[tuple[str, int], RemoteBackend] = {}
+        hot = set()
+        for model in self.store.models():
+            remote = self.remote_of(model)
+            if remote is None:
+                continue
+            target = remotes.setdefault((remote.host, remote.port), remote)
+            status = self.status.get(model.key)
+            if status is not None and (status.phase in REMOTE_PHASES or status.ready_endpoints == 0):
+                hot.add((target.host, target.port))
+        due = self.probe.due(set(remotes), hot)
+        changed = await self.probe.check_all(remotes[t] for t in sorted(due))
+        self.reconcile({key for target in changed for key in self._remote_users.get(target, ())})
 
-    def _log_metric(self, key: ObjectKey, metric: str, error: str | None, failures: int) -> None:
-        """One line when a metric becomes unavailable (or its error changes) and one when it is
-        back, not one per model per evaluation; the count is on status and in /metrics."""
+    def _metric_event(self, key: ObjectKey, metric: str, error: str | None) -> tuple[str, str] | None:
+        """("unavailable", error) when a model's metric becomes unavailable, its error changes or
+        METRIC_ERROR_REPEAT has passed; ("available", "") when it is back; else None."""
         last = self._metric_errors.get((key, metric))
         if error is None:
-            if last is not None:
-                del self._metric_errors[(key, metric)]
-                log.info("event=metric_available model=%s metric=%s", key, metric)
-            return
+            if last is None:
+                return None
+            del self._metric_errors[(key, metric)]
+            return ("available", "")
         now = self.clock()
         if last is not None and last[0] == error and now - last[1] < METRIC_ERROR_REPEAT:
-            return
+            return None
         self._metric_errors[(key, metric)] = (error, now)
-        log.warning(
-            "event=metric_unavailable model=%s metric=%s failures=%d error=%r", key, metric, failures, error
-        )
+        return ("unavailable", error)
+
+    def _log_metric_events(self, events: dict[tuple[str, str, str], list[ObjectKey]]) -> None:
+        """One line per metric and error however many models share it (one Prometheus down is
+        one line, not one per model); every failed read is counted on status and in /metrics."""
+        for (kind, metric, error), keys in events.items():
+            if kind == "available":
+                log.info("event=metric_available metric=%s %s", metric, some(keys))
+            else:
+                log.warning("event=metric_unavailable metric=%s %s error=%r", metric, some(keys), error)
 
     def remote_of(self, model: ModelDeployment) -> RemoteBackend | None:
         if model.offloading is None:
@@ -147,38 +207,137 @@ class Controller:
             status = self.status[key] = ModelStatus(key)
         return status
 
-    def reconcile(self) -> None:
-        """Decide every model from what is known now and publish the routes."""
+    @property
+    def routes(self) -> list[ModelRoute]:
+        """Every model's current route, in namespace/name order."""
+        return [self._routes[k] for k in sorted(self._routes)]
+
+    def reconcile(self, keys: Iterable[ObjectKey] = ()) -> None:
+        """Decide again the models the store's changes touch, and `keys`; publish what changed.
+
+        Work is proportional to the change: a model depends on its own object, its Service
+        (whose key also stands for the Service's EndpointSlices) and its workload, and only the
+        models depending on a changed key are decided, with those whose Host names it moves.
+        """
+        dirty = set(keys)
+        if self._everything:  # who decides changed: every model is decided anew
+            self._everything = False
+            dirty.update(m.key for m in self.store.models())
+        for key in self.store.take_changes():
+            if key.kind == "ModelDeployment":
+                dirty.add(key)
+            dirty.update(self._dependents.get(key, ()))
+        if not dirty:
+            return
         now = self.clock()
-        routes: list[ModelRoute] = []
-        claims = HostClaims()
-        models = self.store.models()
-        last = {(r.namespace, r.name): r for r in self.routes}
-        for model in models:
-            try:
-                route = self._reconcile_model(model, claims, now)
-            except Exception as exc:  # a bug met by one model must not stop the others
-                log.exception("event=reconcile_error model=%s", model.key)
-                status = self._status_of(model.key)
-                status.errors = [f"{model.key}: internal error: {exc!r}"]
-                status.reason = status.errors[0]
-                route = last.get((model.meta.namespace, model.meta.name))  # keeps serving as it was
-            if route is not None:
-                routes.append(route)
-        for key in self.status.keys() - {m.key for m in models}:
-            del self.status[key]
-            for gone in [k for k in self._metric_errors if k[0] == key]:
-                del self._metric_errors[gone]
-            self.machines.pop(key, None)
-            self.readings.pop(key, None)
-            log.info("event=model_removed model=%s", key)
-        self.routes = routes
-        self.publish(routes)
+        backends: dict[ObjectKey, Backend] = {}
+        moved: set[ObjectKey] = set()  # models whose Host names this change moves
+        for key in sorted(dirty):
+            model = self.store.get(key)
+            if model is None:
+                moved |= self.claims.forget(key)
+                continue
+            backend = backends[key] = resolve_backend(self.store, model)
+            if backend.port is None:
+                moved |= self.claims.forget(key)
+                continue
+            ref = model.service
+            domains = service_domains(ref.name, ref.namespace, backend.port.port, self.cluster_domain)
+            # svc.ns.svc.<cluster domain> names one Service, so one model
+            moved |= self.claims.want(key, domains, domains[-2], f"{ref.namespace}/{ref.name}")
+        changes: dict[ModelKey, ModelRoute | None] = {}
+        decided: list[ModelDeployment] = []
+        removed: list[ObjectKey] = []
+        for key in sorted(dirty | moved):
+            model = self.store.get(key)
+            if model is None:
+                if self._forget(key):
+                    removed.append(key)
+                route = None
+            else:
+                self._track(model)
+                try:
+                    backend = backends.get(key) or resolve_backend(self.store, model)
+                    route = self._reconcile_model(model, backend, now)
+                except Exception as exc:  # a bug met by one model must not stop the others
+                    log.exception("event=reconcile_error model=%s", model.key)
+                    status = self._status_of(model.key)
+                    status.errors = [f"{model.key}: internal error: {exc!r}"]
+                    status.reason = status.errors[0]
+                    route = self._routes.get(key)  # keeps serving as it was
+                decided.append(model)
+                self._remember_reads(model)
+            if route != self._routes.get(key):
+                changes[(key.namespace, key.name)] = route
+                if route is None:
+                    del self._routes[key]
+                else:
+                    self._routes[key] = route
+        if changes:
+            self.publish(changes)
+        if self._new_standby:
+            log.info("event=models_added phase=Standby %s", some(self._new_standby))
+            self._new_standby = []
         if self.on_reconciled is not None:
             try:
-                self.on_reconciled([(m, self.status[m.key], self.machines.get(m.key)) for m in models])
+                self.on_reconciled(
+                    [(m, self.status[m.key], self.machines.get(m.key)) for m in decided], removed
+                )
             except Exception:  # reporting must never stop deciding and routing
                 log.exception("event=reconciled_hook_error")
+
+    def _track(self, model: ModelDeployment) -> None:
+        """Index what `model` depends on, so a change to any of it decides the model again."""
+        ref, source, remote = model.service, model.source, self.remote_of(model)
+        needs = (ObjectKey("Service", ref.namespace, ref.name),) + (
+            (ObjectKey(source.kind, source.namespace, source.name),) if source is not None else ()
+        )
+        target = (remote.host, remote.port) if remote is not None else None
+        if self._needs.get(model.key) == (needs, target):
+            return
+        self._untrack(model.key)
+        self._needs[model.key] = (needs, target)
+        for need in needs:
+            self._dependents.setdefault(need, set()).add(model.key)
+        if target is not None:
+            self._remote_users.setdefault(target, set()).add(model.key)
+
+    def _remember_reads(self, model: ModelDeployment) -> None:
+        """What `evaluate` reads for the model; built when it is decided, since its metrics and
+        pods (the scope) can only change with the model or its workload, which decide it again."""
+        if model.offloading is None or not model.offloading.metrics:
+            self._reads.pop(model.key, None)
+            return
+        scope = MetricScope(model.meta.namespace, pod_selector(self.store, model))
+        requests = [(spec, scope) for spec in model.offloading.metrics]
+        entry = self._reads.get(model.key)
+        if entry is None or entry.requests != requests:
+            self._reads[model.key] = _Reads(model, requests)
+        else:  # the same reads (one in flight keeps its place); the pods may have changed
+            entry.model, entry.last = model, None
+
+    def _untrack(self, key: ObjectKey) -> None:
+        needs, target = self._needs.pop(key, ((), None))
+        for index, entries in ((self._dependents, needs), (self._remote_users, (target,) if target else ())):
+            for entry in entries:
+                users = index.get(entry)
+                if users is not None:
+                    users.discard(key)
+                    if not users:
+                        del index[entry]
+
+    def _forget(self, key: ObjectKey) -> bool:
+        """A model gone from the store: drop everything kept for it; False if nothing was."""
+        self._untrack(key)
+        self._reads.pop(key, None)
+        self.machines.pop(key, None)
+        self.readings.pop(key, None)
+        for gone in [k for k in self._metric_errors if k[0] == key]:
+            del self._metric_errors[gone]
+        if self.status.pop(key, None) is None:
+            return False
+        log.info("event=model_removed model=%s", key)
+        return True
 
     # --- leadership ---
 
@@ -186,9 +345,11 @@ class Controller:
         """Start deciding: every state machine resumes from the status the last leader wrote."""
         self.leading = True
         self.machines.clear()
+        self._everything = True
 
     def follow(self) -> None:
         self.leading = False
+        self._everything = True
 
     def to_wall(self, t: float) -> float:
         """A state-machine time as wall-clock seconds, with one fixed offset: the same instant
@@ -211,18 +372,14 @@ class Controller:
             self.machines[model.key] = machine
         return machine
 
-    def _reconcile_model(self, model: ModelDeployment, claims: HostClaims, now: float) -> ModelRoute | None:
+    def _reconcile_model(self, model: ModelDeployment, backend: Backend, now: float) -> ModelRoute | None:
         status = self._status_of(model.key)
         status.errors = [str(r) for r in self.store.rejected_for(model.key)]
         status.warnings = []
         status.rejections = self._rejections_of(model.key)
-        ref = model.service
-        backend = resolve_backend(self.store, model)
         claim = None
         if backend.port is not None:
-            domains = service_domains(ref.name, ref.namespace, backend.port.port, self.cluster_domain)
-            # svc.ns.svc.<cluster domain> names one Service, so one model
-            claim = claims.claim(model.key, domains, domains[-2], f"{ref.namespace}/{ref.name}")
+            claim = self.claims.claim(model.key)
             status.warnings = list(claim.warnings)
         error = backend.error or (claim.error if claim else None)
         if error is not None or claim is None:
@@ -283,6 +440,9 @@ class Controller:
             return
         status.last_transition = now
         status.transitions[decision.phase.value] += 1
+        if previous is None and decision.phase == Phase.STANDBY:
+            self._new_standby.append(model.key)  # the usual start: one summary line (see reconcile)
+            return
         values = " ".join(f"{m.spec.describe()}={m.current}" for m in status.metrics)
         log.info(
             "event=offload_decision model=%s from=%s to=%s remote_percent=%g reason=%r %s",

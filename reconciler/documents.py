@@ -20,6 +20,7 @@ from reconciler.kube import parse_endpoint_slice, parse_service, parse_workload
 
 # libyaml's parser when PyYAML was built with it (the wheels are): 8x faster than pure Python.
 Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_STR, _MAP, _SEQ = "tag:yaml.org,2002:str", "tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"
 Parser = Callable[[Any], Any]
 PARSERS: dict[tuple[str, str], Parser] = {
     (MODEL_API, "ModelDeployment"): parse_model_deployment,
@@ -51,7 +52,7 @@ class Rejected:
 def parse_documents(text: str, origin: str) -> tuple[list[Any], list[Rejected]]:
     """Every known object in a (multi-document) YAML text; `kind: List` items are unpacked."""
     try:
-        docs = [d for d in yaml.load_all(text, Loader=Loader) if d is not None]
+        docs = [d for d in load_all(text) if d is not None]
     except yaml.YAMLError as exc:
         return [], [Rejected(origin, None, (f"{origin}: malformed YAML: {_one_line(exc)}",))]
     objects: list[Any] = []
@@ -73,6 +74,41 @@ def parse_documents(text: str, origin: str) -> tuple[list[Any], list[Rejected]]:
         if rejection is not None:
             rejected.append(rejection)
     return objects, rejected
+
+
+def load_all(text: str) -> list[Any]:
+    """`yaml.safe_load_all`, with strings, mappings and lists built here: PyYAML's constructor
+    costs more than libyaml's parser, and manifests are mostly those three. Every other node
+    (numbers, booleans, null, timestamps, merge keys) goes to PyYAML's safe constructor, and an
+    alias is the same object twice, as there."""
+    loader = Loader(text)
+    try:
+        docs = []
+        while loader.check_node():
+            docs.append(_construct(loader.get_node(), loader, {}))
+        return docs
+    finally:
+        loader.dispose()
+
+
+def _construct(node: yaml.Node, loader: Any, built: dict[int, Any]) -> Any:
+    tag = node.tag
+    if tag == _STR:
+        return node.value
+    if id(node) in built:
+        return built[id(node)]
+    if tag == _MAP and all(k.tag == _STR for k, _ in node.value):  # else merge keys, odd keys
+        out: dict[str, Any] = {}
+        built[id(node)] = out
+        for k, v in node.value:
+            out[k.value] = _construct(v, loader, built)
+        return out
+    if tag == _SEQ:
+        items: list[Any] = []
+        built[id(node)] = items
+        items.extend(_construct(v, loader, built) for v in node.value)
+        return items
+    return loader.construct_object(node, deep=True)
 
 
 def parse_object(doc: dict, origin: str) -> tuple[Any | None, Rejected | None]:

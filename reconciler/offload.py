@@ -36,6 +36,13 @@ class OffloadMachine:
     last: Decision | None = None
     changed_at: float | None = None
 
+    @property
+    def waiting(self) -> bool:
+        """An activation delay or a buffer duration is running: time alone will change the decision."""
+        return (not self.triggered and self.over_since is not None) or (
+            self.triggered and self.under_since is not None
+        )
+
     def step(
         self,
         now: float,

@@ -141,11 +141,11 @@ class StatusWriter:
         self.writes = 0
         self.conflicts = 0
 
-    def sync(self, items: Iterable[tuple[ModelDeployment, dict]]) -> None:
+    def sync(self, items: Iterable[tuple[ModelDeployment, dict]], removed: Iterable[ObjectKey] = ()) -> None:
         """Queue a write for every model whose visible status changed; returns at once."""
-        seen = set()
+        for key in removed:
+            self._written.pop(key, None)
         for model, desired in items:
-            seen.add(model.key)
             written = self._written.get(model.key)
             previous = written.status if written and written.uid == model.meta.uid else _from_cluster(model)
             status = _with_condition_times(desired, previous)
@@ -155,8 +155,6 @@ class StatusWriter:
             self._pending[model.key] = (model, status)
             if first_write:
                 self._spawn(self._write(model.key, previous))
-        for key in self._written.keys() - seen:
-            del self._written[key]
 
     def sync_rejected(self, rejected: Iterable[tuple[ObjectKey, tuple[str, ...]]]) -> None:
         """ModelDeployments that never parsed (so the controller has no model for them) still get

@@ -29,9 +29,13 @@ class ObjectStore:
         self._holders: dict[ObjectKey, set[str]] = {}
         self._written: dict[str, int] = {}
         self._rejected: dict[str, list[Rejected]] = {}
+        self._rejected_by_key: dict[ObjectKey, set[Rejected]] = {}  # what a model's status shows
         self._slices: dict[tuple[str, str], dict[ObjectKey, EndpointSlice]] = {}  # (ns, service) -> slices
         self.revision = 0
         self._changed = asyncio.Event()
+        # Keys whose object or rejection changed since the decisions last took them: what to
+        # decide again. An EndpointSlice change also names its Service, which models refer to.
+        self._dirty: set[ObjectKey] = set()
 
     # --- writing (sources) ---
 
@@ -49,10 +53,7 @@ class ObjectStore:
             keep = set(old)
         held = {k: v for k, v in old.items() if k in keep and k not in new} | new
         self._hold(origin, held, old.keys() - held.keys())
-        if rejected:
-            self._rejected[origin] = rejected
-        else:
-            self._rejected.pop(origin, None)
+        self._set_rejected(origin, rejected)
         self._bump()
 
     def update(
@@ -70,6 +71,7 @@ class ObjectStore:
         touched = {o.key for o in upserts} | deletes | {r.key for r in rejected}
         held = self._by_origin.setdefault(origin, {})  # changed in place: O(change), not O(origin)
         self._written[origin] = self.revision
+        dirty = set(self._dirty) if quiet else None
         for key in deletes:
             if held.pop(key, None) is not None:
                 self._drop_holder(origin, key)
@@ -79,11 +81,9 @@ class ObjectStore:
                 self._holders.setdefault(obj.key, set()).add(origin)
                 self._resolve(obj.key, prefer=origin)
         standing = [r for r in self._rejected.get(origin, ()) if r.key not in touched] + rejected
-        if standing:
-            self._rejected[origin] = standing
-        else:
-            self._rejected.pop(origin, None)
-        if quiet:
+        self._set_rejected(origin, standing)
+        if dirty is not None:
+            self._dirty = dirty  # nothing the decisions need to see again
             self.revision += 1
         else:
             self._bump()
@@ -93,8 +93,26 @@ class ObjectStore:
         self._hold(origin, {}, set(old))
         del self._by_origin[origin]
         self._written.pop(origin, None)
-        self._rejected.pop(origin, None)
+        self._set_rejected(origin, [])
         self._bump()
+
+    def _set_rejected(self, origin: str, rejected: list[Rejected]) -> None:
+        old = set(self._rejected.get(origin, ()))
+        for r in old.symmetric_difference(rejected):
+            if r.key is not None:
+                self._dirty.add(r.key)
+        for r in old:
+            if r.key is not None:
+                self._rejected_by_key[r.key].discard(r)
+                if not self._rejected_by_key[r.key]:
+                    del self._rejected_by_key[r.key]
+        for r in rejected:
+            if r.key is not None:
+                self._rejected_by_key.setdefault(r.key, set()).add(r)
+        if rejected:
+            self._rejected[origin] = rejected
+        else:
+            self._rejected.pop(origin, None)
 
     def _hold(self, origin: str, held: dict[ObjectKey, Any], dropped: Iterable[ObjectKey]) -> None:
         old = self._by_origin.get(origin, {})
@@ -126,6 +144,10 @@ class ObjectStore:
             current = self._by_origin[winner][key]
         if previous is current:
             return
+        self._dirty.add(key)
+        for obj in (previous, current):
+            if isinstance(obj, EndpointSlice):
+                self._dirty.add(ObjectKey("Service", obj.meta.namespace, obj.service_name))
         if isinstance(previous, EndpointSlice):
             self._slices.get((previous.meta.namespace, previous.service_name), {}).pop(key, None)
         if current is None:
@@ -138,6 +160,11 @@ class ObjectStore:
     def _bump(self) -> None:
         self.revision += 1
         self._changed.set()
+
+    def take_changes(self) -> set[ObjectKey]:
+        """The keys changed since the last call (see `_dirty`)."""
+        dirty, self._dirty = self._dirty, set()
+        return dirty
 
     async def wait_changed(self) -> None:
         await self._changed.wait()
@@ -173,4 +200,4 @@ class ObjectStore:
         return {origin: len(self._rejected.get(origin, ())) for origin in self._by_origin}
 
     def rejected_for(self, key: ObjectKey) -> list[Rejected]:
-        return [r for r in self.rejected() if r.key == key]
+        return sorted(self._rejected_by_key.get(key, ()), key=lambda r: (r.origin, r.errors))

@@ -6,13 +6,16 @@ import asyncio
 import json
 
 import aiohttp
+import prometheus_client as prom
 import pytest
 import yaml
 from aiohttp import web
+from e2e_stack import Knob
 
 from api.metric_spec import MetricSpec, MetricTarget
 from metrics.prometheus import PrometheusInformer, promql_for
-from metrics.source import Reading
+from metrics.source import MetricScope, Reading
+from overspill.demo.procs import Prometheus
 
 TARGET = MetricTarget("Value", 10)
 
@@ -312,7 +315,7 @@ async def test_a_broken_answer_for_one_model_does_not_stop_the_others(prometheus
     store = ObjectStore()
     store.replace_origin("x.yaml", *parse_documents(yaml.safe_dump_all(docs), "x.yaml"))
     informer = PrometheusInformer(prometheus[0], session)
-    controller = Controller(store, Translator("127.0.0.1", 10000).publish, informer)
+    controller = Controller(store, Translator("127.0.0.1", 10000).apply, informer)
     try:
         await asyncio.wait_for(controller.evaluate(), 10)
     finally:
@@ -324,3 +327,37 @@ async def test_a_broken_answer_for_one_model_does_not_stop_the_others(prometheus
     assert good.metrics[0].current == 7.5
     assert broken.metrics[0].over is None
     assert broken.metrics[0].error
+
+
+# --- many models against a real Prometheus ---
+
+
+async def test_many_models_are_read_with_a_few_batched_queries(session):
+    """1,200 models, each with its own label value (dots and dashes included, which a regex
+    would otherwise read as wildcards), are read with one query per 500: every model gets
+    exactly its own series' sum, and a model without series gets an error, not another's value."""
+    knob = Knob()
+    gauge = prom.Gauge("inflight", "per model and replica", ["model", "replica"], registry=knob.registry)
+    names = [f"m-{i}.team" for i in range(1200)]
+    for i, name in enumerate(names):
+        gauge.labels(name, "a").set(i)
+        gauge.labels(name, "b").set(0.5)
+    gauge.labels("m-1xteam", "a").set(1e6)  # what an unescaped "m-1.team" would also match
+    await knob.start()
+    try:
+        async with Prometheus([f"127.0.0.1:{knob.port}"], scrape_interval=0.5) as prometheus:
+            informer = PrometheusInformer(prometheus.url, session)
+            specs = [(external("inflight", model=n), MetricScope()) for n in [*names, "absent"]]
+            for _ in range(40):  # until the first scrape is in
+                readings = await informer.read_many(specs)
+                if readings[0].error is None:
+                    break
+                await asyncio.sleep(0.25)
+            informer.queries = 0
+            readings = await asyncio.wait_for(informer.read_many(specs), 10)
+    finally:
+        await knob.stop()
+    assert informer.queries == 3  # 1,201 models: 500 + 500 + 201
+    assert [r.total for r in readings[:-1]] == [i + 0.5 for i in range(1200)]
+    assert readings[1].query == 'inflight{model="m-1.team"}'  # status shows the model's own query
+    assert readings[-1].total is None and "returned no series" in readings[-1].error

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from api.crd import ObjectKey
+from api.crd import ObjectKey, RemoteBackend
 from api.status import Phase
 from metrics.instruments import Instruments
-from metrics.source import Reading
+from metrics.source import Reading, read_each
 from reconciler.controller import Controller
 from reconciler.directory import DirectorySource
-from reconciler.documents import parse_documents
+from reconciler.documents import load_all, parse_documents
+from reconciler.probe import RemoteProbe
 from reconciler.store import ObjectStore
 from xds.cache import ResourceCache, Scope
 from xds.snapshot import Translator
@@ -316,6 +319,51 @@ def test_directory_run_refuses_a_missing_directory(tmp_path):
         asyncio.run(asyncio.wait_for(source.run(), 1))
 
 
+async def test_the_watcher_sees_edits_removals_and_configmap_swaps(tmp_path):
+    """Edits are loaded as they happen, with no poll; a Kubernetes ConfigMap volume (files that
+    are links into a `..data` directory swapped as a whole) is followed too."""
+    store = ObjectStore()
+    source = DirectorySource(tmp_path, store)
+    source.sync()
+    task = asyncio.create_task(source.run())
+
+    async def until(check) -> None:
+        for _ in range(100):
+            if check():
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError("the watcher did not load the change within 5 s")
+
+    def percentage() -> float | None:
+        model = store.get(MODEL)
+        return model.offloading.behavior.percentage if model else None
+
+    try:
+        await asyncio.sleep(0.2)  # the watch is set up
+        (tmp_path / "m.yaml").write_text(text(model_doc(percentage=10)))
+        await until(lambda: percentage() == 10)
+        (tmp_path / "m.yaml").write_text(text(model_doc(percentage=20)))
+        await until(lambda: percentage() == 20)
+        (tmp_path / "m.yaml").unlink()
+        await until(lambda: percentage() is None)
+
+        mounted = tmp_path / "configmap"
+        (mounted / "..v1").mkdir(parents=True)
+        (mounted / "..v1" / "m.yaml").write_text(text(model_doc(percentage=30)))
+        (mounted / "..data").symlink_to("..v1")
+        (mounted / "m.yaml").symlink_to("..data/m.yaml")
+        await until(lambda: percentage() == 30)
+        (mounted / "..v2").mkdir()
+        (mounted / "..v2" / "m.yaml").write_text(text(model_doc(percentage=40)))
+        (mounted / "..data_tmp").symlink_to("..v2")
+        (mounted / "..data_tmp").rename(mounted / "..data")  # what the kubelet does
+        await until(lambda: percentage() == 40)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 # --- Controller ---
 
 
@@ -341,6 +389,9 @@ class FakeInformer:
             return Reading(None, f"query {spec.name!r} returned no series", spec.name)
         return Reading(value, None, spec.name)
 
+    async def read_many(self, requests) -> list[Reading]:
+        return await read_each(self, requests)
+
 
 @pytest.fixture
 async def remote_port():
@@ -358,7 +409,7 @@ async def remote_port():
 def make_controller(store: ObjectStore, informer=None) -> tuple[Controller, ResourceCache, Clock]:
     clock = Clock()
     translator = Translator("127.0.0.1", 10000)
-    controller = Controller(store, translator.publish, informer=informer, clock=clock)
+    controller = Controller(store, translator.apply, informer=informer, clock=clock)
     instruments = Instruments()  # what /metrics shows, read from the controller's status
     instruments.watch_controller(lambda: controller.status.values(), lambda: controller.evaluations)
     controller.instruments = instruments  # a handle for the tests below
@@ -567,6 +618,7 @@ async def test_a_remote_that_refuses_connections_gets_no_traffic():
     controller, _, _ = make_controller(store, FakeInformer(queue_depth=50))
     for _ in range(controller.probe.failures_to_down):
         await asyncio.wait_for(controller.evaluate(), 5)
+        await asyncio.wait_for(controller.probe_remotes(), 5)
     status = controller.status[MODEL]
     assert not status.remote_usable
     assert (status.phase, status.remote_percent) == (Phase.REMOTE_DOWN.value, 0.0)
@@ -614,6 +666,106 @@ def test_same_service_name_in_two_namespaces_both_route():
     assert not set(routes["team-a"].domains) & set(routes["team-b"].domains)
 
 
+def test_a_bare_name_moves_to_the_next_model_when_its_holder_goes():
+    """`llm` in team-a keeps the bare name `llm`; once team-a's model is deleted, team-b's takes
+    it, though nothing of team-b's changed."""
+    store = ObjectStore()
+    load(
+        store,
+        "a.yaml",
+        text(model_doc(name="llm", service="llm", namespace="team-a"), *service_docs("llm", "team-a")),
+    )
+    load(
+        store,
+        "b.yaml",
+        text(model_doc(name="llm", service="llm", namespace="team-b"), *service_docs("llm", "team-b")),
+    )
+    controller, _, _ = make_controller(store)
+    controller.reconcile()
+    team_b = ObjectKey("ModelDeployment", "team-b", "llm")
+    assert "llm" not in {r.namespace: r for r in controller.routes}["team-b"].domains
+    assert controller.status[team_b].warnings
+    store.remove_origin("a.yaml")
+    controller.reconcile()
+    (route,) = controller.routes
+    assert route.namespace == "team-b" and "llm" in route.domains and "llm:80" in route.domains
+    assert controller.status[team_b].warnings == []
+
+
+async def test_a_busy_event_loop_does_not_mark_a_live_remote_down(remote_port):
+    """The loop blocked past the probe's timeout (10,000 models loading) proves nothing about
+    the remote, which had accepted meanwhile: it must not count as a failure."""
+    probe = RemoteProbe(timeout=0.2, failures_to_down=1)
+    remote = RemoteBackend("127.0.0.1", remote_port, "http")
+
+    async def block() -> None:
+        await asyncio.sleep(0)  # let the connect start first
+        time.sleep(0.5)  # noqa: ASYNC251 - the stall under test
+
+    changed, _ = await asyncio.gather(probe.check_all([remote]), block())
+    assert changed == set() and probe.usable(remote)
+    closed = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = closed.sockets[0].getsockname()[1]
+    closed.close()
+    await closed.wait_closed()
+    dead = RemoteBackend("127.0.0.1", port, "http")
+    assert await probe.check_all([dead]) == {("127.0.0.1", port)}  # a refusal still counts
+    assert not probe.usable(dead)
+
+
+async def test_a_metric_source_that_hangs_does_not_hold_up_other_changes(remote_port):
+    """While the metric source takes its time, a change in the store is still acted on at once."""
+
+    class Hanging(FakeInformer):
+        async def read_many(self, requests):
+            await asyncio.sleep(30)
+            return []
+
+    store = ObjectStore()
+    load(store, "a.yaml", text(model_doc(remote=f"127.0.0.1:{remote_port}"), *service_docs()))
+    controller, _, _ = make_controller(store, Hanging())
+    controller.reconcile()
+    task = asyncio.create_task(controller.run())
+    try:
+        await asyncio.sleep(0.1)  # the evaluation is waiting on the source
+        load(
+            store,
+            "a.yaml",
+            text(model_doc(remote=f"127.0.0.1:{remote_port}"), *service_docs(ready=(False, False))),
+        )
+        for _ in range(50):
+            if controller.status[MODEL].phase == Phase.OUTAGE:
+                break
+            await asyncio.sleep(0.01)
+        assert controller.status[MODEL].phase == Phase.OUTAGE
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def test_a_change_decides_only_the_models_it_touches():
+    """One EndpointSlice of 200 models changes: one model is decided and one route published."""
+    store = ObjectStore()
+    for i in range(200):
+        load(store, f"m{i}.yaml", text(model_doc(name=f"m{i}", service=f"s{i}"), *service_docs(f"s{i}")))
+    controller, _, _ = make_controller(store)
+    published: list[dict] = []
+    decided: list[list] = []
+    apply = controller.publish
+    controller.publish = lambda changes: (published.append(changes), apply(changes))
+    controller.on_reconciled = lambda items, removed: decided.append([m.key.name for m, _, _ in items])
+    controller.reconcile()
+    assert len(decided[-1]) == 200 and len(published[-1]) == 200
+    load(store, "m7.yaml", text(model_doc(name="m7", service="s7"), *service_docs("s7", ready=(True, False))))
+    controller.reconcile()
+    assert decided[-1] == ["m7"]
+    assert list(published[-1]) == [("default", "m7")]
+    assert published[-1][("default", "m7")].endpoints == (("10.0.0.1", 8000),)
+    controller.reconcile()  # nothing changed: nothing decided
+    assert len(decided) == 2
+
+
 def test_an_invalid_model_shows_the_invalid_phase_and_a_deleted_model_leaves_no_series():
     store = ObjectStore()
     load(store, "a.yaml", text(model_doc(), *service_docs()))
@@ -658,3 +810,30 @@ async def test_an_unavailable_metric_is_logged_once_until_it_changes_or_returns(
         {"namespace": "default", "name": "m", "metric": "External/queue_depth"},
     )
     assert errors == 5  # every failed read still counted
+
+
+ROOT = Path(__file__).resolve().parent.parent
+ODD_YAML = """\
+a: &x {b: 1, c: [1, 0x1F, 1_000, 2.5, .inf, true, no, null, ~, 2026-01-01, "quoted", 'single']}
+d: *x
+e:
+  <<: *x
+  f: plain
+g: {1: one, 2.5: two, null: three}
+h: |
+  literal
+  block
+---
+- [nested, [deeper, {k: v}]]
+- !!str 123
+---
+"""
+
+
+@pytest.mark.parametrize(
+    "body",
+    [ODD_YAML, *(p.read_text() for p in sorted((ROOT / "manifests").rglob("*.yaml")))],
+    ids=["odd", *(str(p.relative_to(ROOT)) for p in sorted((ROOT / "manifests").rglob("*.yaml")))],
+)
+def test_yaml_is_read_exactly_as_safe_load_reads_it(body):
+    assert load_all(body) == list(yaml.safe_load_all(body))

@@ -4,12 +4,20 @@ Like go-control-plane's snapshot cache behind its `ConfigWatcher`, but increment
 change replaces one model's bundle, and each view (see `view.View`) updates only the
 resources that bundle touches. Streams hold a view while they serve a node of its scope
 (`acquire`/`release`); the last one to leave drops it, so nodes with ever-new metadata do
-not grow memory or per-change work. A commit wakes every subscribed stream once.
+not grow memory or per-change work.
+
+Changes that come close together go out as one push: `commit` does not touch the views at
+once but schedules a flush, which applies everything committed since the last one to the
+views and then wakes every subscribed stream once (see `flush_delay` for when). Streams
+woken for any other reason (an ACK) see the views as of the last flush, so a change never
+leaks out early and the NACK hold, ordering and make-before-break rules see whole flushes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import math
 from collections.abc import Callable
 
 from api.desired import ModelKey
@@ -17,6 +25,26 @@ from xds import runtime
 from xds.bundle import ModelBundle, Resource
 from xds.scope import Scope
 from xds.view import View
+
+# A change after a quiet spell waits this long for company, and that is all it adds to its
+# latency: the changes one reconcile or a run of watch events commits one by one go together.
+SETTLE = 0.002
+# During a burst, flushes are at least an interval apart, and the interval grows with the streams
+# a flush wakes. A push and its ACK cost this process 0.2 to 0.3 ms per stream (mostly grpc.aio:
+# a write and a read, each completing through its poller thread), so 0.5 ms per stream bounds a
+# storm's fan-out to about 2,000 pushes a second (half a core or a little more) whatever the
+# number of Envoys: 2 flushes a second at 1,000 streams. The floor keeps a burst coalesced for a
+# few Envoys; the ceiling keeps any change from waiting more than half a second.
+PER_STREAM = 0.0005
+MIN_INTERVAL = 0.05
+MAX_INTERVAL = 0.5
+
+
+def flush_delay(since_flush: float, streams: int, settle: float = SETTLE) -> float:
+    """Seconds from a commit to its flush, `since_flush` seconds after the last flush: `settle`
+    after a quiet spell, else whatever is left of the interval (a burst is pushed in steps)."""
+    interval = min(MAX_INTERVAL, max(MIN_INTERVAL, streams * PER_STREAM))
+    return max(settle, interval - since_flush)
 
 
 class ResourceCache:
@@ -29,19 +57,30 @@ class ResourceCache:
         self.views: dict[Scope, View] = {}
         self._holders: dict[Scope, int] = {}
         self._subscribers: set[asyncio.Event] = set()
-        self.ready = False  # set by the first commit: no stream is answered before a complete state
+        self._pending: dict[ModelKey, ModelBundle | None] = {}  # committed, not yet in the views
+        self._flush: asyncio.TimerHandle | None = None
+        self._flush_loop: asyncio.AbstractEventLoop | None = None
+        self._flushed_at = -math.inf  # loop time of the last flush
+        self.ready = False  # set by the first flush: no stream is answered before a complete state
 
     def apply(self, changes: dict[ModelKey, ModelBundle | None]) -> None:
+        """Take `changes` (None removes a model); the views get them at the next flush. A view built
+        meanwhile starts from `bundles`, which has them already."""
         for key, bundle in changes.items():
             if bundle is None:
                 self.bundles.pop(key, None)
             else:
                 self.bundles[key] = bundle
-        for view in self.views.values():
-            view.apply(changes)
+        self._pending.update(changes)  # a later change of the same model replaces the earlier
 
     def view(self, scope: Scope) -> View:
-        """The view of `scope`, built on first use and kept up to date while it is held."""
+        """The view of `scope` with every change applied, built on first use and kept up to date
+        while it is held."""
+        if self._pending:
+            self.flush()
+        return self._view(scope)
+
+    def _view(self, scope: Scope) -> View:
         view = self.views.get(scope)
         if view is None:
             view = View(scope, self.listener(scope.listener_port), self.shards)
@@ -51,7 +90,7 @@ class ResourceCache:
 
     def acquire(self, scope: Scope) -> View:
         self._holders[scope] = self._holders.get(scope, 0) + 1
-        return self.view(scope)
+        return self._view(scope)
 
     def release(self, view: View) -> None:
         """A node of this scope left; the last one out drops the view."""
@@ -64,7 +103,30 @@ class ResourceCache:
             del self.views[view.scope]
 
     def commit(self) -> None:
-        """Wake every stream once after a batch of changes, so they see a consistent state."""
+        """Schedule the changes applied so far to reach the views and the streams (see above)."""
+        if not self._pending and self.ready:
+            return  # nothing changed: nobody needs waking
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no event loop, so no stream to wake: the views are current at once
+            self.flush()
+            return
+        if self._flush is None or self._flush_loop is not loop:  # (a closed loop's timer never fires)
+            delay = flush_delay(loop.time() - self._flushed_at, len(self._subscribers))
+            self._flush, self._flush_loop = loop.call_later(delay, self.flush), loop
+
+    def flush(self) -> None:
+        """Apply every pending change to the views, then wake every stream once, so they see a
+        consistent state."""
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+        pending, self._pending = self._pending, {}
+        if pending:
+            for view in self.views.values():
+                view.apply(pending)
+        with contextlib.suppress(RuntimeError):
+            self._flushed_at = asyncio.get_running_loop().time()
         self.ready = True
         for event in self._subscribers:
             event.set()

@@ -141,9 +141,14 @@ _LOCAL_STATIC = encode(
         lb_policy=ClusterLbPolicy.LEAST_REQUEST,
     )
 )
-# One logical host for a remote's DNS name, as for any large external service.
+# One logical host for a remote's DNS name, as for any large external service. Envoy would
+# hold its start (and every model's routes) until each remote's name resolves: it must not.
 _REMOTE_COMMON = encode(
-    Cluster(connect_timeout=CONNECT_TIMEOUT, dns_lookup_family=ClusterDnsLookupFamily.V4_PREFERRED)
+    Cluster(
+        connect_timeout=CONNECT_TIMEOUT,
+        dns_lookup_family=ClusterDnsLookupFamily.V4_PREFERRED,
+        wait_for_warm_on_init=False,
+    )
 )
 
 

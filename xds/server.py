@@ -9,6 +9,7 @@ does), so the app decides what to count, log and show; the server imports none o
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import logging
@@ -53,36 +54,71 @@ class ByteBudget:
     ten thousand models) and gRPC would buffer it all until they read it; with a budget they
     take turns and the control plane's memory stays bounded. A share is given back when the
     Envoy answers the response, or after `STALE` seconds, so a stuck Envoy cannot starve the
-    others. A response larger than the whole budget goes alone.
+    others. A response larger than the whole budget goes alone. Waiters are served in turn and
+    woken only when their share fits: waking all of them on every release cost O(waiters) each
+    time, O(M^2) when M Envoys connect at once.
     """
 
     STALE = 10.0
 
     def __init__(self, limit: int):
         self.limit = limit
-        self._shares: dict[tuple[int, str], tuple[int, float]] = {}  # (stream, type) -> (bytes, since)
-        self._freed = asyncio.Event()
-
-    @property
-    def used(self) -> int:
-        return sum(size for size, _ in self._shares.values())
+        self.used = 0
+        # (stream, type) -> (bytes, since), oldest first (a share taken again moves to the end)
+        self._shares: dict[tuple[int, str], tuple[int, float]] = {}
+        self._waiters: collections.deque[tuple[tuple[int, str], int, asyncio.Future]] = collections.deque()
 
     async def acquire(self, owner: tuple[int, str], size: int) -> None:
-        while True:
-            now = time.monotonic()
-            for key in [k for k, (_, since) in self._shares.items() if now - since > self.STALE]:
-                del self._shares[key]
-            used = self.used
-            if not used or used + size <= self.limit:
-                self._shares[owner] = (size, now)
-                return
-            self._freed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._freed.wait(), 1.0)
+        self.release(owner)
+        if not self._waiters and self._fits(size):
+            self._take(owner, size)
+            return
+        entry = (owner, size, asyncio.get_running_loop().create_future())
+        self._waiters.append(entry)
+        try:
+            while not entry[2].done():  # `_wake` takes its share for it when it fits
+                await asyncio.wait({entry[2]}, timeout=1.0)
+                if not entry[2].done():  # a second gone by: shares held since long ago may be stale
+                    self._expire(time.monotonic())
+                    self._wake()
+        finally:
+            if not entry[2].done():
+                entry[2].cancel()  # its stream ended: `_wake` skips it
 
     def release(self, owner: tuple[int, str]) -> None:
-        if self._shares.pop(owner, None) is not None:
-            self._freed.set()
+        share = self._shares.pop(owner, None)
+        if share is not None:
+            self.used -= share[0]
+            self._wake()
+
+    def _fits(self, size: int) -> bool:
+        return not self.used or self.used + size <= self.limit
+
+    def _take(self, owner: tuple[int, str], size: int) -> None:
+        old = self._shares.pop(owner, None)
+        self.used += size - (old[0] if old else 0)
+        self._shares[owner] = (size, time.monotonic())
+
+    def _expire(self, now: float) -> None:
+        while self._shares:
+            owner, (size, since) = next(iter(self._shares.items()))
+            if now - since <= self.STALE:
+                return
+            del self._shares[owner]
+            self.used -= size
+
+    def _wake(self) -> None:
+        """Give the waiters their shares in turn, as long as they fit."""
+        while self._waiters:
+            owner, size, future = self._waiters[0]
+            if future.done():  # gone
+                self._waiters.popleft()
+            elif self._fits(size):
+                self._waiters.popleft()
+                self._take(owner, size)
+                future.set_result(None)
+            else:
+                return
 
 
 class Callbacks:
@@ -176,6 +212,8 @@ class XdsServer:
     async def _read(self, stream: Stream, requests: AsyncIterator, wake: asyncio.Event) -> None:
         async for req in requests:
             known = bool(stream.node_id)
+            sub = stream.types.get(req.type_url)
+            before = (sub.pending, sub.names, sub.wildcard) if sub is not None else None
             stream.on_request(req)
             if not known and stream.node_id:
                 log.info(
@@ -200,10 +238,31 @@ class XdsServer:
                 )
                 self.callbacks.nacked(stream, nack)
             stream.nacks.clear()
-            sub = stream.types.get(req.type_url)
             if sub is not None and not sub.pending:
                 self.budget.release((stream.sid, req.type_url))
-            wake.set()
+            if not _plain_ack(stream, req, before):
+                wake.set()
+
+
+def _plain_ack(stream: Stream, req: wire.Request, before: tuple | None) -> bool:
+    """Whether `req` only ACKed the response in flight, leaving nothing for the stream to send:
+    it then need not wake (with a thousand Envoys, half the wakes of a push were for this). The
+    same subscription, nothing newer in the view for its type, no NACK, and nothing that other
+    types wait for: routes change which clusters must linger, and a held route waits for ACKs."""
+    sub = stream.types.get(req.type_url)
+    if sub is None or before is None or stream.view is None or req.type_url == ROUTE:
+        return False
+    pending, names, wildcard = before
+    return (
+        pending
+        and not sub.pending
+        and sub.nack is None
+        and sub.names is names
+        and sub.wildcard == wildcard
+        and not (sub.recheck or sub.gone)
+        and sub.sent_version == stream.view.version_of(req.type_url)
+        and not stream.held_route()
+    )
 
 
 async def start_server(xds: XdsServer, host: str, port: int) -> tuple[grpc.aio.Server, int]:

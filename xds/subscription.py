@@ -8,6 +8,7 @@ share through an `Interner`.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
@@ -63,6 +64,31 @@ class Subscription:
         endpoints) that the node's routes still use is neither resent nor removed until
         they no longer do.
         """
+        version = view.version_of(type_url)
+        plain = not (self.recheck or self.gone or self.lingering)
+        if plain and self.synced == version:
+            self.settled_version = self.synced  # in step: a wake for another type costs no more than this
+            return None
+        if plain and type_url not in LINGERING_TYPES:
+            # Nodes that were in step before a push, wanting the same names, lack the same: worked out
+            # once per push for them all (the lists are shared: read, never changed).
+            step = _steps(view, type_url, version)
+            key = (self.synced, self.wildcard, self.names)
+            found = step.get(key)
+            if found is None:
+                found = step[key] = self._diff(view, type_url, route_refs)
+            send, removed, lingering = found[0], found[1], set()
+        else:
+            send, removed, lingering = self._diff(view, type_url, route_refs)
+        self.synced, self.recheck, self.gone, self.lingering = version, set(), set(), lingering
+        if not send and not removed:
+            self.settled_version = self.synced  # nothing new for this node: it is as good as answered
+            return None
+        return send, removed
+
+    def _diff(
+        self, view: View, type_url: str, route_refs: Collection[str]
+    ) -> tuple[list[Resource], list[str], set[str]]:
         current = view.resources[type_url]
         if self.synced == 0:  # holds nothing yet
             changed = frozenset(current)
@@ -82,16 +108,20 @@ class Subscription:
                 send.append(resource)
             elif resource is None and (wanted or name in self.gone):
                 removed.append(name)
-        self.synced, self.recheck, self.gone, self.lingering = (
-            view.version_of(type_url),
-            set(),
-            set(),
-            lingering,
-        )
-        if not send and not removed:
-            self.settled_version = self.synced  # nothing new for this node: it is as good as answered
-            return None
-        return send, removed
+        return send, removed, lingering
+
+
+# Per view and type: the view version they were worked out at, and (synced, wildcard, names) ->
+# (send, removed). Only the current version's are kept; gone with the view.
+_shared: weakref.WeakKeyDictionary[View, dict[str, tuple[int, dict]]] = weakref.WeakKeyDictionary()
+
+
+def _steps(view: View, type_url: str, version: int) -> dict:
+    per_type = _shared.setdefault(view, {})
+    entry = per_type.get(type_url)
+    if entry is None or entry[0] != version:
+        entry = per_type[type_url] = (version, {})
+    return entry[1]
 
 
 class Interner:

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from envoy_data_plane.envoy.config.core.v3 import Node
 
 
-def varint(n: int) -> bytes:
+def _varint(n: int) -> bytes:
     out = bytearray()
     while True:
         byte = n & 0x7F
@@ -23,6 +23,13 @@ def varint(n: int) -> bytes:
         else:
             out.append(byte)
             return bytes(out)
+
+
+_SMALL = [_varint(n) for n in range(1 << 14)]  # tags and most lengths: one lookup
+
+
+def varint(n: int) -> bytes:
+    return _SMALL[n] if 0 <= n < 16384 else _varint(n)
 
 
 def field(number: int, payload: bytes) -> bytes:
@@ -39,10 +46,47 @@ def any_bytes(type_url: str, body: bytes) -> bytes:
     return text(1, type_url) + field(2, body)
 
 
+class _Bodies:
+    """Response bodies (without their nonce) by version, type and the exact resource objects.
+
+    Nodes that were in step before a push are sent the same resources, so the body is framed
+    once per push rather than once per node. Resources are keyed by identity (cheap, and the
+    cache keeps one object per content) and each entry holds them, so no id is reused while
+    its entry lives.
+    """
+
+    LIMIT = 32 << 20  # bytes of bodies kept; past it the memo starts again
+
+    def __init__(self) -> None:
+        self._bodies: dict[tuple, tuple[tuple[bytes, ...], bytes]] = {}
+        self._size = 0
+
+    def get(self, head: tuple, parts: tuple[bytes, ...], build: Callable[[], bytes]) -> bytes:
+        key = (*head, tuple(map(id, parts)))
+        found = self._bodies.get(key)
+        if found is not None:
+            return found[1]
+        body = build()
+        if self._size + len(body) > self.LIMIT:
+            self._bodies.clear()
+            self._size = 0
+        self._bodies[key] = (parts, body)
+        self._size += len(body)
+        return body
+
+
+_bodies = _Bodies()
+
+
 def discovery_body(version: str, type_url: str, resources: Iterable[bytes]) -> bytes:
     """`DiscoveryResponse{version_info=1, resources=2 (Any), type_url=4}` without its nonce, so the
     same bytes serve every stream; append `text(5, nonce)` per stream (field order is free)."""
-    return b"".join((text(1, version), *(field(2, r) for r in resources), text(4, type_url)))
+    parts = tuple(resources)
+    return _bodies.get(
+        ("sotw", version, type_url),
+        parts,
+        lambda: b"".join((text(1, version), *(field(2, r) for r in parts), text(4, type_url))),
+    )
 
 
 def discovery_response(version: str, type_url: str, nonce: str, resources: Iterable[bytes]) -> bytes:
@@ -80,16 +124,21 @@ def delta_response(
     system_version: str, type_url: str, nonce: str, resources: Iterable[bytes], removed: Iterable[str]
 ) -> bytes:
     """`DeltaDiscoveryResponse{system_version_info=1, resources=2, type_url=4, nonce=5,
-    removed_resources=6}`."""
-    return b"".join(
-        (
-            text(1, system_version),
-            *(field(2, r) for r in resources),
-            text(4, type_url),
-            text(5, nonce),
-            *(field(6, n.encode()) for n in removed),
-        )
+    removed_resources=6}`; the body is shared as in `discovery_body`, the nonce goes last."""
+    parts, gone = tuple(resources), tuple(removed)
+    body = _bodies.get(
+        ("delta", system_version, type_url, gone),
+        parts,
+        lambda: b"".join(
+            (
+                text(1, system_version),
+                *(field(2, r) for r in parts),
+                text(4, type_url),
+                *(field(6, n.encode()) for n in gone),
+            )
+        ),
     )
+    return body + text(5, nonce)
 
 
 # --- reading requests ---------------------------------------------------------------------------
@@ -98,7 +147,7 @@ def delta_response(
 # uses and leave the node, sent once per stream, to envoy-data-plane.
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class Status:
     """`google.rpc.Status`, the error detail of a NACK."""
 
@@ -106,7 +155,7 @@ class Status:
     message: str = ""
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class Request:
     """The fields of a `DiscoveryRequest` or `DeltaDiscoveryRequest` that the server reads."""
 
@@ -115,10 +164,48 @@ class Request:
     response_nonce: str = ""
     node: Node | None = None
     error_detail: Status | None = None
-    resource_names: list[str] = dataclasses.field(default_factory=list)
+    resource_names: frozenset[str] = frozenset()  # a SotW request names a set; shared, see `_NameRuns`
     resource_names_subscribe: list[str] = dataclasses.field(default_factory=list)
     resource_names_unsubscribe: list[str] = dataclasses.field(default_factory=list)
     initial_resource_versions: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+class _NameRuns:
+    """The names of a SotW request's `resource_names` run, by the run's bytes.
+
+    A SotW ACK repeats every name the node wants (all 64 runtime layers, or every EDS cluster),
+    and nodes alike send the same run, ACK after ACK. Decoding it name by name cost most of an
+    ACK's parse; a run seen before is one slice and one lookup, and every node gets the same
+    frozenset, so the server compares subscriptions by identity first.
+    """
+
+    LIMIT = 256  # distinct runs kept: subscriptions in use, not one per node
+    TAG = 3 << 3 | 2  # field 3, length-delimited
+
+    def __init__(self) -> None:
+        self._runs: dict[bytes, frozenset[str]] = {}
+
+    def read(self, data: bytes, start: int, type_tag: bytes) -> tuple[frozenset[str], int]:
+        """The names from `start` (a field 3 tag) to the end of the run, and where it ends."""
+        # Envoy writes fields in number order, so the run usually ends at the type_url field (or
+        # at the end, when a client appends it). A slice found that way is trusted only if it is a
+        # run read in full before: such a slice ends on a field boundary, wherever the search stopped.
+        for end in (data.find(type_tag, start), len(data)):
+            if end > start and (names := self._runs.get(data[start:end])) is not None:
+                return names, end
+        names_list, i = [], start
+        while i < len(data) and data[i] == self.TAG:
+            length, j = _read_varint(data, i + 1)
+            names_list.append(data[j : j + length].decode())
+            i = j + length
+        names = frozenset(names_list)
+        if len(self._runs) >= self.LIMIT:
+            self._runs.clear()  # old subscriptions: sharing resumes with the next ones
+        return self._runs.setdefault(data[start:i], names), i
+
+
+_name_runs = _NameRuns()
+_TYPE_URL_TAG = bytes([4 << 3 | 2])
 
 
 def fields_of(data: bytes) -> Iterator[tuple[int, int | bytes]]:
@@ -195,18 +282,41 @@ def parse_sotw_request(data: bytes) -> Request:
     """`DiscoveryRequest{version_info=1, node=2, resource_names=3, type_url=4, response_nonce=5,
     error_detail=6}`."""
     req = Request()
-    for number, value in _fields_and_names(data, req.resource_names):
+    i, end = 0, len(data)
+    while i < end:
+        if data[i] == _NameRuns.TAG:
+            names, i = _name_runs.read(data, i, _TYPE_URL_TAG)
+            req.resource_names = names if not req.resource_names else req.resource_names | names
+            continue
+        key, i = _read_varint(data, i)
+        number, wire_type = key >> 3, key & 7
+        if wire_type != 2:
+            i = _skip(data, i, wire_type)
+            continue
+        length, i = _read_varint(data, i)
+        value, i = data[i : i + length], i + length
         if number == 1:
-            req.version_info = value.decode()  # type: ignore[union-attr]
+            req.version_info = value.decode()
         elif number == 2:
             req.node = Node.FromString(value)
         elif number == 4:
-            req.type_url = value.decode()  # type: ignore[union-attr]
+            req.type_url = value.decode()
         elif number == 5:
-            req.response_nonce = value.decode()  # type: ignore[union-attr]
+            req.response_nonce = value.decode()
         elif number == 6:
-            req.error_detail = _status(value)  # type: ignore[arg-type]
+            req.error_detail = _status(value)
     return req
+
+
+def _skip(data: bytes, i: int, wire_type: int) -> int:
+    """Past a field this reader does not use (varint, fixed 64 or fixed 32 bits)."""
+    if wire_type == 0:
+        return _read_varint(data, i)[1]
+    if wire_type == 1:
+        return i + 8
+    if wire_type == 5:
+        return i + 4
+    raise ValueError(f"unsupported wire type {wire_type}")
 
 
 def parse_delta_request(data: bytes) -> Request:

@@ -77,12 +77,29 @@ class Info:
 
 _parsed: dict[tuple[str, bytes], Info] = {}  # per process: every node receives the same resource bytes
 _names: dict[tuple[type, tuple[str, ...]], bytes] = {}
+# (layer held, layer received) -> (that pair, keys gone, keys changed): nodes in step take the same
+# steps, so each is worked out once per process, not once per node (a layer has N/64 keys).
+_steps: dict[tuple[int, int], tuple[tuple[Info | None, Info | None], tuple[str, ...], dict[str, float]]] = {}
 
 
 def forget() -> None:
     """Drop what this process parsed, so the next node pays for parsing as a new Envoy does."""
     _parsed.clear()
     _names.clear()
+    _steps.clear()
+
+
+def _step(before: Info | None, after: Info | None) -> tuple[tuple[str, ...], dict[str, float]]:
+    """What taking layer `after` over `before` changes: keys gone, and keys with a new value. The
+    entry holds both Infos, so their ids stay theirs while it lives."""
+    found = _steps.get((id(before), id(after)))
+    if found is None:
+        old = before.values if before is not None else {}
+        new = after.values if after is not None else {}
+        gone = tuple(k for k in old if k not in new)
+        changed = {k: v for k, v in new.items() if old.get(k) != v}
+        found = _steps[(id(before), id(after))] = ((before, after), gone, changed)
+    return found[1], found[2]
 
 
 def warm_up() -> None:
@@ -197,9 +214,12 @@ def read_response(raw: bytes, delta: bool) -> Response:
     return Response(type_url, version, nonce, names, versions, infos, bodies, removed)
 
 
-def encode(req: DiscoveryRequest | DeltaDiscoveryRequest) -> bytes:
-    """Serialize a request; a long name list (SotW EDS names every cluster) is serialized once per
-    process and appended, since protobuf merges concatenated messages."""
+def encode(req: DiscoveryRequest | DeltaDiscoveryRequest | bytes) -> bytes:
+    """Serialize a request (an ACK comes framed already, see `_ack`); a long name list (SotW EDS names
+    every cluster) is serialized once per process and appended, since protobuf merges concatenated
+    messages."""
+    if isinstance(req, bytes):
+        return req
     attr = "resource_names" if isinstance(req, DiscoveryRequest) else "resource_names_subscribe"
     names = tuple(getattr(req, attr))
     if len(names) < 8:
@@ -278,6 +298,7 @@ class SimEnvoy:
     _subscribed: dict[str, set[str]] = field(default_factory=dict)
     _versions: dict[str, str] = field(default_factory=dict)  # SotW: last version ACKed, per type
     _nonces: dict[str, str] = field(default_factory=dict)
+    _framed_names: dict[str, tuple[set[str], bytes]] = field(default_factory=dict)  # for `_ack`, per type
     _channel: grpc.aio.Channel | None = None
     _task: asyncio.Task | None = None
 
@@ -355,7 +376,7 @@ class SimEnvoy:
                 await asyncio.sleep(left)
             yield req
 
-    def _send(self, req: DiscoveryRequest | DeltaDiscoveryRequest, delay: float = 0.0) -> None:
+    def _send(self, req: DiscoveryRequest | DeltaDiscoveryRequest | bytes, delay: float = 0.0) -> None:
         self._queue.put_nowait((time.monotonic() + delay, req))
 
     def _subscribe(
@@ -447,22 +468,46 @@ class SimEnvoy:
                 self._hold(type_url, good, resources, now=now)
             else:  # clusters and listeners: the whole state; an invalid one stays as it was
                 self._hold(type_url, good, resources, keep=bad, now=now)
-        if self.delta:
-            req = DeltaDiscoveryRequest(type_url=type_url, response_nonce=resp.nonce)
-        else:
+        if not self.delta:
             self._nonces[type_url] = resp.nonce
             if error is None:
                 self._versions[type_url] = resp.version
+        if error is None:
+            self._send(self._ack(type_url, resp.nonce), self.ack_delay)
+        elif self.delta:
+            req = DeltaDiscoveryRequest(type_url=type_url, response_nonce=resp.nonce)
+            req.error_detail = Status(code=INVALID_ARGUMENT, message=error)
+            self._send(req, self.ack_delay)
+        else:
             req = DiscoveryRequest(
                 type_url=type_url,
                 response_nonce=resp.nonce,
                 version_info=self._versions.get(type_url, ""),
                 resource_names=sorted(self._subscribed.get(type_url, ())),
+                error_detail=Status(code=INVALID_ARGUMENT, message=error),
             )
-        if error is not None:
-            req.error_detail = Status(code=INVALID_ARGUMENT, message=error)
-        self._send(req, self.ack_delay)
+            self._send(req, self.ack_delay)
         self._follow(type_url)
+
+    def _ack(self, type_url: str, nonce: str) -> bytes:
+        """An ACK framed by hand, fields in number order as Envoy writes them: building it with
+        envoy-data-plane (pydantic) costs more than the rest of taking a response."""
+        if self.delta:  # DeltaDiscoveryRequest{type_url=2, response_nonce=6}
+            return wire.text(2, type_url) + wire.text(6, nonce)
+        names = self._subscribed.get(type_url, set())
+        framed = self._framed_names.get(type_url)
+        if framed is None or framed[0] is not names:
+            framed = self._framed_names[type_url] = (
+                names,
+                b"".join(wire.field(3, n.encode()) for n in sorted(names)),
+            )
+        # DiscoveryRequest{version_info=1, resource_names=3, type_url=4, response_nonce=5}
+        return (
+            wire.text(1, self._versions.get(type_url, ""))
+            + framed[1]
+            + wire.text(4, type_url)
+            + wire.text(5, nonce)
+        )
 
     def _hold(
         self,
@@ -488,7 +533,10 @@ class SimEnvoy:
                 self.resource_versions.get(type_url, {}), keep, taken, gone
             )
         if type_url == RUNTIME:
-            self._apply_runtime(old, now)
+            touched = (
+                old.keys() | self._infos[type_url].keys() if keep is not None else infos.keys() | set(gone)
+            )
+            self._apply_runtime(old, touched, now)
         elif type_url == SCOPED_ROUTE:
             changed = set(infos).union(gone)
             if keep is not None:
@@ -510,16 +558,16 @@ class SimEnvoy:
                 if not counts[route]:
                     del counts[route]
 
-    def _apply_runtime(self, old: dict[str, Info], now: float) -> None:
-        """Take the values of the layers that changed. `xds.runtime` puts each key in one layer, so a
-        key a layer drops is gone."""
+    def _apply_runtime(self, old: dict[str, Info], touched: Iterable[str], now: float) -> None:
+        """Take the values of the layers that changed (among `touched`). `xds.runtime` puts each key in
+        one layer, so a key a layer drops is gone."""
         new = self._infos[RUNTIME]
-        for name in old.keys() | new.keys():
+        for name in touched:
             before, after = old.get(name), new.get(name)
             if before is after:
                 continue
-            values = after.values if after is not None else {}
-            for key in (before.values if before is not None else {}).keys() - values.keys():
+            gone, values = _step(before, after)
+            for key in gone:
                 self.runtime_values.pop(key, None)
             for key, value in values.items():
                 if self.runtime_values.get(key) != value:
