@@ -294,6 +294,7 @@ class SimEnvoy:
     _queue: asyncio.Queue = field(default_factory=asyncio.Queue)  # (send no earlier than, request)
     _running: asyncio.Event = field(default_factory=asyncio.Event)  # clear while paused
     _resumed: dict[str, set[str]] = field(default_factory=dict)  # subscriptions taken over
+    _scope_routes: dict[str, int] = field(default_factory=dict)  # route configuration -> scopes naming it
     _subscribed: dict[str, set[str]] = field(default_factory=dict)
     _versions: dict[str, str] = field(default_factory=dict)  # SotW: last version ACKed, per type
     _nonces: dict[str, str] = field(default_factory=dict)
@@ -346,6 +347,7 @@ class SimEnvoy:
         `version_info`)."""
         self.decode = previous.decode
         self._infos = {t: dict(r) for t, r in previous._infos.items()}
+        self._scope_routes = dict(previous._scope_routes)
         self._messages = {t: dict(r) for t, r in previous._messages.items()}
         self.resource_versions = {t: dict(v) for t, v in previous.resource_versions.items()}
         self.runtime_values = dict(previous.runtime_values)
@@ -535,6 +537,26 @@ class SimEnvoy:
                 old.keys() | self._infos[type_url].keys() if keep is not None else infos.keys() | set(gone)
             )
             self._apply_runtime(old, touched, now)
+        elif type_url == SCOPED_ROUTE:
+            changed = set(infos).union(gone)
+            if keep is not None:
+                changed |= old.keys() - self._infos[type_url].keys()
+            self._count_scope_routes(old, changed)
+
+    def _count_scope_routes(self, old: dict[str, Info], changed: Iterable[str]) -> None:
+        """Keep count of the scopes naming each route configuration, for the scopes that changed
+        (not all forty thousand again for each new model)."""
+        new, counts = self._infos[SCOPED_ROUTE], self._scope_routes
+        for name in changed:
+            before, after = old.get(name), new.get(name)
+            if before is after:
+                continue
+            for route in after.routes if after is not None else ():
+                counts[route] = counts.get(route, 0) + 1
+            for route in before.routes if before is not None else ():
+                counts[route] -= 1
+                if not counts[route]:
+                    del counts[route]
 
     def _apply_runtime(self, old: dict[str, Info], touched: Iterable[str], now: float) -> None:
         """Take the values of the layers that changed (among `touched`). `xds.runtime` puts each key in
@@ -566,9 +588,6 @@ class SimEnvoy:
                 self._subscribe(SCOPED_ROUTE, set(), delay=self.ack_delay)  # wildcard
         elif type_url != SCOPED_ROUTE:
             return
-        routes = set().union(
-            *(i.routes for i in self._infos[LISTENER].values()),
-            *(i.routes for i in self._infos[SCOPED_ROUTE].values()),
-        )
+        routes = set(self._scope_routes).union(*(i.routes for i in self._infos[LISTENER].values()))
         if routes or ROUTE in self._subscribed:
             self._subscribe(ROUTE, routes, delay=self.ack_delay)
