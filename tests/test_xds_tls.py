@@ -147,6 +147,15 @@ async def test_a_sidecar_certificate_bounds_what_its_metadata_asks_for(tmp_path,
             (described,) = [d for d in status["nodes"] if d["id"] == "sidecar-a-plain"]
             assert described["identity"] == "spiffe://cluster.local/ns/a/sa/default"
             assert described["scope"] == "namespaces=a"
+            shown = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "overspill", "status", "--url", cp.metrics_url,
+                stdout=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            out = (await asyncio.wait_for(shown.communicate(), 60))[0].decode()
+            assert re.search(
+                r"sidecar-a-plain +sotw +namespaces=a .*\n  identity spiffe://cluster.local/ns/a/sa/default",
+                out,
+            )
 
         denied = log_lines(cp, "scope_denied")
         assert len(denied) == 2, denied
