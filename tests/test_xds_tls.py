@@ -76,7 +76,7 @@ def clusters_of(*models: Model) -> set[str]:
 
 @contextlib.asynccontextmanager
 async def serving(
-    tmp_path: Path, pki: Pki, *flags: str, mutual: bool = True
+    tmp_path: Path, pki: Pki, *flags: str, mutual: bool = True, client_ca: Path | None = None
 ) -> AsyncIterator[ControlPlaneProcess]:
     """`overspill serve` over models in namespaces a and b, its xDS port TLS (mTLS by default)."""
     manifests = tmp_path / "manifests"
@@ -90,7 +90,12 @@ async def serving(
             m.write(manifests)
         tls = ["--xds-tls-cert", str(pki.server.cert), "--xds-tls-key", str(pki.server.key)]
         if mutual:
-            tls += ["--xds-client-ca", str(pki.ca.path), "--xds-gateway-identity", GATEWAY_SPIFFE]
+            tls += [
+                "--xds-client-ca",
+                str(client_ca or pki.ca.path),
+                "--xds-gateway-identity",
+                GATEWAY_SPIFFE,
+            ]
         async with ControlPlaneProcess(manifests, extra_args=(*tls, *flags)) as cp:
             yield cp
     finally:
@@ -276,6 +281,28 @@ async def test_rotated_server_certificate_reaches_new_connections_without_restar
             assert "before" in {d["id"] for d in (await cp.status())["nodes"]}
         assert cp.proc.pid == pid and cp.proc.returncode is None
         assert len(log_lines(cp, "xds_tls_reloaded")) == 1
+
+
+async def test_a_rotated_client_ca_decides_which_client_certificates_new_connections_accept(tmp_path, pki):
+    a, b = MODELS
+    new_ca = CertificateAuthority(tmp_path / "new", "new-clients-ca")
+    new_gateway = new_ca.issue("new-gateway", uris=(GATEWAY_SPIFFE,))
+    client_ca = tmp_path / "client-ca.pem"
+    client_ca.write_bytes(pki.ca.path.read_bytes())
+    async with serving(tmp_path, pki, client_ca=client_ca) as cp:
+        async with node(cp, "old-client", pki.credentials(pki.gateway)) as n:
+            await n.wait(lambda n: set(n.held[CLUSTER]) == clusters_of(a, b))
+            with pytest.raises(ConnectionError, match="UNAVAILABLE"):
+                async with node(cp, "new-client-early", pki.credentials(new_gateway)) as early:
+                    await early.wait(lambda n: bool(n.received))
+
+            client_ca.write_bytes(new_ca.path.read_bytes())  # the client CA is now only the new one
+            async with node(cp, "new-client", pki.credentials(new_gateway)) as fresh:
+                await fresh.wait(lambda n: set(n.held[CLUSTER]) == clusters_of(a, b))
+            async with node(cp, "old-client-again", pki.credentials(pki.gateway)) as again:
+                with pytest.raises(ConnectionError, match="UNAVAILABLE"):
+                    await again.wait(lambda n: bool(n.received))
+            assert not n.ended  # the stream opened before keeps being served
 
 
 def test_serve_refuses_unusable_tls_files_naming_them(tmp_path, pki):
