@@ -29,6 +29,7 @@ from reconciler.store import ObjectStore
 
 log = logging.getLogger("overspill.reconciler")
 METRIC_ERROR_REPEAT = 300.0  # seconds before the same metric error is logged again
+RECONCILE_CHUNK = 500  # models decided in one turn of the loop after an evaluation (~50 ms)
 # Phases in which traffic goes, or may soon go, to the remote: its reachability is checked every round.
 REMOTE_PHASES = {Phase.ACTIVATING, Phase.OFFLOADING, Phase.RELEASING, Phase.OUTAGE, Phase.REMOTE_DOWN}
 
@@ -94,7 +95,8 @@ class Controller:
         # Per model with metrics: the model, what to read, and the last readings taken.
         self._reads: dict[ObjectKey, _Reads] = {}
         self.evaluations = 0
-        self._metric_errors: dict[tuple[ObjectKey, str], tuple[str, float]] = {}  # last logged, and when
+        # Per model and metric: the error last logged, and when.
+        self._metric_errors: dict[ObjectKey, dict[str, tuple[str, float]]] = {}
         # Envoy NACKs still standing, per (stream, xDS type): the rejection and the models it concerns.
         self._rejections: dict[tuple[int, str], tuple[EnvoyRejection, tuple[ModelKey, ...]]] = {}
 
@@ -151,7 +153,11 @@ class Controller:
         self._log_metric_events(events)
         self.evaluations += 1
         timed = {key for key, machine in self.machines.items() if machine.waiting}
-        self.reconcile(changed | timed)
+        todo = sorted(changed | timed)
+        for start in range(0, len(todo), RECONCILE_CHUNK):
+            if start:
+                await asyncio.sleep(0)  # let xDS streams and /readyz have the loop between chunks
+            self.reconcile(todo[start : start + RECONCILE_CHUNK])
 
     async def probe_remotes(self) -> None:
         """Probe each distinct remote once (a bounded number at a time, see `RemoteProbe`), and
@@ -175,16 +181,19 @@ class Controller:
     def _metric_event(self, key: ObjectKey, metric: str, error: str | None) -> tuple[str, str] | None:
         """("unavailable", error) when a model's metric becomes unavailable, its error changes or
         METRIC_ERROR_REPEAT has passed; ("available", "") when it is back; else None."""
-        last = self._metric_errors.get((key, metric))
+        logged = self._metric_errors.get(key, {})
+        last = logged.get(metric)
         if error is None:
             if last is None:
                 return None
-            del self._metric_errors[(key, metric)]
+            del logged[metric]
+            if not logged:
+                del self._metric_errors[key]
             return ("available", "")
         now = self.clock()
         if last is not None and last[0] == error and now - last[1] < METRIC_ERROR_REPEAT:
             return None
-        self._metric_errors[(key, metric)] = (error, now)
+        self._metric_errors.setdefault(key, {})[metric] = (error, now)
         return ("unavailable", error)
 
     def _log_metric_events(self, events: dict[tuple[str, str, str], list[ObjectKey]]) -> None:
@@ -332,8 +341,7 @@ class Controller:
         self._reads.pop(key, None)
         self.machines.pop(key, None)
         self.readings.pop(key, None)
-        for gone in [k for k in self._metric_errors if k[0] == key]:
-            del self._metric_errors[gone]
+        self._metric_errors.pop(key, None)
         if self.status.pop(key, None) is None:
             return False
         log.info("event=model_removed model=%s", key)
