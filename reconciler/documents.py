@@ -38,6 +38,8 @@ class Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[mis
                 self._tags.clear()
             tag = self._tags[key] = super().resolve(kind, value, implicit)
         return tag
+
+
 Parser = Callable[[Any], Any]
 PARSERS: dict[tuple[str, str], Parser] = {
     (MODEL_API, "ModelDeployment"): parse_model_deployment,
