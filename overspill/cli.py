@@ -427,6 +427,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{t}={v['acked'] or '-'}{'*' if v['pending'] else ''}" for t, v in sorted(n["types"].items())
         )
         print(f"{n['id']:28} {n['protocol']:8} {n['scope']:24} {versions}")
+        for warning in n.get("warnings", []):
+            print(f"  warning: {warning}")
         for t, v in sorted(n["types"].items()):
             if v["routeHeldSeconds"] is not None:
                 print(f"  {t} update held {v['routeHeldSeconds']}s until its clusters are taken")
