@@ -224,6 +224,16 @@ class Stack:
         raise AssertionError(f"{model.name}: phase {last!r} after {timeout}s, wanted {phases}")
 
 
+def totals(model: Model) -> tuple[int, int]:
+    """Requests counted so far at the model's (local, remote) backends."""
+    return model.local.counts.total, model.remote.counts.total
+
+
+def delta(model: Model, before: tuple[int, int]) -> tuple[int, int]:
+    """(local, remote) requests counted since `before` (from `totals`)."""
+    return model.local.counts.total - before[0], model.remote.counts.total - before[1]
+
+
 async def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -247,8 +257,14 @@ def bootstrap_file(
 
 @contextlib.asynccontextmanager
 async def stack(
-    tmp_path: Path, *models: Model, extra_args: tuple[str, ...] = (), delta: bool = False
+    tmp_path: Path,
+    *models: Model,
+    extra_args: tuple[str, ...] = (),
+    delta: bool = False,
+    bootstrap: Path | None = None,
 ) -> AsyncIterator[Stack]:
+    """The whole stack; Envoy runs `bootstrap` if given (its `xds_cluster` pointed at the control
+    plane), else the one `overspill bootstrap` prints."""
     manifests = tmp_path / "manifests"
     manifests.mkdir()
     knob = Knob()
@@ -283,7 +299,7 @@ async def stack(
                     )
                 )
                 envoy = await es.enter_async_context(
-                    Envoy(cp.xds_port, bootstrap=bootstrap_file(tmp_path, delta))
+                    Envoy(cp.xds_port, bootstrap=bootstrap or bootstrap_file(tmp_path, delta))
                 )
             except ComponentMissing as exc:
                 missing(exc)

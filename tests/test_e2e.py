@@ -8,17 +8,9 @@ import time
 
 import pytest
 import yaml
-from e2e_stack import EVALUATION_INTERVAL, SWITCH_BUDGET, Model, stack, wait_until
+from e2e_stack import EVALUATION_INTERVAL, SWITCH_BUDGET, Model, delta, stack, totals, wait_until
 
 pytestmark = pytest.mark.e2e
-
-
-def delta(model: Model, before: tuple[int, int]) -> tuple[int, int]:
-    return model.local.counts.total - before[0], model.remote.counts.total - before[1]
-
-
-def totals(model: Model) -> tuple[int, int]:
-    return model.local.counts.total, model.remote.counts.total
 
 
 async def test_split_matches_percentage_at_the_backends(tmp_path):
@@ -46,6 +38,12 @@ async def test_split_matches_percentage_at_the_backends(tmp_path):
         assert seen.headers.get("x-offloaded-by") == "overspill"
         assert "x-offloaded-by" not in m.local.counts.recent[-1].headers
         assert m.local.counts.recent[-1].path == "/v1/predict"
+
+        # `overspill bootstrap`'s Envoy takes the weight over RTDS and is not flagged.
+        assert "overspill.default.llm" in await s.envoy.admin_get("/runtime")
+        assert "overspill_xds_streams_without_weight_layers{" not in await s.control_plane.metrics_text()
+        (node,) = (await s.control_plane.status())["nodes"]
+        assert node["weightLayers"] is True and node["warnings"] == [], node
 
 
 async def test_offload_switches_on_in_time_holds_for_buffer_and_releases(tmp_path):
