@@ -212,6 +212,16 @@ class Stack:
     async def model_status(self, model: Model) -> dict:
         return (await self.control_plane.status())["models"].get(f"{model.namespace}/{model.name}", {})
 
+    async def overspill_status(self) -> str:
+        """What `overspill status` prints for this control plane (the CLI, run as users run it)."""
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "overspill", "status", "--url", self.control_plane.metrics_url,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 0, err.decode()
+        return out.decode()
+
     async def wait_phase(self, model: Model, phases: set[str], timeout: float) -> float:
         """Seconds until the model's phase is one of `phases`."""
         started = time.monotonic()

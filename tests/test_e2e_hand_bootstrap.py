@@ -6,7 +6,6 @@ at the backends."""
 from __future__ import annotations
 
 import asyncio
-import sys
 
 import pytest
 from e2e_stack import SWITCH_BUDGET, Model, Stack, delta, stack, totals
@@ -58,16 +57,6 @@ async def share_of_remote(s: Stack, m: Model, n: int) -> tuple[int, int]:
     return delta(m, before)
 
 
-async def overspill_status(s: Stack) -> str:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "overspill", "status", "--url", s.control_plane.metrics_url,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode == 0, err.decode()
-    return out.decode()
-
-
 @pytest.mark.parametrize("api_type", ["GRPC", "DELTA_GRPC"])
 async def test_hand_written_ads_bootstrap_offloads_releases_and_fails_over(tmp_path, api_type):
     bootstrap = tmp_path / "envoy.yaml"
@@ -80,7 +69,7 @@ async def test_hand_written_ads_bootstrap_offloads_releases_and_fails_over(tmp_p
         # Flagged: status (JSON and the CLI), one log line, the gauge.
         (node,) = (await s.control_plane.status())["nodes"]
         assert node["weightLayers"] is False and node["weightLayersSubscribed"] == 0, node
-        printed = await overspill_status(s)
+        printed = await s.overspill_status()
         assert "warning: does not take the weight layers (0/64 subscribed)" in printed, printed
         assert "use `overspill bootstrap`" in printed
         log = s.control_plane.log_text()
