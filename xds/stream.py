@@ -130,11 +130,14 @@ class Stream:
         self._hello(req.node)
         if req.type_url == ROUTE and self.weight_layers is None:
             self._judge_weights()  # before reading it: Delta compares what the node holds with its form
-        routes = self.types.get(ROUTE)
+        routes, layers = self.types.get(ROUTE), self.types.get(RUNTIME)
         before = routes.names if routes is not None else frozenset()
+        held = (layers.names, layers.wildcard) if layers is not None else None
         self.protocol.read(self, req)
-        if req.type_url == RUNTIME and self.weight_layers is not None:
-            self._judge_weights()
+        layers = self.types.get(RUNTIME)
+        if req.type_url == RUNTIME and self.weight_layers is not None and layers is not None:
+            if held is None or layers.names is not held[0] or layers.wildcard != held[1]:
+                self._judge_weights()  # its layers changed (an ACK, the same names, changes nothing)
         routes = self.types.get(ROUTE)
         if routes is not None and routes.names is not before:
             # Envoy asks no more for a route configuration once no scope names it: it is gone.
