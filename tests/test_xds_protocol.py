@@ -894,6 +894,34 @@ async def test_scoped_nodes_see_only_their_models(plane, delta):
         await synced(plane, gold, [SCOPED[0], moved])
 
 
+@pytest.mark.parametrize("delta", PROTOCOLS)
+async def test_a_scoped_node_without_weight_layers_gets_only_its_models_weights(plane, delta):
+    async with asyncio.timeout(LIMIT):
+        plane.translator.publish(SCOPED)
+        team_a = await plane.client(
+            "team-a", delta, layers=(), metadata={"overspill": {"namespaces": ["team-a"]}}
+        )
+        edge = await plane.client("edge", delta)
+        await team_a.wait(lambda c: holds_inline(c, SCOPED[:2]), 5)
+        await synced(plane, edge, SCOPED)
+        assert plane.stream("team-a").view is not plane.stream("edge").view
+        assert not plane.stream("edge").view.weight_inline  # no such node in its scope: one form only
+
+        marks = len(team_a.received), len(edge.received)
+        outside = replace(SCOPED[3], remote_percent=99)
+        plane.apply(outside)
+        await edge.wait(lambda c: c.runtime_values[outside.runtime_key] == 99, 2)
+        inside = replace(SCOPED[0], remote_percent=45)
+        plane.apply(inside)
+        await team_a.wait(lambda c: inline_percent(c, inside) == 45, 2)
+        await edge.wait(lambda c: c.runtime_values[inside.runtime_key] == 45, 2)
+        await asyncio.sleep(QUIET)
+        assert [(SHORT[r.type_url], r.names) for r in team_a.received[marks[0] :]] == [
+            ("RDS", (inside.route_config,))
+        ]
+        assert {SHORT[r.type_url] for r in edge.received[marks[1] :]} == {"RTDS"}
+
+
 # --- 8. latest state wins ---
 
 
