@@ -122,6 +122,11 @@ class Instruments:
         self.xds_bytes = Counter(
             "overspill_xds_sent_bytes", "Bytes of xDS responses sent", ["type"], registry=r
         )
+        self.xds_scope_denied = Counter(
+            "overspill_xds_scope_denied",
+            "xDS streams whose client certificate denied them namespaces they asked for",
+            registry=r,
+        )
 
     def watch_controller(
         self, models: Callable[[], Iterable[ModelStatus]], evaluations: Callable[[], int]

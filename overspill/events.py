@@ -63,3 +63,6 @@ class XdsEvents(Callbacks):
         self.instruments.xds_nacks.labels(short).inc()
         rejection = EnvoyRejection(stream.node_id or stream.peer, short, nack.version, nack.message)
         self.controller.envoy_rejected(stream.sid, rejection, nack.models)
+
+    def scope_denied(self, stream: Stream) -> None:
+        self.instruments.xds_scope_denied.inc()

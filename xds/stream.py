@@ -38,6 +38,7 @@ from typing import Protocol
 from api.desired import model_of, models_named_in, route_config_name
 from xds import wire
 from xds.cache import ResourceCache
+from xds.identity import Identity
 from xds.scope import Scope
 from xds.subscription import Interner, Nack, Subscription
 from xds.types import CLUSTER, ENDPOINT, PUSH_ORDER, ROUTE, ROUTE_WEIGHT_INLINE, RUNTIME, SHORT
@@ -86,6 +87,7 @@ class Stream:
         allowed: tuple[str, ...],
         peer: str = "",
         interner: Interner | None = None,
+        identity: Identity | None = None,
     ):
         self.sid = sid
         self.cache = cache
@@ -95,7 +97,9 @@ class Stream:
         self.intern = interner or Interner()
         self.node_id = ""
         self.cluster = ""
-        self.scope = Scope()
+        self.identity = identity  # from the client certificate (mTLS): bounds the scope
+        self.asked = Scope()  # the scope its metadata asks for
+        self.scope = Scope()  # what it receives
         self.view: View | None = None
         self.types: dict[str, Subscription] = {}
         # What the node's route configurations are, as versions of the view (nothing per model,
@@ -145,12 +149,14 @@ class Stream:
             self.refs_generation += 1
 
     def _hello(self, node) -> None:
-        """The first request names the node (Envoy sends it only then): its scope picks the view."""
+        """The first request names the node (Envoy sends it only then): its scope picks the view.
+        What its metadata asks for is bounded by what its certificate allows."""
         if self.view is not None:
             return
         if node is not None:
             self.node_id, self.cluster = node.id, node.cluster
-            self.scope = Scope.from_metadata(node.metadata.to_dict() if node.metadata is not None else {})
+            self.asked = Scope.from_metadata(node.metadata.to_dict() if node.metadata is not None else {})
+        self.scope = self.asked.within(self.identity.namespaces) if self.identity else self.asked
         self.view = self.cache.acquire(self.scope)
 
     def _judge_weights(self) -> None:
@@ -184,6 +190,13 @@ class Stream:
     def view_type(self, type_url: str) -> str:
         """Where the view keeps what this node is sent of `type_url` (routes: in the node's form)."""
         return self.route_form if type_url == ROUTE else type_url
+
+    @property
+    def denied(self) -> bool:
+        """Whether its certificate denied it namespaces it asked for by name, or every namespace."""
+        if self.identity is None or self.scope.namespaces is None:
+            return False
+        return not self.scope.namespaces or self.asked.namespaces not in (None, self.scope.namespaces)
 
     def close(self) -> None:
         if self.view is not None:
@@ -373,6 +386,7 @@ class Stream:
             "id": self.node_id,
             "cluster": self.cluster,
             "peer": self.peer,
+            "identity": self.identity.name if self.identity else None,
             "protocol": self.protocol.name,
             "scope": str(self.scope),
             # False: routes carry the weights inline (the node does not take the weight layers)
