@@ -485,6 +485,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"{n['id']:28} {n['protocol']:8} {n['scope']:24} {versions}")
         if n.get("identity"):
             print(f"  identity {n['identity']}")
+        for warning in n.get("warnings", []):
+            print(f"  warning: {warning}")
         for t, v in sorted(n["types"].items()):
             if v["routeHeldSeconds"] is not None:
                 print(f"  {t} update held {v['routeHeldSeconds']}s until its clusters are taken")

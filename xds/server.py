@@ -23,7 +23,7 @@ from xds.cache import ResourceCache
 from xds.delta import Delta
 from xds.identity import Identity, IdentityRules
 from xds.sotw import StateOfTheWorld
-from xds.stream import Stream
+from xds.stream import Stream, weight_layers_fix
 from xds.subscription import Interner, Nack
 from xds.tls import ServerTls
 from xds.types import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE, RUNTIME, SCOPED_ROUTE, SHORT
@@ -140,6 +140,9 @@ class Callbacks:
     def scope_denied(self, stream: Stream) -> None:
         """Its certificate denied the node namespaces it asked for (see `Stream.denied`)."""
 
+    def weight_layers(self, stream: Stream) -> None:
+        """The node was judged (again) on whether it takes the weight layers (`stream.weight_layers`)."""
+
 
 class XdsServer:
     def __init__(
@@ -223,7 +226,7 @@ class XdsServer:
 
     async def _read(self, stream: Stream, requests: AsyncIterator, wake: asyncio.Event) -> None:
         async for req in requests:
-            known = bool(stream.node_id)
+            known, judged = bool(stream.node_id), stream.weight_layers
             sub = stream.types.get(req.type_url)
             before = (sub.pending, sub.names, sub.wildcard) if sub is not None else None
             stream.on_request(req)
@@ -240,6 +243,8 @@ class XdsServer:
                 if stream.denied:
                     _log_denied(stream)
                     self.callbacks.scope_denied(stream)
+            if stream.weight_layers is not judged:
+                self._report_weight_layers(stream, judged)
             for type_url in stream.acks:
                 self.callbacks.acked(stream, type_url)
             stream.acks.clear()
@@ -258,6 +263,30 @@ class XdsServer:
                 self.budget.release((stream.sid, req.type_url))
             if not _plain_ack(stream, req, before):
                 wake.set()
+
+    def _report_weight_layers(self, stream: Stream, before: bool | None) -> None:
+        layers = stream.view.layer_names if stream.view else []
+        if stream.weight_layers is False and not stream.warned_weight_layers and layers:
+            stream.warned_weight_layers = True  # once per stream
+            log.warning(
+                "event=no_weight_layers node=%s cluster=%s peer=%s protocol=%s layers_subscribed=%d/%d"
+                " served=weights_in_routes fix=%r",
+                stream.node_id,
+                stream.cluster,
+                stream.peer,
+                stream.protocol.name,
+                stream.layers_subscribed(),
+                len(layers),
+                weight_layers_fix(layers),
+            )
+        elif stream.weight_layers and before is False:
+            log.info(
+                "event=weight_layers_subscribed node=%s cluster=%s peer=%s",
+                stream.node_id,
+                stream.cluster,
+                stream.peer,
+            )
+        self.callbacks.weight_layers(stream)
 
 
 def _log_denied(stream: Stream) -> None:
