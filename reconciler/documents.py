@@ -222,8 +222,7 @@ class _Aliases:
         self.added += self._measure(node, room)
         if self.added > self.limit:
             raise Refused(
-                f"aliases expand the file by more than {self.limit:,} nodes "
-                f"({self.added:,} so far; --max-manifest-alias-nodes)"
+                f"aliases expand the file by more than {self.limit:,} nodes (--max-manifest-alias-nodes)"
             )
 
     def _measure(self, root: yaml.Node, max_depth: int) -> int:
