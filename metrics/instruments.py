@@ -115,6 +115,11 @@ class Instruments:
         self.xds_bytes = Counter(
             "overspill_xds_sent_bytes", "Bytes of xDS responses sent", ["type"], registry=r
         )
+        self.xds_refused = Counter(
+            "overspill_xds_refused_requests",
+            "xDS requests that could not be read or taken (their stream was closed)",
+            registry=r,
+        )
 
     def watch_controller(
         self, models: Callable[[], Iterable[ModelStatus]], evaluations: Callable[[], int]

@@ -35,6 +35,9 @@ class XdsEvents(Callbacks):
         self._acks[type_url].inc()
         self.controller.envoy_accepted(stream.sid, SHORT[type_url])
 
+    def request_refused(self, stream: Stream, error: str) -> None:
+        self.instruments.xds_refused.inc()
+
     def nacked(self, stream: Stream, nack: Nack) -> None:
         short = SHORT[nack.type_url]
         self.instruments.xds_nacks.labels(short).inc()
