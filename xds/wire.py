@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import struct
+import time
 from collections.abc import Callable, Iterable, Iterator
 
 from envoy_data_plane.envoy.config.core.v3 import Node
@@ -52,27 +53,41 @@ class _Bodies:
     Nodes that were in step before a push are sent the same resources, so the body is framed
     once per push rather than once per node. Resources are keyed by identity (cheap, and the
     cache keeps one object per content) and each entry holds them, so no id is reused while
-    its entry lives.
+    its entry lives. Entries live while they are used: there are two generations, and the older
+    is dropped after `AGE` seconds (an entry used meanwhile moves to the newer), so the bodies of
+    past pushes, and the resources they hold, do not stay until the byte limit is reached.
     """
 
     LIMIT = 32 << 20  # bytes of bodies kept; past it the memo starts again
+    AGE = 5.0  # seconds a generation of bodies is kept unused: a push is done well within it
 
     def __init__(self) -> None:
         self._bodies: dict[tuple, tuple[tuple[bytes, ...], bytes]] = {}
-        self._size = 0
+        self._older: dict[tuple, tuple[tuple[bytes, ...], bytes]] = {}
+        self._size = self._older_size = 0
+        self._since = time.monotonic()
 
     def get(self, head: tuple, parts: tuple[bytes, ...], build: Callable[[], bytes]) -> bytes:
         key = (*head, tuple(map(id, parts)))
         found = self._bodies.get(key)
         if found is not None:
             return found[1]
-        body = build()
-        if self._size + len(body) > self.LIMIT:
+        now = time.monotonic()
+        if now - self._since > self.AGE:
+            self._older, self._bodies, self._since = self._bodies, {}, now
+            self._older_size, self._size = self._size, 0
+        found = self._older.pop(key, None)
+        if found is not None:
+            self._older_size -= len(found[1])
+        else:
+            found = (parts, build())
+        if self._size + self._older_size + len(found[1]) > self.LIMIT:
             self._bodies.clear()
-            self._size = 0
-        self._bodies[key] = (parts, body)
-        self._size += len(body)
-        return body
+            self._older.clear()
+            self._size = self._older_size = 0
+        self._bodies[key] = found
+        self._size += len(found[1])
+        return found[1]
 
 
 _bodies = _Bodies()
