@@ -10,7 +10,8 @@ and Delta) on ADS. Each churn cycle (about two evaluation intervals):
   invalid model) written or removed;
 * weights: every model's metric takes a new value, over or under its target of 8;
 * metric sources: every 4th cycle the exporter answers nothing for a cycle (every model's
-  reading fails), every 6th Prometheus is stopped and started again (unreachable, then back);
+  reading fails), every 6th Prometheus hangs (SIGSTOP) for two cycles: the control plane's
+  queries time out, its connections wait, then it answers again (SIGCONT);
 * Envoy connections: one node disconnects and a new one connects (alternating SotW and Delta).
 
 The figures are taken in a steady state, the same configuration each time (the N models, the
@@ -28,6 +29,7 @@ import gc
 import json
 import os
 import random
+import signal
 import statistics
 import sys
 import tempfile
@@ -165,6 +167,7 @@ class Soak:
                         self.plane = plane
                         return await self._soak()
                 finally:
+                    self._hang_prometheus(False)
                     await self.prometheus.close()
 
     async def _soak(self) -> dict:
@@ -222,8 +225,7 @@ class Soak:
             self.exporter.values[key] = self._value()
         # metric sources
         self.exporter.silent = n % 4 == 0
-        if n % 6 == 0:
-            await self._restart_prometheus()
+        self._hang_prometheus(n % 6 in (0, 5) and n > 1)
         # Envoy connections
         await self._disconnect(self.nodes.pop(0))
         await self._connect()
@@ -247,12 +249,10 @@ class Soak:
         del node
         gc.collect()
 
-    async def _restart_prometheus(self) -> None:
-        port = self.prometheus.port
-        await self.prometheus.close()
-        await asyncio.sleep(self.evaluation_interval)  # a read or two finds it unreachable
-        self.prometheus = Prometheus([f"127.0.0.1:{self.exporter.port}"], 1.0, port=port)
-        await self.prometheus.__aenter__()
+    def _hang_prometheus(self, hang: bool) -> None:
+        pid = self.prometheus.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP if hang else signal.SIGCONT)
 
     def _value(self) -> float:
         return float(self.rng.randrange(0, int(2 * TARGET) + 1))
@@ -273,6 +273,7 @@ class Soak:
                 m.ready = True
                 self.dir.rewrite(m)
         self.exporter.silent = False
+        self._hang_prometheus(False)
         self.exporter.values = dict(self.first_values)
         await asyncio.sleep(self.settle)
         samples = []
