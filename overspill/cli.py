@@ -16,7 +16,7 @@ import yaml
 
 from api.crd import InvalidObject, RemoteBackend, parse_remote_backend
 from overspill.settings import DEFAULTS, Settings
-from reconciler.documents import parse_documents
+from reconciler.documents import DEPTH_CEILING, Limits, parse_file
 
 
 def _remote_url(text: str) -> RemoteBackend:
@@ -190,6 +190,8 @@ def parser() -> argparse.ArgumentParser:
         help="cluster DNS domain in Service host names (default %(default)s)",
     )
 
+    _manifest_limits(s)
+
     v = sub.add_parser(
         "validate",
         help="check YAML files; print every error with its field path",
@@ -197,6 +199,7 @@ def parser() -> argparse.ArgumentParser:
         "beside them). Exits 1 when any document is invalid.",
     )
     v.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    _manifest_limits(v)
 
     r = sub.add_parser(
         "render",
@@ -292,6 +295,48 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _manifest_limits(p: argparse.ArgumentParser) -> None:
+    """What one manifest file may hold; past it the file (or document) is refused, naming it."""
+    g = p.add_argument_group("manifest limits (a file or document past them is refused with the reason)")
+    g.add_argument(
+        "--max-manifest-bytes",
+        type=_at_least(1),
+        default=DEFAULTS.manifest_limits.max_bytes,
+        metavar="BYTES",
+        help="largest manifest file read (default %(default)s)",
+    )
+    g.add_argument(
+        "--max-manifest-depth",
+        type=_at_least(1, DEPTH_CEILING),
+        default=DEFAULTS.manifest_limits.max_depth,
+        metavar="LEVELS",
+        help=f"deepest nesting of a document (default %(default)s, at most {DEPTH_CEILING})",
+    )
+    g.add_argument(
+        "--max-manifest-alias-nodes",
+        type=_at_least(0),
+        default=DEFAULTS.manifest_limits.max_alias_nodes,
+        metavar="NODES",
+        help="nodes YAML aliases may add to a file when expanded, against alias bombs (default %(default)s)",
+    )
+
+
+def _at_least(low: int, high: int | None = None):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(
+                f"must be {low} or more" + (f" and {high} at most" if high is not None else "")
+            )
+        return value
+
+    return parse
+
+
+def _limits(args: argparse.Namespace) -> Limits:
+    return Limits(args.max_manifest_bytes, args.max_manifest_depth, args.max_manifest_alias_nodes)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(
@@ -337,6 +382,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         lease_namespace=args.lease_namespace,
         lease_seconds=args.lease_seconds,
         identity=args.identity,
+        manifest_limits=_limits(args),
     )
     try:
         plane = ControlPlane(settings)
@@ -362,16 +408,7 @@ async def _until_signalled(work) -> None:
 def cmd_validate(args: argparse.Namespace) -> int:
     bad = 0
     for path in args.files:
-        try:
-            objects, rejected = parse_documents(path.read_text(), str(path))
-        except OSError as exc:
-            print(f"{path}: {exc.strerror}", file=sys.stderr)
-            bad += 1
-            continue
-        except UnicodeDecodeError as exc:
-            print(f"{path}: not UTF-8 text: {exc}", file=sys.stderr)
-            bad += 1
-            continue
+        objects, rejected = parse_file(path, _limits(args))
         for r in rejected:
             for err in r.errors:
                 print(err if err.startswith(f"{path}: ") else f"{path}: {err}", file=sys.stderr)

@@ -58,6 +58,9 @@ class XdsEvents(Callbacks):
             with contextlib.suppress(KeyError):
                 self.instruments.xds_without_weight_layers.remove(stream.cluster)
 
+    def request_refused(self, stream: Stream, error: str) -> None:
+        self.instruments.xds_refused.inc()
+
     def nacked(self, stream: Stream, nack: Nack) -> None:
         short = SHORT[nack.type_url]
         self.instruments.xds_nacks.labels(short).inc()

@@ -82,7 +82,7 @@ class ControlPlane:
                 )
         else:
             assert settings.manifests is not None
-            self.source = DirectorySource(settings.manifests, self.store)
+            self.source = DirectorySource(settings.manifests, self.store, limits=settings.manifest_limits)
         self.instruments = Instruments()
         self.instruments.watch_controller(
             lambda: self.controller.status.values(), lambda: self.controller.evaluations

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from api.crd import RemoteBackend
+from reconciler.documents import Limits
 
 
 @dataclass
@@ -27,6 +28,7 @@ class Settings:
     evaluation_interval: float = 5.0
     default_remote: RemoteBackend | None = None
     cluster_domain: str = "cluster.local"
+    manifest_limits: Limits = field(default_factory=Limits)  # what one manifest file may hold
     # Kubernetes mode (instead of `manifests`)
     kubernetes: bool = False
     kubeconfig: str | None = None

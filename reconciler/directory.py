@@ -18,7 +18,7 @@ from pathlib import Path
 
 from watchfiles import awatch
 
-from reconciler.documents import parse_documents
+from reconciler.documents import LIMITS, Limits, parse_file
 from reconciler.store import ObjectStore
 
 log = logging.getLogger("overspill.source")
@@ -28,10 +28,16 @@ Stamp = tuple[int, int, int]  # inode, size, mtime: a file whose stamp is unchan
 
 class DirectorySource:
     def __init__(
-        self, root: Path, store: ObjectStore, poll_interval: float = 0.25, rescan_interval: float = 30.0
+        self,
+        root: Path,
+        store: ObjectStore,
+        poll_interval: float = 0.25,
+        rescan_interval: float = 30.0,
+        limits: Limits = LIMITS,
     ):
         self.root = Path(os.path.abspath(root))  # as the watcher names paths
         self.store = store
+        self.limits = limits
         self.poll_interval = poll_interval  # only where inotify is unavailable
         self.rescan_interval = rescan_interval
         self._seen: dict[str, Stamp] = {}  # by path string: Path objects cost 0.2 s per 10,000 files
@@ -84,13 +90,7 @@ class DirectorySource:
             if self._seen.get(path) == stamp:
                 continue
             self._seen[path] = stamp
-            try:
-                with open(path, encoding="utf-8") as f:
-                    text = f.read()
-            except (OSError, UnicodeDecodeError) as exc:
-                log.error("event=file_unreadable file=%s error=%r", path, str(exc))
-                continue
-            objects, rejected = parse_documents(text, path)
+            objects, rejected = parse_file(path, self.limits)
             self.store.replace_origin(path, objects, rejected)
             for r in rejected:
                 for err in r.errors:

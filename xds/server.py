@@ -143,6 +143,19 @@ class Callbacks:
     def weight_layers(self, stream: Stream) -> None:
         """The node was judged (again) on whether it takes the weight layers (`stream.weight_layers`)."""
 
+    def request_refused(self, stream: Stream, error: str) -> None:
+        """A request could not be read or taken; the stream is being closed."""
+
+
+class RequestRefused(Exception):
+    """Ends one stream with a gRPC status: a malformed request (INVALID_ARGUMENT), or one this
+    server failed on (INTERNAL). The server and every other stream carry on."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
 
 class XdsServer:
     def __init__(
@@ -176,7 +189,10 @@ class XdsServer:
             # `context.write`, not `yield`: grpc.aio keeps a yielded message alive until the next
             # yield, so every idle stream would pin its last (megabytes-large) full-sync response.
             identity = self.identities.identify(context.auth_context())
-            await self.serve(requests, delta, types, context.write, context.peer(), identity)
+            try:
+                await self.serve(requests, delta, types, context.write, context.peer(), identity)
+            except RequestRefused as exc:
+                await context.abort(exc.code, exc.details)
 
         return handle
 
@@ -225,44 +241,69 @@ class XdsServer:
             log.info("event=stream_closed node=%s peer=%s", stream.node_id, stream.peer)
 
     async def _read(self, stream: Stream, requests: AsyncIterator, wake: asyncio.Event) -> None:
-        async for req in requests:
-            known, judged = bool(stream.node_id), stream.weight_layers
-            sub = stream.types.get(req.type_url)
-            before = (sub.pending, sub.names, sub.wildcard) if sub is not None else None
-            stream.on_request(req)
-            if not known and stream.node_id:
-                log.info(
-                    "event=stream_opened node=%s cluster=%s peer=%s identity=%s protocol=%s scope=%s",
-                    stream.node_id,
-                    stream.cluster,
-                    stream.peer,
-                    stream.identity.name if stream.identity else "-",
-                    stream.protocol.name,
-                    stream.scope,
-                )
-                if stream.denied:
-                    _log_denied(stream)
-                    self.callbacks.scope_denied(stream)
-            if stream.weight_layers is not judged:
-                self._report_weight_layers(stream, judged)
-            for type_url in stream.acks:
-                self.callbacks.acked(stream, type_url)
-            stream.acks.clear()
-            for nack in stream.nacks:
-                log.error(
-                    "event=nack node=%s type=%s version=%s models=%s error=%r",
-                    stream.node_id,
-                    SHORT[nack.type_url],
-                    nack.version,
-                    ",".join(f"{ns}/{n}" for ns, n in nack.models) or "-",
-                    nack.message,
-                )
-                self.callbacks.nacked(stream, nack)
-            stream.nacks.clear()
-            if sub is not None and not sub.pending:
-                self.budget.release((stream.sid, req.type_url))
-            if not _plain_ack(stream, req, before):
-                wake.set()
+        """Take the stream's requests until it ends; a request that cannot be read or taken ends
+        this stream alone (`RequestRefused`), with a log line and a count."""
+        try:
+            async for req in requests:
+                try:
+                    self._on_request(stream, req, wake)
+                except Exception as exc:  # a bug met by one node's request: its stream, not the server
+                    raise self._refuse(stream, grpc.StatusCode.INTERNAL, exc) from exc
+        except wire.MalformedRequest as exc:  # raised by the deserializer, as the iterator reads
+            raise self._refuse(stream, grpc.StatusCode.INVALID_ARGUMENT, exc) from None
+
+    def _refuse(self, stream: Stream, code: grpc.StatusCode, exc: Exception) -> RequestRefused:
+        error = str(exc) if isinstance(exc, wire.MalformedRequest) else f"{type(exc).__name__}: {exc}"
+        log.error(
+            "event=request_refused node=%s peer=%s protocol=%s code=%s error=%r",
+            stream.node_id or "-",
+            stream.peer,
+            stream.protocol.name,
+            code.name,
+            error,
+        )
+        self.callbacks.request_refused(stream, error)
+        what = "malformed request" if code == grpc.StatusCode.INVALID_ARGUMENT else "request failed"
+        return RequestRefused(code, f"{what}: {error}")
+
+    def _on_request(self, stream: Stream, req: wire.Request, wake: asyncio.Event) -> None:
+        known, judged = bool(stream.node_id), stream.weight_layers
+        sub = stream.types.get(req.type_url)
+        before = (sub.pending, sub.names, sub.wildcard) if sub is not None else None
+        stream.on_request(req)
+        if not known and stream.node_id:
+            log.info(
+                "event=stream_opened node=%s cluster=%s peer=%s identity=%s protocol=%s scope=%s",
+                stream.node_id,
+                stream.cluster,
+                stream.peer,
+                stream.identity.name if stream.identity else "-",
+                stream.protocol.name,
+                stream.scope,
+            )
+            if stream.denied:
+                _log_denied(stream)
+                self.callbacks.scope_denied(stream)
+        if stream.weight_layers is not judged:
+            self._report_weight_layers(stream, judged)
+        for type_url in stream.acks:
+            self.callbacks.acked(stream, type_url)
+        stream.acks.clear()
+        for nack in stream.nacks:
+            log.error(
+                "event=nack node=%s type=%s version=%s models=%s error=%r",
+                stream.node_id,
+                SHORT[nack.type_url],
+                nack.version,
+                ",".join(f"{ns}/{n}" for ns, n in nack.models) or "-",
+                nack.message,
+            )
+            self.callbacks.nacked(stream, nack)
+        stream.nacks.clear()
+        if sub is not None and not sub.pending:
+            self.budget.release((stream.sid, req.type_url))
+        if not _plain_ack(stream, req, before):
+            wake.set()
 
     def _report_weight_layers(self, stream: Stream, before: bool | None) -> None:
         layers = stream.view.layer_names if stream.view else []
