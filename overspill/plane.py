@@ -31,18 +31,22 @@ from reconciler.kubeapi import KubeApi, load_client
 from reconciler.kubernetes import KubernetesSource
 from reconciler.leader import LeaderElector
 from reconciler.offload import OffloadMachine
+from reconciler.saved import StateFile, saved_fields, worth_saving
 from reconciler.status_writer import StatusWriter, desired_status
 from reconciler.store import ObjectStore
 from xds.server import XdsServer, start_server
 from xds.snapshot import Translator
 
 log = logging.getLogger("overspill")
+STATE_DIR_KUBERNETES = "--state-dir is for --manifests: in Kubernetes mode the state is on each CR's status"
 
 
 class ControlPlane:
     def __init__(self, settings: Settings, kube: KubeApi | None = None):
         if settings.kubernetes == (settings.manifests is not None):
             raise ValueError("give either a manifests directory or Kubernetes mode, not both or neither")
+        if settings.kubernetes and settings.state_dir is not None:
+            raise ValueError(STATE_DIR_KUBERNETES)
         self.settings = settings
         self.store = ObjectStore()
         self.translator = Translator(settings.listener_address, settings.listener_port)
@@ -79,6 +83,10 @@ class ControlPlane:
         else:
             assert settings.manifests is not None
             self.source = DirectorySource(settings.manifests, self.store)
+        self.state: StateFile | None = None
+        if settings.state_dir is not None:
+            self.state = StateFile(settings.state_dir)
+            self.controller.on_reconciled = self._save_state
         self.instruments = Instruments()
         self.instruments.watch_controller(
             lambda: self.controller.status.values(), lambda: self.controller.evaluations
@@ -89,10 +97,29 @@ class ControlPlane:
         self._tasks: set[asyncio.Task] = set()
 
     def load_once(self) -> None:
-        """Read the manifests and decide once, without live metrics (for `render`)."""
+        """Read the manifests and decide once, without live metrics (for `render`), from the saved
+        state when there is one: what Envoy is first sent is what it had before a restart."""
         assert isinstance(self.source, DirectorySource)
         self.source.sync()
+        if self.state is not None:
+            self.controller.restored = self.state.load(m.key for m in self.store.models())
         self.controller.reconcile()
+        self.controller.restored.clear()  # models not decided by now start afresh
+
+    def _save_state(
+        self,
+        items: Iterable[tuple[ModelDeployment, ModelStatus, OffloadMachine | None]],
+        removed: Iterable[ObjectKey],
+    ) -> None:
+        assert self.state is not None
+        to_wall = self.controller.to_wall
+        self.state.update(
+            (
+                (m.key, saved_fields(status, machine, to_wall) if worth_saving(status, machine) else None)
+                for m, status, machine in items
+            ),
+            removed,
+        )
 
     def _lead(self) -> None:
         """Take over: resume every state machine from status, and decide once the metrics are read
@@ -146,12 +173,20 @@ class ControlPlane:
         }
         if self.elector is not None:
             doc["leader"] = {"leading": self.elector.leading, "holder": self.elector.holder}
+        if self.state is not None:
+            state = self.state
+            doc["state"] = {"file": str(state.path), "writes": state.writes, "error": state.error}
         return doc
 
     async def run(self) -> None:
         s = self.settings
         if s.manifests is not None and not s.manifests.is_dir():
             raise SystemExit(f"--manifests {s.manifests}: not a directory")
+        if s.state_dir is not None:
+            try:
+                s.state_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise SystemExit(f"--state-dir {s.state_dir}: cannot be created: {exc}") from exc
         async with aiohttp.ClientSession() as session, asyncio.TaskGroup() as tg:
             prometheus = PrometheusInformer(s.prometheus_url, session) if s.prometheus_url else None
             if self.kube is not None:

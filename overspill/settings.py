@@ -11,6 +11,7 @@ from api.crd import RemoteBackend
 @dataclass
 class Settings:
     manifests: Path | None = None
+    state_dir: Path | None = None  # directory mode: where the offload state survives a restart
     xds_address: str = "0.0.0.0"
     xds_port: int = 18000
     listener_address: str = "0.0.0.0"
