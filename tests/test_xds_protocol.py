@@ -946,3 +946,40 @@ async def test_adding_or_removing_a_model_sends_the_same_bytes_with_ten_or_five_
             # State of the world: clusters and scopes are whole-set types (what a response leaves
             # out, Envoy removes), so those grow with N; the routes do not.
             assert large[step]["SRDS"] > 20 * small[step]["SRDS"]
+
+
+@pytest.mark.parametrize("delta", PROTOCOLS)
+async def test_a_node_reconnecting_to_a_restarted_server_is_sent_what_it_holds(plane, delta):
+    """A restarted control plane counts versions and nonces from the start again. The node comes back
+    naming its last versions (and, as some clients do, its last nonce of the old stream): SotW sends it
+    the whole state again, the same values; Delta, holding every resource at its content version,
+    is sent nothing."""
+    async with asyncio.timeout(LIMIT):
+        before = await plane.client("edge", delta)
+        await synced(plane, before, BASE)
+        await before.stop()
+        plane.clients.remove(before)
+
+        translator = Translator("127.0.0.1", 10000)
+        translator.publish(BASE)
+        xds = XdsServer(translator.cache)
+        server, port = await start_server(xds, "127.0.0.1", 0)
+        restarted = Plane(translator, xds, f"127.0.0.1:{port}")
+        try:
+            after = SimEnvoy(restarted.target, node_id="edge", delta=delta, decode=True)
+            after.reconnect_from(before)
+            after._nonces = dict(before._nonces)  # noqa: SLF001 - a client keeping its old nonces
+            restarted.clients.append(after)
+            await after.start()
+            await eventually(lambda: any(st.node_id == "edge" for st in xds.streams.values()))
+            await synced(restarted, after, BASE)
+            assert after.runtime_values == before.runtime_values
+            if delta:
+                await asyncio.sleep(QUIET)
+                assert after.received == []
+            else:
+                assert {SHORT[r.type_url] for r in after.received} >= {"CDS", "LDS", "EDS", "RDS", "RTDS"}
+            assert not any(r.nacked for r in after.received)
+        finally:
+            await after.stop()
+            await server.stop(None)
