@@ -123,11 +123,11 @@ class Child:
         self.proc, self.name = proc, name
 
     @classmethod
-    async def spawn(cls, name: str, *args: str) -> Child:
+    async def spawn(cls, name: str, *args: str, module: str = "bench.xds_bench") -> Child:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "bench.xds_bench",
+            module,
             *args,
             cwd=ROOT,
             stdin=asyncio.subprocess.PIPE,
