@@ -147,6 +147,9 @@ class ControlPlane:
             (
                 (model, desired_status(model, status, machine, self.controller.to_wall))
                 for model, status, machine in items
+                # Before its first readings (just started) a model's status would show none: the
+                # first evaluation decides it again and writes it then.
+                if status.metrics or not (model.offloading and model.offloading.metrics)
             ),
             removed,
         )

@@ -404,12 +404,15 @@ async def test_kill_9_of_the_only_replica_resumes_from_status_and_the_buffer_goe
             await asyncio.sleep(0.1)
 
         phases: list[tuple[float, str]] = []
+        metrics: list[str] = []  # the metric column: a status written without readings shows "-"
         weights: list[tuple[float, float | None]] = []
         stop = asyncio.Event()
 
         async def watch() -> None:
             while not stop.is_set():
-                phases.append((time.time(), k.md_status().get("phase")))
+                status = k.md_status()
+                phases.append((time.time(), status.get("phase")))
+                metrics.append(status.get("metric"))
                 weights.append((time.time(), await k.runtime_weight()))
                 await asyncio.sleep(0.1)
 
@@ -436,6 +439,7 @@ async def test_kill_9_of_the_only_replica_resumes_from_status_and_the_buffer_goe
     assert set(codes) == {200}, {c: codes.count(c) for c in set(codes)}
     seen = [p for t, p in phases if t < released - 0.5]
     assert set(seen) == {"Releasing"}, f"the status changed before the release: {sorted(set(seen))}"
+    assert "-" not in metrics, "a status without readings was written"
     held = released - under_since.timestamp()
     print(
         f"\nbuffer {buffer:g}s; released {held:.1f}s after underSince, {released - restarted:.1f}s after "
