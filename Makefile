@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-pipeline bench-kube clean prometheus
+.PHONY: demo test lint bench bench-pipeline bench-kube bench-restart clean prometheus
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -56,6 +56,11 @@ bench-pipeline: $(STAMP)
 # watch of N ModelDeployments. BENCH_ARGS=--quick is a smoke run; --full adds N=10,000 to the watch.
 bench-kube: $(STAMP)
 	$(BIN)/python -m bench.kube_bench $(BENCH_ARGS)
+
+# A kill -9 of the control plane and M simulated Envoys reconnecting at once (bench/README.md,
+# "Restarts"): N=100 x M=1,000, SotW and Delta, about 1 min.
+bench-restart: $(STAMP)
+	$(BIN)/python -m bench.restart_bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

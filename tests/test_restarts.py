@@ -115,13 +115,14 @@ def decisions(s: Stack) -> list[str]:
     return [line for line in s.control_plane.log_text().splitlines() if "event=offload_decision" in line]
 
 
-async def test_kill_9_at_rest_and_during_a_burst_fails_no_request_and_moves_no_weight(tmp_path):
+@pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
+async def test_kill_9_at_rest_and_during_a_burst_fails_no_request_and_moves_no_weight(tmp_path, delta):
     # With an activation delay, a restart that forgot the burst would send all local for that long.
     m = Model("llm", percentage=50, buffer_seconds=120, activation_seconds=4)
     state_dir = tmp_path / "state"
     async with (
         asyncio.timeout(150),
-        stack(tmp_path, m, extra_args=("--state-dir", str(state_dir))) as s,
+        stack(tmp_path, m, extra_args=("--state-dir", str(state_dir)), delta=delta) as s,
         contextlib.AsyncExitStack() as es,
         Watch(s, m) as watch,
     ):
