@@ -28,7 +28,18 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from bench.xds_bench import Child, Inbox, emit, holds, machine, memory_mib, poll, say, synthetic_models
+from bench.xds_bench import (
+    Child,
+    Inbox,
+    emit,
+    holds,
+    join_all,
+    machine,
+    memory_mib,
+    poll,
+    say,
+    synthetic_models,
+)
 from overspill.demo.procs import free_port
 from overspill.sim import envoy as sim
 from overspill.sim.envoy import SimEnvoy
@@ -98,17 +109,10 @@ async def fleet_role(target: str, delta: bool, count: int, models: int, prefix: 
         SimEnvoy(target, node_id=f"{prefix}-{i}", delta=delta, record=delta, layers=layers)
         for i in range(count)
     ]
-    gate = asyncio.Semaphore(parallel)
-
-    async def join(envoy: SimEnvoy) -> None:
-        async with gate:
-            await envoy.start()
-            await envoy.wait(lambda e: holds(e, models), timeout=3600)
-
     inbox = await Inbox().open()
     try:
         t0 = time.monotonic()
-        await asyncio.gather(*(join(e) for e in envoys))
+        await join_all(envoys, models, parallel)
         emit({"event": "synced", "seconds": time.monotonic() - t0})
         while (cmd := await inbox.get())["cmd"] != "stop":
             assert cmd["cmd"] == "reconnect"
