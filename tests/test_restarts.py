@@ -91,9 +91,8 @@ async def churn(s: Stack) -> dict[str, int]:
 
 
 async def kill_and_restart(s: Stack, es: contextlib.AsyncExitStack, away: float = 1.0) -> float:
-    """SIGKILL `overspill serve`, leave Envoy without it for `away` seconds, start it again with the
-    same flags and ports, and wait until Envoy has reconnected to it. Returns the seconds from the
-    kill until Envoy was connected again."""
+    """SIGKILL `overspill serve`, leave Envoy without it for `away` seconds, and start it again with
+    the same flags and ports (it returns once the new process serves). Returns when it was killed."""
     old = s.control_plane
     old.kill()
     assert old.proc is not None
@@ -102,13 +101,17 @@ async def kill_and_restart(s: Stack, es: contextlib.AsyncExitStack, away: float 
     killed = time.monotonic()
     await asyncio.sleep(away)
     s.control_plane = await es.enter_async_context(old.successor())
-    deadline = time.monotonic() + 30  # Envoy retries with backoff
+    return killed
+
+
+async def reconnected(s: Stack) -> None:
+    """Until Envoy is connected to the (restarted) control plane: it retries with backoff."""
+    deadline = time.monotonic() + 30
     while not (await s.control_plane.status())["nodes"]:
         assert time.monotonic() < deadline, "Envoy did not reconnect to the restarted control plane"
         await asyncio.sleep(0.1)
     stats = await s.envoy.stats()
     assert stats.get("control_plane.connected_state") == 1
-    return time.monotonic() - killed
 
 
 def decisions(s: Stack) -> list[str]:
@@ -131,6 +134,7 @@ async def test_kill_9_at_rest_and_during_a_burst_fails_no_request_and_moves_no_w
         before = (m.local.counts.total, m.remote.counts.total)
         churn_before = await churn(s)
         await kill_and_restart(s, es)
+        await reconnected(s)
         await asyncio.sleep(1.0)
         assert m.remote.counts.total == before[1], "nothing goes to the remote at rest"
         assert m.local.counts.total > before[0]
@@ -144,7 +148,9 @@ async def test_kill_9_at_rest_and_during_a_burst_fails_no_request_and_moves_no_w
         saved = json.loads((state_dir / "offload-state.json").read_text())["models"]["default/llm"]
         assert (saved["phase"], saved["remotePercent"]) == ("Offloading", 50)
         before = (m.local.counts.total, m.remote.counts.total)
-        away = await kill_and_restart(s, es)
+        killed = await kill_and_restart(s, es)
+        await reconnected(s)
+        away = time.monotonic() - killed
         await asyncio.sleep(2.0)  # the restarted control plane decides with live readings too
         local = m.local.counts.total - before[0]
         remote = m.remote.counts.total - before[1]
@@ -171,7 +177,7 @@ def wall(text: str) -> float:
 
 
 async def test_kill_9_while_releasing_continues_the_buffer_from_its_saved_start(tmp_path):
-    m = Model("bert", percentage=50, buffer_seconds=10)
+    m = Model("bert", percentage=50, buffer_seconds=15)
     state_dir = tmp_path / "state"
     async with (
         asyncio.timeout(120),
@@ -190,7 +196,8 @@ async def test_kill_9_while_releasing_continues_the_buffer_from_its_saved_start(
         await asyncio.sleep(3.0)
         await kill_and_restart(s, es)
         restarted = time.time()
-        assert (await s.model_status(m))["phase"] == "Releasing"
+        assert (await s.model_status(m))["phase"] == "Releasing"  # its first decision, as it was
+        await reconnected(s)
         before = m.remote.counts.total
         await asyncio.sleep(1.0)
         assert m.remote.counts.total > before, "still offloading during the rest of the buffer"
