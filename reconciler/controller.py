@@ -29,6 +29,7 @@ from reconciler.store import ObjectStore
 
 log = logging.getLogger("overspill.reconciler")
 METRIC_ERROR_REPEAT = 300.0  # seconds before the same metric error is logged again
+RECONCILE_CHUNK = 500  # models decided in one turn of the loop after an evaluation (~50 ms)
 # Phases in which traffic goes, or may soon go, to the remote: its reachability is checked every round.
 REMOTE_PHASES = {Phase.ACTIVATING, Phase.OFFLOADING, Phase.RELEASING, Phase.OUTAGE, Phase.REMOTE_DOWN}
 
@@ -95,10 +96,12 @@ class Controller:
         self._needs: dict[ObjectKey, tuple[tuple[ObjectKey, ...], tuple[str, int] | None]] = {}
         self._dependents: dict[ObjectKey, set[ObjectKey]] = {}
         self._remote_users: dict[tuple[str, int], set[ObjectKey]] = {}
+        self._remotes: dict[tuple[str, int], RemoteBackend] = {}  # what to probe, per target
         # Per model with metrics: the model, what to read, and the last readings taken.
         self._reads: dict[ObjectKey, _Reads] = {}
         self.evaluations = 0
-        self._metric_errors: dict[tuple[ObjectKey, str], tuple[str, float]] = {}  # last logged, and when
+        # Per model and metric: the error last logged, and when.
+        self._metric_errors: dict[ObjectKey, dict[str, tuple[str, float]]] = {}
         # Envoy NACKs still standing, per (stream, xDS type): the rejection and the models it concerns.
         self._rejections: dict[tuple[int, str], tuple[EnvoyRejection, tuple[ModelKey, ...]]] = {}
 
@@ -155,40 +158,44 @@ class Controller:
         self._log_metric_events(events)
         self.evaluations += 1
         timed = {key for key, machine in self.machines.items() if machine.waiting}
-        self.reconcile(changed | timed)
+        todo = sorted(changed | timed)
+        for start in range(0, len(todo), RECONCILE_CHUNK):
+            if start:
+                await asyncio.sleep(0)  # let xDS streams and /readyz have the loop between chunks
+            self.reconcile(todo[start : start + RECONCILE_CHUNK])
 
     async def probe_remotes(self) -> None:
         """Probe each distinct remote once (a bounded number at a time, see `RemoteProbe`), and
         decide again the models of those whose reachability changed."""
         if not self.leading:
             return
-        remotes: dict[tuple[str, int], RemoteBackend] = {}
         hot = set()
-        for model in self.store.models():
-            remote = self.remote_of(model)
-            if remote is None:
-                continue
-            target = remotes.setdefault((remote.host, remote.port), remote)
-            status = self.status.get(model.key)
-            if status is not None and (status.phase in REMOTE_PHASES or status.ready_endpoints == 0):
-                hot.add((target.host, target.port))
-        due = self.probe.due(set(remotes), hot)
-        changed = await self.probe.check_all(remotes[t] for t in sorted(due))
+        for target, users in self._remote_users.items():
+            for key in users:
+                status = self.status.get(key)
+                if status is not None and (status.phase in REMOTE_PHASES or status.ready_endpoints == 0):
+                    hot.add(target)
+                    break
+        due = self.probe.due(set(self._remote_users), hot)
+        changed = await self.probe.check_all(self._remotes[t] for t in sorted(due) if t in self._remotes)
         self.reconcile({key for target in changed for key in self._remote_users.get(target, ())})
 
     def _metric_event(self, key: ObjectKey, metric: str, error: str | None) -> tuple[str, str] | None:
         """("unavailable", error) when a model's metric becomes unavailable, its error changes or
         METRIC_ERROR_REPEAT has passed; ("available", "") when it is back; else None."""
-        last = self._metric_errors.get((key, metric))
+        logged = self._metric_errors.get(key, {})
+        last = logged.get(metric)
         if error is None:
             if last is None:
                 return None
-            del self._metric_errors[(key, metric)]
+            del logged[metric]
+            if not logged:
+                del self._metric_errors[key]
             return ("available", "")
         now = self.clock()
         if last is not None and last[0] == error and now - last[1] < METRIC_ERROR_REPEAT:
             return None
-        self._metric_errors[(key, metric)] = (error, now)
+        self._metric_errors.setdefault(key, {})[metric] = (error, now)
         return ("unavailable", error)
 
     def _log_metric_events(self, events: dict[tuple[str, str, str], list[ObjectKey]]) -> None:
@@ -308,6 +315,7 @@ class Controller:
             self._dependents.setdefault(need, set()).add(model.key)
         if target is not None:
             self._remote_users.setdefault(target, set()).add(model.key)
+            self._remotes[target] = remote
 
     def _remember_reads(self, model: ModelDeployment) -> None:
         """What `evaluate` reads for the model; built when it is decided, since its metrics and
@@ -332,6 +340,8 @@ class Controller:
                     users.discard(key)
                     if not users:
                         del index[entry]
+                        if index is self._remote_users:
+                            del self._remotes[entry]
 
     def _forget(self, key: ObjectKey) -> bool:
         """A model gone from the store: drop everything kept for it; False if nothing was."""
@@ -339,8 +349,7 @@ class Controller:
         self._reads.pop(key, None)
         self.machines.pop(key, None)
         self.readings.pop(key, None)
-        for gone in [k for k in self._metric_errors if k[0] == key]:
-            del self._metric_errors[gone]
+        self._metric_errors.pop(key, None)
         if self.status.pop(key, None) is None:
             return False
         log.info("event=model_removed model=%s", key)

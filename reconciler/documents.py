@@ -18,9 +18,28 @@ from api.crd import (
 )
 from reconciler.kube import parse_endpoint_slice, parse_service, parse_workload
 
-# libyaml's parser when PyYAML was built with it (the wheels are): 8x faster than pure Python.
-Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _STR, _MAP, _SEQ = "tag:yaml.org,2002:str", "tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"
+
+
+class Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """libyaml's parser when PyYAML was built with it (the wheels are: 8x faster than pure
+    Python), with the implicit tag of a plain scalar remembered: manifests repeat the same
+    keys and values, and PyYAML's resolver runs a regex table for each one."""
+
+    _tags: dict[tuple[str, tuple[bool, bool]], str] = {}
+
+    def resolve(self, kind: type, value: Any, implicit: Any) -> str:
+        if kind is not yaml.ScalarNode:
+            return _MAP if kind is yaml.MappingNode else _SEQ
+        key = (value, implicit)
+        tag = self._tags.get(key)
+        if tag is None:
+            if len(self._tags) > 100_000:  # a bound, for long runs of ever-new values
+                self._tags.clear()
+            tag = self._tags[key] = super().resolve(kind, value, implicit)
+        return tag
+
+
 Parser = Callable[[Any], Any]
 PARSERS: dict[tuple[str, str], Parser] = {
     (MODEL_API, "ModelDeployment"): parse_model_deployment,

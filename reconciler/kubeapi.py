@@ -20,11 +20,10 @@ import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import kubernetes
-from kubernetes.client import ApiClient, Configuration
-from kubernetes.watch.watch import iter_resp_lines
+if TYPE_CHECKING:  # the client library is imported in Kubernetes mode only (90 ms of every start)
+    from kubernetes.client import ApiClient
 
 log = logging.getLogger("overspill.kubernetes")
 
@@ -43,6 +42,9 @@ class Gone(ApiError):
 
 def load_client(kubeconfig: str | None = None, context: str | None = None) -> ApiClient:
     """In-cluster config when running in a pod (and no kubeconfig is named), else the kubeconfig."""
+    import kubernetes
+    from kubernetes.client import ApiClient, Configuration
+
     configuration = Configuration()
     configuration.connection_pool_maxsize = 32  # 8 request threads and a watch per kind, with room
     if kubeconfig is None and context is None:
@@ -99,9 +101,11 @@ class KubeApi:
             body=body,
             auth_settings=["BearerToken"],
         )
+        from kubernetes.client import ApiException
+
         try:
             return self.client.call_api(method_, url, headers_, body_, post_, _request_timeout=timeout)
-        except kubernetes.client.ApiException as exc:  # raised by the REST layer for transport errors
+        except ApiException as exc:  # raised by the REST layer for transport errors
             raise ApiError(exc.status or 0, exc.reason or "error", str(exc.body or "")) from None
         except Exception as exc:  # urllib3 connection errors and the like
             raise ApiError(0, type(exc).__name__, str(exc)) from None
@@ -168,6 +172,8 @@ class KubeApi:
         def hand(item) -> None:
             with contextlib.suppress(RuntimeError):  # the loop closed under us: nobody is listening
                 loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        from kubernetes.watch.watch import iter_resp_lines
 
         def pump() -> None:
             try:
