@@ -94,6 +94,9 @@ class ControlPlane:
             lambda: self.controller.status.values(), lambda: self.controller.evaluations
         )
         self.instruments.watch_origins(self.store.rejected_by_origin)
+        if self.state is not None:
+            state = self.state
+            self.instruments.watch_state_file(lambda: state.writes, lambda: state.errors)
         self.xds = XdsServer(self.translator.cache, XdsEvents(self.instruments, self.controller))
         self.ready = False
         self._tasks: set[asyncio.Task] = set()

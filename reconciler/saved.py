@@ -63,6 +63,7 @@ class StateFile:
         self.path = directory / FILE_NAME
         self._entries: dict[str, dict] = {}  # what the file holds ("ns/name" -> fields)
         self.writes = 0
+        self.errors = {"read": 0, "write": 0}  # failures, counted for /metrics
         self.error: str | None = None  # the last load or write error, for /status
 
     def load(self, present: Iterable[ObjectKey]) -> dict[ObjectKey, ObservedStatus]:
@@ -114,6 +115,7 @@ class StateFile:
         return models
 
     def _unreadable(self, why: str) -> None:
+        self.errors["read"] += 1
         self.error = f"{self.path}: {why}; starting without saved state"
         log.warning("event=state_unreadable path=%s error=%r", self.path, why)
         return None
@@ -143,6 +145,7 @@ class StateFile:
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)  # atomic: a reader sees the old file or the new one
         except OSError as exc:
+            self.errors["write"] += 1
             self.error = f"{self.path}: cannot write: {exc}"
             log.warning("event=state_write_error path=%s error=%r", self.path, str(exc))
             tmp.unlink(missing_ok=True)

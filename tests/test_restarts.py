@@ -231,6 +231,8 @@ async def test_a_corrupt_state_file_is_reported_and_the_control_plane_starts_any
         assert "not JSON" in status["state"]["error"] and str(state_dir) in status["state"]["error"]
         log = s.control_plane.log_text()
         assert "event=state_unreadable" in log and "not JSON" in log
+        metrics = await s.control_plane.metrics_text()
+        assert 'overspill_state_file_errors_total{operation="read"} 1.0' in metrics
         # The next decision change writes a good file over it.
         s.knob.set("t5", 50)
         await s.wait_phase(m, {"Offloading"}, timeout=SWITCH_BUDGET + 2)

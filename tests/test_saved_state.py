@@ -77,6 +77,7 @@ def test_a_corrupt_file_is_logged_and_ignored(tmp_path, caplog, body, error):
         assert state.load([MODEL]) == {}
     assert "event=state_unreadable" in caplog.text and error in caplog.text
     assert state.error is not None and error in state.error and "starting without saved state" in state.error
+    assert state.errors == {"read": 1, "write": 0}  # /metrics: overspill_state_file_errors_total
     assert state.update([(MODEL, ENTRY)])  # and the next decision replaces it with a good one
     assert StateFile(tmp_path).load([MODEL])[MODEL].phase == "Releasing"
 
@@ -104,6 +105,7 @@ def test_a_write_that_fails_is_logged_and_serving_goes_on(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, "overspill.state"):
         assert not state.update([(MODEL, ENTRY)])
     assert "event=state_write_error" in caplog.text and "cannot write" in state.error
+    assert state.errors == {"read": 0, "write": 1}
 
 
 # --- a controller taking up saved state ---
