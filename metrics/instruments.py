@@ -132,8 +132,20 @@ class Instruments:
         self.xds_pushes = Counter("overspill_xds_pushes", "xDS responses sent", ["type"], registry=r)
         self.xds_acks = Counter("overspill_xds_acks", "xDS responses ACKed", ["type"], registry=r)
         self.xds_nacks = Counter("overspill_xds_nacks", "xDS responses NACKed", ["type"], registry=r)
+        self.xds_without_weight_layers = Gauge(
+            "overspill_xds_streams_without_weight_layers",
+            "Connected xDS streams whose node does not take the weight layers (weights sent in its"
+            " routes instead: fix its bootstrap), per node cluster",
+            ["node_cluster"],
+            registry=r,
+        )
         self.xds_bytes = Counter(
             "overspill_xds_sent_bytes", "Bytes of xDS responses sent", ["type"], registry=r
+        )
+        self.xds_scope_denied = Counter(
+            "overspill_xds_scope_denied",
+            "xDS streams whose client certificate denied them namespaces they asked for",
+            registry=r,
         )
 
     def watch_controller(

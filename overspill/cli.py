@@ -128,6 +128,29 @@ def parser() -> argparse.ArgumentParser:
         default=DEFAULTS.xds_address,
         help="address the ADS server binds (default %(default)s)",
     )
+    t = s.add_argument_group(
+        "xDS security",
+        "TLS on the ADS port; with --xds-client-ca, mTLS: a node's client certificate bounds the "
+        "namespaces it receives (SPIFFE ID spiffe://TD/ns/NS/..., or DNS name NAME.NS.svc[.DOMAIN]). "
+        "The files are re-read when they change: new connections get the new certificate.",
+    )
+    t.add_argument("--xds-tls-cert", type=Path, metavar="FILE", help="server certificate chain (PEM)")
+    t.add_argument("--xds-tls-key", type=Path, metavar="FILE", help="server private key (PEM)")
+    t.add_argument(
+        "--xds-client-ca",
+        type=Path,
+        metavar="FILE",
+        help="CA certificates (PEM) client certificates must chain to; a client without one is refused",
+    )
+    t.add_argument(
+        "--xds-gateway-identity",
+        dest="xds_gateway_identities",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="a client certificate with a URI or DNS SAN matching this glob receives every model, as "
+        "an edge gateway (repeatable; e.g. spiffe://cluster.local/ns/overspill-system/sa/overspill-gateway)",
+    )
     s.add_argument(
         "--listener-port",
         type=int,
@@ -241,6 +264,18 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--match-labels", default="", metavar="K=V[,K=V...]", help="only ModelDeployments with these labels"
     )
+    bt = b.add_argument_group("xDS over TLS", "file paths as Envoy sees them (not read here)")
+    bt.add_argument(
+        "--xds-ca", metavar="FILE", help="connect over TLS, trusting this CA (PEM) for the control plane"
+    )
+    bt.add_argument("--xds-client-cert", metavar="FILE", help="client certificate to present (mTLS)")
+    bt.add_argument("--xds-client-key", metavar="FILE", help="the client certificate's key (mTLS)")
+    bt.add_argument(
+        "--xds-server-name",
+        metavar="NAME",
+        help="name the control plane's certificate must carry, as a DNS SAN (also sent as SNI) or an "
+        "IP address SAN (default: --xds-host)",
+    )
 
     st = sub.add_parser(
         "status",
@@ -294,6 +329,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         state_dir=args.state_dir,
         xds_address=args.xds_address,
         xds_port=args.xds_port,
+        xds_tls_cert=args.xds_tls_cert,
+        xds_tls_key=args.xds_tls_key,
+        xds_client_ca=args.xds_client_ca,
+        xds_gateway_identities=args.xds_gateway_identities,
         listener_address=args.listener_address,
         listener_port=args.listener_port,
         metrics_address=args.metrics_address,
@@ -312,7 +351,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         lease_seconds=args.lease_seconds,
         identity=args.identity,
     )
-    asyncio.run(_until_signalled(ControlPlane(settings).run()))
+    try:
+        plane = ControlPlane(settings)
+    except ValueError as exc:
+        print(f"overspill serve: error: {exc}", file=sys.stderr)
+        return 2
+    asyncio.run(_until_signalled(plane.run()))
     return 0
 
 
@@ -385,6 +429,14 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
 
     labels = dict(kv.split("=", 1) for kv in args.match_labels.split(",") if "=" in kv)
     namespaces = [n for n in args.namespaces.split(",") if n]
+    if (args.xds_client_cert is None) != (args.xds_client_key is None):
+        print(
+            "overspill bootstrap: error: --xds-client-cert and --xds-client-key go together", file=sys.stderr
+        )
+        return 2
+    if (args.xds_client_cert or args.xds_server_name) and not args.xds_ca:
+        print("overspill bootstrap: error: TLS flags need --xds-ca", file=sys.stderr)
+        return 2
     doc = ads_bootstrap(
         args.xds_host,
         args.xds_port,
@@ -395,6 +447,10 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
         namespaces,
         labels,
         listener_port=args.listener_port,
+        tls_ca=args.xds_ca,
+        tls_cert=args.xds_client_cert,
+        tls_key=args.xds_client_key,
+        tls_server_name=args.xds_server_name,
     )
     print(yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, width=120), end="")
     return 0
@@ -440,6 +496,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{t}={v['acked'] or '-'}{'*' if v['pending'] else ''}" for t, v in sorted(n["types"].items())
         )
         print(f"{n['id']:28} {n['protocol']:8} {n['scope']:24} {versions}")
+        if n.get("identity"):
+            print(f"  identity {n['identity']}")
+        for warning in n.get("warnings", []):
+            print(f"  warning: {warning}")
         for t, v in sorted(n["types"].items()):
             if v["routeHeldSeconds"] is not None:
                 print(f"  {t} update held {v['routeHeldSeconds']}s until its clusters are taken")

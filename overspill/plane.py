@@ -36,8 +36,10 @@ from reconciler.offload import OffloadMachine
 from reconciler.saved import StateFile, saved_fields, worth_saving
 from reconciler.status_writer import StatusWriter, desired_status
 from reconciler.store import ObjectStore
+from xds.identity import IdentityRules
 from xds.server import XdsServer, start_server
 from xds.snapshot import Translator
+from xds.tls import ServerTls, TlsFileError
 
 log = logging.getLogger("overspill")
 STATE_DIR_KUBERNETES = "--state-dir is for --manifests: in Kubernetes mode the state is on each CR's status"
@@ -97,7 +99,12 @@ class ControlPlane:
         if self.state is not None:
             state = self.state
             self.instruments.watch_state_file(lambda: state.writes, lambda: state.errors)
-        self.xds = XdsServer(self.translator.cache, XdsEvents(self.instruments, self.controller))
+        self.xds_tls = _server_tls(settings)
+        self.xds = XdsServer(
+            self.translator.cache,
+            XdsEvents(self.instruments, self.controller),
+            identities=IdentityRules(tuple(settings.xds_gateway_identities), settings.cluster_domain),
+        )
         self.ready = False
         self._tasks: set[asyncio.Task] = set()
 
@@ -223,12 +230,19 @@ class ControlPlane:
                 else:
                     self.load_once()
                     tg.create_task(self.source.run())
-                grpc_server, xds_port = await start_server(self.xds, s.xds_address, s.xds_port)
+                try:
+                    grpc_server, xds_port = await start_server(
+                        self.xds, s.xds_address, s.xds_port, self.xds_tls
+                    )
+                except TlsFileError as exc:
+                    raise SystemExit(f"--xds-tls-cert/--xds-tls-key/--xds-client-ca: {exc}") from None
                 self.ready = True
                 log.info(
-                    "event=started xds=%s:%d listener=%s:%d metrics=%s:%d source=%s prometheus=%s",
+                    "event=started xds=%s:%d xds_security=%s listener=%s:%d metrics=%s:%d source=%s "
+                    "prometheus=%s",
                     s.xds_address,
                     xds_port,
+                    "plaintext" if self.xds_tls is None else "mtls" if self.xds_tls.mutual else "tls",
                     s.listener_address,
                     s.listener_port,
                     s.metrics_address,
@@ -242,6 +256,22 @@ class ControlPlane:
                 if grpc_server is not None:
                     await grpc_server.stop(grace=1)
                 await runner.cleanup()
+
+
+def _server_tls(s: Settings) -> ServerTls | None:
+    """The xDS port's TLS files from the settings, or None for plaintext; a ValueError names the
+    flags that do not go together."""
+    if (s.xds_tls_cert is None) != (s.xds_tls_key is None):
+        raise ValueError("--xds-tls-cert and --xds-tls-key go together")
+    if s.xds_tls_cert is None or s.xds_tls_key is None:
+        if s.xds_client_ca is not None:
+            raise ValueError("--xds-client-ca needs --xds-tls-cert and --xds-tls-key")
+        if s.xds_gateway_identities:
+            raise ValueError("--xds-gateway-identity needs mTLS (--xds-client-ca)")
+        return None
+    if s.xds_gateway_identities and s.xds_client_ca is None:
+        raise ValueError("--xds-gateway-identity needs mTLS (--xds-client-ca)")
+    return ServerTls(s.xds_tls_cert, s.xds_tls_key, s.xds_client_ca)
 
 
 @contextmanager

@@ -14,6 +14,12 @@ class Settings:
     state_dir: Path | None = None  # directory mode: where the offload state survives a restart
     xds_address: str = "0.0.0.0"
     xds_port: int = 18000
+    # xDS over TLS: the server's certificate and key; with a client CA, mTLS (a client
+    # certificate is required, and its identity bounds the namespaces the node receives).
+    xds_tls_cert: Path | None = None
+    xds_tls_key: Path | None = None
+    xds_client_ca: Path | None = None
+    xds_gateway_identities: list[str] = field(default_factory=list)  # SAN globs that receive every model
     listener_address: str = "0.0.0.0"
     listener_port: int = 10000
     metrics_address: str = "0.0.0.0"

@@ -21,9 +21,11 @@ import grpc
 from xds import wire
 from xds.cache import ResourceCache
 from xds.delta import Delta
+from xds.identity import Identity, IdentityRules
 from xds.sotw import StateOfTheWorld
-from xds.stream import Stream
+from xds.stream import Stream, weight_layers_fix
 from xds.subscription import Interner, Nack
+from xds.tls import ServerTls
 from xds.types import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE, RUNTIME, SCOPED_ROUTE, SHORT
 
 log = logging.getLogger("overspill.xds")
@@ -135,13 +137,24 @@ class Callbacks:
 
     def nacked(self, stream: Stream, nack: Nack) -> None: ...
 
+    def scope_denied(self, stream: Stream) -> None:
+        """Its certificate denied the node namespaces it asked for (see `Stream.denied`)."""
+
+    def weight_layers(self, stream: Stream) -> None:
+        """The node was judged (again) on whether it takes the weight layers (`stream.weight_layers`)."""
+
 
 class XdsServer:
     def __init__(
-        self, cache: ResourceCache, callbacks: Callbacks | None = None, budget_bytes: int = 64 << 20
+        self,
+        cache: ResourceCache,
+        callbacks: Callbacks | None = None,
+        budget_bytes: int = 64 << 20,
+        identities: IdentityRules | None = None,
     ):
         self.cache = cache
         self.callbacks = callbacks or Callbacks()
+        self.identities = identities or IdentityRules()  # client certificates (mTLS) -> namespaces
         self.budget = ByteBudget(budget_bytes)
         self.streams: dict[int, Stream] = {}
         self._ids = itertools.count(1)
@@ -162,7 +175,8 @@ class XdsServer:
         async def handle(requests: AsyncIterator, context) -> None:
             # `context.write`, not `yield`: grpc.aio keeps a yielded message alive until the next
             # yield, so every idle stream would pin its last (megabytes-large) full-sync response.
-            await self.serve(requests, delta, types, context.write, context.peer())
+            identity = self.identities.identify(context.auth_context())
+            await self.serve(requests, delta, types, context.write, context.peer(), identity)
 
         return handle
 
@@ -173,9 +187,10 @@ class XdsServer:
         types: tuple[str, ...],
         send: Callable[[bytes], Awaitable[None]],
         peer: str = "",
+        identity: Identity | None = None,
     ) -> None:
         protocol = Delta() if delta else StateOfTheWorld()
-        stream = Stream(next(self._ids), self.cache, protocol, types, peer, self._interner)
+        stream = Stream(next(self._ids), self.cache, protocol, types, peer, self._interner, identity)
         self.streams[stream.sid] = stream
         self.callbacks.stream_opened(stream)
         wake = asyncio.Event()  # set by a cache commit, a request, or the reader ending
@@ -221,19 +236,25 @@ class XdsServer:
 
     async def _read(self, stream: Stream, requests: AsyncIterator, wake: asyncio.Event) -> None:
         async for req in requests:
-            known = bool(stream.node_id)
+            known, judged = bool(stream.node_id), stream.weight_layers
             sub = stream.types.get(req.type_url)
             before = (sub.pending, sub.names, sub.wildcard) if sub is not None else None
             stream.on_request(req)
             if not known and stream.node_id:
                 log.info(
-                    "event=stream_opened node=%s cluster=%s peer=%s protocol=%s scope=%s",
+                    "event=stream_opened node=%s cluster=%s peer=%s identity=%s protocol=%s scope=%s",
                     stream.node_id,
                     stream.cluster,
                     stream.peer,
+                    stream.identity.name if stream.identity else "-",
                     stream.protocol.name,
                     stream.scope,
                 )
+                if stream.denied:
+                    _log_denied(stream)
+                    self.callbacks.scope_denied(stream)
+            if stream.weight_layers is not judged:
+                self._report_weight_layers(stream, judged)
             for type_url in stream.acks:
                 self.callbacks.acked(stream, type_url)
             stream.acks.clear()
@@ -252,6 +273,45 @@ class XdsServer:
                 self.budget.release((stream.sid, req.type_url))
             if not _plain_ack(stream, req, before):
                 wake.set()
+
+    def _report_weight_layers(self, stream: Stream, before: bool | None) -> None:
+        layers = stream.view.layer_names if stream.view else []
+        if stream.weight_layers is False and not stream.warned_weight_layers and layers:
+            stream.warned_weight_layers = True  # once per stream
+            log.warning(
+                "event=no_weight_layers node=%s cluster=%s peer=%s protocol=%s layers_subscribed=%d/%d"
+                " served=weights_in_routes fix=%r",
+                stream.node_id,
+                stream.cluster,
+                stream.peer,
+                stream.protocol.name,
+                stream.layers_subscribed(),
+                len(layers),
+                weight_layers_fix(layers),
+            )
+        elif stream.weight_layers and before is False:
+            log.info(
+                "event=weight_layers_subscribed node=%s cluster=%s peer=%s",
+                stream.node_id,
+                stream.cluster,
+                stream.peer,
+            )
+        self.callbacks.weight_layers(stream)
+
+
+def _log_denied(stream: Stream) -> None:
+    def names(namespaces: frozenset[str] | None) -> str:
+        return "*" if namespaces is None else ",".join(sorted(namespaces)) or "-"
+
+    assert stream.identity is not None
+    log.warning(
+        "event=scope_denied node=%s identity=%s asked=%s granted=%s peer=%s",
+        stream.node_id,
+        stream.identity.name,
+        names(stream.asked.namespaces),
+        names(stream.scope.namespaces),
+        stream.peer,
+    )
 
 
 def _plain_ack(stream: Stream, req: wire.Request, before: tuple | None) -> bool:
@@ -275,9 +335,14 @@ def _plain_ack(stream: Stream, req: wire.Request, before: tuple | None) -> bool:
     )
 
 
-async def start_server(xds: XdsServer, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+async def start_server(
+    xds: XdsServer, host: str, port: int, tls: ServerTls | None = None
+) -> tuple[grpc.aio.Server, int]:
+    """Serve xDS on host:port: plain, TLS, or mTLS (`tls` with a client CA); raises
+    `xds.tls.TlsFileError` if the TLS files cannot be used."""
     server = grpc.aio.server(options=[("grpc.max_send_message_length", 256 << 20)])
     server.add_generic_rpc_handlers(xds.handlers())
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)
     await server.start()
     return server, bound
