@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-pipeline bench-kube soak clean prometheus
+.PHONY: demo test lint bench bench-pipeline bench-kube bench-restart soak clean prometheus
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -62,6 +62,11 @@ bench-kube: $(STAMP)
 # SOAK_ARGS="--minutes 30" for a long run.
 soak: $(STAMP) prometheus
 	$(BIN)/python -m bench.soak $(SOAK_ARGS)
+
+# A kill -9 of the control plane and M simulated Envoys reconnecting at once (bench/README.md,
+# "Restarts"): N=100 x M=1,000, SotW and Delta, about 1 min.
+bench-restart: $(STAMP)
+	$(BIN)/python -m bench.restart_bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -140,6 +140,7 @@ class ObservedStatus:
     over_since: float | None = None
     under_since: float | None = None
     observed_generation: int = 0
+    last_transition: float | None = None  # when phase or share last changed
 
 
 @dataclass(frozen=True)
@@ -289,6 +290,7 @@ def parse_observed_status(raw: Any) -> ObservedStatus | None:
         over_since=parse_time(raw.get("overSince")),
         under_since=parse_time(raw.get("underSince")),
         observed_generation=int(number("observedGeneration") or 0),
+        last_transition=parse_time(raw.get("lastTransitionTime")),
     )
 
 

@@ -123,11 +123,11 @@ class Child:
         self.proc, self.name = proc, name
 
     @classmethod
-    async def spawn(cls, name: str, *args: str) -> Child:
+    async def spawn(cls, name: str, *args: str, module: str = "bench.xds_bench") -> Child:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "bench.xds_bench",
+            module,
             *args,
             cwd=ROOT,
             stdin=asyncio.subprocess.PIPE,
@@ -501,17 +501,10 @@ async def fleet_role(
         )
         for i in range(count)
     ]
-    gate = asyncio.Semaphore(parallel)
-
-    async def join(envoy: SimEnvoy) -> None:
-        async with gate:
-            await envoy.start()
-            await envoy.wait(lambda e: holds(e, models), timeout=3600)
-
     t0, c0 = time.monotonic(), time.process_time()
     inbox = await Inbox().open()
     try:
-        await asyncio.gather(*(join(e) for e in envoys))
+        await join_all(envoys, models, parallel)
         received = sum(e.received_bytes for e in envoys)
         emit({"event": "synced", "seconds": time.monotonic() - t0, "cpu": time.process_time() - c0})
         armed, mark = True, time.process_time()
@@ -538,6 +531,19 @@ async def fleet_role(
             complete.pop(key, None)
     finally:
         await asyncio.gather(*(e.stop() for e in envoys), return_exceptions=True)
+
+
+async def join_all(envoys: list[SimEnvoy], models: int, parallel: int) -> None:
+    """Start every node, at most `parallel` of them pulling their initial state at once; return once
+    each holds the whole state."""
+    gate = asyncio.Semaphore(parallel)
+
+    async def join(envoy: SimEnvoy) -> None:
+        async with gate:
+            await envoy.start()
+            await envoy.wait(lambda e: holds(e, models), timeout=3600)
+
+    await asyncio.gather(*(join(e) for e in envoys))
 
 
 class Storm:

@@ -120,6 +120,26 @@ class TaskCollector(Collector):
         yield family
 
 
+class StateFileCollector(Collector):
+    """The offload state file of `--state-dir`: replacements written, and failures to read or
+    write it (each also logged, and the last one shown in /status)."""
+
+    def __init__(self, writes: Callable[[], int], errors: Callable[[], Mapping[str, int]]):
+        self.writes, self.errors = writes, errors
+
+    def collect(self):
+        writes = CounterMetricFamily("overspill_state_file_writes", "Offload state file replacements")
+        writes.add_metric([], self.writes())
+        errors = CounterMetricFamily(
+            "overspill_state_file_errors",
+            "Offload state file reads (unreadable, corrupt: ignored) and writes that failed",
+            labels=["operation"],
+        )
+        for operation, n in sorted(self.errors().items()):
+            errors.add_metric([operation], n)
+        yield from (writes, errors)
+
+
 class Instruments:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
@@ -158,3 +178,6 @@ class Instruments:
 
     def watch_origins(self, rejected: Callable[[], Mapping[str, int]]) -> None:
         self.registry.register(OriginCollector(rejected))
+
+    def watch_state_file(self, writes: Callable[[], int], errors: Callable[[], Mapping[str, int]]) -> None:
+        self.registry.register(StateFileCollector(writes, errors))

@@ -74,6 +74,14 @@ def parser() -> argparse.ArgumentParser:
         help="watch the Kubernetes API instead (in-cluster config, or --kubeconfig/--context); metrics "
         "from metrics.k8s.io, custom.metrics.k8s.io and external.metrics.k8s.io; status written on the CRs",
     )
+    s.add_argument(
+        "--state-dir",
+        type=Path,
+        metavar="DIR",
+        help="with --manifests: keep each model's offload state (phase, delay and buffer timers) in "
+        "DIR/offload-state.json, so a restart resumes it instead of starting all local; in Kubernetes "
+        "mode it is kept on each ModelDeployment's status",
+    )
     k = s.add_argument_group("Kubernetes mode")
     k.add_argument(
         "--kubeconfig", metavar="FILE", help="kubeconfig file (default: in-cluster, else ~/.kube/config)"
@@ -355,10 +363,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from overspill.plane import ControlPlane
+    from overspill.plane import STATE_DIR_KUBERNETES, ControlPlane
+
+    if args.kubernetes and args.state_dir is not None:
+        print(f"overspill serve: {STATE_DIR_KUBERNETES}", file=sys.stderr)
+        return 2
 
     settings = Settings(
         manifests=args.manifests,
+        state_dir=args.state_dir,
         xds_address=args.xds_address,
         xds_port=args.xds_port,
         xds_tls_cert=args.xds_tls_cert,

@@ -33,6 +33,7 @@ from reconciler.kubeapi import KubeApi, load_client
 from reconciler.kubernetes import KubernetesSource
 from reconciler.leader import LeaderElector
 from reconciler.offload import OffloadMachine
+from reconciler.saved import StateFile, saved_fields, worth_saving
 from reconciler.status_writer import StatusWriter, desired_status
 from reconciler.store import ObjectStore
 from xds.identity import IdentityRules
@@ -41,12 +42,15 @@ from xds.snapshot import Translator
 from xds.tls import ServerTls, TlsFileError
 
 log = logging.getLogger("overspill")
+STATE_DIR_KUBERNETES = "--state-dir is for --manifests: in Kubernetes mode the state is on each CR's status"
 
 
 class ControlPlane:
     def __init__(self, settings: Settings, kube: KubeApi | None = None):
         if settings.kubernetes == (settings.manifests is not None):
             raise ValueError("give either a manifests directory or Kubernetes mode, not both or neither")
+        if settings.kubernetes and settings.state_dir is not None:
+            raise ValueError(STATE_DIR_KUBERNETES)
         self.settings = settings
         self.store = ObjectStore()
         self.translator = Translator(settings.listener_address, settings.listener_port)
@@ -83,11 +87,18 @@ class ControlPlane:
         else:
             assert settings.manifests is not None
             self.source = DirectorySource(settings.manifests, self.store, limits=settings.manifest_limits)
+        self.state: StateFile | None = None
+        if settings.state_dir is not None:
+            self.state = StateFile(settings.state_dir)
+            self.controller.on_reconciled = self._save_state
         self.instruments = Instruments()
         self.instruments.watch_controller(
             lambda: self.controller.status.values(), lambda: self.controller.evaluations
         )
         self.instruments.watch_origins(self.store.rejected_by_origin)
+        if self.state is not None:
+            state = self.state
+            self.instruments.watch_state_file(lambda: state.writes, lambda: state.errors)
         self.xds_tls = _server_tls(settings)
         self.xds = XdsServer(
             self.translator.cache,
@@ -98,11 +109,30 @@ class ControlPlane:
         self._tasks: set[asyncio.Task] = set()
 
     def load_once(self) -> None:
-        """Read the manifests and decide once, without live metrics (for `render`)."""
+        """Read the manifests and decide once, without live metrics (for `render`), from the saved
+        state when there is one: what Envoy is first sent is what it had before a restart."""
         assert isinstance(self.source, DirectorySource)
         with bulk_load():
             self.source.sync()
+            if self.state is not None:
+                self.controller.restored = self.state.load(m.key for m in self.store.models())
             self.controller.reconcile()
+        self.controller.restored.clear()  # models not decided by now start afresh
+
+    def _save_state(
+        self,
+        items: Iterable[tuple[ModelDeployment, ModelStatus, OffloadMachine | None]],
+        removed: Iterable[ObjectKey],
+    ) -> None:
+        assert self.state is not None
+        to_wall = self.controller.to_wall
+        self.state.update(
+            (
+                (m.key, saved_fields(status, machine, to_wall) if worth_saving(status, machine) else None)
+                for m, status, machine in items
+            ),
+            removed,
+        )
 
     def _lead(self) -> None:
         """Take over: resume every state machine from status, and decide once the metrics are read
@@ -130,6 +160,9 @@ class ControlPlane:
             (
                 (model, desired_status(model, status, machine, self.controller.to_wall))
                 for model, status, machine in items
+                # Before its first readings (just started) a model's status would show none: the
+                # first evaluation decides it again and writes it then.
+                if status.metrics or not (model.offloading and model.offloading.metrics)
             ),
             removed,
         )
@@ -156,12 +189,20 @@ class ControlPlane:
         }
         if self.elector is not None:
             doc["leader"] = {"leading": self.elector.leading, "holder": self.elector.holder}
+        if self.state is not None:
+            state = self.state
+            doc["state"] = {"file": str(state.path), "writes": state.writes, "error": state.error}
         return doc
 
     async def run(self) -> None:
         s = self.settings
         if s.manifests is not None and not s.manifests.is_dir():
             raise SystemExit(f"--manifests {s.manifests}: not a directory")
+        if s.state_dir is not None:
+            try:
+                s.state_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise SystemExit(f"--state-dir {s.state_dir}: cannot be created: {exc}") from exc
         async with aiohttp.ClientSession() as session, asyncio.TaskGroup() as tg:
             prometheus = PrometheusInformer(s.prometheus_url, session) if s.prometheus_url else None
             if self.kube is not None:

@@ -12,6 +12,7 @@ from reconciler.documents import Limits
 @dataclass
 class Settings:
     manifests: Path | None = None
+    state_dir: Path | None = None  # directory mode: where the offload state survives a restart
     xds_address: str = "0.0.0.0"
     xds_port: int = 18000
     # xDS over TLS: the server's certificate and key; with a client CA, mTLS (a client

@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
-from api.crd import ModelDeployment, ObjectKey, RemoteBackend
+from api.crd import ModelDeployment, ObjectKey, ObservedStatus, RemoteBackend
 from api.desired import ModelKey, ModelRoute, service_domains
 from api.status import EnvoyRejection, MetricStatus, ModelStatus, Phase
 from metrics.hpa import compare
@@ -88,6 +88,10 @@ class Controller:
         self.claims = HostClaims()
         self._everything = False
         self._new_standby: list[ObjectKey] = []  # decided for the first time, all local
+        # Saved state of models not decided yet since the start, where it is not on their status
+        # (a manifests directory's state file); and the models resumed from either, for one log line.
+        self.restored: dict[ObjectKey, ObservedStatus] = {}
+        self._resumed: list[ObjectKey] = []
         # What each model depends on, and the reverse: which models a key's change concerns.
         self._needs: dict[ObjectKey, tuple[tuple[ObjectKey, ...], tuple[str, int] | None]] = {}
         self._dependents: dict[ObjectKey, set[ObjectKey]] = {}
@@ -285,6 +289,9 @@ class Controller:
         if self._new_standby:
             log.info("event=models_added phase=Standby %s", some(self._new_standby))
             self._new_standby = []
+        if self._resumed:
+            log.info("event=offload_state_resumed %s", some(self._resumed))
+            self._resumed = []
         if self.on_reconciled is not None:
             try:
                 self.on_reconciled(
@@ -368,18 +375,37 @@ class Controller:
     def _to_clock(self, t: float | None) -> float | None:
         return None if t is None else t - self._wall_offset
 
-    def _machine_for(self, model: ModelDeployment) -> OffloadMachine:
+    def _machine_for(self, model: ModelDeployment, status: ModelStatus) -> OffloadMachine:
         machine = self.machines.get(model.key)
         if machine is None:
-            seen = model.observed
-            machine = OffloadMachine()
+            machine = self.machines[model.key] = OffloadMachine()
+            seen = self.restored.pop(model.key, None) or model.observed
             if seen is not None:  # a restart or a new leader: carry on where the status says
-                machine.triggered = seen.triggered
-                machine.triggered_at = self._to_clock(seen.triggered_at)
-                machine.over_since = self._to_clock(seen.over_since)
-                machine.under_since = self._to_clock(seen.under_since)
-            self.machines[model.key] = machine
+                self._resume(model, status, machine, seen)
         return machine
+
+    def _resume(
+        self, model: ModelDeployment, status: ModelStatus, machine: OffloadMachine, seen: ObservedStatus
+    ) -> None:
+        """Take up a model's saved state: the timers (wall clock, so a delay or a buffer goes on
+        from when it started), the decision it had (the same decision again is no transition) and
+        a remote it found down (no traffic to it until a probe finds it up)."""
+        machine.triggered = seen.triggered
+        machine.triggered_at = self._to_clock(seen.triggered_at)
+        machine.over_since = self._to_clock(seen.over_since)
+        machine.under_since = self._to_clock(seen.under_since)
+        try:
+            phase = Phase(seen.phase)
+        except ValueError:
+            return
+        if status.last_transition is None and seen.last_transition is not None:
+            status.phase, status.remote_percent = phase, seen.remote_percent
+            status.last_transition = self._to_clock(seen.last_transition)
+        remote = self.remote_of(model)
+        if phase == Phase.REMOTE_DOWN and remote is not None:
+            self.probe.assume_down(remote)
+        if machine.triggered or machine.over_since is not None or phase == Phase.REMOTE_DOWN:
+            self._resumed.append(model.key)
 
     def _reconcile_model(self, model: ModelDeployment, backend: Backend, now: float) -> ModelRoute | None:
         status = self._status_of(model.key)
@@ -396,6 +422,8 @@ class Controller:
             self._record(model, status, Decision(Phase.INVALID, 0.0, status.errors[-1]), now)
             return None
 
+        # First, so that saved state (a remote found down, say) counts in this very decision.
+        machine = self._machine_for(model, status) if model.offloading and self.leading else None
         remote = self.remote_of(model)
         status.ready_endpoints = len(backend.endpoints)
         status.remote = f"{remote.scheme}://{remote.authority}{remote.path_prefix}" if remote else None
@@ -403,10 +431,9 @@ class Controller:
         status.metrics = self.readings.get(model.key, [])
         if model.offloading is None:
             decision = Decision(Phase.STANDBY, 0.0, "no offloadingConfig: all traffic local")
-        elif not self.leading:
+        elif machine is None:
             decision = self._followed(model, status)
         else:
-            machine = self._machine_for(model)
             decision = machine.step(
                 now, model.offloading.behavior, status.metrics, status.ready_endpoints, status.remote_usable
             )

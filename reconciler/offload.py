@@ -5,7 +5,8 @@ Semantics (seeds 000, 002): any metric over its target, for `activationDelaySeco
 offloading on at `percentage` %; it turns off only once every metric has stayed under its
 target for `bufferDurationSeconds`. No ready local endpoint means 100 % remote; no usable
 remote means 0 %. A metric without a reading neither triggers nor releases: it keeps the
-last decision, as the peers that flap when their metric source goes away do not.
+last decision, as the peers that flap when their metric source goes away do not. Before the
+first readings (a restart) the timers stay as restored, so a running delay or buffer goes on.
 """
 
 from __future__ import annotations
@@ -53,15 +54,16 @@ class OffloadMachine:
     ) -> Decision:
         over = [m for m in metrics if m.over is True]
         all_under = bool(metrics) and all(m.over is False for m in metrics)
-        self.over_since = (self.over_since if self.over_since is not None else now) if over else None
-        self.under_since = (self.under_since if self.under_since is not None else now) if all_under else None
+        if metrics:  # none read yet (just restarted): the timers carry on as they were
+            self.over_since = (now if self.over_since is None else self.over_since) if over else None
+            self.under_since = (now if self.under_since is None else self.under_since) if all_under else None
 
         if not self.triggered and over and now - self.over_since >= behavior.activation_delay_seconds:
             self.triggered, self.triggered_at = True, now
         elif self.triggered and all_under and now - self.under_since >= behavior.buffer_duration_seconds:
             self.triggered, self.triggered_at = False, None
 
-        decision = self._decide(now, behavior, over, all_under, ready_endpoints, remote_usable)
+        decision = self._decide(now, behavior, over, ready_endpoints, remote_usable)
         if (
             self.last is None
             or decision.phase != self.last.phase
@@ -71,7 +73,9 @@ class OffloadMachine:
         self.last = decision
         return decision
 
-    def _decide(self, now, behavior, over, all_under, ready_endpoints, remote_usable) -> Decision:
+    def _decide(self, now, behavior, over, ready_endpoints, remote_usable) -> Decision:
+        # The timers, not this step's readings, say which delay runs: the same while readings
+        # come in, and what was restored before the first ones.
         if ready_endpoints == 0:
             if remote_usable:
                 return Decision(Phase.OUTAGE, 100.0, "no ready local endpoint")
@@ -79,7 +83,7 @@ class OffloadMachine:
         if self.triggered:
             if not remote_usable:
                 return Decision(Phase.REMOTE_DOWN, 0.0, "offloading wanted but the remote is unavailable")
-            if all_under:
+            if self.under_since is not None:
                 left = behavior.buffer_duration_seconds - (now - self.under_since)
                 return Decision(
                     Phase.RELEASING,
@@ -90,9 +94,8 @@ class OffloadMachine:
                 names = ", ".join(m.spec.describe() for m in over)
                 return Decision(Phase.OFFLOADING, behavior.percentage, f"over target: {names}")
             return Decision(Phase.OFFLOADING, behavior.percentage, "holding: a metric has no reading")
-        if over:
+        if self.over_since is not None:
             left = behavior.activation_delay_seconds - (now - self.over_since)
             return Decision(Phase.ACTIVATING, 0.0, f"over target; offloading in {max(left, 0):.0f}s")
-        return Decision(
-            Phase.STANDBY, 0.0, "every metric under target" if all_under else "waiting for readings"
-        )
+        at_rest = "every metric under target" if self.under_since is not None else "waiting for readings"
+        return Decision(Phase.STANDBY, 0.0, at_rest)

@@ -45,6 +45,10 @@ class RemoteProbe:
         self._cursor = swept[-1] if swept else None
         return hot | set(swept)
 
+    def assume_down(self, remote: RemoteBackend) -> None:
+        """Count a remote as down until a probe reaches it (one found down before a restart)."""
+        self._failures[(remote.host, remote.port)] = self.failures_to_down
+
     def usable(self, remote: RemoteBackend) -> bool:
         return self._failures.get((remote.host, remote.port), 0) < self.failures_to_down
 

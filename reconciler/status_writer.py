@@ -20,6 +20,7 @@ from api.crd import MODEL_API, ModelDeployment, ObjectKey, format_time
 from api.status import ModelStatus, Phase
 from reconciler.kubeapi import ApiError, Backoff, KubeApi
 from reconciler.offload import OffloadMachine
+from reconciler.saved import saved_fields
 
 log = logging.getLogger("overspill.status")
 OFFLOADING_PHASES = (Phase.OFFLOADING, Phase.RELEASING, Phase.OUTAGE)
@@ -80,13 +81,9 @@ def desired_status(
         ),
     ]
 
-    def when(t: float | None) -> str | None:
-        return None if t is None else format_time(to_wall(t), micro=True)
-
     return {
-        "phase": status.phase.value,
+        **saved_fields(status, machine, to_wall),  # what a restart or a new leader resumes from
         "offloadingStatus": status.phase in OFFLOADING_PHASES and status.remote_percent > 0,
-        "remotePercent": status.remote_percent,
         "readyEndpoints": status.ready_endpoints,
         "metric": "-"
         if first is None
@@ -105,10 +102,6 @@ def desired_status(
         ],
         "remote": status.remote or "",
         "observedGeneration": gen,
-        "triggeredAt": when(machine.triggered_at) if machine and machine.triggered else None,
-        "overSince": when(machine.over_since) if machine else None,
-        "underSince": when(machine.under_since) if machine else None,
-        "lastTransitionTime": when(status.last_transition),
         "errors": errors,
         "conditions": conditions,
     }

@@ -44,7 +44,7 @@ values = st.recursive(
     max_leaves=20,
 )
 # A path in the documents' error messages: dotted keys with list indexes, e.g. spec.x[0].y
-ERROR = re.compile(r"^(?P<key>[a-z0-9.-]+/[^:]+): (?P<path>[^ :]*): \S")
+ERROR = re.compile(r"^(?P<key>[^/\s:]+/[^:]+): (?P<path>[^ :]*): \S")
 
 MODEL = model_doc(name="m", metric="queue_depth", source="app")
 MODEL["spec"]["offloadingConfig"]["remoteBackend"].update(

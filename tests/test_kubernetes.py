@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -381,3 +382,69 @@ async def test_a_steady_model_writes_no_status(tmp_path):
         before = writes()
         await asyncio.sleep(3.0)  # six evaluations
         assert writes() == before
+
+
+async def test_kill_9_of_the_only_replica_resumes_from_status_and_the_buffer_goes_on(tmp_path):
+    """The restarted control plane reads each ModelDeployment's status (phase, triggeredAt,
+    underSince...) before its first decision: a model releasing stays on through the rest of its
+    buffer, counted from `underSince`, with no failed request and no weight change in Envoy."""
+    buffer = 10.0
+    async with asyncio.timeout(150), kube_stack(tmp_path) as k, contextlib.AsyncExitStack() as es:
+        k.api.patch("modeldeployments", "my-model", {"spec": {"offloadingConfig": {"behavior": {
+            "percentage": 50, "bufferDurationSeconds": buffer}}}})  # fmt: skip
+        await k.until(lambda: k.md_status().get("phase") == "Standby", 15, "Standby")
+        k.cpu(480)
+        await k.until(lambda: k.md_status().get("phase") == "Offloading", 15, "Offloading")
+        k.cpu(100)
+        await k.until(lambda: k.md_status().get("phase") == "Releasing", 15, "Releasing")
+        under_since = datetime.datetime.fromisoformat(k.md_status()["underSince"].replace("Z", "+00:00"))
+        for _ in range(50):  # the weight is in Envoy
+            if await k.runtime_weight() == 50:
+                break
+            await asyncio.sleep(0.1)
+
+        phases: list[tuple[float, str]] = []
+        metrics: list[str] = []  # the metric column: a status written without readings shows "-"
+        weights: list[tuple[float, float | None]] = []
+        stop = asyncio.Event()
+
+        async def watch() -> None:
+            while not stop.is_set():
+                status = k.md_status()
+                phases.append((time.time(), status.get("phase")))
+                metrics.append(status.get("metric"))
+                weights.append((time.time(), await k.runtime_weight()))
+                await asyncio.sleep(0.1)
+
+        watcher = asyncio.create_task(watch())
+        load = asyncio.create_task(k.send(3000, concurrency=4))
+        await asyncio.sleep(2.0)
+        old = k.planes[0]
+        old.kill()
+        assert old.proc is not None
+        await asyncio.wait_for(old.proc.wait(), 10)
+        await asyncio.sleep(1.0)
+        new = await es.enter_async_context(old.successor(log_dir=tmp_path / "cp-restarted"))
+        restarted = time.time()
+        await k.until(
+            lambda: k.md_status().get("phase") == "Standby", buffer + 10, "released after the buffer"
+        )
+        released = time.time()
+        await asyncio.sleep(1.0)
+        stop.set()
+        await watcher
+        codes = await load
+        assert (await new.status())["nodes"], "Envoy reconnected to the restarted control plane"
+
+    assert set(codes) == {200}, {c: codes.count(c) for c in set(codes)}
+    seen = [p for t, p in phases if t < released - 0.5]
+    assert set(seen) == {"Releasing"}, f"the status changed before the release: {sorted(set(seen))}"
+    assert "-" not in metrics, "a status without readings was written"
+    held = released - under_since.timestamp()
+    print(
+        f"\nbuffer {buffer:g}s; released {held:.1f}s after underSince, {released - restarted:.1f}s after "
+        f"the restart; {len(codes)} requests, all 200"
+    )
+    assert buffer - 0.5 <= held <= buffer + 3.0  # from underSince, not from the restart
+    assert {w for t, w in weights if t < released - 1.0} == {50.0}
+    assert "event=offload_state_resumed count=1 names='default/my-model'" in new.log_text()

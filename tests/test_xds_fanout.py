@@ -19,13 +19,15 @@ from envoy_data_plane.envoy.service.discovery.v3 import (
     DiscoveryResponse,
 )
 from envoy_data_plane.google.rpc import Status
-from test_xds_protocol import BASE, LIMIT, PROTOCOLS, QUIET, model, synced
+from test_xds_protocol import BASE, LIMIT, PROTOCOLS, QUIET, eventually, model, serving, synced
 from test_xds_protocol import plane as plane  # noqa: F401  (the fixture: a real server on loopback)
 
-from overspill.sim.envoy import encode
+from overspill.sim.envoy import SimEnvoy, encode
 from xds import cache, runtime, wire
+from xds import server as server_module
+from xds.cache import Scope
 from xds.server import ByteBudget
-from xds.types import ENDPOINT, RUNTIME
+from xds.types import CLUSTER, ENDPOINT, RUNTIME
 
 MODELS = [model(f"m{i:02d}", "burst") for i in range(20)]
 
@@ -187,3 +189,25 @@ async def test_a_share_never_answered_is_given_back_after_a_while(monkeypatch):
         await budget.acquire((1, RUNTIME), 80)  # a stuck Envoy never answers this one
         await budget.acquire((2, RUNTIME), 80)  # goes once the stuck one's share has gone stale
         assert budget.used == 80
+
+
+async def test_first_syncs_wait_for_room_before_their_responses_are_built(monkeypatch):
+    """Envoys reconnecting all at once (a restarted control plane): each first response waits for
+    room in the budget before it is built, so the server holds the whole state for those it is
+    sending, not for every Envoy waiting."""
+    monkeypatch.setattr(server_module, "LARGE", 1024)
+    async with asyncio.timeout(LIMIT), serving(MODELS) as p:
+        size = p.translator.cache.view(Scope()).size_of(CLUSTER)
+        assert size > 1024
+        p.xds.budget = ByteBudget(size * 3 // 2)  # room for one node's clusters at a time
+        for i in range(10):  # they answer only after 30 s: the first keeps its share meanwhile
+            node = SimEnvoy(p.target, node_id=f"n{i}", ack_delay=30.0, decode=True)
+            p.clients.append(node)
+            await node.start()
+        await eventually(
+            lambda: len(p.xds.streams) == 10 and all(CLUSTER in s.types for s in p.xds.streams.values())
+        )
+        await asyncio.sleep(QUIET)
+        built = [s.node_id for s in p.xds.streams.values() if s.types[CLUSTER].sent_version]
+        assert len(built) == 1, built
+        assert p.xds.budget.used <= p.xds.budget.limit

@@ -7,6 +7,7 @@ Each test is bounded in time; the fixture stops every client and the server.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
@@ -114,10 +115,11 @@ class Plane:
         return found[0]
 
 
-@pytest.fixture
-async def plane() -> AsyncIterator[Plane]:
+@contextlib.asynccontextmanager
+async def serving(routes: list[ModelRoute]) -> AsyncIterator[Plane]:
+    """A server with `routes` published on a port of its own; its clients and itself stopped after."""
     translator = Translator("127.0.0.1", 10000)
-    translator.publish(BASE)
+    translator.publish(routes)
     xds = XdsServer(translator.cache)
     server, port = await start_server(xds, "127.0.0.1", 0)
     p = Plane(translator, xds, f"127.0.0.1:{port}")
@@ -129,6 +131,12 @@ async def plane() -> AsyncIterator[Plane]:
                 c.resume()
                 await c.stop()
             await server.stop(None)
+
+
+@pytest.fixture
+async def plane() -> AsyncIterator[Plane]:
+    async with serving(BASE) as p:
+        yield p
 
 
 # --- raw streams ---
@@ -1080,3 +1088,34 @@ async def test_adding_or_removing_a_model_sends_the_same_bytes_with_ten_or_five_
             # State of the world: clusters and scopes are whole-set types (what a response leaves
             # out, Envoy removes), so those grow with N; the routes do not.
             assert large[step]["SRDS"] > 20 * small[step]["SRDS"]
+
+
+@pytest.mark.parametrize("delta", PROTOCOLS)
+async def test_a_node_reconnecting_to_a_restarted_server_is_sent_what_it_holds(plane, delta):
+    """A restarted control plane counts versions and nonces from the start again. The node comes back
+    naming its last versions (and, as some clients do, its last nonce of the old stream): SotW sends it
+    the whole state again, the same values; Delta, holding every resource at its content version,
+    is sent nothing."""
+    async with asyncio.timeout(LIMIT):
+        before = await plane.client("edge", delta)
+        await synced(plane, before, BASE)
+        await before.stop()
+        plane.clients.remove(before)
+
+        async with serving(BASE) as restarted:  # versions and nonces count from the start again
+            after = SimEnvoy(restarted.target, node_id="edge", delta=delta, decode=True)
+            after.reconnect_from(before)
+            after._nonces = dict(before._nonces)  # noqa: SLF001 - a client keeping its old nonces
+            restarted.clients.append(after)
+            await after.start()
+            await eventually(lambda: any(st.node_id == "edge" for st in restarted.xds.streams.values()))
+            await synced(restarted, after, BASE)
+            assert after.runtime_values == before.runtime_values
+            if delta:
+                await asyncio.sleep(QUIET)
+                assert after.received == []
+            else:  # the whole state again, the same
+                every = {"CDS", "LDS", "EDS", "SRDS", "RDS", "RTDS"}
+                await after.wait(lambda c: {SHORT[r.type_url] for r in c.received} >= every, 5)
+                assert after.runtime_values == before.runtime_values
+            assert not any(r.nacked for r in after.received)

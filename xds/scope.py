@@ -29,6 +29,8 @@ class Scope:
         namespaces = conf.get("namespaces")
         if isinstance(namespaces, str):
             namespaces = [n.strip() for n in namespaces.split(",") if n.strip()]
+        elif namespaces is not None and not isinstance(namespaces, list):
+            namespaces = [namespaces]  # a number or a map names no namespace: the node gets nothing
         labels = conf.get("matchLabels") or {}
         port = conf.get("listenerPort")
         return cls(

@@ -216,10 +216,20 @@ class XdsServer:
         try:
             while True:
                 wake.clear()
-                for type_url, payload in stream.next_responses(time.monotonic()):
+                for type_url in stream.due(time.monotonic()):
+                    # A first sync's share is taken before its response is built: a thousand
+                    # Envoys reconnecting at once must not each hold the whole state while they
+                    # wait for room. Shares are held until the Envoy answers (see `_read`).
+                    owner, first = (stream.sid, type_url), stream.first_size(type_url)
+                    if first >= LARGE:
+                        await self.budget.acquire(owner, first)
+                    payload = stream.respond(type_url)
+                    if payload is None:
+                        self.budget.release(owner)
+                        continue
                     self.callbacks.response_sent(stream, type_url, len(payload))
-                    if len(payload) >= LARGE:  # held until the Envoy answers it (see `_read`)
-                        await self.budget.acquire((stream.sid, type_url), len(payload))
+                    if first < LARGE <= len(payload):
+                        await self.budget.acquire(owner, len(payload))
                     await send(payload)
                 payload = b""  # an idle stream must not keep its last response (megabytes) alive
                 if reader.done():

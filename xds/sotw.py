@@ -52,7 +52,9 @@ class StateOfTheWorld:
         sub = stream.subscription(req.type_url, wildcard=req.type_url not in NAMED)
         if sub is None:
             return
-        if req.response_nonce:
+        # A nonce before any response on this stream is an earlier stream's (a control plane
+        # restarted): the request is a first one, as go-control-plane takes it.
+        if req.response_nonce and sub.nonce:
             if req.response_nonce != sub.nonce:
                 return  # answers a response since superseded
             stream.settle(req.type_url, sub, req.version_info, req.error_detail)

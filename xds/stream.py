@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from typing import Protocol
 
 from api.desired import model_of, models_named_in, route_config_name
@@ -253,11 +253,11 @@ class Stream:
 
     # --- responses ---
 
-    def next_responses(self, now: float) -> list[tuple[str, bytes]]:
-        """Every (type, response) due now, in push order; empty when the node is up to date or busy."""
-        out: list[tuple[str, bytes]] = []
+    def due(self, now: float) -> Iterator[str]:
+        """The types with a response due now, in push order, one at a time: the caller builds
+        each (`respond`) just before sending it, so a stream never holds more than one."""
         if self.view is None or not self.cache.ready:
-            return out
+            return
         for type_url in PUSH_ORDER:
             sub = self.types.get(type_url)
             if sub is None or sub.pending:
@@ -266,10 +266,18 @@ class Stream:
                 self._take_route_form(sub)
                 if not self._route_may_go(sub, now):
                     continue
-            payload = self.protocol.respond(self, type_url, sub)
-            if payload is not None:
-                out.append((type_url, payload))
-        return out
+            yield type_url
+
+    def respond(self, type_url: str) -> bytes | None:
+        """The response of a type due now (see `due`), or None when the node needs nothing."""
+        return self.protocol.respond(self, type_url, self.types[type_url])
+
+    def first_size(self, type_url: str) -> int:
+        """Before anything of a type was sent on this stream: about what its first response weighs
+        (the whole of the type), so a first sync can wait for room before it is built; else 0."""
+        if self.view is None or self.types[type_url].sent_version:
+            return 0
+        return self.view.size_of(type_url)
 
     def held_route(self) -> bool:
         return self._held_since is not None

@@ -98,6 +98,7 @@ class View:
         self._shard_entries: list[dict[str, bytes]] = [{} for _ in range(shards)]
         self.route_needs = {form: RouteNeeds() for form in ROUTE_FORMS}  # per route form
         self.weight_inline = False  # whether the ROUTE_WEIGHT_INLINE form is kept (see `keep_weight_inline`)
+        self._sizes: dict[str, tuple[int, int]] = {}  # type -> (version, bytes of all its resources)
         self.resources[LISTENER][listener.name] = listener
         for i in range(shards):
             self._rebuild_shard(i)
@@ -112,6 +113,15 @@ class View:
 
     def version_of(self, type_url: str) -> int:
         return self._log[type_url].version
+
+    def size_of(self, type_url: str) -> int:
+        """Bytes of every resource of a type: about what a node's first response of it weighs."""
+        version = self.version_of(type_url)
+        found = self._sizes.get(type_url)
+        if found is None or found[0] != version:
+            size = sum(len(r.any) for r in self.resources[type_url].values())
+            found = self._sizes[type_url] = (version, size)
+        return found[1]
 
     def changed_since(self, type_url: str, version: int) -> frozenset[str] | None:
         return self._log[type_url].since(version)

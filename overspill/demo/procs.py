@@ -485,6 +485,19 @@ class ControlPlaneProcess(ManagedProcess):
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.metrics_port}"
 
+    def successor(self, log_dir: Path | None = None) -> ControlPlaneProcess:
+        """The same control plane again (flags, xDS and listener ports), as a restart brings it back:
+        Envoys reconnect to the same address and are served the same listener."""
+        return ControlPlaneProcess(
+            self.manifests,
+            xds_port=self.xds_port,
+            listener_port=self.listener_port,
+            evaluation_interval=self.evaluation_interval,
+            prometheus_url=self.prometheus_url,
+            extra_args=self.extra_args,
+            log_dir=log_dir or self._log_dir,
+        )
+
     def _prepare(self, workdir: Path) -> list[str]:
         argv = [
             sys.executable, "-m", "overspill", "serve",

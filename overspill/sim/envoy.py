@@ -327,6 +327,7 @@ class SimEnvoy:
         self._task = asyncio.create_task(self._read())
 
     async def stop(self) -> None:
+        self._queue.put_nowait(None)  # ends the request stream (gRPC's task waiting on it too)
         if self._task:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
