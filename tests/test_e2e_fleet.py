@@ -120,7 +120,12 @@ async def test_a_weight_change_is_one_runtime_push_and_no_route_or_cluster(tmp_p
         before = pushes(await s.control_plane.metrics_text())
         s.knob.set("gpt", 50)
         await s.wait_phase(m, {"Offloading"}, timeout=SWITCH_BUDGET + 2)
-        runtime = await s.envoy.admin_get("/runtime")
+        # The phase is the control plane's; Envoy holds the weight once its RTDS push lands.
+        for _ in range(30):
+            runtime = await s.envoy.admin_get("/runtime")
+            if '"overspill.default.gpt"' in runtime and '"40"' in runtime.replace(" ", ""):
+                break
+            await asyncio.sleep(0.1)
         assert '"overspill.default.gpt"' in runtime and '"40"' in runtime.replace(" ", ""), runtime[:500]
         await asyncio.sleep(0.5)
         after = pushes(await s.control_plane.metrics_text())
