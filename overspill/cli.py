@@ -155,6 +155,14 @@ def parser() -> argparse.ArgumentParser:
         help="how often offloading metrics are read and decisions made (default %(default)s)",
     )
     s.add_argument(
+        "--load-report-interval",
+        type=_positive,
+        default=DEFAULTS.load_report_interval,
+        metavar="SECONDS",
+        help="how often Envoys send their load reports (LRS), read by envoy: offloading metrics "
+        "(default %(default)s)",
+    )
+    s.add_argument(
         "--default-remote",
         type=_remote_url,
         metavar="URL",
@@ -287,6 +295,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         prometheus_url=args.prometheus_url,
         evaluation_interval=args.evaluation_interval,
+        load_report_interval=args.load_report_interval,
         default_remote=args.default_remote,
         cluster_domain=args.cluster_domain,
         kubernetes=args.kubernetes,

@@ -20,10 +20,13 @@ import aiohttp
 from aiohttp import web
 
 from api.crd import ModelDeployment, ObjectKey
+from api.desired import model_of
 from api.status import ModelStatus
+from metrics.envoy import EnvoyLoadMetrics
 from metrics.instruments import Instruments
 from metrics.kubernetes import KubernetesMetrics
 from metrics.prometheus import PrometheusInformer
+from metrics.source import MetricSource
 from overspill.admin import make_app
 from overspill.events import XdsEvents
 from overspill.settings import Settings
@@ -35,6 +38,7 @@ from reconciler.leader import LeaderElector
 from reconciler.offload import OffloadMachine
 from reconciler.status_writer import StatusWriter, desired_status
 from reconciler.store import ObjectStore
+from xds.lrs import LoadReports
 from xds.server import XdsServer, start_server
 from xds.snapshot import Translator
 
@@ -87,6 +91,8 @@ class ControlPlane:
         )
         self.instruments.watch_origins(self.store.rejected_by_origin)
         self.xds = XdsServer(self.translator.cache, XdsEvents(self.instruments, self.controller))
+        self.load_reports = LoadReports(settings.load_report_interval)
+        self.xds.services.append(self.load_reports.handler())
         self.ready = False
         self._tasks: set[asyncio.Task] = set()
 
@@ -146,6 +152,7 @@ class ControlPlane:
                 for r in self.store.rejected()
             ],
             "nodes": [stream.describe() for stream in self.xds.streams.values()],
+            "load": load_document(self.load_reports),
         }
         if self.elector is not None:
             doc["leader"] = {"leading": self.elector.leading, "holder": self.elector.holder}
@@ -157,12 +164,15 @@ class ControlPlane:
             raise SystemExit(f"--manifests {s.manifests}: not a directory")
         async with aiohttp.ClientSession() as session, asyncio.TaskGroup() as tg:
             prometheus = PrometheusInformer(s.prometheus_url, session) if s.prometheus_url else None
+            informer: MetricSource | None = prometheus
             if self.kube is not None:
-                self.controller.informer = KubernetesMetrics(
+                informer = KubernetesMetrics(
                     self.kube.get, fallback=prometheus, max_age=s.evaluation_interval / 2
                 )
-            elif prometheus is not None:
-                self.controller.informer = prometheus
+            # `envoy:` metrics from the load reports first; any other name goes on down the chain.
+            self.controller.informer = EnvoyLoadMetrics(
+                self.load_reports.load, self.load_reports.reporting, self.load_reports.ask, informer
+            )
             runner = web.AppRunner(
                 make_app(self.status_document, self.instruments.registry, lambda: self.ready), access_log=None
             )
@@ -216,3 +226,19 @@ def bulk_load() -> Iterator[None]:
         yield
     finally:
         gc.enable()
+
+
+def load_document(reports: LoadReports) -> dict:
+    """Envoy's load reports as `/status` shows them: per model and side, summed over the Envoys."""
+    models: dict[str, dict] = {}
+    for cluster, load in sorted(reports.clusters().items()):
+        key = model_of(cluster)
+        if key is None:
+            continue
+        models.setdefault(f"{key[0]}/{key[1]}", {})[cluster.rsplit("/", 1)[1]] = {
+            "requests_in_flight": load.in_flight,
+            "request_rate": round(load.rate, 3),
+            "errors": round(load.errors, 3),
+            "orca": {name: total / count for name, (total, count) in sorted(load.orca.items())},
+        }
+    return {"reporting_envoys": reports.reporting(), "models": models}
