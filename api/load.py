@@ -45,3 +45,38 @@ class ClusterLoad:
 LoadLookup = Callable[[str], ClusterLoad | None]
 ReporterCount = Callable[[], int]
 AskClusters = Callable[[frozenset[str]], None]
+
+
+# --- the `envoy:` offloading metrics (read in `metrics.envoy`) ---
+
+ENVOY_PREFIX = "envoy:"
+ORCA_PREFIX = "envoy:orca:"
+IN_FLIGHT, REQUEST_RATE, ERRORS = "envoy:requests_in_flight", "envoy:request_rate", "envoy:errors"
+ENVOY_COUNTS = (IN_FLIGHT, REQUEST_RATE, ERRORS)
+ENVOY_METRIC_TYPES = ("External", "Pods")
+SIDE_LABEL = "side"
+
+
+def envoy_metric_problem(mtype: str, name: str, selector: dict[str, str]) -> tuple[str, str] | None:
+    """What is wrong with an `envoy:` metric, as (field under the metric source, message), or None."""
+    if mtype not in ENVOY_METRIC_TYPES:
+        return "metric.name", f"Envoy load metrics are External or Pods metrics, not {mtype}"
+    if name not in ENVOY_COUNTS and not (name.startswith(ORCA_PREFIX) and len(name) > len(ORCA_PREFIX)):
+        return (
+            "metric.name",
+            f"unknown Envoy load metric {name!r} (one of {', '.join(ENVOY_COUNTS)}, {ORCA_PREFIX}<name>)",
+        )
+    if set(selector) - {SIDE_LABEL}:
+        return (
+            "metric.selector.matchLabels",
+            f"takes only {SIDE_LABEL} (local or remote) for Envoy load metrics",
+        )
+    side = selector.get(SIDE_LABEL)
+    if side is not None and side not in ("local", "remote"):
+        return f"metric.selector.matchLabels.{SIDE_LABEL}", f"must be local or remote, got {side!r}"
+    if side == "remote" and name.startswith(ORCA_PREFIX):
+        return (
+            f"metric.selector.matchLabels.{SIDE_LABEL}",
+            "ORCA metrics are reported for the local pods only",
+        )
+    return None

@@ -23,22 +23,31 @@ import asyncio
 from collections.abc import Sequence
 
 from api.desired import SIDES, cluster_name
-from api.load import AskClusters, ClusterLoad, LoadLookup, ReporterCount
+from api.load import (
+    ENVOY_PREFIX,
+    ERRORS,
+    IN_FLIGHT,
+    ORCA_PREFIX,
+    REQUEST_RATE,
+    SIDE_LABEL,
+    AskClusters,
+    ClusterLoad,
+    LoadLookup,
+    ReporterCount,
+    envoy_metric_problem,
+)
 from api.metric_spec import MetricSpec
 from metrics.source import MetricScope, MetricSource, NoSource, Reading, Request
 
-PREFIX = "envoy:"
-ORCA = "envoy:orca:"
 COUNTS = {
-    "envoy:requests_in_flight": lambda load: float(load.in_flight),
-    "envoy:request_rate": lambda load: load.rate,
-    "envoy:errors": lambda load: load.errors,
+    IN_FLIGHT: lambda load: float(load.in_flight),
+    REQUEST_RATE: lambda load: load.rate,
+    ERRORS: lambda load: load.errors,
 }
-ENVOY_TYPES = ("External", "Pods")
 
 
 def is_envoy_metric(spec: MetricSpec) -> bool:
-    return spec.name.startswith(PREFIX)
+    return spec.name.startswith(ENVOY_PREFIX)
 
 
 class EnvoyLoadMetrics:
@@ -84,21 +93,15 @@ class EnvoyLoadMetrics:
 
     def read_now(self, spec: MetricSpec, scope: MetricScope) -> Reading:
         where = f"{scope.namespace}/{scope.model}"
-        if spec.type not in ENVOY_TYPES:
-            return Reading(None, f"{spec.name}: Envoy load metrics are External or Pods, not {spec.type}")
-        side = spec.selector.get("side")
-        if side is not None and side not in SIDES:
-            return Reading(None, f"{spec.name}: selector.matchLabels.side: local or remote, not {side!r}")
-        if set(spec.selector) - {"side"}:
-            return Reading(None, f"{spec.name}: selector.matchLabels takes only side (local or remote)")
+        problem = envoy_metric_problem(spec.type, spec.name, spec.selector)  # caught when parsed too
+        if problem is not None:
+            return Reading(None, f"{spec.name}: {problem[0]}: {problem[1]}")
         if not self.reporting():
             return Reading(None, "no Envoy is sending load reports (bootstrap load_stats_config)", where)
-        if spec.name.startswith(ORCA):
-            return self._orca(spec.name[len(ORCA) :], scope, side, where)
-        value_of = COUNTS.get(spec.name)
-        if value_of is None:
-            names = ", ".join([*COUNTS, ORCA + "<name>"])
-            return Reading(None, f"unknown Envoy load metric {spec.name!r} (one of {names})")
+        side = spec.selector.get(SIDE_LABEL)
+        if spec.name.startswith(ORCA_PREFIX):
+            return self._orca(spec.name[len(ORCA_PREFIX) :], scope, where)
+        value_of = COUNTS[spec.name]
         total = 0.0
         for s in (side,) if side else SIDES:
             load = self.load(cluster_name(scope.namespace, scope.model, s))
@@ -106,9 +109,7 @@ class EnvoyLoadMetrics:
                 total += value_of(load)
         return Reading(total, None, where)
 
-    def _orca(self, name: str, scope: MetricScope, side: str | None, where: str) -> Reading:
-        if side == "remote":
-            return Reading(None, f"{ORCA}{name}: ORCA metrics are reported for the local pods only")
+    def _orca(self, name: str, scope: MetricScope, where: str) -> Reading:
         load = self.load(cluster_name(scope.namespace, scope.model, "local")) or ClusterLoad()
         total, count = load.orca.get(name, (0.0, 0))
         if count:

@@ -175,19 +175,11 @@ async def test_an_unreported_model_reads_zero_but_no_envoy_reporting_is_an_error
     assert reading.total is None and "no Envoy is sending load reports" in reading.error
 
 
-@pytest.mark.parametrize(
-    ("spec", "error"),
-    [
-        (external("envoy:queue"), "unknown Envoy load metric 'envoy:queue'"),
-        (external("envoy:errors", side="east"), "side: local or remote, not 'east'"),
-        (external("envoy:errors", zone="a"), "matchLabels takes only side"),
-        (external("envoy:orca:x", side="remote"), "local pods only"),
-        (MetricSpec("Object", "envoy:errors", MetricTarget("Value", 1)), "External or Pods, not Object"),
-    ],
-)
-async def test_bad_envoy_metrics_say_what_is_wrong(spec, error):
-    reading = await source(LOADS).read(spec, SCOPE)
-    assert reading.total is None and error in reading.error
+async def test_a_bad_envoy_metric_reads_as_its_error():
+    """Parsing refuses these with the field path (tests/test_crd.py); a spec built otherwise still
+    gets the same words rather than a number."""
+    reading = await source(LOADS).read(external("envoy:queue"), SCOPE)
+    assert reading.total is None and "unknown Envoy load metric 'envoy:queue'" in reading.error
 
 
 class Fallback:
