@@ -20,7 +20,7 @@ import aiohttp
 from aiohttp import web
 
 from api.crd import ModelDeployment, ObjectKey
-from api.desired import model_of
+from api.desired import side_of
 from api.status import ModelStatus
 from metrics.envoy import EnvoyLoadMetrics
 from metrics.instruments import Instruments
@@ -93,6 +93,7 @@ class ControlPlane:
         self.xds = XdsServer(self.translator.cache, XdsEvents(self.instruments, self.controller))
         self.load_reports = LoadReports(settings.load_report_interval)
         self.xds.services.append(self.load_reports.handler())
+        self.instruments.watch_load(self.load_reports.clusters, self.load_reports.reporting)
         self.ready = False
         self._tasks: set[asyncio.Task] = set()
 
@@ -232,10 +233,11 @@ def load_document(reports: LoadReports) -> dict:
     """Envoy's load reports as `/status` shows them: per model and side, summed over the Envoys."""
     models: dict[str, dict] = {}
     for cluster, load in sorted(reports.clusters().items()):
-        key = model_of(cluster)
-        if key is None:
+        found = side_of(cluster)
+        if found is None:
             continue
-        models.setdefault(f"{key[0]}/{key[1]}", {})[cluster.rsplit("/", 1)[1]] = {
+        (namespace, name), side = found
+        models.setdefault(f"{namespace}/{name}", {})[side] = {
             "requests_in_flight": load.in_flight,
             "request_rate": round(load.rate, 3),
             "errors": round(load.errors, 3),

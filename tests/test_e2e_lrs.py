@@ -52,6 +52,7 @@ async def test_envoy_reports_the_requests_in_flight_and_the_rate_sent_through_it
     async with stack(tmp_path, model) as s:
         traffic = asyncio.create_task(open_loop(s, model, rate=20, seconds=6))
         await asyncio.sleep(2.5)  # two reports of steady traffic
+        exported = await s.control_plane.metrics_text()
         samples = []
         while not traffic.done():
             local = (await load_of(s, model)).get("local", {})
@@ -76,6 +77,16 @@ async def test_envoy_reports_the_requests_in_flight_and_the_rate_sent_through_it
             "kv_cache_usage_perc": 0.25,
             "num_requests_waiting": 3.0,
         }
+        # ... and so do the control plane's own metrics.
+        [line] = [
+            x
+            for x in exported.splitlines()
+            if x.startswith("overspill_envoy_requests_in_flight{")
+            and 'name="llm"' in x
+            and 'side="local"' in x
+        ]
+        assert 7 <= float(line.split()[-1]) <= 13, line
+        assert "overspill_envoy_load_reporters 1.0" in exported
         # Every request was asked for its ORCA load on its way to the pods.
         assert model.local.counts.header_values("endpoint-load-metrics-format") == {"TEXT": 120}
         # The only Envoy goes away: its report goes with it, and the metric says why it has no value.
