@@ -118,6 +118,7 @@ class Child:
     """A child process of this script with a role, spoken to in JSON lines."""
 
     running: list[Child] = []  # every child not yet reaped, killed on the way out
+    MODULE = "bench.xds_bench"  # what the child runs (other benchmarks reuse this class)
 
     def __init__(self, proc: asyncio.subprocess.Process, name: str):
         self.proc, self.name = proc, name
@@ -127,7 +128,7 @@ class Child:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "bench.xds_bench",
+            cls.MODULE,
             *args,
             cwd=ROOT,
             stdin=asyncio.subprocess.PIPE,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
-import time
+import functools
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -27,6 +27,7 @@ from envoy_data_plane.envoy.service.load_stats.v3 import LoadStatsRequest, LoadS
 from overspill.sim.envoy import CHANNEL_OPTIONS
 
 METHOD = "/envoy.service.load_stats.v3.LoadReportingService/StreamLoadStats"
+SEND_ALL = "envoy.lrs.supports_send_all_clusters"
 
 
 @dataclass(frozen=True)
@@ -39,49 +40,73 @@ class Load:
     errors: int = 0
     orca: dict[str, float] = field(default_factory=dict)  # named metric -> value every request returned
 
+    @property
+    def busy(self) -> bool:
+        return bool(self.in_flight or self.issued or self.succeeded or self.errors)
+
 
 def report(node_id: str | None, loads: dict[str, Load], asked: list[str], interval: float) -> bytes:
-    """A `LoadStatsRequest` as Envoy writes it: every asked cluster, localities only where busy."""
-    stats = []
-    for name in asked:
-        load = loads.get(name)
-        localities = []
-        if load is not None and (load.in_flight or load.issued or load.succeeded or load.errors):
-            finished = load.succeeded + load.errors
-            localities.append(
-                UpstreamLocalityStats(
-                    total_successful_requests=load.succeeded,
-                    total_requests_in_progress=load.in_flight,
-                    total_error_requests=load.errors,
-                    total_issued_requests=load.issued,
-                    load_metric_stats=[
-                        EndpointLoadMetricStats(
-                            metric_name=f"named_metrics.{k}",
-                            num_requests_finished_with_metric=finished,
-                            total_metric_value=v * finished,
-                        )
-                        for k, v in sorted(load.orca.items())
-                    ],
-                )
+    """A `LoadStatsRequest` as Envoy writes it: every asked cluster, localities only where busy.
+    A request is its node and its `cluster_stats` entries one after another, so entries are
+    encoded on their own and joined; an idle one is the same every time (cached)."""
+    head = bytes(LoadStatsRequest(node=Node(id=node_id, client_features=[SEND_ALL]))) if node_id else b""
+    return head + b"".join(
+        _busy(name, load, interval)
+        if (load := loads.get(name)) is not None and load.busy
+        else _idle(name, interval)
+        for name in asked
+    )
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _idle(name: str, interval: float) -> bytes:
+    return _entry(ClusterStats(cluster_name=name, load_report_interval=datetime.timedelta(seconds=interval)))
+
+
+def _busy(name: str, load: Load, interval: float) -> bytes:
+    finished = load.succeeded + load.errors
+    locality = UpstreamLocalityStats(
+        total_successful_requests=load.succeeded,
+        total_requests_in_progress=load.in_flight,
+        total_error_requests=load.errors,
+        total_issued_requests=load.issued,
+        load_metric_stats=[
+            EndpointLoadMetricStats(
+                metric_name=f"named_metrics.{k}",
+                num_requests_finished_with_metric=finished,
+                total_metric_value=v * finished,
             )
-        stats.append(
-            ClusterStats(
-                cluster_name=name,
-                upstream_locality_stats=localities,
-                load_report_interval=datetime.timedelta(seconds=interval),
-            )
+            for k, v in sorted(load.orca.items())
+        ],
+    )
+    return _entry(
+        ClusterStats(
+            cluster_name=name,
+            upstream_locality_stats=[locality],
+            load_report_interval=datetime.timedelta(seconds=interval),
         )
-    node = Node(id=node_id, client_features=["envoy.lrs.supports_send_all_clusters"]) if node_id else None
-    return bytes(LoadStatsRequest(node=node, cluster_stats=stats))
+    )
+
+
+def _entry(stats: ClusterStats) -> bytes:
+    return bytes(LoadStatsRequest(cluster_stats=[stats]))
 
 
 class SimReporter:
     """One simulated Envoy's load report stream; `close()` ends it as an Envoy going away would."""
 
-    def __init__(self, target: str, node_id: str, load: Callable[[], dict[str, Load]] | None = None):
+    def __init__(
+        self,
+        target: str,
+        node_id: str,
+        load: Callable[[], dict[str, Load]] | None = None,
+        static: bool = False,
+    ):
         self.target = target
         self.node_id = node_id
         self.load = load or dict
+        self.static = static  # the same load every interval: a report is built once per set asked
+        self._built: tuple[list[str], bytes] | None = None
         self.asked: list[str] = []
         self.send_all = False
         self.interval = 0.0
@@ -117,15 +142,18 @@ class SimReporter:
 
     async def _tick(self) -> None:
         while True:
-            started = time.monotonic()
             await asyncio.sleep(self.interval)
-            self.send_now(time.monotonic() - started)
+            self.send_now()
 
-    def send_now(self, interval: float | None = None) -> None:
-        """Report now (the benchmark and tests also report between ticks)."""
-        loads = self.load()
-        asked = sorted(loads) if self.send_all else self.asked
-        self._outbox.put_nowait(report(None, loads, asked, interval or self.interval))
+    def send_now(self) -> None:
+        """Report now (tests also report between ticks)."""
+        if self.static and self._built is not None and self._built[0] is self.asked:
+            data = self._built[1]
+        else:
+            loads = self.load()
+            data = report(None, loads, sorted(loads) if self.send_all else self.asked, self.interval)
+            self._built = (self.asked, data)
+        self._outbox.put_nowait(data)
         self.reports += 1
 
     async def close(self) -> None:
