@@ -442,6 +442,17 @@ def cmd_status(args: argparse.Namespace) -> int:
             if v["nack"]:
                 models = ", ".join(v["nackModels"]) or "-"
                 print(f"  NACK {t} version {v['nackVersion']} (models: {models}): {v['nack']}")
+    load = doc.get("load") or {}
+    if load.get("models"):
+        print(f"\nENVOY LOAD REPORTS ({load['reporting_envoys']} Envoys)")
+        print(f"{'MODEL':32} {'SIDE':6} {'IN FLIGHT':>9} {'REQ/S':>9} {'ERR/S':>7}  ORCA")
+        for key, sides in load["models"].items():
+            for side, x in sides.items():
+                orca = ", ".join(f"{k}={v:g}" for k, v in x["orca"].items()) or "-"
+                print(
+                    f"{key:32} {side:6} {x['requests_in_flight']:9d} {x['request_rate']:9g} "
+                    f"{x['errors']:7g}  {orca}"
+                )
     return 0
 
 

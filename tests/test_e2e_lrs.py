@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import statistics
+import sys
 import time
 
 import pytest
@@ -53,6 +54,11 @@ async def test_envoy_reports_the_requests_in_flight_and_the_rate_sent_through_it
         traffic = asyncio.create_task(open_loop(s, model, rate=20, seconds=6))
         await asyncio.sleep(2.5)  # two reports of steady traffic
         exported = await s.control_plane.metrics_text()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "overspill", "status", "--url", s.control_plane.metrics_url,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        printed, _ = await asyncio.wait_for(proc.communicate(), 30)
         samples = []
         while not traffic.done():
             local = (await load_of(s, model)).get("local", {})
@@ -87,6 +93,14 @@ async def test_envoy_reports_the_requests_in_flight_and_the_rate_sent_through_it
         ]
         assert 7 <= float(line.split()[-1]) <= 13, line
         assert "overspill_envoy_load_reporters 1.0" in exported
+        # ... and `overspill status`.
+        [row] = [
+            x.split()
+            for x in printed.decode().splitlines()
+            if x.startswith("default/llm ") and " local " in x
+        ]
+        assert 7 <= int(row[2]) <= 13 and 15 <= float(row[3]) <= 25, row
+        assert "ENVOY LOAD REPORTS (1 Envoys)" in printed.decode()
         # Every request was asked for its ORCA load on its way to the pods.
         assert model.local.counts.header_values("endpoint-load-metrics-format") == {"TEXT": 120}
         # The only Envoy goes away: its report goes with it, and the metric says why it has no value.
