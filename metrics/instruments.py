@@ -16,6 +16,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollecto
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from api.desired import side_of
+from api.load import ClusterLoad
 from api.status import ModelStatus, Phase
 
 LABELS = ["namespace", "name"]
@@ -140,6 +142,40 @@ class StateFileCollector(Collector):
         yield from (writes, errors)
 
 
+class LoadCollector(Collector):
+    """Envoy's load reports per model and side, summed over the Envoys, read when Prometheus scrapes."""
+
+    def __init__(self, clusters: Callable[[], Mapping[str, ClusterLoad]], reporting: Callable[[], int]):
+        self.clusters = clusters
+        self.reporting = reporting
+
+    def collect(self):
+        labels = [*LABELS, "side"]
+        reporters = GaugeMetricFamily("overspill_envoy_load_reporters", "Envoys sending load reports")
+        reporters.add_metric([], self.reporting())
+        in_flight = GaugeMetricFamily(
+            "overspill_envoy_requests_in_flight",
+            "Requests in flight, from Envoy's load reports",
+            labels=labels,
+        )
+        rate = GaugeMetricFamily(
+            "overspill_envoy_request_rate", "Requests per second, from Envoy's load reports", labels=labels
+        )
+        errors = GaugeMetricFamily(
+            "overspill_envoy_error_rate",
+            "Failed requests per second, from Envoy's load reports",
+            labels=labels,
+        )
+        for cluster, load in self.clusters().items():
+            found = side_of(cluster)
+            if found is not None:
+                ids = [*found[0], found[1]]
+                in_flight.add_metric(ids, load.in_flight)
+                rate.add_metric(ids, load.rate)
+                errors.add_metric(ids, load.errors)
+        yield from (reporters, in_flight, rate, errors)
+
+
 class Instruments:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
@@ -175,6 +211,11 @@ class Instruments:
         self, models: Callable[[], Iterable[ModelStatus]], evaluations: Callable[[], int]
     ) -> None:
         self.registry.register(ControllerCollector(models, evaluations))
+
+    def watch_load(
+        self, clusters: Callable[[], Mapping[str, ClusterLoad]], reporting: Callable[[], int]
+    ) -> None:
+        self.registry.register(LoadCollector(clusters, reporting))
 
     def watch_origins(self, rejected: Callable[[], Mapping[str, int]]) -> None:
         self.registry.register(OriginCollector(rejected))

@@ -323,7 +323,7 @@ class Controller:
         if model.offloading is None or not model.offloading.metrics:
             self._reads.pop(model.key, None)
             return
-        scope = MetricScope(model.meta.namespace, pod_selector(self.store, model))
+        scope = MetricScope(model.meta.namespace, pod_selector(self.store, model), model.meta.name)
         requests = [(spec, scope) for spec in model.offloading.metrics]
         entry = self._reads.get(model.key)
         if entry is None or entry.requests != requests:

@@ -57,6 +57,9 @@ class ModelServer:
         self.service_time = service_time
         self.model_label = model_label or name
         self.counts = ServerCounts()
+        # ORCA named metrics returned (header endpoint-load-metrics) to requests that ask for them,
+        # as vLLM returns num_requests_waiting and kv_cache_usage_perc; empty: none.
+        self.orca: dict[str, float] = {}
         self.port: int | None = None
         self._slots = asyncio.Semaphore(concurrency) if concurrency else None
         self._runner: web.AppRunner | None = None
@@ -141,7 +144,11 @@ class ModelServer:
             counts.inflight -= 1
             self._inflight_gauge.set(counts.inflight)
         body = {"served_by": self.name, "path": request.path, "host": host}
-        return web.json_response(body, headers={"x-served-by": self.name})
+        headers = {"x-served-by": self.name}
+        if self.orca and request.headers.get("endpoint-load-metrics-format") == "TEXT":  # as vLLM
+            metrics = ", ".join(f"named_metrics.{k}={v:g}" for k, v in sorted(self.orca.items()))
+            headers["endpoint-load-metrics"] = f"TEXT {metrics}"
+        return web.json_response(body, headers=headers)
 
     async def _metrics(self, request: web.Request) -> web.Response:
         resp = web.Response(body=prom.generate_latest(self.registry))
