@@ -8,6 +8,9 @@ ratio D (demand over target) and recommends the share 1 - 1/D (D <= 1: nothing),
   requests, queue depth) falls as offloading rises, so it is turned back into demand as
   local / (1 - share now); a `Demand` metric (counted before the split) is used as it is;
 - with several metrics, the one asking the most decides;
+- a reading beyond what the cap can serve counts as just that much (a queue that built up
+  before offloading started would otherwise keep the estimate, and the share, high long after
+  it has drained);
 - while the local metric is within `tolerance` of its target the share does not move;
 - the demand is a moving average (time constant `smoothingSeconds`) so the share does not hunt
   on a noisy gauge;
@@ -60,6 +63,8 @@ class ShareController:
         raw = demand_ratio(metrics, behavior, share / 100)
         if raw is None:
             return False
+        if behavior.percentage < 100:
+            raw = min(raw, 1 / (1 - behavior.percentage / 100))
         if self.demand is None or self.demand_at is None or behavior.smoothing_seconds <= 0:
             self.demand = raw
         else:
