@@ -259,7 +259,7 @@ def parser() -> argparse.ArgumentParser:
         choices=("burst", "long-burst"),
         default="burst",
         help="burst (default, ~1.5 min): a 20 s burst turns offloading on and off; long-burst (~3 min): a "
-        "35 s burst, longer than the buffer, in Fixed and then Proportional mode, drawn side by side",
+        "40 s burst, longer than the buffer, in Fixed and then Proportional mode, drawn side by side",
     )
     return p
 

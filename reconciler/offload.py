@@ -62,6 +62,7 @@ class OffloadMachine:
         if behavior.proportional and self.triggered and remote_percent > 0:
             self.share = remote_percent
             self.shares.settle(now, behavior, remote_percent)
+            self.last = Decision(Phase.OFFLOADING, remote_percent, "resumed from status")
 
     def step(
         self,

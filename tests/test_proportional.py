@@ -247,3 +247,15 @@ def test_stale_does_not_override_an_outage():
     behavior = Behavior(60, 0, 10, on_stale_metric="local")
     d = OffloadMachine().step(0, behavior, MISSING, 0, True, stale=["External/inflight"])
     assert (d.phase, d.remote_percent) == (Phase.OUTAGE, 100.0)
+
+
+def test_a_new_leader_holds_the_share_it_finds_on_status_for_the_buffer():
+    behavior = proportional(buffer_duration_seconds=10)
+    machine = OffloadMachine(triggered=True)
+    machine.resume(100, behavior, 60.0)
+    d = machine.step(101, behavior, [compare(INFLIGHT, 10, 1)], 1, True)  # at target under 60 %
+    assert (d.phase, d.remote_percent) == (Phase.OFFLOADING, 60.0)
+    d = machine.step(102, behavior, [compare(INFLIGHT, 4, 1)], 1, True)  # demand 4/(1-0.6) = 10: no excess
+    assert (d.phase, d.remote_percent) == (Phase.RELEASING, 60.0)
+    d = machine.step(111, behavior, [compare(INFLIGHT, 4, 1)], 1, True)
+    assert d.phase == Phase.STANDBY
