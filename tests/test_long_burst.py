@@ -18,9 +18,9 @@ from test_demo_parts import require_envoy, require_prometheus
 from overspill.demo.long_burst import LONG_BURST, Figures, figures, judge, table
 from overspill.demo.scenario import run_plan
 
-# Shorter than the demo's: a 30 s burst over a 6 s buffer.
+# Shorter than the demo's: a 32 s burst over a 6 s buffer.
 PLAN = dataclasses.replace(
-    LONG_BURST, burst_start=8.0, burst_end=38.0, duration=50.0, buffer_seconds=6, settle_seconds=12.0
+    LONG_BURST, burst_start=8.0, burst_end=40.0, duration=58.0, buffer_seconds=6, settle_seconds=14.0
 )
 
 
@@ -32,7 +32,7 @@ def runs(tmp_path_factory) -> dict[str, tuple[Figures, list[dict]]]:
     for mode in ("Fixed", "Proportional"):
         plan = dataclasses.replace(PLAN, mode=mode)
         run = asyncio.run(run_plan(tmp_path_factory.mktemp(mode.lower()), plan))
-        out[mode] = (figures(run.rows, plan), run.rows)
+        out[mode] = (figures(run.rows, plan, run.changes), run.rows)
     print("\n".join(table([out["Fixed"][0], out["Proportional"][0]])))
     return out
 

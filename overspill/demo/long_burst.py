@@ -17,28 +17,30 @@ from pathlib import Path
 from typing import Any
 
 from overspill.demo.plot import plot_comparison
-from overspill.demo.scenario import DemoPlan, Run, guarded, run_plan, write_csv
+from overspill.demo.scenario import MODEL, Change, DemoPlan, Run, guarded, run_plan, write_csv
 
 log = logging.getLogger(__name__)
 
 # Local capacity 80 rps (8 slots x 0.1 s); the burst asks 150 rps: an in-flight target of 6
 # (60 rps) means 60 % to the remote. Fixed sends the cap, 80 %, which leaves the local model
-# at 3 in flight: under target, so the 8 s buffer runs out well inside the 40 s burst. Readings
-# every half second: the in-flight gauge is sampled, and more samples mean less noise.
+# at 3 in flight: under target, so the 8 s buffer runs out well inside the 40 s burst. The
+# in-flight gauge is one sample of a count that jumps with every request: it is scraped every
+# 0.25 s and read as its average over the last 2 s, every 0.5 s.
 LONG_BURST = DemoPlan(
     baseline_rps=30.0,
     burst_rps=150.0,
     burst_start=10.0,
     burst_end=50.0,
-    duration=68.0,
+    duration=70.0,
     threshold=6.0,
     percentage=80,
     buffer_seconds=8,
     local_concurrency=8,
     service_time=0.1,
     evaluation_interval=0.5,
-    scrape_interval=0.5,
+    scrape_interval=0.25,
     settle_seconds=15.0,
+    metric_query=f'avg_over_time(model_inflight_requests{{model="{MODEL}"}}[2s])',
 )
 METRIC_BAND = 0.2  # Proportional: the local in-flight average must stay within 20 % of target
 
@@ -101,19 +103,20 @@ def _pct(part: float, whole: float) -> float | None:
     return 100.0 * part / whole if whole else None
 
 
-def figures(rows: list[dict[str, Any]], plan: DemoPlan) -> Figures:
-    """The side-by-side figures of one run (rows as `scenario._run` makes them)."""
+def figures(rows: list[dict[str, Any]], plan: DemoPlan, changes: list[Change] | None = None) -> Figures:
+    """The side-by-side figures of one run (rows and changes as `scenario.run_plan` makes them;
+    without `changes`, the state in each row stands for that second)."""
     burst = [r for r in rows if plan.burst_start <= r["t"] < plan.burst_end]
     settled = [r for r in burst if r["t"] >= plan.burst_start + plan.settle_seconds]
-    switch_ons = releases = changes = 0
-    for before, after in zip(rows, rows[1:], strict=False):
-        changes += before["state"] != after["state"]
-        switch_ons += after["offloading"] and not before["offloading"]
-        in_burst = plan.burst_start <= after["t"] < plan.burst_end
-        released = (before["offloading"] and not after["offloading"]) or (
-            after["state"] == "Releasing" and before["state"] != "Releasing"
+    if changes is None:
+        changes = [Change(r["t"], r["state"], r["offloading"]) for r in rows]
+    switch_ons = releases = 0
+    for before, after in zip(changes, changes[1:], strict=False):
+        switch_ons += after.offloading and not before.offloading
+        released = (before.offloading and not after.offloading) or (
+            after.state == "Releasing" and before.state != "Releasing"
         )
-        releases += in_burst and released
+        releases += plan.burst_start <= after.t < plan.burst_end and released
     inflight = [r["local_inflight"] for r in settled if r["local_inflight"] is not None]
     band = [abs(v - plan.threshold) <= METRIC_BAND * plan.threshold for v in inflight]
     served = sum(r["local_rps"] + r["remote_rps"] for r in burst)
@@ -125,7 +128,7 @@ def figures(rows: list[dict[str, Any]], plan: DemoPlan) -> Figures:
         mode=plan.mode,
         switch_ons=switch_ons,
         releases_in_burst=releases,
-        state_changes=changes,
+        state_changes=sum(a.state != b.state for a, b in zip(changes, changes[1:], strict=False)),
         local_share_burst=_pct(sum(r["local_rps"] for r in burst), served),
         remote_share_settled=_pct(sum(r["remote_rps"] for r in settled), served_settled),
         inflight_mean_settled=sum(inflight) / len(inflight) if inflight else None,
@@ -183,7 +186,7 @@ async def _compare(out_dir: Path, plan: DemoPlan) -> int:
     for mode in ("Fixed", "Proportional"):
         print(f"\n--- {mode} mode ---", flush=True)
         runs.append(await run_plan(out_dir / mode.lower(), replace(plan, mode=mode)))
-    figs = [figures(r.rows, r.plan) for r in runs]
+    figs = [figures(r.rows, r.plan, r.changes) for r in runs]
     for run in runs:
         write_csv(run.rows, out_dir / f"timeline-{run.plan.mode.lower()}.csv")
     plot_comparison(

@@ -61,6 +61,9 @@ class DemoPlan:
     # long-burst: the burst's first seconds, while offloading ramps up, are left out of the
     # judgement of the local metric (the buffer holds the first, overshooting share this long).
     settle_seconds: float = 0.0
+    # A PromQL expression to read instead of the in-flight gauge itself (e.g. its average over
+    # the last seconds, less noisy than one sample).
+    metric_query: str | None = None
 
     def rate(self, t: float) -> float:
         return self.burst_rps if self.burst_start <= t < self.burst_end else self.baseline_rps
@@ -176,7 +179,9 @@ def manifests(local_port: int, remote_port: int, plan: DemoPlan) -> dict[str, di
                     {
                         "type": "External",
                         "external": {
-                            "metric": {
+                            "metric": {"name": plan.metric_query}
+                            if plan.metric_query
+                            else {
                                 "name": "model_inflight_requests",
                                 "selector": {"matchLabels": {"model": MODEL}},
                             },
@@ -290,8 +295,18 @@ def summary_lines(s: Summary, plan: DemoPlan) -> list[str]:
     ]
 
 
+@dataclass(frozen=True)
+class Change:
+    """The control plane's state for a model changed, as a poll of /status saw it."""
+
+    t: float  # seconds since the load started
+    state: str
+    offloading: bool
+
+
 class StatusSampler:
-    """Polls the control plane's /status; keeps the last view seen in each second of the run."""
+    """Polls the control plane's /status; keeps the last view seen in each second of the run,
+    and every change of state (a release shorter than a second shows only there)."""
 
     def __init__(self, cp: ControlPlaneProcess, period: float = 0.25) -> None:
         self.cp = cp
@@ -300,6 +315,7 @@ class StatusSampler:
         self.by_second: dict[int, ModelView] = {}
         self.failures = 0
         self.t0 = 0.0
+        self.changes: list[Change] = []
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -310,7 +326,12 @@ class StatusSampler:
             except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
                 self.failures += 1
                 log.warning("status poll failed error=%r failures=%s", exc, self.failures)
-            self.by_second[int(loop.time() - self.t0)] = self.latest
+            t = loop.time() - self.t0
+            self.by_second[int(t)] = self.latest
+            change = Change(round(t, 2), self.latest.state, self.latest.offloading)
+            last = self.changes[-1] if self.changes else None
+            if last is None or (last.state, last.offloading) != (change.state, change.offloading):
+                self.changes.append(change)
             await asyncio.sleep(self.period)
 
     def view(self, second: int) -> ModelView:
@@ -401,6 +422,7 @@ class Run:
     plan: DemoPlan
     rows: list[dict[str, Any]]
     errors: dict[str, int]
+    changes: list[Change]  # every change of state the status polls saw, from before the load
 
 
 async def run_plan(out_dir: Path, plan: DemoPlan) -> Run:
@@ -466,7 +488,7 @@ async def run_plan(out_dir: Path, plan: DemoPlan) -> Run:
     for row in rows:  # a second's requests may be reported before its in-flight average is taken
         if row["local_inflight"] is None and row["t"] in inflight.by_second:
             row["local_inflight"] = round(inflight.by_second[row["t"]], 2)
-    return Run(plan, rows, dict(result.status_codes))
+    return Run(plan, rows, dict(result.status_codes), sampler.changes)
 
 
 async def run_demo(out_dir: Path, plan: DemoPlan | None = None) -> int:
