@@ -12,8 +12,8 @@ ratio D (demand over target) and recommends the share 1 - 1/D (D <= 1: nothing),
   before offloading started would otherwise keep the estimate, and the share, high long after
   it has drained);
 - while the local metric is within `tolerance` of its target the share does not move;
-- the demand is a moving average (time constant `smoothingSeconds`) so the share does not hunt
-  on a noisy gauge;
+- while offloading, the demand is a moving average (time constant `smoothingSeconds`) so the
+  share does not hunt on a noisy gauge; switching on takes the reading as it is;
 - the share rises at once but lowers only to the highest share recommended over the last
   `bufferDurationSeconds` (the HPA's scale-down stabilization window).
 """
@@ -65,8 +65,8 @@ class ShareController:
             return False
         if behavior.percentage < 100:
             raw = min(raw, 1 / (1 - behavior.percentage / 100))
-        if self.demand is None or self.demand_at is None or behavior.smoothing_seconds <= 0:
-            self.demand = raw
+        if share == 0 or self.demand is None or self.demand_at is None or behavior.smoothing_seconds <= 0:
+            self.demand = raw  # not offloading: nothing to hunt, and switching on is as prompt as Fixed
         else:
             alpha = 1 - math.exp(-max(now - self.demand_at, 0.0) / behavior.smoothing_seconds)
             self.demand += alpha * (raw - self.demand)

@@ -58,6 +58,10 @@ def plot_comparison(
             for a, b in spans:
                 ax.axvspan(a, b, color="grey", alpha=0.08)
         _draw(axes, rows, threshold, title)
+    # a shared axis keeps the limits the first column set: make room for every column's values
+    values = [r.get(k) for _, rows in runs for r in rows for k in ("metric", "local_inflight")]
+    top = max([threshold, *(float(v) for v in values if v is not None)])
+    grid[1, 0].set_ylim(0, top * 1.08)
     return _save(fig, path)
 
 
