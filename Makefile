@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-long-burst test lint bench bench-pipeline bench-kube clean prometheus
+.PHONY: demo demo-long-burst test lint bench bench-pipeline bench-kube soak clean prometheus
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -60,6 +60,12 @@ bench-pipeline: $(STAMP)
 # watch of N ModelDeployments. BENCH_ARGS=--quick is a smoke run; --full adds N=10,000 to the watch.
 bench-kube: $(STAMP)
 	$(BIN)/python -m bench.kube_bench $(BENCH_ARGS)
+
+# `overspill serve` churned for minutes (models, weights, metric sources, Envoy connections); exits
+# non-zero unless its RSS, open files and asyncio tasks come back (README, "Soak").
+# SOAK_ARGS="--minutes 30" for a long run.
+soak: $(STAMP) prometheus
+	$(BIN)/python -m bench.soak $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -182,7 +182,7 @@ class ModelDeployment:
     observed: ObservedStatus | None = None  # from `status`, where the object came from a cluster
     raw_status: dict | None = field(default=None, compare=False)  # that status as written, for diffs
 
-    @property
+    @cached_property  # every index and every evaluation asks; frozen, so computed once
     def key(self) -> ObjectKey:
         return ObjectKey("ModelDeployment", self.meta.namespace, self.meta.name)
 

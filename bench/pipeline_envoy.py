@@ -225,7 +225,7 @@ class EnvoyView:
         wanted = set(runtime_keys)
         sampled = [m.cluster_local for m in sample] + ([m.cluster_remote for m in sample] if remotes else [])
         full_clusters = full_weights = False  # cheap check passed, confirm with a full read next
-        next_full = clusters_at = weights_at = 0.0
+        next_full = next_weights = clusters_at = weights_at = 0.0
         last_print = time.monotonic()
         while not conv.done:
             self.envoy.check_alive("while converging")
@@ -254,7 +254,8 @@ class EnvoyView:
                     conv.last.update(sample_answering=f"{ok}/{of}")
                     if ok == of:
                         conv.routes_s = time.monotonic() - self.envoy.spawned_at
-                if conv.weights_s is None and conv.clusters_s is not None and time.monotonic() >= next_full:
+                # Weights are polled on their own cadence: Envoy may hold them before its clusters.
+                if conv.weights_s is None and time.monotonic() >= next_weights:
                     t = time.monotonic()
                     if not full_weights:
                         keys = await self.stat("runtime.num_keys") or 0
@@ -269,7 +270,7 @@ class EnvoyView:
                             at = weights_at if confirmed_first else time.monotonic()
                             conv.weights_s = at - self.envoy.spawned_at
                         conv.last["confirmed_weights"] = conv.weights_s is not None
-                    next_full = time.monotonic() + 2 * (time.monotonic() - t)
+                    next_weights = time.monotonic() + 2 * (time.monotonic() - t)
             except (aiohttp.ClientError, OSError, TimeoutError, RuntimeError, ValueError) as exc:
                 conv.last.update(admin_error=f"{type(exc).__name__}: {exc}"[:200])
             if on_progress is not None and time.monotonic() - last_print > 10:

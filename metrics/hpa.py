@@ -6,6 +6,8 @@ target divides by the number of pods, Utilization is usage over requests.
 
 from __future__ import annotations
 
+import math
+
 from api.metric_spec import MetricSpec
 from api.status import MetricStatus
 
@@ -20,4 +22,8 @@ def compare(spec: MetricSpec, total: float | None, pods: int, error: str | None 
     if total is None:
         return MetricStatus(spec, None, None, error or "no reading")
     current = total / max(pods, 1) if spec.target.type == "AverageValue" else total
+    if not math.isfinite(current):  # +Inf from a division by zero in PromQL, or sums past 1e308
+        return MetricStatus(
+            spec, None, None, f"{spec.describe()}: the reading is not a finite number ({total})"
+        )
     return MetricStatus(spec, current, current > spec.target.threshold)

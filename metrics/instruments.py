@@ -9,9 +9,10 @@ One `Instruments` per process, on its own registry so tests can run several side
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterable, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -122,16 +123,50 @@ class OriginCollector(Collector):
         yield family
 
 
+class TaskCollector(Collector):
+    """The event loop's tasks, counted at scrape time (the scrape runs on the loop): a count that
+    only grows is a leak, which the soak (`make soak`) watches beside RSS and open files."""
+
+    def collect(self):
+        family = GaugeMetricFamily(
+            "overspill_asyncio_tasks", "asyncio tasks alive on the control plane's loop"
+        )
+        try:
+            family.add_metric([], len(asyncio.all_tasks()))
+        except RuntimeError:  # scraped off the loop (a test's registry): nothing to count
+            pass
+        yield family
+
+
 class Instruments:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)  # process_resident_memory_bytes, process_open_fds, CPU seconds
+        r.register(TaskCollector())
         self.xds_streams = Gauge("overspill_xds_streams", "Connected xDS streams", registry=r)
         self.xds_pushes = Counter("overspill_xds_pushes", "xDS responses sent", ["type"], registry=r)
         self.xds_acks = Counter("overspill_xds_acks", "xDS responses ACKed", ["type"], registry=r)
         self.xds_nacks = Counter("overspill_xds_nacks", "xDS responses NACKed", ["type"], registry=r)
+        self.xds_without_weight_layers = Gauge(
+            "overspill_xds_streams_without_weight_layers",
+            "Connected xDS streams whose node does not take the weight layers (weights sent in its"
+            " routes instead: fix its bootstrap), per node cluster",
+            ["node_cluster"],
+            registry=r,
+        )
         self.xds_bytes = Counter(
             "overspill_xds_sent_bytes", "Bytes of xDS responses sent", ["type"], registry=r
+        )
+        self.xds_scope_denied = Counter(
+            "overspill_xds_scope_denied",
+            "xDS streams whose client certificate denied them namespaces they asked for",
+            registry=r,
+        )
+        self.xds_refused = Counter(
+            "overspill_xds_refused_requests",
+            "xDS requests that could not be read or taken (their stream was closed)",
+            registry=r,
         )
 
     def watch_controller(

@@ -16,7 +16,7 @@ import yaml
 
 from api.crd import InvalidObject, RemoteBackend, parse_remote_backend
 from overspill.settings import DEFAULTS, Settings
-from reconciler.documents import parse_documents
+from reconciler.documents import DEPTH_CEILING, Limits, parse_file
 
 
 def _remote_url(text: str) -> RemoteBackend:
@@ -120,6 +120,29 @@ def parser() -> argparse.ArgumentParser:
         default=DEFAULTS.xds_address,
         help="address the ADS server binds (default %(default)s)",
     )
+    t = s.add_argument_group(
+        "xDS security",
+        "TLS on the ADS port; with --xds-client-ca, mTLS: a node's client certificate bounds the "
+        "namespaces it receives (SPIFFE ID spiffe://TD/ns/NS/..., or DNS name NAME.NS.svc[.DOMAIN]). "
+        "The files are re-read when they change: new connections get the new certificate.",
+    )
+    t.add_argument("--xds-tls-cert", type=Path, metavar="FILE", help="server certificate chain (PEM)")
+    t.add_argument("--xds-tls-key", type=Path, metavar="FILE", help="server private key (PEM)")
+    t.add_argument(
+        "--xds-client-ca",
+        type=Path,
+        metavar="FILE",
+        help="CA certificates (PEM) client certificates must chain to; a client without one is refused",
+    )
+    t.add_argument(
+        "--xds-gateway-identity",
+        dest="xds_gateway_identities",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="a client certificate with a URI or DNS SAN matching this glob receives every model, as "
+        "an edge gateway (repeatable; e.g. spiffe://cluster.local/ns/overspill-system/sa/overspill-gateway)",
+    )
     s.add_argument(
         "--listener-port",
         type=int,
@@ -167,6 +190,8 @@ def parser() -> argparse.ArgumentParser:
         help="cluster DNS domain in Service host names (default %(default)s)",
     )
 
+    _manifest_limits(s)
+
     v = sub.add_parser(
         "validate",
         help="check YAML files; print every error with its field path",
@@ -174,6 +199,7 @@ def parser() -> argparse.ArgumentParser:
         "beside them). Exits 1 when any document is invalid.",
     )
     v.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    _manifest_limits(v)
 
     r = sub.add_parser(
         "render",
@@ -233,6 +259,18 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--match-labels", default="", metavar="K=V[,K=V...]", help="only ModelDeployments with these labels"
     )
+    bt = b.add_argument_group("xDS over TLS", "file paths as Envoy sees them (not read here)")
+    bt.add_argument(
+        "--xds-ca", metavar="FILE", help="connect over TLS, trusting this CA (PEM) for the control plane"
+    )
+    bt.add_argument("--xds-client-cert", metavar="FILE", help="client certificate to present (mTLS)")
+    bt.add_argument("--xds-client-key", metavar="FILE", help="the client certificate's key (mTLS)")
+    bt.add_argument(
+        "--xds-server-name",
+        metavar="NAME",
+        help="name the control plane's certificate must carry, as a DNS SAN (also sent as SNI) or an "
+        "IP address SAN (default: --xds-host)",
+    )
 
     st = sub.add_parser(
         "status",
@@ -264,6 +302,48 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _manifest_limits(p: argparse.ArgumentParser) -> None:
+    """What one manifest file may hold; past it the file (or document) is refused, naming it."""
+    g = p.add_argument_group("manifest limits (a file or document past them is refused with the reason)")
+    g.add_argument(
+        "--max-manifest-bytes",
+        type=_at_least(1),
+        default=DEFAULTS.manifest_limits.max_bytes,
+        metavar="BYTES",
+        help="largest manifest file read (default %(default)s)",
+    )
+    g.add_argument(
+        "--max-manifest-depth",
+        type=_at_least(1, DEPTH_CEILING),
+        default=DEFAULTS.manifest_limits.max_depth,
+        metavar="LEVELS",
+        help=f"deepest nesting of a document (default %(default)s, at most {DEPTH_CEILING})",
+    )
+    g.add_argument(
+        "--max-manifest-alias-nodes",
+        type=_at_least(0),
+        default=DEFAULTS.manifest_limits.max_alias_nodes,
+        metavar="NODES",
+        help="nodes YAML aliases may add to a file when expanded, against alias bombs (default %(default)s)",
+    )
+
+
+def _at_least(low: int, high: int | None = None):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(
+                f"must be {low} or more" + (f" and {high} at most" if high is not None else "")
+            )
+        return value
+
+    return parse
+
+
+def _limits(args: argparse.Namespace) -> Limits:
+    return Limits(args.max_manifest_bytes, args.max_manifest_depth, args.max_manifest_alias_nodes)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(
@@ -288,6 +368,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         manifests=args.manifests,
         xds_address=args.xds_address,
         xds_port=args.xds_port,
+        xds_tls_cert=args.xds_tls_cert,
+        xds_tls_key=args.xds_tls_key,
+        xds_client_ca=args.xds_client_ca,
+        xds_gateway_identities=args.xds_gateway_identities,
         listener_address=args.listener_address,
         listener_port=args.listener_port,
         metrics_address=args.metrics_address,
@@ -305,8 +389,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         lease_namespace=args.lease_namespace,
         lease_seconds=args.lease_seconds,
         identity=args.identity,
+        manifest_limits=_limits(args),
     )
-    asyncio.run(_until_signalled(ControlPlane(settings).run()))
+    try:
+        plane = ControlPlane(settings)
+    except ValueError as exc:
+        print(f"overspill serve: error: {exc}", file=sys.stderr)
+        return 2
+    asyncio.run(_until_signalled(plane.run()))
     return 0
 
 
@@ -325,16 +415,7 @@ async def _until_signalled(work) -> None:
 def cmd_validate(args: argparse.Namespace) -> int:
     bad = 0
     for path in args.files:
-        try:
-            objects, rejected = parse_documents(path.read_text(), str(path))
-        except OSError as exc:
-            print(f"{path}: {exc.strerror}", file=sys.stderr)
-            bad += 1
-            continue
-        except UnicodeDecodeError as exc:
-            print(f"{path}: not UTF-8 text: {exc}", file=sys.stderr)
-            bad += 1
-            continue
+        objects, rejected = parse_file(path, _limits(args))
         for r in rejected:
             for err in r.errors:
                 print(err if err.startswith(f"{path}: ") else f"{path}: {err}", file=sys.stderr)
@@ -379,6 +460,14 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
 
     labels = dict(kv.split("=", 1) for kv in args.match_labels.split(",") if "=" in kv)
     namespaces = [n for n in args.namespaces.split(",") if n]
+    if (args.xds_client_cert is None) != (args.xds_client_key is None):
+        print(
+            "overspill bootstrap: error: --xds-client-cert and --xds-client-key go together", file=sys.stderr
+        )
+        return 2
+    if (args.xds_client_cert or args.xds_server_name) and not args.xds_ca:
+        print("overspill bootstrap: error: TLS flags need --xds-ca", file=sys.stderr)
+        return 2
     doc = ads_bootstrap(
         args.xds_host,
         args.xds_port,
@@ -389,6 +478,10 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
         namespaces,
         labels,
         listener_port=args.listener_port,
+        tls_ca=args.xds_ca,
+        tls_cert=args.xds_client_cert,
+        tls_key=args.xds_client_key,
+        tls_server_name=args.xds_server_name,
     )
     print(yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, width=120), end="")
     return 0
@@ -434,6 +527,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{t}={v['acked'] or '-'}{'*' if v['pending'] else ''}" for t, v in sorted(n["types"].items())
         )
         print(f"{n['id']:28} {n['protocol']:8} {n['scope']:24} {versions}")
+        if n.get("identity"):
+            print(f"  identity {n['identity']}")
+        for warning in n.get("warnings", []):
+            print(f"  warning: {warning}")
         for t, v in sorted(n["types"].items()):
             if v["routeHeldSeconds"] is not None:
                 print(f"  {t} update held {v['routeHeldSeconds']}s until its clusters are taken")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from api.status import EnvoyRejection
 from metrics.instruments import Instruments
 from reconciler.controller import Controller
@@ -19,12 +21,14 @@ class XdsEvents(Callbacks):
         self._pushes = {t: instruments.xds_pushes.labels(SHORT[t]) for t in PUSH_ORDER}
         self._bytes = {t: instruments.xds_bytes.labels(SHORT[t]) for t in PUSH_ORDER}
         self._acks = {t: instruments.xds_acks.labels(SHORT[t]) for t in PUSH_ORDER}
+        self._without_layers: dict[int, str] = {}  # stream id -> node cluster, of streams in the gauge
 
     def stream_opened(self, stream: Stream) -> None:
         self.instruments.xds_streams.inc()
 
     def stream_closed(self, stream: Stream) -> None:
         self.instruments.xds_streams.dec()
+        self._count_without_layers(stream, False)
         self.controller.envoy_accepted(stream.sid)  # its NACKs go with it
 
     def response_sent(self, stream: Stream, type_url: str, size: int) -> None:
@@ -35,8 +39,33 @@ class XdsEvents(Callbacks):
         self._acks[type_url].inc()
         self.controller.envoy_accepted(stream.sid, SHORT[type_url])
 
+    def weight_layers(self, stream: Stream) -> None:
+        self._count_without_layers(stream, stream.weight_layers is False)
+
+    def _count_without_layers(self, stream: Stream, counted: bool) -> None:
+        """Count the stream in the gauge of streams without weight layers, or not; a node cluster
+        with none left has no series."""
+        if counted == (stream.sid in self._without_layers):
+            return
+        if counted:
+            self._without_layers[stream.sid] = stream.cluster
+        else:
+            del self._without_layers[stream.sid]
+        n = sum(1 for c in self._without_layers.values() if c == stream.cluster)
+        if n:
+            self.instruments.xds_without_weight_layers.labels(stream.cluster).set(n)
+        else:
+            with contextlib.suppress(KeyError):
+                self.instruments.xds_without_weight_layers.remove(stream.cluster)
+
+    def request_refused(self, stream: Stream, error: str) -> None:
+        self.instruments.xds_refused.inc()
+
     def nacked(self, stream: Stream, nack: Nack) -> None:
         short = SHORT[nack.type_url]
         self.instruments.xds_nacks.labels(short).inc()
         rejection = EnvoyRejection(stream.node_id or stream.peer, short, nack.version, nack.message)
         self.controller.envoy_rejected(stream.sid, rejection, nack.models)
+
+    def scope_denied(self, stream: Stream) -> None:
+        self.instruments.xds_scope_denied.inc()

@@ -35,8 +35,10 @@ from reconciler.leader import LeaderElector
 from reconciler.offload import OffloadMachine
 from reconciler.status_writer import StatusWriter, desired_status
 from reconciler.store import ObjectStore
+from xds.identity import IdentityRules
 from xds.server import XdsServer, start_server
 from xds.snapshot import Translator
+from xds.tls import ServerTls, TlsFileError
 
 log = logging.getLogger("overspill")
 
@@ -80,13 +82,18 @@ class ControlPlane:
                 )
         else:
             assert settings.manifests is not None
-            self.source = DirectorySource(settings.manifests, self.store)
+            self.source = DirectorySource(settings.manifests, self.store, limits=settings.manifest_limits)
         self.instruments = Instruments()
         self.instruments.watch_controller(
             lambda: self.controller.status.values(), lambda: self.controller.evaluations
         )
         self.instruments.watch_origins(self.store.rejected_by_origin)
-        self.xds = XdsServer(self.translator.cache, XdsEvents(self.instruments, self.controller))
+        self.xds_tls = _server_tls(settings)
+        self.xds = XdsServer(
+            self.translator.cache,
+            XdsEvents(self.instruments, self.controller),
+            identities=IdentityRules(tuple(settings.xds_gateway_identities), settings.cluster_domain),
+        )
         self.ready = False
         self._tasks: set[asyncio.Task] = set()
 
@@ -182,12 +189,19 @@ class ControlPlane:
                 else:
                     self.load_once()
                     tg.create_task(self.source.run())
-                grpc_server, xds_port = await start_server(self.xds, s.xds_address, s.xds_port)
+                try:
+                    grpc_server, xds_port = await start_server(
+                        self.xds, s.xds_address, s.xds_port, self.xds_tls
+                    )
+                except TlsFileError as exc:
+                    raise SystemExit(f"--xds-tls-cert/--xds-tls-key/--xds-client-ca: {exc}") from None
                 self.ready = True
                 log.info(
-                    "event=started xds=%s:%d listener=%s:%d metrics=%s:%d source=%s prometheus=%s",
+                    "event=started xds=%s:%d xds_security=%s listener=%s:%d metrics=%s:%d source=%s "
+                    "prometheus=%s",
                     s.xds_address,
                     xds_port,
+                    "plaintext" if self.xds_tls is None else "mtls" if self.xds_tls.mutual else "tls",
                     s.listener_address,
                     s.listener_port,
                     s.metrics_address,
@@ -201,6 +215,22 @@ class ControlPlane:
                 if grpc_server is not None:
                     await grpc_server.stop(grace=1)
                 await runner.cleanup()
+
+
+def _server_tls(s: Settings) -> ServerTls | None:
+    """The xDS port's TLS files from the settings, or None for plaintext; a ValueError names the
+    flags that do not go together."""
+    if (s.xds_tls_cert is None) != (s.xds_tls_key is None):
+        raise ValueError("--xds-tls-cert and --xds-tls-key go together")
+    if s.xds_tls_cert is None or s.xds_tls_key is None:
+        if s.xds_client_ca is not None:
+            raise ValueError("--xds-client-ca needs --xds-tls-cert and --xds-tls-key")
+        if s.xds_gateway_identities:
+            raise ValueError("--xds-gateway-identity needs mTLS (--xds-client-ca)")
+        return None
+    if s.xds_gateway_identities and s.xds_client_ca is None:
+        raise ValueError("--xds-gateway-identity needs mTLS (--xds-client-ca)")
+    return ServerTls(s.xds_tls_cert, s.xds_tls_key, s.xds_client_ca)
 
 
 @contextmanager

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from api.crd import RemoteBackend
+from reconciler.documents import Limits
 
 
 @dataclass
@@ -13,6 +14,12 @@ class Settings:
     manifests: Path | None = None
     xds_address: str = "0.0.0.0"
     xds_port: int = 18000
+    # xDS over TLS: the server's certificate and key; with a client CA, mTLS (a client
+    # certificate is required, and its identity bounds the namespaces the node receives).
+    xds_tls_cert: Path | None = None
+    xds_tls_key: Path | None = None
+    xds_client_ca: Path | None = None
+    xds_gateway_identities: list[str] = field(default_factory=list)  # SAN globs that receive every model
     listener_address: str = "0.0.0.0"
     listener_port: int = 10000
     metrics_address: str = "0.0.0.0"
@@ -21,6 +28,7 @@ class Settings:
     evaluation_interval: float = 5.0
     default_remote: RemoteBackend | None = None
     cluster_domain: str = "cluster.local"
+    manifest_limits: Limits = field(default_factory=Limits)  # what one manifest file may hold
     # Kubernetes mode (instead of `manifests`)
     kubernetes: bool = False
     kubeconfig: str | None = None

@@ -94,6 +94,7 @@ class Controller:
         self._needs: dict[ObjectKey, tuple[tuple[ObjectKey, ...], tuple[str, int] | None]] = {}
         self._dependents: dict[ObjectKey, set[ObjectKey]] = {}
         self._remote_users: dict[tuple[str, int], set[ObjectKey]] = {}
+        self._remotes: dict[tuple[str, int], RemoteBackend] = {}  # what to probe, per target
         # Per model with metrics: the model, what to read, and the last readings taken.
         self._reads: dict[ObjectKey, _Reads] = {}
         self.evaluations = 0
@@ -171,18 +172,15 @@ class Controller:
         decide again the models of those whose reachability changed."""
         if not self.leading:
             return
-        remotes: dict[tuple[str, int], RemoteBackend] = {}
         hot = set()
-        for model in self.store.models():
-            remote = self.remote_of(model)
-            if remote is None:
-                continue
-            target = remotes.setdefault((remote.host, remote.port), remote)
-            status = self.status.get(model.key)
-            if status is not None and (status.phase in REMOTE_PHASES or status.ready_endpoints == 0):
-                hot.add((target.host, target.port))
-        due = self.probe.due(set(remotes), hot)
-        changed = await self.probe.check_all(remotes[t] for t in sorted(due))
+        for target, users in self._remote_users.items():
+            for key in users:
+                status = self.status.get(key)
+                if status is not None and (status.phase in REMOTE_PHASES or status.ready_endpoints == 0):
+                    hot.add(target)
+                    break
+        due = self.probe.due(set(self._remote_users), hot)
+        changed = await self.probe.check_all(self._remotes[t] for t in sorted(due) if t in self._remotes)
         self.reconcile({key for target in changed for key in self._remote_users.get(target, ())})
 
     def _metric_event(self, key: ObjectKey, metric: str, error: str | None) -> tuple[str, str] | None:
@@ -317,6 +315,7 @@ class Controller:
             self._dependents.setdefault(need, set()).add(model.key)
         if target is not None:
             self._remote_users.setdefault(target, set()).add(model.key)
+            self._remotes[target] = remote
 
     def _remember_reads(self, model: ModelDeployment) -> None:
         """What `evaluate` reads for the model; built when it is decided, since its metrics and
@@ -341,6 +340,8 @@ class Controller:
                     users.discard(key)
                     if not users:
                         del index[entry]
+                        if index is self._remote_users:
+                            del self._remotes[entry]
 
     def _forget(self, key: ObjectKey) -> bool:
         """A model gone from the store: drop everything kept for it; False if nothing was."""

@@ -212,6 +212,16 @@ class Stack:
     async def model_status(self, model: Model) -> dict:
         return (await self.control_plane.status())["models"].get(f"{model.namespace}/{model.name}", {})
 
+    async def overspill_status(self) -> str:
+        """What `overspill status` prints for this control plane (the CLI, run as users run it)."""
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "overspill", "status", "--url", self.control_plane.metrics_url,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 0, err.decode()
+        return out.decode()
+
     async def wait_phase(self, model: Model, phases: set[str], timeout: float) -> float:
         """Seconds until the model's phase is one of `phases`."""
         started = time.monotonic()
@@ -222,6 +232,16 @@ class Stack:
                 return time.monotonic() - started
             await asyncio.sleep(0.05)
         raise AssertionError(f"{model.name}: phase {last!r} after {timeout}s, wanted {phases}")
+
+
+def totals(model: Model) -> tuple[int, int]:
+    """Requests counted so far at the model's (local, remote) backends."""
+    return model.local.counts.total, model.remote.counts.total
+
+
+def delta(model: Model, before: tuple[int, int]) -> tuple[int, int]:
+    """(local, remote) requests counted since `before` (from `totals`)."""
+    return model.local.counts.total - before[0], model.remote.counts.total - before[1]
 
 
 async def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
@@ -247,8 +267,14 @@ def bootstrap_file(
 
 @contextlib.asynccontextmanager
 async def stack(
-    tmp_path: Path, *models: Model, extra_args: tuple[str, ...] = (), delta: bool = False
+    tmp_path: Path,
+    *models: Model,
+    extra_args: tuple[str, ...] = (),
+    delta: bool = False,
+    bootstrap: Path | None = None,
 ) -> AsyncIterator[Stack]:
+    """The whole stack; Envoy runs `bootstrap` if given (its `xds_cluster` pointed at the control
+    plane), else the one `overspill bootstrap` prints."""
     manifests = tmp_path / "manifests"
     manifests.mkdir()
     knob = Knob()
@@ -283,7 +309,7 @@ async def stack(
                     )
                 )
                 envoy = await es.enter_async_context(
-                    Envoy(cp.xds_port, bootstrap=bootstrap_file(tmp_path, delta))
+                    Envoy(cp.xds_port, bootstrap=bootstrap or bootstrap_file(tmp_path, delta))
                 )
             except ComponentMissing as exc:
                 missing(exc)

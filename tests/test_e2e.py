@@ -3,22 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 
 import pytest
 import yaml
-from e2e_stack import EVALUATION_INTERVAL, SWITCH_BUDGET, Model, stack, wait_until
+from e2e_stack import EVALUATION_INTERVAL, SWITCH_BUDGET, Model, delta, stack, totals, wait_until
 
 pytestmark = pytest.mark.e2e
-
-
-def delta(model: Model, before: tuple[int, int]) -> tuple[int, int]:
-    return model.local.counts.total - before[0], model.remote.counts.total - before[1]
-
-
-def totals(model: Model) -> tuple[int, int]:
-    return model.local.counts.total, model.remote.counts.total
 
 
 async def test_split_matches_percentage_at_the_backends(tmp_path):
@@ -46,6 +37,12 @@ async def test_split_matches_percentage_at_the_backends(tmp_path):
         assert seen.headers.get("x-offloaded-by") == "overspill"
         assert "x-offloaded-by" not in m.local.counts.recent[-1].headers
         assert m.local.counts.recent[-1].path == "/v1/predict"
+
+        # `overspill bootstrap`'s Envoy takes the weight over RTDS and is not flagged.
+        assert "overspill.default.llm" in await s.envoy.admin_get("/runtime")
+        assert "overspill_xds_streams_without_weight_layers{" not in await s.control_plane.metrics_text()
+        (node,) = (await s.control_plane.status())["nodes"]
+        assert node["weightLayers"] is True and node["warnings"] == [], node
 
 
 async def test_offload_switches_on_in_time_holds_for_buffer_and_releases(tmp_path):
@@ -220,13 +217,7 @@ async def test_envoy_nack_is_reported_and_other_models_keep_serving(tmp_path):
         # Tied to the model that produced it, on its status and in `overspill status`.
         errors = (await s.model_status(bad))["errors"]
         assert any("rejected CDS" in e and "/nonexistent/ca.pem" in e for e in errors), errors
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "overspill", "status", "--url", s.control_plane.metrics_url,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        out, err = await asyncio.wait_for(proc.communicate(), 30)
-        assert proc.returncode == 0, err.decode()
-        printed = out.decode()
+        printed = await s.overspill_status()
         assert "default/good" in printed and "Offloading" in printed
         assert "NACK CDS" in printed and "models: default/tls" in printed, printed
 

@@ -25,7 +25,11 @@ from envoy_data_plane.envoy.service.discovery.v3 import (
 
 from api.crd import RemoteBackend
 from api.desired import ModelRoute, service_domains
+from metrics.instruments import Instruments
+from overspill.events import XdsEvents
 from overspill.sim.envoy import SimEnvoy
+from reconciler.controller import Controller
+from reconciler.store import ObjectStore
 from xds import resources as res
 from xds import runtime
 from xds import stream as stream_module
@@ -303,6 +307,83 @@ async def test_weight_change_sends_one_runtime_layer_and_nothing_else(plane, del
             assert after[0].names == (shard,)  # the one layer holding the key, for SotW too
             assert c.runtime_values[BASE[1].runtime_key] == 0  # the other layers are kept
             assert len(c.held[RUNTIME]) == 64
+
+
+# --- 2b. a node without the weight layers (a hand-written ADS-only bootstrap) ---
+
+
+def holds_inline(c: SimEnvoy, routes: list[ModelRoute]) -> bool:
+    """The node holds these models with each weight written into its routes (it has no layers)."""
+    return (
+        set(c.held[ROUTE]) == {r.route_config for r in routes}
+        and set(c.held[CLUSTER]) == clusters_of(*routes)
+        and all(inline_percent(c, r) == r.remote_percent for r in routes if r.remote is not None)
+        and not c.held[RUNTIME]
+    )
+
+
+@pytest.mark.parametrize("delta", PROTOCOLS)
+async def test_a_node_without_weight_layers_gets_the_weights_in_its_routes(plane, delta, caplog):
+    async with asyncio.timeout(LIMIT):
+        rtds = await plane.client("gateway", delta)
+        ads_only = await plane.client("hand-written", delta, layers=())
+        await synced(plane, rtds, BASE)
+        await ads_only.wait(lambda c: holds_inline(c, BASE), 5)
+        assert all(inline_percent(rtds, r) == 0 for r in BASE)  # the RTDS node's routes: unchanged
+        plain, inline = plane.stream("gateway"), plane.stream("hand-written")
+        assert (plain.weight_layers, inline.weight_layers) == (True, False)
+        assert plain.view is inline.view  # one view: its two forms of routes, not a view per node
+        described = inline.describe()
+        assert described["weightLayers"] is False and described["weightLayersSubscribed"] == 0
+        assert "use `overspill bootstrap`" in described["warnings"][0]
+        assert plain.describe()["warnings"] == []
+        warned = [r.getMessage() for r in caplog.records if "event=no_weight_layers" in r.getMessage()]
+        assert len(warned) == 1 and "node=hand-written cluster=sim" in warned[0], warned
+
+        # A weight change: one layer to the RTDS node, that model's routes to the other.
+        await asyncio.sleep(QUIET)
+        marks = len(rtds.received), len(ads_only.received)
+        changed = replace(BASE[0], remote_percent=75)
+        plane.apply(changed)
+        await ads_only.wait(lambda c: inline_percent(c, changed) == 75, 2)
+        await rtds.wait(lambda c: c.runtime_values.get(changed.runtime_key) == 75, 2)
+        await asyncio.sleep(QUIET)
+        assert [SHORT[r.type_url] for r in rtds.received[marks[0] :]] == ["RTDS"]
+        after = ads_only.received[marks[1] :]
+        assert [(SHORT[r.type_url], r.names) for r in after] == [("RDS", (changed.route_config,))]
+
+        # A new model: its routes come at once, weight written in, with no wait for RTDS.
+        new = model("chat", percent=40)
+        started = time.monotonic()
+        plane.apply(new)
+        await ads_only.wait(lambda c: holds_inline(c, [changed, *BASE[1:], new]), 2)
+        assert time.monotonic() - started < 1.0
+        await synced(plane, rtds, [changed, *BASE[1:], new])
+        assert inline_percent(rtds, new) == 0
+        assert not any("route_hold_timeout" in r.getMessage() for r in caplog.records)
+        assert not any(r.nacked for r in (*rtds.received, *ads_only.received))
+        # Once per stream: later requests and route updates log nothing more.
+        assert sum("event=no_weight_layers" in r.getMessage() for r in caplog.records) == 1
+
+
+async def test_the_gauge_counts_streams_without_weight_layers_while_they_last(plane):
+    async with asyncio.timeout(LIMIT):
+        instruments = Instruments()
+        plane.xds.callbacks = XdsEvents(instruments, Controller(ObjectStore(), plane.translator.apply))
+
+        def gauge() -> float | None:
+            name = "overspill_xds_streams_without_weight_layers"
+            return instruments.registry.get_sample_value(name, {"node_cluster": "sim"})
+
+        a = await plane.client("a", False, layers=())
+        late = await plane.client("late", True, layers=())
+        await plane.client("gateway", False)
+        await eventually(lambda: gauge() == 2)
+        late.subscribe(RUNTIME, set(runtime.layer_names()))  # it subscribes late: no longer counted
+        await eventually(lambda: gauge() == 1)
+        await late.wait(lambda c: holds(c, BASE))  # its routes back without weights, the layers taken
+        await a.stop()
+        await eventually(lambda: gauge() is None)  # the last one gone: no series left
 
 
 # --- 3. ordering: clusters, endpoints and weights before the routes that use them ---
@@ -693,7 +774,13 @@ async def test_delta_reconnect_gets_only_what_changed_while_away_and_promptly(pl
             assert sent == {"SRDS": {"rerank.example.com"}}  # its new Host name; nothing else again
 
 
-async def test_delta_unsubscribed_layer_gets_no_updates(plane):
+def inline_percent(c: SimEnvoy, r: ModelRoute) -> float:
+    """The remote share a node's copy of a model's routes carries as its runtime default."""
+    remote = c.held[ROUTE][r.route_config].virtual_hosts[0].routes[0]
+    return remote.match.runtime_fraction.default_value.numerator / 10_000
+
+
+async def test_delta_unsubscribed_layer_gets_no_updates_and_the_weights_come_in_the_routes(plane):
     async with asyncio.timeout(LIMIT):
         c = await plane.client("edge", True)
         await synced(plane, c, BASE)
@@ -701,18 +788,37 @@ async def test_delta_unsubscribed_layer_gets_no_updates(plane):
         llm, embed = BASE[0], BASE[1]
         llm_layer = layers[runtime.shard_of(llm.runtime_key)]
         assert llm_layer != layers[runtime.shard_of(embed.runtime_key)]
+        assert inline_percent(c, llm) == 0  # weights over RTDS: the routes' default is 0
         c.subscribe(RUNTIME, set(layers) - {llm_layer})
         await asyncio.sleep(0.2)
+        assert plane.stream("edge").weight_layers is False  # no longer takes every layer
         mark = len(c.received)
         plane.apply(replace(llm, remote_percent=55))
+        await c.wait(lambda c: inline_percent(c, llm) == 55, 2)
         await asyncio.sleep(QUIET)
-        assert c.received[mark:] == []
+        # No layer it left; its routes carry the weight instead.
+        assert all(r.type_url == ROUTE for r in c.received[mark:]), c.received[mark:]
+        assert c.runtime_values.get(llm.runtime_key) != 55
+        mark = len(c.received)
         plane.apply(replace(embed, remote_percent=20))
-        await c.wait(lambda c: c.runtime_values[embed.runtime_key] == 20, 2)
-        assert [r.names for r in c.received[mark:]] == [(layers[runtime.shard_of(embed.runtime_key)],)]
-        # Subscribing again brings the layer's current content.
+        await c.wait(lambda c: c.runtime_values[embed.runtime_key] == inline_percent(c, embed) == 20, 2)
+        assert [r.names for r in c.received[mark:] if r.type_url == RUNTIME] == [
+            (layers[runtime.shard_of(embed.runtime_key)],)
+        ]
+        # Subscribing again brings the layer's current content, and then routes without weights.
+        mark = len(c.received)
         c.subscribe(RUNTIME, set(layers))
         await c.wait(lambda c: c.runtime_values.get(llm.runtime_key) == 55, 2)
+        await c.wait(lambda c: inline_percent(c, llm) == 0 and inline_percent(c, embed) == 0, 2)
+        types = [r.type_url for r in c.received[mark:]]
+        assert types.index(RUNTIME) < types.index(ROUTE), types  # the layer before the routes need it
+        assert plane.stream("edge").weight_layers is True
+        await synced(plane, c, [replace(llm, remote_percent=55), replace(embed, remote_percent=20), BASE[2]])
+        mark = len(c.received)
+        plane.apply(replace(llm, remote_percent=60))
+        await c.wait(lambda c: c.runtime_values.get(llm.runtime_key) == 60, 2)
+        await asyncio.sleep(QUIET)
+        assert [r.type_url for r in c.received[mark:]] == [RUNTIME]
 
 
 async def test_delta_wildcard_clusters_and_listeners_bring_new_models_unasked(plane):
@@ -786,6 +892,34 @@ async def test_scoped_nodes_see_only_their_models(plane, delta):
         await synced(plane, gold, [SCOPED[0], moved, promoted])
         plane.apply(SCOPED[1])
         await synced(plane, gold, [SCOPED[0], moved])
+
+
+@pytest.mark.parametrize("delta", PROTOCOLS)
+async def test_a_scoped_node_without_weight_layers_gets_only_its_models_weights(plane, delta):
+    async with asyncio.timeout(LIMIT):
+        plane.translator.publish(SCOPED)
+        team_a = await plane.client(
+            "team-a", delta, layers=(), metadata={"overspill": {"namespaces": ["team-a"]}}
+        )
+        edge = await plane.client("edge", delta)
+        await team_a.wait(lambda c: holds_inline(c, SCOPED[:2]), 5)
+        await synced(plane, edge, SCOPED)
+        assert plane.stream("team-a").view is not plane.stream("edge").view
+        assert not plane.stream("edge").view.weight_inline  # no such node in its scope: one form only
+
+        marks = len(team_a.received), len(edge.received)
+        outside = replace(SCOPED[3], remote_percent=99)
+        plane.apply(outside)
+        await edge.wait(lambda c: c.runtime_values[outside.runtime_key] == 99, 2)
+        inside = replace(SCOPED[0], remote_percent=45)
+        plane.apply(inside)
+        await team_a.wait(lambda c: inline_percent(c, inside) == 45, 2)
+        await edge.wait(lambda c: c.runtime_values[inside.runtime_key] == 45, 2)
+        await asyncio.sleep(QUIET)
+        assert [(SHORT[r.type_url], r.names) for r in team_a.received[marks[0] :]] == [
+            ("RDS", (inside.route_config,))
+        ]
+        assert {SHORT[r.type_url] for r in edge.received[marks[1] :]} == {"RTDS"}
 
 
 # --- 8. latest state wins ---

@@ -88,6 +88,10 @@ class ResourceCache:
             self.views[scope] = view
         return view
 
+    def keep_weight_inline(self, view: View) -> None:
+        """A node of this view does not take the weight layers: keep its routes' inline form."""
+        view.keep_weight_inline()
+
     def acquire(self, scope: Scope) -> View:
         self._holders[scope] = self._holders.get(scope, 0) + 1
         return self._view(scope)

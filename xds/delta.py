@@ -29,7 +29,7 @@ class Delta:
             current = self._reconnect(stream, req.type_url, sub, dict(req.initial_resource_versions))
         elif "*" in subscribe:
             sub.wildcard = True
-            sub.recheck |= set(view.resources[req.type_url])
+            sub.recheck |= set(view.resources[stream.view_type(req.type_url)])
         if "*" in unsubscribe:
             sub.wildcard = False
         subscribe.discard("*")
@@ -46,13 +46,14 @@ class Delta:
         Returns the names it holds at their current version."""
         view = stream.view
         assert view is not None
+        key = stream.view_type(type_url)  # routes: in the form this node is served
         if not versions:
             sub.synced = 0  # holds nothing: everything it wants is new to it
             return set()
-        sub.synced = view.version_of(type_url)
+        sub.synced = view.version_of(key)
         current = set()
         for name, version in versions.items():
-            resource = view.resources[type_url].get(name)
+            resource = view.resources[key].get(name)
             if resource is None:
                 sub.gone.add(name)
             elif resource.version != version:
@@ -60,13 +61,14 @@ class Delta:
             else:
                 current.add(name)
         if sub.wildcard:  # and what it lacks of the whole set
-            sub.recheck |= set(view.resources[type_url]) - current
+            sub.recheck |= set(view.resources[key]) - current
         return current
 
     def respond(self, stream: Stream, type_url: str, sub: Subscription) -> bytes | None:
         view = stream.view
         assert view is not None
-        changes = sub.changes(view, type_url, stream.route_refs)
+        key = stream.view_type(type_url)  # routes: in the form this node is served
+        changes = sub.changes(view, key, stream.route_refs)
         if changes is None:
             return None
         send, removed = changes
@@ -78,7 +80,7 @@ class Delta:
                 sub.settled_version = sub.synced
                 return None
         nonce = stream.nonce()
-        version = view.version_of(type_url)
+        version = view.version_of(key)
         sub.sent(version, str(version), nonce)
         stream.sent(type_url, [r.name for r in send], removed)
         return wire.delta_response(str(version), type_url, nonce, (r.delta for r in send), removed)

@@ -7,6 +7,8 @@ file can run an Envoy with no control plane at all (e.g. to check a config).
 
 from __future__ import annotations
 
+import ipaddress
+
 # Imported for their message types: `Any.unpack` finds only the types that were imported.
 import envoy_data_plane.envoy.config.cluster.v3  # noqa: F401
 import envoy_data_plane.envoy.config.endpoint.v3  # noqa: F401
@@ -69,11 +71,16 @@ def ads_bootstrap(
     match_labels: dict[str, str] | None = None,
     shards: int = runtime.SHARDS,
     listener_port: int | None = None,
+    tls_ca: str | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    tls_server_name: str | None = None,
 ) -> dict:
     """An Envoy bootstrap that takes everything from the control plane over one ADS stream.
 
     The runtime layers are the weight shards (see `xds.runtime`), then an admin layer so an
-    operator can pin a weight by hand (`POST /runtime_modify?overspill.NS.NAME=0`).
+    operator can pin a weight by hand (`POST /runtime_modify?overspill.NS.NAME=0`). With
+    `tls_ca` the xDS connection is TLS (see `xds_tls_socket`).
     """
     scope: dict = {}
     if namespaces:
@@ -89,6 +96,43 @@ def ads_bootstrap(
     node: dict = {"id": node_id, "cluster": node_cluster}
     if scope:
         node["metadata"] = {"overspill": scope}
+    xds_cluster: dict = {
+        "name": "xds_cluster",
+        "type": "STRICT_DNS",
+        "connect_timeout": "1s",
+        # ADS is gRPC: HTTP/2 to the control plane, with keepalives to notice it going away.
+        "typed_extension_protocol_options": {
+            HTTP_OPTIONS: {
+                "@type": f"type.googleapis.com/{HTTP_OPTIONS}",
+                "explicit_http_config": {
+                    "http2_protocol_options": {"connection_keepalive": {"interval": "30s", "timeout": "5s"}}
+                },
+            }
+        },
+        "load_assignment": {
+            "cluster_name": "xds_cluster",
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {
+                            "endpoint": {
+                                "address": {
+                                    "socket_address": {
+                                        "address": xds_host,
+                                        "port_value": xds_port,
+                                    }
+                                }
+                            }
+                        }
+                    ]
+                }
+            ],
+        },
+    }
+    if tls_ca:
+        xds_cluster["transport_socket"] = xds_tls_socket(
+            tls_ca, tls_cert, tls_key, tls_server_name or xds_host
+        )
     return {
         "node": node,
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
@@ -119,43 +163,33 @@ def ads_bootstrap(
             ]
             + [{"name": "admin", "admin_layer": {}}]
         },
-        "static_resources": {
-            "clusters": [
-                {
-                    "name": "xds_cluster",
-                    "type": "STRICT_DNS",
-                    "connect_timeout": "1s",
-                    # ADS is gRPC: HTTP/2 to the control plane, with keepalives to notice it going away.
-                    "typed_extension_protocol_options": {
-                        HTTP_OPTIONS: {
-                            "@type": f"type.googleapis.com/{HTTP_OPTIONS}",
-                            "explicit_http_config": {
-                                "http2_protocol_options": {
-                                    "connection_keepalive": {"interval": "30s", "timeout": "5s"}
-                                }
-                            },
-                        }
-                    },
-                    "load_assignment": {
-                        "cluster_name": "xds_cluster",
-                        "endpoints": [
-                            {
-                                "lb_endpoints": [
-                                    {
-                                        "endpoint": {
-                                            "address": {
-                                                "socket_address": {
-                                                    "address": xds_host,
-                                                    "port_value": xds_port,
-                                                }
-                                            }
-                                        }
-                                    }
-                                ]
-                            }
-                        ],
-                    },
-                }
-            ]
+        "static_resources": {"clusters": [xds_cluster]},
+    }
+
+
+UPSTREAM_TLS = "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+
+
+def xds_tls_socket(ca: str, cert: str | None, key: str | None, server_name: str) -> dict:
+    """The xDS cluster's TLS: trust `ca`, present `cert`/`key` (mTLS) if given, and accept only a
+    server certificate naming `server_name` (a DNS SAN, sent as SNI too; or an IP address SAN)."""
+    try:
+        ipaddress.ip_address(server_name)
+        san_type, sni = "IP_ADDRESS", None  # SNI cannot carry an address
+    except ValueError:
+        san_type, sni = "DNS", server_name
+    common: dict = {
+        "alpn_protocols": ["h2"],
+        "validation_context": {
+            "trusted_ca": {"filename": ca},
+            "match_typed_subject_alt_names": [{"san_type": san_type, "matcher": {"exact": server_name}}],
         },
     }
+    if cert and key:
+        common["tls_certificates"] = [
+            {"certificate_chain": {"filename": cert}, "private_key": {"filename": key}}
+        ]
+    context: dict = {"@type": f"type.googleapis.com/{UPSTREAM_TLS}", "common_tls_context": common}
+    if sni:
+        context["sni"] = sni
+    return {"name": "envoy.transport_sockets.tls", "typed_config": context}

@@ -285,9 +285,12 @@ _ROUTE_CONFIG, _SCOPE = Fields(RouteConfiguration), Fields(ScopedRouteConfigurat
 _SCOPE_KEY, _KEY_FRAGMENT = Fields(ScopedRouteConfigurationKey), Fields(ScopedRouteConfigurationKeyFragment)
 
 
-def model_route_configuration(route: ModelRoute) -> bytes:
-    """The model's own route configuration, served over RDS to the Envoys whose scopes name it."""
-    return _ROUTE_CONFIG.name(route.route_config) + _ROUTE_CONFIG.virtual_hosts(virtual_host(route))
+def model_route_configuration(route: ModelRoute, weight_inline: bool = False) -> bytes:
+    """The model's own route configuration, served over RDS to the Envoys whose scopes name it.
+    `weight_inline` writes the current remote share in as the runtime key's default: what an
+    Envoy without the weight layers routes by (it has no value for the key)."""
+    default = route.remote_percent if weight_inline else 0.0
+    return _ROUTE_CONFIG.name(route.route_config) + _ROUTE_CONFIG.virtual_hosts(virtual_host(route, default))
 
 
 def scoped_route(host: str, route_config: str) -> bytes:

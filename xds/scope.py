@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from xds.bundle import ModelBundle
@@ -37,6 +37,13 @@ class Scope:
             _port(port),
         )
 
+    def within(self, allowed: frozenset[str] | None) -> Scope:
+        """This scope bounded by the namespaces a node's certificate allows (None: no bound). A
+        scope naming no namespaces asks for all, so it gets exactly the allowed ones."""
+        if allowed is None:
+            return self
+        return replace(self, namespaces=allowed if self.namespaces is None else self.namespaces & allowed)
+
     def admits(self, bundle: ModelBundle) -> bool:
         if self.namespaces is not None and bundle.namespace not in self.namespaces:
             return False
@@ -46,7 +53,7 @@ class Scope:
     def __str__(self) -> str:
         parts = []
         if self.namespaces is not None:
-            parts.append("namespaces=" + ",".join(sorted(self.namespaces)))
+            parts.append("namespaces=" + (",".join(sorted(self.namespaces)) or "-"))
         if self.match_labels:
             parts.append("labels=" + ",".join(f"{k}={v}" for k, v in self.match_labels))
         if self.listener_port:

@@ -21,9 +21,11 @@ import grpc
 from xds import wire
 from xds.cache import ResourceCache
 from xds.delta import Delta
+from xds.identity import Identity, IdentityRules
 from xds.sotw import StateOfTheWorld
-from xds.stream import Stream
+from xds.stream import Stream, weight_layers_fix
 from xds.subscription import Interner, Nack
+from xds.tls import ServerTls
 from xds.types import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE, RUNTIME, SCOPED_ROUTE, SHORT
 
 log = logging.getLogger("overspill.xds")
@@ -135,13 +137,37 @@ class Callbacks:
 
     def nacked(self, stream: Stream, nack: Nack) -> None: ...
 
+    def scope_denied(self, stream: Stream) -> None:
+        """Its certificate denied the node namespaces it asked for (see `Stream.denied`)."""
+
+    def weight_layers(self, stream: Stream) -> None:
+        """The node was judged (again) on whether it takes the weight layers (`stream.weight_layers`)."""
+
+    def request_refused(self, stream: Stream, error: str) -> None:
+        """A request could not be read or taken; the stream is being closed."""
+
+
+class RequestRefused(Exception):
+    """Ends one stream with a gRPC status: a malformed request (INVALID_ARGUMENT), or one this
+    server failed on (INTERNAL). The server and every other stream carry on."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
 
 class XdsServer:
     def __init__(
-        self, cache: ResourceCache, callbacks: Callbacks | None = None, budget_bytes: int = 64 << 20
+        self,
+        cache: ResourceCache,
+        callbacks: Callbacks | None = None,
+        budget_bytes: int = 64 << 20,
+        identities: IdentityRules | None = None,
     ):
         self.cache = cache
         self.callbacks = callbacks or Callbacks()
+        self.identities = identities or IdentityRules()  # client certificates (mTLS) -> namespaces
         self.budget = ByteBudget(budget_bytes)
         self.streams: dict[int, Stream] = {}
         self._ids = itertools.count(1)
@@ -162,7 +188,11 @@ class XdsServer:
         async def handle(requests: AsyncIterator, context) -> None:
             # `context.write`, not `yield`: grpc.aio keeps a yielded message alive until the next
             # yield, so every idle stream would pin its last (megabytes-large) full-sync response.
-            await self.serve(requests, delta, types, context.write, context.peer())
+            identity = self.identities.identify(context.auth_context())
+            try:
+                await self.serve(requests, delta, types, context.write, context.peer(), identity)
+            except RequestRefused as exc:
+                await context.abort(exc.code, exc.details)
 
         return handle
 
@@ -173,9 +203,10 @@ class XdsServer:
         types: tuple[str, ...],
         send: Callable[[bytes], Awaitable[None]],
         peer: str = "",
+        identity: Identity | None = None,
     ) -> None:
         protocol = Delta() if delta else StateOfTheWorld()
-        stream = Stream(next(self._ids), self.cache, protocol, types, peer, self._interner)
+        stream = Stream(next(self._ids), self.cache, protocol, types, peer, self._interner, identity)
         self.streams[stream.sid] = stream
         self.callbacks.stream_opened(stream)
         wake = asyncio.Event()  # set by a cache commit, a request, or the reader ending
@@ -210,38 +241,108 @@ class XdsServer:
             log.info("event=stream_closed node=%s peer=%s", stream.node_id, stream.peer)
 
     async def _read(self, stream: Stream, requests: AsyncIterator, wake: asyncio.Event) -> None:
-        async for req in requests:
-            known = bool(stream.node_id)
-            sub = stream.types.get(req.type_url)
-            before = (sub.pending, sub.names, sub.wildcard) if sub is not None else None
-            stream.on_request(req)
-            if not known and stream.node_id:
-                log.info(
-                    "event=stream_opened node=%s cluster=%s peer=%s protocol=%s scope=%s",
-                    stream.node_id,
-                    stream.cluster,
-                    stream.peer,
-                    stream.protocol.name,
-                    stream.scope,
-                )
-            for type_url in stream.acks:
-                self.callbacks.acked(stream, type_url)
-            stream.acks.clear()
-            for nack in stream.nacks:
-                log.error(
-                    "event=nack node=%s type=%s version=%s models=%s error=%r",
-                    stream.node_id,
-                    SHORT[nack.type_url],
-                    nack.version,
-                    ",".join(f"{ns}/{n}" for ns, n in nack.models) or "-",
-                    nack.message,
-                )
-                self.callbacks.nacked(stream, nack)
-            stream.nacks.clear()
-            if sub is not None and not sub.pending:
-                self.budget.release((stream.sid, req.type_url))
-            if not _plain_ack(stream, req, before):
-                wake.set()
+        """Take the stream's requests until it ends; a request that cannot be read or taken ends
+        this stream alone (`RequestRefused`), with a log line and a count."""
+        try:
+            async for req in requests:
+                try:
+                    self._on_request(stream, req, wake)
+                except Exception as exc:  # a bug met by one node's request: its stream, not the server
+                    raise self._refuse(stream, grpc.StatusCode.INTERNAL, exc) from exc
+        except wire.MalformedRequest as exc:  # raised by the deserializer, as the iterator reads
+            raise self._refuse(stream, grpc.StatusCode.INVALID_ARGUMENT, exc) from None
+
+    def _refuse(self, stream: Stream, code: grpc.StatusCode, exc: Exception) -> RequestRefused:
+        error = str(exc) if isinstance(exc, wire.MalformedRequest) else f"{type(exc).__name__}: {exc}"
+        log.error(
+            "event=request_refused node=%s peer=%s protocol=%s code=%s error=%r",
+            stream.node_id or "-",
+            stream.peer,
+            stream.protocol.name,
+            code.name,
+            error,
+        )
+        self.callbacks.request_refused(stream, error)
+        what = "malformed request" if code == grpc.StatusCode.INVALID_ARGUMENT else "request failed"
+        return RequestRefused(code, f"{what}: {error}")
+
+    def _on_request(self, stream: Stream, req: wire.Request, wake: asyncio.Event) -> None:
+        known, judged = bool(stream.node_id), stream.weight_layers
+        sub = stream.types.get(req.type_url)
+        before = (sub.pending, sub.names, sub.wildcard) if sub is not None else None
+        stream.on_request(req)
+        if not known and stream.node_id:
+            log.info(
+                "event=stream_opened node=%s cluster=%s peer=%s identity=%s protocol=%s scope=%s",
+                stream.node_id,
+                stream.cluster,
+                stream.peer,
+                stream.identity.name if stream.identity else "-",
+                stream.protocol.name,
+                stream.scope,
+            )
+            if stream.denied:
+                _log_denied(stream)
+                self.callbacks.scope_denied(stream)
+        if stream.weight_layers is not judged:
+            self._report_weight_layers(stream, judged)
+        for type_url in stream.acks:
+            self.callbacks.acked(stream, type_url)
+        stream.acks.clear()
+        for nack in stream.nacks:
+            log.error(
+                "event=nack node=%s type=%s version=%s models=%s error=%r",
+                stream.node_id,
+                SHORT[nack.type_url],
+                nack.version,
+                ",".join(f"{ns}/{n}" for ns, n in nack.models) or "-",
+                nack.message,
+            )
+            self.callbacks.nacked(stream, nack)
+        stream.nacks.clear()
+        if sub is not None and not sub.pending:
+            self.budget.release((stream.sid, req.type_url))
+        if not _plain_ack(stream, req, before):
+            wake.set()
+
+    def _report_weight_layers(self, stream: Stream, before: bool | None) -> None:
+        layers = stream.view.layer_names if stream.view else []
+        if stream.weight_layers is False and not stream.warned_weight_layers and layers:
+            stream.warned_weight_layers = True  # once per stream
+            log.warning(
+                "event=no_weight_layers node=%s cluster=%s peer=%s protocol=%s layers_subscribed=%d/%d"
+                " served=weights_in_routes fix=%r",
+                stream.node_id,
+                stream.cluster,
+                stream.peer,
+                stream.protocol.name,
+                stream.layers_subscribed(),
+                len(layers),
+                weight_layers_fix(layers),
+            )
+        elif stream.weight_layers and before is False:
+            log.info(
+                "event=weight_layers_subscribed node=%s cluster=%s peer=%s",
+                stream.node_id,
+                stream.cluster,
+                stream.peer,
+            )
+        self.callbacks.weight_layers(stream)
+
+
+def _log_denied(stream: Stream) -> None:
+    def names(namespaces: frozenset[str] | None) -> str:
+        return "*" if namespaces is None else ",".join(sorted(namespaces)) or "-"
+
+    assert stream.identity is not None
+    log.warning(
+        "event=scope_denied node=%s identity=%s asked=%s granted=%s peer=%s",
+        stream.node_id,
+        stream.identity.name,
+        names(stream.asked.namespaces),
+        names(stream.scope.namespaces),
+        stream.peer,
+    )
 
 
 def _plain_ack(stream: Stream, req: wire.Request, before: tuple | None) -> bool:
@@ -265,9 +366,14 @@ def _plain_ack(stream: Stream, req: wire.Request, before: tuple | None) -> bool:
     )
 
 
-async def start_server(xds: XdsServer, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+async def start_server(
+    xds: XdsServer, host: str, port: int, tls: ServerTls | None = None
+) -> tuple[grpc.aio.Server, int]:
+    """Serve xDS on host:port: plain, TLS, or mTLS (`tls` with a client CA); raises
+    `xds.tls.TlsFileError` if the TLS files cannot be used."""
     server = grpc.aio.server(options=[("grpc.max_send_message_length", 256 << 20)])
     server.add_generic_rpc_handlers(xds.handlers())
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)
     await server.start()
     return server, bound

@@ -2,7 +2,8 @@
 
 Each model's clusters, endpoints, route configuration, routing scopes and runtime entry are
 memoized on exactly the inputs they depend on, so a weight change serializes one runtime entry
-and nothing else; the runtime layers are byte joins (see `wire`).
+and nothing else (and, only where a node without the weight layers is served, the model's
+route configuration with the weight written in); the runtime layers are byte joins (see `wire`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 from api.desired import ModelKey, ModelRoute
 from xds import resources as res
 from xds import runtime
-from xds.bundle import ModelBundle, Resource
+from xds.bundle import Deferred, ModelBundle, Resource
 from xds.cache import ResourceCache
 from xds.encode import encode
 from xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE, SCOPED_ROUTE
@@ -48,7 +49,8 @@ class Translator:
         self._routes: dict[ModelKey, ModelRoute] = {}
         self._bundles = _Memo()
         self._memos = {
-            part: _Memo() for part in ("local", "remote", "endpoints", "routes", "scopes", "runtime")
+            part: _Memo()
+            for part in ("local", "remote", "endpoints", "routes", "routes_inline", "scopes", "runtime")
         }
 
     def publish(self, routes: list[ModelRoute]) -> int:
@@ -93,6 +95,11 @@ class Translator:
                     lambda: Resource.of(CLUSTER, r.remote_cluster, res.remote_cluster(r)),
                 )
             )
+        routes = m["routes"].get(
+            key,
+            (r.domains, r.remote),
+            lambda: Resource.of(ROUTE, r.route_config, res.model_route_configuration(r)),
+        )
         return ModelBundle(
             namespace=r.namespace,
             name=r.name,
@@ -103,10 +110,16 @@ class Translator:
                 r.endpoints,
                 lambda: Resource.of(ENDPOINT, r.local_cluster, res.load_assignment(r)),
             ),
-            routes=m["routes"].get(
-                key,
-                (r.domains, r.remote),
-                lambda: Resource.of(ROUTE, r.route_config, res.model_route_configuration(r)),
+            routes=routes,
+            # With no remote there is no share to write in: the same bytes, the same object.
+            routes_weight_inline=Deferred(
+                (lambda: routes)
+                if r.remote is None
+                else lambda: m["routes_inline"].get(
+                    key,
+                    (r.domains, r.remote, r.remote_percent),
+                    lambda: Resource.of(ROUTE, r.route_config, res.model_route_configuration(r, True)),
+                )
             ),
             scopes=m["scopes"].get(
                 key,

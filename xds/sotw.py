@@ -64,9 +64,10 @@ class StateOfTheWorld:
     def respond(self, stream: Stream, type_url: str, sub: Subscription) -> bytes | None:
         view = stream.view
         assert view is not None
-        version = view.version_of(type_url)
+        key = stream.view_type(type_url)  # routes: in the form this node is served
+        version = view.version_of(key)
         if type_url in NAMED:
-            changes = sub.changes(view, type_url, stream.route_refs)
+            changes = sub.changes(view, key, stream.route_refs)
             if changes is None or not changes[0]:
                 return None
             label = str(version)

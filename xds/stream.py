@@ -17,6 +17,15 @@ Three rules make updates safe:
   config until something different comes. As Envoy applies the valid resources of a
   rejected response, the node counts as holding all it was sent. A later response that
   carries none of the rejected models' resources does not end the rejection.
+
+Weights reach nodes without the weight layers too. Envoy asks for its runtime layers before
+anything else at start (its runtime must be ready before it asks for clusters) and for route
+configurations only once it has its listener and scopes, so at a stream's first route request
+it is judged: a node subscribed (on this stream) to every weight layer gets its routes with the
+weights in those layers; any other node gets them with the current weights written in as the
+runtime keys' defaults (`View` keeps both forms), a route update per weight change, and no wait
+for RTDS. A later change of its RTDS subscription judges it again (a node that subscribes late
+gets routes without inline weights only once it has taken the layers).
 """
 
 from __future__ import annotations
@@ -29,13 +38,19 @@ from typing import Protocol
 from api.desired import model_of, models_named_in, route_config_name
 from xds import wire
 from xds.cache import ResourceCache
+from xds.identity import Identity
 from xds.scope import Scope
 from xds.subscription import Interner, Nack, Subscription
-from xds.types import CLUSTER, ENDPOINT, PUSH_ORDER, ROUTE, RUNTIME, SHORT
+from xds.types import CLUSTER, ENDPOINT, PUSH_ORDER, ROUTE, ROUTE_WEIGHT_INLINE, RUNTIME, SHORT
 from xds.view import View
 
 log = logging.getLogger("overspill.xds")
 HOLD_LIMIT = 5.0  # seconds a route update may wait for the node to take its clusters
+
+
+def weight_layers_fix(layers: list[str]) -> str:
+    """What to change in a bootstrap whose node does not take the weight layers."""
+    return f"use `overspill bootstrap`, or declare layered_runtime rtds layers {layers[0]} to {layers[-1]}"
 
 
 class XdsProtocol(Protocol):
@@ -72,6 +87,7 @@ class Stream:
         allowed: tuple[str, ...],
         peer: str = "",
         interner: Interner | None = None,
+        identity: Identity | None = None,
     ):
         self.sid = sid
         self.cache = cache
@@ -81,7 +97,9 @@ class Stream:
         self.intern = interner or Interner()
         self.node_id = ""
         self.cluster = ""
-        self.scope = Scope()
+        self.identity = identity  # from the client certificate (mTLS): bounds the scope
+        self.asked = Scope()  # the scope its metadata asks for
+        self.scope = Scope()  # what it receives
         self.view: View | None = None
         self.types: dict[str, Subscription] = {}
         # What the node's route configurations are, as versions of the view (nothing per model,
@@ -97,6 +115,12 @@ class Stream:
         self.route_refs = _RouteRefs(self)  # what `Subscription.changes` keeps from going
         self._nonces = 0
         self._held_since: float | None = None  # a route update waiting for its clusters, since
+        # Whether the node takes every weight layer (None until its first route request), and the
+        # form of route configurations it is served (ROUTE, or ROUTE_WEIGHT_INLINE without them).
+        self.weight_layers: bool | None = None
+        self.route_form = ROUTE
+        self.warned_weight_layers = False  # the log says so once per stream
+        self._layers_needed = 0  # RTDS version to be taken before routes without weights (a late subscriber)
         self.nacks: list[Nack] = []  # new NACKs, for the server to report
         self.acks: list[str] = []  # types newly ACKed, for the server to report
 
@@ -108,9 +132,16 @@ class Stream:
 
     def on_request(self, req: wire.Request) -> None:
         self._hello(req.node)
-        routes = self.types.get(ROUTE)
+        if req.type_url == ROUTE and self.weight_layers is None:
+            self._judge_weights()  # before reading it: Delta compares what the node holds with its form
+        routes, layers = self.types.get(ROUTE), self.types.get(RUNTIME)
         before = routes.names if routes is not None else frozenset()
+        held = (layers.names, layers.wildcard) if layers is not None else None
         self.protocol.read(self, req)
+        layers = self.types.get(RUNTIME)
+        if req.type_url == RUNTIME and self.weight_layers is not None and layers is not None:
+            if held is None or layers.names is not held[0] or layers.wildcard != held[1]:
+                self._judge_weights()  # its layers changed (an ACK, the same names, changes nothing)
         routes = self.types.get(ROUTE)
         if routes is not None and routes.names is not before:
             # Envoy asks no more for a route configuration once no scope names it: it is gone.
@@ -118,13 +149,54 @@ class Stream:
             self.refs_generation += 1
 
     def _hello(self, node) -> None:
-        """The first request names the node (Envoy sends it only then): its scope picks the view."""
+        """The first request names the node (Envoy sends it only then): its scope picks the view.
+        What its metadata asks for is bounded by what its certificate allows."""
         if self.view is not None:
             return
         if node is not None:
             self.node_id, self.cluster = node.id, node.cluster
-            self.scope = Scope.from_metadata(node.metadata.to_dict() if node.metadata is not None else {})
+            self.asked = Scope.from_metadata(node.metadata.to_dict() if node.metadata is not None else {})
+        self.scope = self.asked.within(self.identity.namespaces) if self.identity else self.asked
         self.view = self.cache.acquire(self.scope)
+
+    def _judge_weights(self) -> None:
+        """Whether the node takes every weight layer, from its RTDS subscription on this stream."""
+        view = self.view
+        assert view is not None
+        rtds = self.types.get(RUNTIME)
+        held = rtds is not None and (rtds.wildcard or rtds.names.issuperset(view.layer_names))
+        if held == self.weight_layers:
+            return
+        self.weight_layers = held
+        if not held:
+            self.cache.keep_weight_inline(view)
+        if ROUTE not in self.types:  # its first route request: the routes start in the right form
+            self.route_form = ROUTE if held else ROUTE_WEIGHT_INLINE
+
+    def layers_subscribed(self) -> int:
+        """How many of the weight layers the node subscribes to (for the log and status)."""
+        rtds = self.types.get(RUNTIME)
+        if rtds is None or self.view is None:
+            return 0
+        return len(self.view.layer_names) if rtds.wildcard else len(rtds.names & set(self.view.layer_names))
+
+    def weight_layers_warning(self) -> str:
+        layers = self.view.layer_names if self.view is not None else []
+        return (
+            f"does not take the weight layers ({self.layers_subscribed()}/{len(layers)} subscribed): weights"
+            f" are written into its routes instead; {weight_layers_fix(layers) if layers else ''}"
+        )
+
+    def view_type(self, type_url: str) -> str:
+        """Where the view keeps what this node is sent of `type_url` (routes: in the node's form)."""
+        return self.route_form if type_url == ROUTE else type_url
+
+    @property
+    def denied(self) -> bool:
+        """Whether its certificate denied it namespaces it asked for by name, or every namespace."""
+        if self.identity is None or self.scope.namespaces is None:
+            return False
+        return not self.scope.namespaces or self.asked.namespaces not in (None, self.scope.namespaces)
 
     def close(self) -> None:
         if self.view is not None:
@@ -176,7 +248,7 @@ class Stream:
         named = models_named_in(message, keys)
         if named:
             return tuple(named)
-        changed = self.view.changed_since(type_url, since) or frozenset()
+        changed = self.view.changed_since(self.view_type(type_url), since) or frozenset()
         return tuple(sorted({m for n in changed if (m := self.view.owner(type_url, n)) is not None} & keys))
 
     # --- responses ---
@@ -190,8 +262,10 @@ class Stream:
             sub = self.types.get(type_url)
             if sub is None or sub.pending:
                 continue
-            if type_url == ROUTE and not self._route_may_go(sub, now):
-                continue
+            if type_url == ROUTE:
+                self._take_route_form(sub)
+                if not self._route_may_go(sub, now):
+                    continue
             payload = self.protocol.respond(self, type_url, sub)
             if payload is not None:
                 out.append((type_url, payload))
@@ -200,18 +274,37 @@ class Stream:
     def held_route(self) -> bool:
         return self._held_since is not None
 
+    def _take_route_form(self, sub: Subscription) -> None:
+        """Serve the node the form of routes its weight layers call for, once it has answered the
+        routes in flight: every route configuration it asks for goes again, in the new form."""
+        view = self.view
+        assert view is not None
+        wanted = ROUTE if self.weight_layers is not False else ROUTE_WEIGHT_INLINE
+        if wanted == self.route_form:
+            return
+        self.route_form = wanted
+        sub.synced = sub.settled_version = 0
+        # Until it takes them again it may hold either form: clusters stay while either uses them.
+        self._routes_unsure |= sub.names
+        self._routes_since, self._routes_taken = 0, 0
+        self.refs_generation += 1
+        if wanted == ROUTE:  # routes without weights only once the node has the weights as they are now
+            self._layers_needed = view.version_of(RUNTIME)
+
     def _route_may_go(self, sub: Subscription, now: float) -> bool:
         view = self.view
         assert view is not None
-        if view.version_of(ROUTE) <= sub.synced and not sub.recheck:  # nothing new to send
+        form = self.route_form
+        if view.version_of(form) <= sub.synced and not sub.recheck:  # nothing new to send
             self._held_since = None
             return True
-        needs = view.route_needs
+        needs = view.route_needs[form]
         waiting = []
         cds, rtds, eds = self.types.get(CLUSTER), self.types.get(RUNTIME), self.types.get(ENDPOINT)
         if cds is not None and cds.settled_version < needs.cluster_version:
             waiting.append("CDS")
-        if rtds is not None and rtds.settled_version < needs.runtime_version:
+        layers = max(needs.runtime_version, self._layers_needed) if form == ROUTE else 0
+        if rtds is not None and rtds.settled_version < layers:
             waiting.append("RTDS")
         if eds is not None and (
             eds.pending
@@ -241,9 +334,9 @@ class Stream:
         """The endpoint sets used by the route configurations the node is about to be sent."""
         view = self.view
         assert view is not None
-        names = view.changed_since(ROUTE, sub.synced) if sub.synced else None
+        names = view.changed_since(self.route_form, sub.synced) if sub.synced else None
         if names is None:
-            names = frozenset(view.resources[ROUTE])
+            names = frozenset(view.resources[self.route_form])
         names = names | sub.recheck
         if not sub.wildcard:
             names = names & sub.names
@@ -259,7 +352,7 @@ class Stream:
         (or the model went, and the node has not yet dropped its routes)."""
         view = self.view
         assert view is not None
-        dropped, key = view.dropped(cluster), model_of(cluster)
+        dropped, key = view.dropped(cluster, self.route_form), model_of(cluster)
         routes = self.types.get(ROUTE)
         if dropped is None or key is None or routes is None or self._routes_since is None:
             return False
@@ -284,7 +377,7 @@ class Stream:
         self._in_flight[type_url] = (*names, *removed) if removed else names
         if type_url == ROUTE and self._routes_since is None:
             assert self.view is not None
-            self._routes_since = self.view.version_of(ROUTE)
+            self._routes_since = self.view.version_of(self.route_form)
             self.refs_generation += 1
 
     def describe(self) -> dict:
@@ -293,8 +386,13 @@ class Stream:
             "id": self.node_id,
             "cluster": self.cluster,
             "peer": self.peer,
+            "identity": self.identity.name if self.identity else None,
             "protocol": self.protocol.name,
             "scope": str(self.scope),
+            # False: routes carry the weights inline (the node does not take the weight layers)
+            "weightLayers": self.weight_layers,
+            "weightLayersSubscribed": self.layers_subscribed(),
+            "warnings": [self.weight_layers_warning()] if self.weight_layers is False else [],
             "types": {
                 SHORT[t]: {
                     "acked": sub.acked or None,

@@ -11,6 +11,9 @@ RUNTIME = "type.googleapis.com/envoy.service.runtime.v3.Runtime"
 # listener before the routing scopes (its HttpConnectionManager subscribes to them), and the
 # scopes before the route configurations (Envoy asks for those the scopes name).
 PUSH_ORDER = (CLUSTER, ENDPOINT, RUNTIME, LISTENER, SCOPED_ROUTE, ROUTE)
+# Not a type on the wire: the key under which a view keeps its route configurations with the
+# weights written in, for nodes that do not take the weight layers (`stream.Stream.route_form`).
+ROUTE_WEIGHT_INLINE = ROUTE + "#weight-inline"
 # Types a client subscribes to by name; the others are wildcard (in state of the world, a
 # response of a wildcard type carries the whole set: Envoy removes what it leaves out).
 NAMED = {ENDPOINT, ROUTE, RUNTIME}

@@ -11,6 +11,11 @@ names it. The reconciler gives each Host name to one model, but a bare `svc` and
 `svc:8080` may still go to two models: a scope has one key, so the first model by
 namespace/name keeps the scope (as the reconciler keeps contested names) and the other's
 Host with that name is answered 404.
+
+Route configurations come in two forms: the one RTDS nodes get (the remote share comes in the
+weight layers, so a weight change is no route change), and, for nodes that do not take those
+layers, one with the current share written in (`ROUTE_WEIGHT_INLINE`: its own resources and
+log, built for every model the first time such a node is served, then kept up to date).
 """
 
 from __future__ import annotations
@@ -18,16 +23,27 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Collection, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from api.desired import ModelKey, model_of
 from xds import runtime, wire
 from xds.bundle import ModelBundle, Resource
 from xds.scope import Scope
-from xds.types import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE, RUNTIME, SCOPED_ROUTE
+from xds.types import (
+    CLUSTER,
+    ENDPOINT,
+    LISTENER,
+    PUSH_ORDER,
+    ROUTE,
+    ROUTE_WEIGHT_INLINE,
+    RUNTIME,
+    SCOPED_ROUTE,
+)
 
 LOG_LENGTH = 256  # changes a stream may lag behind before it gets a full comparison
 RETIRE_SECONDS = 300.0  # how long a dropped cluster stays available to nodes that still route to it
+ROUTE_FORMS = (ROUTE, ROUTE_WEIGHT_INLINE)
+VIEW_TYPES = (*PUSH_ORDER, ROUTE_WEIGHT_INLINE)
 
 
 @dataclass(frozen=True)
@@ -68,19 +84,20 @@ class View:
     def __init__(self, scope: Scope, listener: Resource, shards: int):
         self.scope = scope
         self.shards = shards
-        self.resources: dict[str, dict[str, Resource]] = {t: {} for t in PUSH_ORDER}
-        self._log = {t: ChangeLog() for t in PUSH_ORDER}
+        self.resources: dict[str, dict[str, Resource]] = {t: {} for t in VIEW_TYPES}
+        self._log = {t: ChangeLog() for t in VIEW_TYPES}
         self._bundles: dict[ModelKey, ModelBundle] = {}
         self._retired: dict[str, dict[str, tuple[Resource, float]]] = {CLUSTER: {}, ENDPOINT: {}}
-        # A retired cluster -> (the route version from which its model's routes no longer use
-        # it, whether the model itself went): what a stream needs to know whether its node's
+        # A retired cluster -> ({route form: the version from which its model's routes no longer
+        # use it}, whether the model itself went): what a stream needs to know whether its node's
         # routes may still use it, without keeping per node what each route configuration uses.
-        self._dropped: dict[str, tuple[int, bool]] = {}
+        self._dropped: dict[str, tuple[dict[str, int], bool]] = {}
         self.applied = 0  # bumps on every apply (retired clusters change or expire then)
         self._claims: dict[str, set[ModelKey]] = {}  # Host name -> the models with a scope for it
         self._shard_names = runtime.layer_names(shards)
         self._shard_entries: list[dict[str, bytes]] = [{} for _ in range(shards)]
-        self.route_needs = RouteNeeds()
+        self.route_needs = {form: RouteNeeds() for form in ROUTE_FORMS}  # per route form
+        self.weight_inline = False  # whether the ROUTE_WEIGHT_INLINE form is kept (see `keep_weight_inline`)
         self.resources[LISTENER][listener.name] = listener
         for i in range(shards):
             self._rebuild_shard(i)
@@ -110,10 +127,15 @@ class View:
     def retired_names(self, type_url: str) -> Collection[str]:
         return self._retired.get(type_url, {}).keys()
 
-    def dropped(self, cluster: str) -> tuple[int, bool] | None:
-        """For a retired cluster: the route version from which no route uses it, and whether
-        its model went (then the model's last routes use it for as long as a node holds them)."""
-        return self._dropped.get(cluster)
+    @property
+    def layer_names(self) -> list[str]:
+        return self._shard_names
+
+    def dropped(self, cluster: str, form: str = ROUTE) -> tuple[int, bool] | None:
+        """For a retired cluster: the version of route `form` from which no route uses it, and
+        whether its model went (then the model's last routes use it while a node holds them)."""
+        found = self._dropped.get(cluster)
+        return (found[0].get(form, 0), found[1]) if found is not None else None
 
     def models(self) -> Collection[ModelKey]:
         return self._bundles.keys()
@@ -143,6 +165,7 @@ class View:
         dropped: list[tuple[str, bool]] = []
         now = time.monotonic()
         self.applied += 1
+        touched[ROUTE_WEIGHT_INLINE] = set()
         for key, new in changes.items():
             if new is not None and not self.scope.admits(new):
                 new = None
@@ -155,6 +178,10 @@ class View:
                 (ROUTE, (old.routes,) if old else (), (new.routes,) if new else ()),
             ):
                 self._replace(type_url, old_res, new_res, touched[type_url], now)
+            if self.weight_inline:
+                old_res = (old.routes_weight_inline(),) if old else ()
+                new_res = (new.routes_weight_inline(),) if new else ()
+                self._replace(ROUTE_WEIGHT_INLINE, old_res, new_res, touched[ROUTE_WEIGHT_INLINE], now)
             if old is not None:
                 kept = {c.name for c in new.clusters} if new is not None else set()
                 dropped += [(c.name, new is None) for c in old.clusters if c.name not in kept]
@@ -184,17 +211,32 @@ class View:
             touched[RUNTIME].add(self._shard_names[i])
         for type_url in (CLUSTER, ENDPOINT, RUNTIME, SCOPED_ROUTE):
             self._log[type_url].bump(touched[type_url])
-        if touched[ROUTE]:
-            self._log[ROUTE].bump(touched[ROUTE])
-            self.route_needs = RouteNeeds(
-                cluster_version=self._log[CLUSTER].version,
-                endpoint_version=self._log[ENDPOINT].version,
-                runtime_version=self._log[RUNTIME].version,
-            )
+        for form in ROUTE_FORMS:
+            if touched[form]:
+                self._log[form].bump(touched[form])
+                self.route_needs[form] = RouteNeeds(
+                    cluster_version=self._log[CLUSTER].version,
+                    endpoint_version=self._log[ENDPOINT].version,
+                    # Routes with the weight written in need no layer.
+                    runtime_version=self._log[RUNTIME].version if form == ROUTE else 0,
+                )
         for name, model_went in dropped:
             if name in self._retired[CLUSTER]:
-                self._dropped[name] = (self._log[ROUTE].version, model_went)
+                self._dropped[name] = ({f: self._log[f].version for f in ROUTE_FORMS}, model_went)
         self._expire_retired(now)
+
+    def keep_weight_inline(self) -> None:
+        """From now on keep the route configurations with the weights written in as well: a
+        node without the weight layers is served. Builds them for every model once."""
+        if self.weight_inline:
+            return
+        self.weight_inline = True
+        current = self.resources[ROUTE_WEIGHT_INLINE]
+        for bundle in self._bundles.values():
+            routes = bundle.routes_weight_inline()
+            current[routes.name] = routes
+        self._log[ROUTE_WEIGHT_INLINE].bump(current)
+        self.route_needs[ROUTE_WEIGHT_INLINE] = replace(self.route_needs[ROUTE], runtime_version=0)
 
     def _rescope(self, host: str, touched: set[str]) -> None:
         """The scope of `host` routes to the first model by namespace/name that has it, if any."""

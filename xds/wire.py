@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import struct
+import time
 from collections.abc import Callable, Iterable, Iterator
 
 from envoy_data_plane.envoy.config.core.v3 import Node
@@ -52,27 +53,41 @@ class _Bodies:
     Nodes that were in step before a push are sent the same resources, so the body is framed
     once per push rather than once per node. Resources are keyed by identity (cheap, and the
     cache keeps one object per content) and each entry holds them, so no id is reused while
-    its entry lives.
+    its entry lives. Entries live while they are used: there are two generations, and the older
+    is dropped after `AGE` seconds (an entry used meanwhile moves to the newer), so the bodies of
+    past pushes, and the resources they hold, do not stay until the byte limit is reached.
     """
 
     LIMIT = 32 << 20  # bytes of bodies kept; past it the memo starts again
+    AGE = 5.0  # seconds a generation of bodies is kept unused: a push is done well within it
 
     def __init__(self) -> None:
         self._bodies: dict[tuple, tuple[tuple[bytes, ...], bytes]] = {}
-        self._size = 0
+        self._older: dict[tuple, tuple[tuple[bytes, ...], bytes]] = {}
+        self._size = self._older_size = 0
+        self._since = time.monotonic()
 
     def get(self, head: tuple, parts: tuple[bytes, ...], build: Callable[[], bytes]) -> bytes:
         key = (*head, tuple(map(id, parts)))
         found = self._bodies.get(key)
         if found is not None:
             return found[1]
-        body = build()
-        if self._size + len(body) > self.LIMIT:
+        now = time.monotonic()
+        if now - self._since > self.AGE:
+            self._older, self._bodies, self._since = self._bodies, {}, now
+            self._older_size, self._size = self._size, 0
+        found = self._older.pop(key, None)
+        if found is not None:
+            self._older_size -= len(found[1])
+        else:
+            found = (parts, build())
+        if self._size + self._older_size + len(found[1]) > self.LIMIT:
             self._bodies.clear()
-            self._size = 0
-        self._bodies[key] = (parts, body)
-        self._size += len(body)
-        return body
+            self._older.clear()
+            self._size = self._older_size = 0
+        self._bodies[key] = found
+        self._size += len(found[1])
+        return found[1]
 
 
 _bodies = _Bodies()
@@ -147,6 +162,11 @@ def delta_response(
 # uses and leave the node, sent once per stream, to envoy-data-plane.
 
 
+class MalformedRequest(ValueError):
+    """Bytes that are not a well-formed request (truncated, an overlong varint, a group, text that
+    is not UTF-8, a node that does not decode): the server closes that stream, and only that one."""
+
+
 @dataclasses.dataclass(slots=True)
 class Status:
     """`google.rpc.Status`, the error detail of a NACK."""
@@ -196,6 +216,8 @@ class _NameRuns:
         names_list, i = [], start
         while i < len(data) and data[i] == self.TAG:
             length, j = _read_varint(data, i + 1)
+            if j + length > len(data):
+                raise MalformedRequest("field 3 runs past the end of the message")
             names_list.append(data[j : j + length].decode())
             i = j + length
         names = frozenset(names_list)
@@ -230,7 +252,9 @@ def _field_at(data: bytes, i: int) -> tuple[int, int | bytes, int]:
     elif wire_type == 5:
         value, i = data[i : i + 4], i + 4
     else:
-        raise ValueError(f"unsupported wire type {wire_type}")
+        raise MalformedRequest(f"unsupported wire type {wire_type}")
+    if i > len(data):
+        raise MalformedRequest(f"field {number} runs past the end of the message")
     return number, value, i
 
 
@@ -247,6 +271,8 @@ def _fields_and_names(data: bytes, names: list[str]) -> Iterator[tuple[int, int 
     while i < end:
         if data[i] == _NAMES_TAG and i + 1 < end and data[i + 1] < 0x80:
             j = i + 2 + data[i + 1]
+            if j > end:
+                raise MalformedRequest("field 3 runs past the end of the message")
             names.append(data[i + 2 : j].decode())
             i = j
             continue
@@ -260,12 +286,16 @@ def _fields_and_names(data: bytes, names: list[str]) -> Iterator[tuple[int, int 
 def _read_varint(data: bytes, i: int) -> tuple[int, int]:
     result = shift = 0
     while True:
+        if i >= len(data):
+            raise MalformedRequest("a varint runs past the end of the message")
         byte = data[i]
         i += 1
         result |= (byte & 0x7F) << shift
         if byte < 0x80:
             return result, i
         shift += 7
+        if shift >= 70:  # protobuf varints are 10 bytes at most
+            raise MalformedRequest("a varint longer than 10 bytes")
 
 
 def _status(data: bytes) -> Status:
@@ -280,7 +310,16 @@ def _status(data: bytes) -> Status:
 
 def parse_sotw_request(data: bytes) -> Request:
     """`DiscoveryRequest{version_info=1, node=2, resource_names=3, type_url=4, response_nonce=5,
-    error_detail=6}`."""
+    error_detail=6}`; raises `MalformedRequest` (only) for bytes that are not one."""
+    try:
+        return _sotw_request(data)
+    except MalformedRequest:
+        raise
+    except Exception as exc:  # text that is not UTF-8, a node envoy-data-plane cannot decode
+        raise MalformedRequest(f"{type(exc).__name__}: {exc}") from None
+
+
+def _sotw_request(data: bytes) -> Request:
     req = Request()
     i, end = 0, len(data)
     while i < end:
@@ -292,9 +331,13 @@ def parse_sotw_request(data: bytes) -> Request:
         number, wire_type = key >> 3, key & 7
         if wire_type != 2:
             i = _skip(data, i, wire_type)
+            if i > end:
+                raise MalformedRequest(f"field {number} runs past the end of the message")
             continue
         length, i = _read_varint(data, i)
         value, i = data[i : i + length], i + length
+        if i > end:
+            raise MalformedRequest(f"field {number} runs past the end of the message")
         if number == 1:
             req.version_info = value.decode()
         elif number == 2:
@@ -316,12 +359,22 @@ def _skip(data: bytes, i: int, wire_type: int) -> int:
         return i + 8
     if wire_type == 5:
         return i + 4
-    raise ValueError(f"unsupported wire type {wire_type}")
+    raise MalformedRequest(f"unsupported wire type {wire_type}")
 
 
 def parse_delta_request(data: bytes) -> Request:
     """`DeltaDiscoveryRequest{node=1, type_url=2, resource_names_subscribe=3,
-    resource_names_unsubscribe=4, initial_resource_versions=5, response_nonce=6, error_detail=7}`."""
+    resource_names_unsubscribe=4, initial_resource_versions=5, response_nonce=6, error_detail=7}`;
+    raises `MalformedRequest` (only) for bytes that are not one."""
+    try:
+        return _delta_request(data)
+    except MalformedRequest:
+        raise
+    except Exception as exc:  # as in `parse_sotw_request`
+        raise MalformedRequest(f"{type(exc).__name__}: {exc}") from None
+
+
+def _delta_request(data: bytes) -> Request:
     req = Request()
     for number, value in _fields_and_names(data, req.resource_names_subscribe):
         if number == 1:

@@ -271,6 +271,7 @@ class SimEnvoy:
     node_id: str = "sim"
     delta: bool = False
     metadata: dict | None = None  # the node's metadata (the server scopes nodes by it)
+    credentials: grpc.ChannelCredentials | None = None  # TLS, with a client certificate for mTLS
     layers: tuple[str, ...] = tuple(runtime.layer_names())
     decode: bool = False  # hold envoy-data-plane messages, for callers that look inside resources
     reject: Callable[[str, dict], str | None] | None = None  # (type, resources) -> NACK message or None
@@ -307,7 +308,10 @@ class SimEnvoy:
         return self._messages if self.decode else self._infos
 
     async def start(self) -> None:
-        self._channel = grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+        if self.credentials is None:
+            self._channel = grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+        else:
+            self._channel = grpc.aio.secure_channel(self.target, self.credentials, options=CHANNEL_OPTIONS)
         method = "DeltaAggregatedResources" if self.delta else "StreamAggregatedResources"
         self._call = self._channel.stream_stream(ADS + method, request_serializer=encode)(self._requests())
         node = Node(id=self.node_id, cluster="sim")
