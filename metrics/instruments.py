@@ -49,6 +49,11 @@ class ControllerCollector(Collector):
         target = GaugeMetricFamily(
             "overspill_model_metric_target", "Target of an offloading metric", labels=[*LABELS, "metric"]
         )
+        stale = GaugeMetricFamily(
+            "overspill_model_metric_stale",
+            "1 while an offloading metric has had no reading for metricStaleAfterSeconds",
+            labels=[*LABELS, "metric"],
+        )
         ready = GaugeMetricFamily(
             "overspill_model_ready_endpoints", "Ready local endpoints of the model's Service", labels=LABELS
         )
@@ -81,6 +86,7 @@ class ControllerCollector(Collector):
                 target.add_metric([*ids, m.spec.describe()], m.spec.target.threshold)
                 if m.current is not None:
                     value.add_metric([*ids, m.spec.describe()], m.current)
+                stale.add_metric([*ids, m.spec.describe()], 1 if m.spec.describe() in s.stale_metrics else 0)
             for p, n in s.transitions.items():
                 transitions.add_metric([*ids, p], n)
             for metric, n in s.metric_read_errors.items():
@@ -89,7 +95,19 @@ class ControllerCollector(Collector):
                 nacks.add_metric([*ids, t], n)
         rounds = CounterMetricFamily("overspill_evaluations", "Evaluation rounds of all models")
         rounds.add_metric([], self.evaluations())
-        yield from (phase, weight, value, target, ready, errors, transitions, read_errors, nacks, rounds)
+        yield from (
+            phase,
+            weight,
+            value,
+            target,
+            stale,
+            ready,
+            errors,
+            transitions,
+            read_errors,
+            nacks,
+            rounds,
+        )
 
 
 class OriginCollector(Collector):

@@ -308,6 +308,13 @@ def parser() -> argparse.ArgumentParser:
         "Envoy, send a traffic burst, and show offloading switch on and off.",
     )
     d.add_argument("--out", type=Path, default=Path("out/demo"), help="where the timeline PNG and CSV go")
+    d.add_argument(
+        "--scenario",
+        choices=("burst", "long-burst"),
+        default="burst",
+        help="burst (default, ~1.5 min): a 20 s burst turns offloading on and off; long-burst (~3 min): a "
+        "40 s burst, longer than the buffer, in Fixed and then Proportional mode, drawn side by side",
+    )
     return p
 
 
@@ -567,8 +574,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from overspill.demo.long_burst import run_long_burst
     from overspill.demo.scenario import run_demo
 
     if args.log_level != "DEBUG":
         logging.getLogger("overspill.demo").setLevel(logging.WARNING)  # the per-second lines are the show
+    if args.scenario == "long-burst":
+        return asyncio.run(run_long_burst(args.out))
     return asyncio.run(run_demo(args.out))

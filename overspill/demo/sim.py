@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
@@ -39,6 +40,21 @@ class ServerCounts:
     paths: Counter[str] = field(default_factory=Counter)
     hosts: Counter[str] = field(default_factory=Counter)
     recent: deque[SeenRequest] = field(default_factory=lambda: deque(maxlen=RECENT_REQUESTS))
+    # The in-flight count integrated over time (request-seconds), up to `inflight_at`: its
+    # difference over an interval, divided by the interval, is the average in-flight count,
+    # which a sampled gauge only estimates.
+    inflight_area: float = 0.0
+    inflight_at: float = field(default_factory=time.monotonic)
+
+    def add_inflight(self, delta: int) -> None:
+        now = time.monotonic()
+        self.inflight_area += self.inflight * (now - self.inflight_at)
+        self.inflight_at = now
+        self.inflight += delta
+
+    def area_now(self) -> float:
+        """Request-seconds in flight from the start until now."""
+        return self.inflight_area + self.inflight * (time.monotonic() - self.inflight_at)
 
     def header_values(self, name: str) -> Counter[str]:
         """Values of header `name` (case-insensitive) over the recent requests; '' when absent."""
@@ -131,7 +147,7 @@ class ModelServer:
             )
         )
         self._requests_counter.inc()
-        counts.inflight += 1
+        counts.add_inflight(+1)
         counts.max_inflight = max(counts.max_inflight, counts.inflight)
         self._inflight_gauge.set(counts.inflight)
         try:
@@ -141,7 +157,7 @@ class ModelServer:
                 async with self._slots:
                     await asyncio.sleep(self.service_time)
         finally:
-            counts.inflight -= 1
+            counts.add_inflight(-1)
             self._inflight_gauge.set(counts.inflight)
         body = {"served_by": self.name, "path": request.path, "host": host}
         headers = {"x-served-by": self.name}
