@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-pipeline bench-kube bench-restart soak clean prometheus
+.PHONY: demo demo-long-burst test lint bench bench-pipeline bench-kube bench-restart soak clean prometheus
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -25,6 +25,10 @@ prometheus:
 
 demo: $(STAMP) prometheus
 	$(BIN)/overspill demo --out out/demo
+
+# A burst longer than the buffer, in Fixed and then Proportional mode (~3 min).
+demo-long-burst: $(STAMP) prometheus
+	$(BIN)/overspill demo --scenario long-burst --out out/demo-long-burst
 
 test: $(STAMP) prometheus
 	$(BIN)/ruff check .

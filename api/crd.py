@@ -109,13 +109,36 @@ class RemoteBackend:
         return host if self.port == default else f"{host}:{self.port}"
 
 
+MODES = ("Fixed", "Proportional")
+METRIC_MEASURES = ("Local", "Demand")
+STALE_ACTIONS = ("hold", "local", "offload")
+
+
 @dataclass(frozen=True)
 class Behavior:
-    """`offloadingConfig.behavior`: how much spills over and how eagerly it switches."""
+    """`offloadingConfig.behavior`: how much spills over and how eagerly it switches.
+
+    `Fixed` (the seeds' rule) sends `percentage` % while a metric is over its target.
+    `Proportional` sends the excess over the target, `percentage` being its cap: a metric
+    that offloading lowers (`metric_measures` "Local") would otherwise fall under its target
+    as soon as offloading starts and release it while the burst is still on.
+    """
 
     percentage: float = 100.0
     activation_delay_seconds: float = 0.0
     buffer_duration_seconds: float = 30.0
+    mode: str = "Fixed"
+    # "Local": measured on the local side only, so it falls as the remote share rises (in-flight,
+    # queue depth); "Demand": measured before the split (requests arriving at the gateway).
+    metric_measures: str = "Local"
+    tolerance: float = 0.1  # Proportional: no change while the metric is within 10 % of target, as the HPA
+    smoothing_seconds: float = 3.0  # Proportional: time constant of the demand estimate's moving average
+    metric_stale_after_seconds: float = 60.0  # 0: a metric is never considered stale
+    on_stale_metric: str = "hold"  # what a stale metric does: hold the decision, go local, or offload
+
+    @property
+    def proportional(self) -> bool:
+        return self.mode == "Proportional"
 
 
 @dataclass(frozen=True)
@@ -321,10 +344,37 @@ def _parse_offloading(f: Fields) -> OffloadingConfig:
         if value is not None and value < 0:
             b.error(key, f"must be 0 or more, got {_num(value)}")
         delays[key] = value if value is not None else default
+    choices = {}
+    for key, allowed in (
+        ("mode", MODES),
+        ("metricMeasures", METRIC_MEASURES),
+        ("onStaleMetric", STALE_ACTIONS),
+    ):
+        value = b.str(key, allowed[0]) or allowed[0]
+        if value not in allowed:
+            b.error(key, f"must be {', '.join(allowed[:-1])} or {allowed[-1]}, got {value!r}")
+        choices[key] = value
+    tolerance = b.number("tolerance", Behavior.tolerance)
+    if tolerance is not None and not 0 <= tolerance <= 0.9:
+        b.error("tolerance", f"must be between 0 and 0.9, got {_num(tolerance)}")
+    for key, default in (
+        ("smoothingSeconds", Behavior.smoothing_seconds),
+        ("metricStaleAfterSeconds", Behavior.metric_stale_after_seconds),
+    ):
+        value = b.number(key, default)
+        if value is not None and value < 0:
+            b.error(key, f"must be 0 or more, got {_num(value)}")
+        delays[key] = value if value is not None else default
     behavior = Behavior(
         percentage=percentage if percentage is not None else 100.0,
         activation_delay_seconds=delays["activationDelaySeconds"],
         buffer_duration_seconds=delays["bufferDurationSeconds"],
+        mode=choices["mode"],
+        metric_measures=choices["metricMeasures"],
+        tolerance=tolerance if tolerance is not None else Behavior.tolerance,
+        smoothing_seconds=delays["smoothingSeconds"],
+        metric_stale_after_seconds=delays["metricStaleAfterSeconds"],
+        on_stale_metric=choices["onStaleMetric"],
     )
     metrics = tuple(m for m in (parse_metric(item) for item in f.items("metrics")) if m is not None)
     remote = _parse_remote(f.sub("remoteBackend")) if f.has("remoteBackend") else None

@@ -50,6 +50,13 @@ def model_of(resource_name: str) -> ModelKey | None:
     return parts[0], parts[1]
 
 
+def side_of(cluster: str) -> tuple[ModelKey, str] | None:
+    """The model and side (local, remote) of a model's cluster; None for any other name."""
+    key = model_of(cluster)
+    side = cluster.rsplit("/", 1)[-1]
+    return (key, side) if key is not None and side in SIDES else None
+
+
 def models_named_in(message: str, keys: set[ModelKey]) -> list[ModelKey]:
     """The models whose resources an Envoy error message names (cluster, route configuration or
     virtual host names)."""

@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass, field
 
 from api.fields import Fields
+from api.load import ENVOY_PREFIX, envoy_metric_problem
 
 METRIC_TYPES = ("Resource", "ContainerResource", "Pods", "Object", "External")
 # Which target types the HPA accepts for each metric type.
@@ -109,6 +110,11 @@ def parse_metric(f: Fields) -> MetricSpec | None:
             metric.sub("selector").error(
                 "matchLabels", "only applies when metric.name is a metric name, not a PromQL expression"
             )
+    if name and name.startswith(ENVOY_PREFIX):
+        problem = envoy_metric_problem(mtype, name, selector)
+        if problem is not None:
+            source.error(*problem)
+            return None
     if not target_owner.has("target"):
         target_owner.error("target", "is required")
         return None

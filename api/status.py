@@ -72,6 +72,7 @@ class ModelStatus:
     remote: str | None = None
     remote_usable: bool = False
     metrics: list[MetricStatus] = field(default_factory=list)
+    stale_metrics: list[str] = field(default_factory=list)  # without a reading for metricStaleAfterSeconds
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     rejections: list[EnvoyRejection] = field(default_factory=list)
@@ -108,6 +109,7 @@ class ModelStatus:
                 }
                 for m in self.metrics
             ],
+            "staleMetrics": self.stale_metrics,
             "errors": self.errors + [f"{self.key}: {r}" for r in self.rejections],
             "warnings": self.warnings,
             "lastTransitionSecondsAgo": None

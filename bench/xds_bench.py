@@ -118,16 +118,17 @@ class Child:
     """A child process of this script with a role, spoken to in JSON lines."""
 
     running: list[Child] = []  # every child not yet reaped, killed on the way out
+    MODULE = "bench.xds_bench"  # what the child runs (other benchmarks reuse this class)
 
     def __init__(self, proc: asyncio.subprocess.Process, name: str):
         self.proc, self.name = proc, name
 
     @classmethod
-    async def spawn(cls, name: str, *args: str, module: str = "bench.xds_bench") -> Child:
+    async def spawn(cls, name: str, *args: str, module: str | None = None) -> Child:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            module,
+            module or cls.MODULE,
             *args,
             cwd=ROOT,
             stdin=asyncio.subprocess.PIPE,

@@ -16,6 +16,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollecto
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from api.desired import side_of
+from api.load import ClusterLoad
 from api.status import ModelStatus, Phase
 
 LABELS = ["namespace", "name"]
@@ -46,6 +48,11 @@ class ControllerCollector(Collector):
         )
         target = GaugeMetricFamily(
             "overspill_model_metric_target", "Target of an offloading metric", labels=[*LABELS, "metric"]
+        )
+        stale = GaugeMetricFamily(
+            "overspill_model_metric_stale",
+            "1 while an offloading metric has had no reading for metricStaleAfterSeconds",
+            labels=[*LABELS, "metric"],
         )
         ready = GaugeMetricFamily(
             "overspill_model_ready_endpoints", "Ready local endpoints of the model's Service", labels=LABELS
@@ -79,6 +86,7 @@ class ControllerCollector(Collector):
                 target.add_metric([*ids, m.spec.describe()], m.spec.target.threshold)
                 if m.current is not None:
                     value.add_metric([*ids, m.spec.describe()], m.current)
+                stale.add_metric([*ids, m.spec.describe()], 1 if m.spec.describe() in s.stale_metrics else 0)
             for p, n in s.transitions.items():
                 transitions.add_metric([*ids, p], n)
             for metric, n in s.metric_read_errors.items():
@@ -87,7 +95,19 @@ class ControllerCollector(Collector):
                 nacks.add_metric([*ids, t], n)
         rounds = CounterMetricFamily("overspill_evaluations", "Evaluation rounds of all models")
         rounds.add_metric([], self.evaluations())
-        yield from (phase, weight, value, target, ready, errors, transitions, read_errors, nacks, rounds)
+        yield from (
+            phase,
+            weight,
+            value,
+            target,
+            stale,
+            ready,
+            errors,
+            transitions,
+            read_errors,
+            nacks,
+            rounds,
+        )
 
 
 class OriginCollector(Collector):
@@ -140,6 +160,40 @@ class StateFileCollector(Collector):
         yield from (writes, errors)
 
 
+class LoadCollector(Collector):
+    """Envoy's load reports per model and side, summed over the Envoys, read when Prometheus scrapes."""
+
+    def __init__(self, clusters: Callable[[], Mapping[str, ClusterLoad]], reporting: Callable[[], int]):
+        self.clusters = clusters
+        self.reporting = reporting
+
+    def collect(self):
+        labels = [*LABELS, "side"]
+        reporters = GaugeMetricFamily("overspill_envoy_load_reporters", "Envoys sending load reports")
+        reporters.add_metric([], self.reporting())
+        in_flight = GaugeMetricFamily(
+            "overspill_envoy_requests_in_flight",
+            "Requests in flight, from Envoy's load reports",
+            labels=labels,
+        )
+        rate = GaugeMetricFamily(
+            "overspill_envoy_request_rate", "Requests per second, from Envoy's load reports", labels=labels
+        )
+        errors = GaugeMetricFamily(
+            "overspill_envoy_error_rate",
+            "Failed requests per second, from Envoy's load reports",
+            labels=labels,
+        )
+        for cluster, load in self.clusters().items():
+            found = side_of(cluster)
+            if found is not None:
+                ids = [*found[0], found[1]]
+                in_flight.add_metric(ids, load.in_flight)
+                rate.add_metric(ids, load.rate)
+                errors.add_metric(ids, load.errors)
+        yield from (reporters, in_flight, rate, errors)
+
+
 class Instruments:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
@@ -175,6 +229,11 @@ class Instruments:
         self, models: Callable[[], Iterable[ModelStatus]], evaluations: Callable[[], int]
     ) -> None:
         self.registry.register(ControllerCollector(models, evaluations))
+
+    def watch_load(
+        self, clusters: Callable[[], Mapping[str, ClusterLoad]], reporting: Callable[[], int]
+    ) -> None:
+        self.registry.register(LoadCollector(clusters, reporting))
 
     def watch_origins(self, rejected: Callable[[], Mapping[str, int]]) -> None:
         self.registry.register(OriginCollector(rejected))

@@ -30,6 +30,7 @@ class MetricScope:
 
     namespace: str = "default"
     pod_selector: str = ""  # the workload's `spec.selector`, as a label selector string
+    model: str = ""  # the ModelDeployment's name (Envoy's load reports are per model)
 
 
 Request = tuple[MetricSpec, MetricScope]

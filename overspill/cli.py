@@ -186,6 +186,14 @@ def parser() -> argparse.ArgumentParser:
         help="how often offloading metrics are read and decisions made (default %(default)s)",
     )
     s.add_argument(
+        "--load-report-interval",
+        type=_positive,
+        default=DEFAULTS.load_report_interval,
+        metavar="SECONDS",
+        help="how often Envoys send their load reports (LRS), read by envoy: offloading metrics "
+        "(default %(default)s)",
+    )
+    s.add_argument(
         "--default-remote",
         type=_remote_url,
         metavar="URL",
@@ -300,6 +308,13 @@ def parser() -> argparse.ArgumentParser:
         "Envoy, send a traffic burst, and show offloading switch on and off.",
     )
     d.add_argument("--out", type=Path, default=Path("out/demo"), help="where the timeline PNG and CSV go")
+    d.add_argument(
+        "--scenario",
+        choices=("burst", "long-burst"),
+        default="burst",
+        help="burst (default, ~1.5 min): a 20 s burst turns offloading on and off; long-burst (~3 min): a "
+        "40 s burst, longer than the buffer, in Fixed and then Proportional mode, drawn side by side",
+    )
     return p
 
 
@@ -384,6 +399,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         prometheus_url=args.prometheus_url,
         evaluation_interval=args.evaluation_interval,
+        load_report_interval=args.load_report_interval,
         default_remote=args.default_remote,
         cluster_domain=args.cluster_domain,
         kubernetes=args.kubernetes,
@@ -543,12 +559,26 @@ def cmd_status(args: argparse.Namespace) -> int:
             if v["nack"]:
                 models = ", ".join(v["nackModels"]) or "-"
                 print(f"  NACK {t} version {v['nackVersion']} (models: {models}): {v['nack']}")
+    load = doc.get("load") or {}
+    if load.get("models"):
+        print(f"\nENVOY LOAD REPORTS ({load['reporting_envoys']} Envoys)")
+        print(f"{'MODEL':32} {'SIDE':6} {'IN FLIGHT':>9} {'REQ/S':>9} {'ERR/S':>7}  ORCA")
+        for key, sides in load["models"].items():
+            for side, x in sides.items():
+                orca = ", ".join(f"{k}={v:g}" for k, v in x["orca"].items()) or "-"
+                print(
+                    f"{key:32} {side:6} {x['requests_in_flight']:9d} {x['request_rate']:9g} "
+                    f"{x['errors']:7g}  {orca}"
+                )
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from overspill.demo.long_burst import run_long_burst
     from overspill.demo.scenario import run_demo
 
     if args.log_level != "DEBUG":
         logging.getLogger("overspill.demo").setLevel(logging.WARNING)  # the per-second lines are the show
+    if args.scenario == "long-burst":
+        return asyncio.run(run_long_burst(args.out))
     return asyncio.run(run_demo(args.out))

@@ -20,10 +20,13 @@ import aiohttp
 from aiohttp import web
 
 from api.crd import ModelDeployment, ObjectKey
+from api.desired import side_of
 from api.status import ModelStatus
+from metrics.envoy import EnvoyLoadMetrics
 from metrics.instruments import Instruments
 from metrics.kubernetes import KubernetesMetrics
 from metrics.prometheus import PrometheusInformer
+from metrics.source import MetricSource
 from overspill.admin import make_app
 from overspill.events import XdsEvents
 from overspill.settings import Settings
@@ -37,6 +40,7 @@ from reconciler.saved import StateFile, saved_fields, worth_saving
 from reconciler.status_writer import StatusWriter, desired_status
 from reconciler.store import ObjectStore
 from xds.identity import IdentityRules
+from xds.lrs import LoadReports
 from xds.server import XdsServer, start_server
 from xds.snapshot import Translator
 from xds.tls import ServerTls, TlsFileError
@@ -105,6 +109,9 @@ class ControlPlane:
             XdsEvents(self.instruments, self.controller),
             identities=IdentityRules(tuple(settings.xds_gateway_identities), settings.cluster_domain),
         )
+        self.load_reports = LoadReports(settings.load_report_interval)
+        self.xds.services.append(self.load_reports.handler())
+        self.instruments.watch_load(self.load_reports.clusters, self.load_reports.reporting)
         self.ready = False
         self._tasks: set[asyncio.Task] = set()
 
@@ -186,6 +193,7 @@ class ControlPlane:
                 for r in self.store.rejected()
             ],
             "nodes": [stream.describe() for stream in self.xds.streams.values()],
+            "load": load_document(self.load_reports),
         }
         if self.elector is not None:
             doc["leader"] = {"leading": self.elector.leading, "holder": self.elector.holder}
@@ -205,12 +213,15 @@ class ControlPlane:
                 raise SystemExit(f"--state-dir {s.state_dir}: cannot be created: {exc}") from exc
         async with aiohttp.ClientSession() as session, asyncio.TaskGroup() as tg:
             prometheus = PrometheusInformer(s.prometheus_url, session) if s.prometheus_url else None
+            informer: MetricSource | None = prometheus
             if self.kube is not None:
-                self.controller.informer = KubernetesMetrics(
+                informer = KubernetesMetrics(
                     self.kube.get, fallback=prometheus, max_age=s.evaluation_interval / 2
                 )
-            elif prometheus is not None:
-                self.controller.informer = prometheus
+            # `envoy:` metrics from the load reports first; any other name goes on down the chain.
+            self.controller.informer = EnvoyLoadMetrics(
+                self.load_reports.load, self.load_reports.reporting, self.load_reports.ask, informer
+            )
             runner = web.AppRunner(
                 make_app(self.status_document, self.instruments.registry, lambda: self.ready), access_log=None
             )
@@ -287,3 +298,20 @@ def bulk_load() -> Iterator[None]:
         yield
     finally:
         gc.enable()
+
+
+def load_document(reports: LoadReports) -> dict:
+    """Envoy's load reports as `/status` shows them: per model and side, summed over the Envoys."""
+    models: dict[str, dict] = {}
+    for cluster, load in sorted(reports.clusters().items()):
+        found = side_of(cluster)
+        if found is None:
+            continue
+        (namespace, name), side = found
+        models.setdefault(f"{namespace}/{name}", {})[side] = {
+            "requests_in_flight": load.in_flight,
+            "request_rate": round(load.rate, 3),
+            "errors": round(load.errors, 3),
+            "orca": {name: total / count for name, (total, count) in sorted(load.orca.items())},
+        }
+    return {"reporting_envoys": reports.reporting(), "models": models}

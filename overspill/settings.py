@@ -27,6 +27,7 @@ class Settings:
     metrics_port: int = 9102
     prometheus_url: str | None = None
     evaluation_interval: float = 5.0
+    load_report_interval: float = 1.0  # how often Envoys send their load reports (LRS)
     default_remote: RemoteBackend | None = None
     cluster_domain: str = "cluster.local"
     manifest_limits: Limits = field(default_factory=Limits)  # what one manifest file may hold

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from api.crd import ModelDeployment, ObjectKey, ObservedStatus, RemoteBackend
 from api.desired import ModelKey, ModelRoute, service_domains
@@ -51,6 +51,8 @@ class _Reads:
     model: ModelDeployment
     requests: list[Request]
     last: list[Reading] | None = None
+    since: float = 0.0  # when these reads were first wanted: a metric never read is as old as that
+    read_at: dict[str, float] = field(default_factory=dict)  # metric -> when it last had a reading
 
 
 class Controller:
@@ -131,6 +133,7 @@ class Controller:
         entries = [(key, entry, entry.requests) for key, entry in self._reads.items()]
         readings = iter(await self.informer.read_many([r for _, _, reqs in entries for r in reqs]))
         changed = set()
+        now = self.clock()
         events: dict[tuple[str, str, str], list[ObjectKey]] = {}
         for key, entry, requests in entries:
             taken = [next(readings) for _ in requests]
@@ -141,6 +144,10 @@ class Controller:
                 metric = spec.describe()
                 if reading.error:
                     status.metric_read_errors[metric] += 1  # every failed read counts
+                    if _stale_after(entry.model) > 0:
+                        changed.add(key)  # decided again each round, so going stale is seen on time
+                else:
+                    entry.read_at[metric] = now
                 event = self._metric_event(key, metric, reading.error)
                 if event is not None:
                     events.setdefault((event[0], metric, event[1]), []).append(key)
@@ -323,11 +330,11 @@ class Controller:
         if model.offloading is None or not model.offloading.metrics:
             self._reads.pop(model.key, None)
             return
-        scope = MetricScope(model.meta.namespace, pod_selector(self.store, model))
+        scope = MetricScope(model.meta.namespace, pod_selector(self.store, model), model.meta.name)
         requests = [(spec, scope) for spec in model.offloading.metrics]
         entry = self._reads.get(model.key)
         if entry is None or entry.requests != requests:
-            self._reads[model.key] = _Reads(model, requests)
+            self._reads[model.key] = _Reads(model, requests, since=self.clock())
         else:  # the same reads (one in flight keeps its place); the pods may have changed
             entry.model, entry.last = model, None
 
@@ -375,13 +382,15 @@ class Controller:
     def _to_clock(self, t: float | None) -> float | None:
         return None if t is None else t - self._wall_offset
 
-    def _machine_for(self, model: ModelDeployment, status: ModelStatus) -> OffloadMachine:
+    def _machine_for(self, model: ModelDeployment, status: ModelStatus, now: float) -> OffloadMachine:
         machine = self.machines.get(model.key)
         if machine is None:
             machine = self.machines[model.key] = OffloadMachine()
             seen = self.restored.pop(model.key, None) or model.observed
             if seen is not None:  # a restart or a new leader: carry on where the status says
                 self._resume(model, status, machine, seen)
+                if model.offloading is not None:  # a proportional share is held for the buffer
+                    machine.resume(now, model.offloading.behavior, seen.remote_percent)
         return machine
 
     def _resume(
@@ -423,7 +432,7 @@ class Controller:
             return None
 
         # First, so that saved state (a remote found down, say) counts in this very decision.
-        machine = self._machine_for(model, status) if model.offloading and self.leading else None
+        machine = self._machine_for(model, status, now) if model.offloading and self.leading else None
         remote = self.remote_of(model)
         status.ready_endpoints = len(backend.endpoints)
         status.remote = f"{remote.scheme}://{remote.authority}{remote.path_prefix}" if remote else None
@@ -434,8 +443,14 @@ class Controller:
         elif machine is None:
             decision = self._followed(model, status)
         else:
+            self._note_stale(model, status, self._stale_metrics(model, now), now)
             decision = machine.step(
-                now, model.offloading.behavior, status.metrics, status.ready_endpoints, status.remote_usable
+                now,
+                model.offloading.behavior,
+                status.metrics,
+                status.ready_endpoints,
+                status.remote_usable,
+                status.stale_metrics,
             )
         self._record(model, status, decision, now)
         return ModelRoute(
@@ -447,6 +462,34 @@ class Controller:
             decision.remote_percent if remote else 0.0,
             labels=tuple(sorted(model.meta.labels.items())),
         )
+
+    def _stale_metrics(self, model: ModelDeployment, now: float) -> list[str]:
+        """The model's metrics without a reading for `metricStaleAfterSeconds` (a source down
+        or answering nothing counts the same)."""
+        entry, after = self._reads.get(model.key), _stale_after(model)
+        if entry is None or after <= 0:
+            return []
+        names = (spec.describe() for spec, _ in entry.requests)
+        return [m for m in names if now - entry.read_at.get(m, entry.since) >= after]
+
+    def _note_stale(self, model: ModelDeployment, status: ModelStatus, stale: list[str], now: float) -> None:
+        """Keep the stale metrics on status; one log line as each goes stale and as it returns."""
+        entry = self._reads.get(model.key)
+        behavior = model.offloading.behavior if model.offloading else None
+        for metric in stale:
+            if metric not in status.stale_metrics and entry is not None and behavior is not None:
+                log.warning(
+                    "event=metric_stale model=%s metric=%s age=%.0fs stale_after=%gs action=%s",
+                    model.key,
+                    metric,
+                    now - entry.read_at.get(metric, entry.since),
+                    behavior.metric_stale_after_seconds,
+                    behavior.on_stale_metric,
+                )
+        for metric in status.stale_metrics:
+            if metric not in stale:
+                log.info("event=metric_fresh model=%s metric=%s", model.key, metric)
+        status.stale_metrics = stale
 
     def _followed(self, model: ModelDeployment, status: ModelStatus) -> Decision:
         """A follower's decision: the leader's, from status; an outage it sees itself at once."""
@@ -475,7 +518,8 @@ class Controller:
         if not changed:
             return
         status.last_transition = now
-        status.transitions[decision.phase.value] += 1
+        if decision.phase != previous:  # a Proportional share moving within a phase is no transition
+            status.transitions[decision.phase.value] += 1
         if previous is None and decision.phase == Phase.STANDBY:
             self._new_standby.append(model.key)  # the usual start: one summary line (see reconcile)
             return
@@ -515,3 +559,7 @@ class Controller:
     def _rejections_of(self, key: ObjectKey) -> list[EnvoyRejection]:
         model = (key.namespace, key.name)
         return [r for r, models in self._rejections.values() if model in models]
+
+
+def _stale_after(model: ModelDeployment) -> float:
+    return model.offloading.behavior.metric_stale_after_seconds if model.offloading else 0.0

@@ -68,8 +68,11 @@ def desired_status(
         _condition(
             "MetricsAvailable",
             metrics_ok,
-            ("NoMetrics" if not status.metrics else "Read") if metrics_ok else "MetricUnavailable",
-            "; ".join(missing) if missing else f"{len(status.metrics)} metric(s) read",
+            ("NoMetrics" if not status.metrics else "Read")
+            if metrics_ok
+            else ("MetricStale" if status.stale_metrics else "MetricUnavailable"),
+            ("stale: " + ", ".join(status.stale_metrics) + "; " if status.stale_metrics else "")
+            + ("; ".join(missing) if missing else f"{len(status.metrics)} metric(s) read"),
             gen,
         ),
         _condition(

@@ -98,6 +98,7 @@ class Model:
     threshold: float = 10
     path_prefix: str = "/standby"
     ready: bool = True
+    metrics: list[dict] | None = None  # offloading metrics (default: the test-controlled gauge)
     local: ModelServer = field(init=False)
     remote: ModelServer = field(init=False)
 
@@ -154,7 +155,9 @@ class Model:
                             "activationDelaySeconds": self.activation_seconds,
                             "bufferDurationSeconds": self.buffer_seconds,
                         },
-                        "metrics": [
+                        "metrics": self.metrics
+                        if self.metrics is not None
+                        else [
                             {
                                 "type": "External",
                                 "external": {

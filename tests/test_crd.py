@@ -714,3 +714,67 @@ def test_validate_cli_file_that_is_not_utf8(tmp_path, capsys):
     assert main(["validate", str(path)]) == 1
     _, err = capsys.readouterr()
     assert err.startswith(f"{path}: ")
+
+
+# --- Envoy load metrics (`envoy:` names) ---
+
+
+def envoy(mtype: str, name: str, labels: dict | None = None, target: dict | None = None) -> dict:
+    metric: dict = {"name": name}
+    if labels:
+        metric["selector"] = {"matchLabels": labels}
+    key = mtype.lower()
+    return {
+        "type": mtype,
+        key: {"metric": metric, "target": target or {"type": "AverageValue", "averageValue": 4}},
+    }
+
+
+def test_envoy_load_metrics_parse_as_external_and_pods_metrics():
+    doc = offloading(
+        metrics=[
+            envoy("External", "envoy:requests_in_flight", target={"type": "Value", "value": 20}),
+            envoy("External", "envoy:request_rate", {"side": "local"}),
+            envoy(
+                "Pods",
+                "envoy:orca:kv_cache_usage_perc",
+                target={"type": "AverageValue", "averageValue": "800m"},
+            ),
+        ]
+    )
+    in_flight, rate, orca = parse_model_deployment(doc).offloading.metrics
+    assert (in_flight.type, in_flight.name, in_flight.target.type, in_flight.target.threshold) == (
+        "External", "envoy:requests_in_flight", "Value", 20.0)  # fmt: skip
+    assert rate.selector == {"side": "local"}
+    assert (orca.type, orca.target.threshold) == ("Pods", 0.8)
+
+
+AT = "spec.offloadingConfig.metrics[0]"
+OBJECT = {
+    "type": "Object",
+    "object": {
+        "metric": {"name": "envoy:errors"},
+        "describedObject": {"kind": "Service", "name": "s"},
+        "target": {"type": "Value", "value": 1},
+    },
+}
+
+
+@pytest.mark.parametrize(
+    ("metric", "error"),
+    [
+        (OBJECT, f"{AT}.object.metric.name: Envoy load metrics are External or Pods metrics, not Object"),
+        (envoy("External", "envoy:queue"),
+         f"{AT}.external.metric.name: unknown Envoy load metric 'envoy:queue'"),
+        (envoy("External", "envoy:orca:"), "unknown Envoy load metric 'envoy:orca:'"),
+        (envoy("External", "envoy:errors", {"zone": "a"}),
+         f"{AT}.external.metric.selector.matchLabels: takes only side"),
+        (envoy("External", "envoy:errors", {"side": "east"}),
+         f"{AT}.external.metric.selector.matchLabels.side: must be local or remote, got 'east'"),
+        (envoy("External", "envoy:orca:x", {"side": "remote"}),
+         "ORCA metrics are reported for the local pods only"),
+    ],
+)  # fmt: skip
+def test_bad_envoy_load_metrics_name_their_field(metric, error):
+    [line] = errors_of(offloading(metrics=[metric]))
+    assert error in line

@@ -10,6 +10,7 @@ import asyncio
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
@@ -18,7 +19,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from overspill.demo.load import SecondStats, run_load
-from overspill.demo.plot import plot_timeline
+from overspill.demo.long_burst import LONG_BURST, figures, judge, table
+from overspill.demo.plot import plot_comparison, plot_timeline
 from overspill.demo.procs import (
     ComponentMissing,
     Envoy,
@@ -423,6 +425,74 @@ def test_plot_timeline_writes_a_png(tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(data) > 20_000
     assert plot_timeline([], tmp_path / "empty.png", threshold=8).stat().st_size > 0
+
+
+def long_burst_rows(cycle: bool) -> list[dict]:
+    """One row a second of the long-burst plan: Fixed-like (release and re-arm every 10 s of
+    the burst) or Proportional-like (on once, 60 % remote, local in-flight at its target)."""
+    plan = LONG_BURST
+    rows = []
+    for t in range(int(plan.duration)):
+        burst = plan.burst_start <= t < plan.burst_end
+        into = t - plan.burst_start
+        if cycle:
+            offloading = burst and into % 10 != 9
+            state = ("Releasing" if into % 10 >= 3 else "Offloading") if offloading else "Standby"
+            share = 80 if offloading else 0
+        else:
+            offloading = plan.burst_start <= t < plan.burst_end + 8
+            state = ("Offloading" if burst else "Releasing") if offloading else "Standby"
+            share = 60 if offloading else 0
+        offered = plan.burst_rps if burst else plan.baseline_rps
+        remote = round(offered * share / 100)
+        rows.append(
+            {
+                "t": t,
+                "offered": offered,
+                "errors": 0,
+                "local_rps": offered - remote,
+                "remote_rps": remote,
+                "remote_pct": share,
+                "metric": (offered - remote) * plan.service_time,
+                "local_inflight": 40.0
+                if cycle and burst and into % 10 == 9
+                else (offered - remote) * plan.service_time,
+                "offloading": offloading,
+                "state": state,
+                "p99_ms": 100.0,
+            }
+        )
+    return rows
+
+
+def test_long_burst_figures_tell_a_cycle_from_a_steady_share():
+    fixed = figures(long_burst_rows(cycle=True), replace(LONG_BURST, mode="Fixed"))
+    steady = figures(long_burst_rows(cycle=False), replace(LONG_BURST, mode="Proportional"))
+    assert (fixed.switch_ons, steady.switch_ons) == (4, 1)
+    assert fixed.releases_in_burst >= 3 and steady.releases_in_burst == 0
+    assert steady.inflight_mean_settled == pytest.approx(6.0)
+    assert steady.remote_share_settled == pytest.approx(60.0, abs=1)
+    assert steady.seconds_in_band == 100.0
+    assert fixed.inflight_peak_burst == 40.0
+    assert judge(steady, LONG_BURST) == []
+    failures = judge(fixed, LONG_BURST)
+    assert any("switched on 4 times" in f for f in failures)
+    assert any("released" in f for f in failures)
+    lines = table([fixed, steady])
+    assert lines[0] == "| | Fixed | Proportional |"
+    assert "| switch-ons | 4 | 1 |" in lines
+
+
+def test_plot_comparison_draws_both_runs(tmp_path):
+    path = plot_comparison(
+        [("Fixed", long_burst_rows(True)), ("Proportional", long_burst_rows(False))],
+        tmp_path / "timeline.png",
+        threshold=6,
+        spans=[(10, 50)],
+    )
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(data) > 40_000
 
 
 def test_summary_accepts_a_good_run_and_names_what_went_wrong():

@@ -361,3 +361,107 @@ async def test_many_models_are_read_with_a_few_batched_queries(session):
     assert [r.total for r in readings[:-1]] == [i + 0.5 for i in range(1200)]
     assert readings[1].query == 'inflight{model="m-1.team"}'  # status shows the model's own query
     assert readings[-1].total is None and "returned no series" in readings[-1].error
+
+
+# --- a real Prometheus going away: the metric goes stale, and comes back ---
+
+
+async def test_prometheus_going_away_makes_the_metric_stale_until_it_returns(session, caplog):
+    """Prometheus stops while the model offloads: after metricStaleAfterSeconds the model goes
+    all local (onStaleMetric: local), its status and the log name the metric; a Prometheus back
+    on the same address brings the readings, and the offloading, back."""
+    from api.crd import ObjectKey
+    from reconciler.controller import Controller
+    from reconciler.documents import parse_documents
+    from reconciler.store import ObjectStore
+    from xds.snapshot import Translator
+
+    caplog.set_level("INFO", "overspill")
+    knob = Knob()
+    knob.set("m", 12)  # over its target of 5
+    await knob.start()
+    remote = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+    docs = [
+        {
+            "apiVersion": "deployment.beamlit.com/v1alpha1",
+            "kind": "ModelDeployment",
+            "metadata": {"name": "m"},
+            "spec": {
+                "serviceRef": {"name": "m"},
+                "offloadingConfig": {
+                    "remoteBackend": {"host": f"127.0.0.1:{remote.sockets[0].getsockname()[1]}"},
+                    "behavior": {"percentage": 50, "metricStaleAfterSeconds": 2, "onStaleMetric": "local"},
+                    "metrics": [
+                        {
+                            "type": "External",
+                            "external": {
+                                "metric": {
+                                    "name": "overspill_test_load",
+                                    "selector": {"matchLabels": {"model": "m"}},
+                                },
+                                "target": {"type": "Value", "value": 5},
+                            },
+                        }
+                    ],
+                },
+            },
+        },
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "m"}, "spec": {"ports": [{"port": 80}]}},
+        {
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {"name": "m-1", "labels": {"kubernetes.io/service-name": "m"}},
+            "endpoints": [{"addresses": ["10.0.0.1"]}],
+            "ports": [{"port": 8000}],
+        },
+    ]
+    store = ObjectStore()
+    store.replace_origin("x.yaml", *parse_documents(yaml.safe_dump_all(docs), "x.yaml"))
+    key = ObjectKey("ModelDeployment", "default", "m")
+    metric = "External/overspill_test_load"
+    series = 'overspill_test_load{model="m"}'
+    first = Prometheus([f"127.0.0.1:{knob.port}"], scrape_interval=0.5)
+    controller: Controller | None = None
+
+    async def evaluate_until(done, within: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while True:
+            await asyncio.wait_for(controller.evaluate(), 5)
+            if done(controller.status[key]):
+                return
+            assert loop.time() < deadline, controller.status[key].to_dict()
+            await asyncio.sleep(0.25)
+
+    try:
+        async with first:
+            await first.wait_for_series(series, timeout=30)
+            controller = Controller(
+                store, Translator("127.0.0.1", 10000).apply, PrometheusInformer(first.url, session, 1.0)
+            )
+            await evaluate_until(lambda s: s.phase == "Offloading", 10)
+            assert controller.status[key].remote_percent == 50.0
+        gone_at = asyncio.get_running_loop().time()
+        await evaluate_until(lambda s: s.stale_metrics, 10)
+        assert asyncio.get_running_loop().time() - gone_at >= 2
+        status = controller.status[key]
+        assert (status.phase, status.remote_percent, status.stale_metrics) == ("Standby", 0.0, [metric])
+        assert f"metric stale: {metric}" in status.reason
+        assert "unreachable" in (status.metrics[0].error or "")
+        assert controller.routes[0].remote_percent == 0.0
+        async with Prometheus([f"127.0.0.1:{knob.port}"], scrape_interval=0.5, port=first.port) as second:
+            await second.wait_for_series(series, timeout=30)
+            await evaluate_until(lambda s: not s.stale_metrics, 10)
+            status = controller.status[key]
+            assert (status.phase, status.remote_percent) == ("Offloading", 50.0)
+    finally:
+        await knob.stop()
+        remote.close()
+        await remote.wait_closed()
+    lines = [
+        r.getMessage()
+        for r in caplog.records
+        if "event=metric_stale" in r.getMessage() or "event=metric_fresh" in r.getMessage()
+    ]
+    assert [line.split()[0] for line in lines] == ["event=metric_stale", "event=metric_fresh"], lines
+    assert all(f"metric={metric}" in line for line in lines)

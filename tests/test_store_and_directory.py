@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from reconciler.controller import Controller
 from reconciler.directory import DirectorySource
 from reconciler.documents import load_all, parse_documents
 from reconciler.probe import RemoteProbe
+from reconciler.status_writer import desired_status
 from reconciler.store import ObjectStore
 from xds.cache import ResourceCache, Scope
 from xds.snapshot import Translator
@@ -37,6 +39,7 @@ def model_doc(
     buffer: float = 30,
     offloading: bool = True,
     source: str | None = None,
+    behavior: dict | None = None,
 ) -> dict:
     spec: dict = {"serviceRef": {"name": service, "targetPort": 80}}
     if source:
@@ -44,7 +47,7 @@ def model_doc(
     if offloading:
         key = "value" if target_type == "Value" else "averageValue"
         spec["offloadingConfig"] = {
-            "behavior": {"percentage": percentage, "bufferDurationSeconds": buffer},
+            "behavior": {"percentage": percentage, "bufferDurationSeconds": buffer, **(behavior or {})},
             "metrics": [
                 {
                     "type": "External",
@@ -457,6 +460,77 @@ async def test_controller_offloads_when_the_reading_is_over_target(remote_port):
     await asyncio.wait_for(controller.evaluate(), 5)
     assert (controller.status[MODEL].phase, controller.status[MODEL].remote_percent) == ("Standby", 0.0)
     assert routes_by_name(controller)["m"].remote_percent == 0.0
+
+
+@pytest.mark.parametrize(
+    "action,phase,share",
+    [("local", "Standby", 0.0), ("offload", "Offloading", 40.0), ("hold", "Standby", 0.0)],
+)
+async def test_a_stale_metric_moves_the_model_to_the_chosen_state_and_back(
+    remote_port, caplog, action, phase, share
+):
+    """A source answering nothing for metricStaleAfterSeconds: the model goes to onStaleMetric's
+    state, status names the metric, one log line says so, the stale gauge is 1; readings
+    returning undo all of it."""
+    caplog.set_level(logging.INFO, "overspill")
+    store = ObjectStore()
+    behavior = {"metricStaleAfterSeconds": 20, "onStaleMetric": action}
+    doc = model_doc(percentage=40, remote=f"127.0.0.1:{remote_port}", buffer=10, behavior=behavior)
+    load(store, "a.yaml", text(doc, *service_docs()))
+    informer = FakeInformer(queue_depth=3)
+    controller, _, clock = make_controller(store, informer)
+    stale_gauge = {"namespace": "default", "name": "m", "metric": "External/queue_depth"}
+
+    def gauge() -> float | None:
+        return controller.instruments.registry.get_sample_value("overspill_model_metric_stale", stale_gauge)
+
+    await asyncio.wait_for(controller.evaluate(), 5)
+    assert controller.status[MODEL].phase == "Standby"
+    del informer.values["queue_depth"]  # the source goes away
+    for _ in range(3):  # 15 s without a reading: not stale yet
+        clock.now += 5
+        await asyncio.wait_for(controller.evaluate(), 5)
+    status = controller.status[MODEL]
+    assert (status.phase, status.stale_metrics, gauge()) == ("Standby", [], 0)
+    clock.now += 5
+    await asyncio.wait_for(controller.evaluate(), 5)
+    status = controller.status[MODEL]
+    assert (status.phase, status.remote_percent) == (phase, share)
+    assert status.stale_metrics == ["External/queue_depth"]
+    assert status.to_dict()["staleMetrics"] == ["External/queue_depth"]
+    assert (
+        "stale: External/queue_depth" in status.reason
+        or "metric stale: External/queue_depth" in status.reason
+    )
+    assert routes_by_name(controller)["m"].remote_percent == share
+    assert gauge() == 1
+    written = desired_status(store.get(MODEL), status, controller.machines[MODEL], controller.to_wall)
+    (metrics_condition,) = [c for c in written["conditions"] if c["type"] == "MetricsAvailable"]
+    assert metrics_condition["reason"] == "MetricStale"
+    assert "External/queue_depth" in metrics_condition["message"]
+    for _ in range(3):  # staying stale logs nothing more
+        clock.now += 5
+        await asyncio.wait_for(controller.evaluate(), 5)
+    stale_lines = [r.getMessage() for r in caplog.records if "event=metric_stale" in r.getMessage()]
+    assert stale_lines == [
+        "event=metric_stale model=default/m metric=External/queue_depth age=20s stale_after=20s "
+        f"action={action}"
+    ]
+
+    informer.values["queue_depth"] = 3  # readings return, under target
+    clock.now += 5
+    await asyncio.wait_for(controller.evaluate(), 5)
+    status = controller.status[MODEL]
+    assert (status.stale_metrics, gauge()) == ([], 0)
+    fresh = [r.getMessage() for r in caplog.records if "event=metric_fresh" in r.getMessage()]
+    assert fresh == ["event=metric_fresh model=default/m metric=External/queue_depth"]
+    # back under the ordinary rules: after `offload`, the buffer runs before the share goes
+    assert (status.phase, status.remote_percent) == (
+        ("Releasing", 40.0) if action == "offload" else ("Standby", 0.0)
+    )
+    clock.now += 10
+    await asyncio.wait_for(controller.evaluate(), 5)
+    assert (controller.status[MODEL].phase, controller.status[MODEL].remote_percent) == ("Standby", 0.0)
 
 
 async def test_controller_average_value_divides_by_the_workloads_pods(remote_port):

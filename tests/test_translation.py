@@ -150,12 +150,15 @@ def test_remote_route_rewrites_host_path_and_adds_headers():
     assert action.prefix_rewrite == "/v1/llm/"  # "/generate" becomes "/v1/llm/generate"
     headers = [(h.header.key, h.header.value) for h in remote_route.request_headers_to_add]
     assert headers == [("x-api-key", "secret"), ("x-tenant", "acme")]
-    # Only spilled-over requests are rewritten; local ones go through untouched.
+    # Only spilled-over requests are rewritten; local ones go through untouched, only asked for
+    # their ORCA load (a format the client chose itself is kept).
     assert local_route.name == "local"
     assert local_route.route.cluster == "overspill/inference/llm/local"
     assert not local_route.route.host_rewrite_literal
     assert not local_route.route.prefix_rewrite
-    assert not local_route.request_headers_to_add
+    [ask] = local_route.request_headers_to_add
+    assert (ask.header.key, ask.header.value) == ("endpoint-load-metrics-format", "TEXT")
+    assert ask.append_action == HeaderValueOptionHeaderAppendAction.ADD_IF_ABSENT
 
 
 def test_remote_on_a_non_default_port_keeps_the_port_in_the_host():
@@ -409,6 +412,7 @@ def test_every_cached_resource_decodes_to_the_typed_message():
         eds_cluster_config=ClusterEdsClusterConfig(eds_config=ads),
         connect_timeout=res.CONNECT_TIMEOUT,
         lb_policy=ClusterLbPolicy.LEAST_REQUEST,
+        lrs_report_endpoint_metrics=["named_metrics.*"],  # the pods' ORCA load in Envoy's reports
     )
     tls = UpstreamTlsContext(
         common_tls_context=CommonTlsContext(
@@ -478,6 +482,12 @@ def test_every_cached_resource_decodes_to_the_typed_message():
                 name="local",
                 match=RouteMatch(prefix="/"),
                 route=RouteAction(cluster=r.local_cluster, timeout=res.ROUTE_TIMEOUT, retry_policy=retry),
+                request_headers_to_add=[
+                    HeaderValueOption(
+                        header=HeaderValue(key="endpoint-load-metrics-format", value="TEXT"),
+                        append_action=HeaderValueOptionHeaderAppendAction.ADD_IF_ABSENT,
+                    )
+                ],
             ),
         ],
     )

@@ -156,6 +156,15 @@ def ads_bootstrap(
             "cds_config": ads(),
             "lds_config": ads(),
         },
+        # Envoy's load reports (LRS) go to the control plane over the xDS cluster: the requests in
+        # flight and issued per model and side, read as `envoy:` offloading metrics (see `xds.lrs`).
+        "cluster_manager": {
+            "load_stats_config": {
+                "api_type": "GRPC",
+                "transport_api_version": "V3",
+                "grpc_services": [{"envoy_grpc": {"cluster_name": "xds_cluster"}}],
+            }
+        },
         "layered_runtime": {
             "layers": [
                 {"name": name, "rtds_layer": {"name": name, "rtds_config": ads()}}

@@ -124,6 +124,10 @@ _SAN, _STRING_MATCHER, _DATA_SOURCE = Fields(SubjectAltNameMatcher), Fields(Stri
 TLS_SOCKET = "envoy.transport_sockets.tls"
 _TLS_URL = default_message_pool.type_to_url[UpstreamTlsContext]
 
+# The ORCA named metrics the model's own pods return (vLLM: num_requests_waiting,
+# kv_cache_usage_perc) ride along in Envoy's load reports (`xds.lrs`). Local pods only: they are
+# the user's own; a remote endpoint could name any number of metrics.
+LRS_ORCA = ["named_metrics.*"]
 # What every local cluster has but its name: the model's own pods over EDS, so an endpoint
 # change never rebuilds the cluster; least-request, because inference requests vary widely in cost.
 _LOCAL_EDS = encode(
@@ -132,6 +136,7 @@ _LOCAL_EDS = encode(
         eds_cluster_config=ClusterEdsClusterConfig(eds_config=ADS),
         connect_timeout=CONNECT_TIMEOUT,
         lb_policy=ClusterLbPolicy.LEAST_REQUEST,
+        lrs_report_endpoint_metrics=LRS_ORCA,
     )
 )
 _LOCAL_STATIC = encode(
@@ -139,6 +144,7 @@ _LOCAL_STATIC = encode(
         type=ClusterDiscoveryType.STATIC,
         connect_timeout=CONNECT_TIMEOUT,
         lb_policy=ClusterLbPolicy.LEAST_REQUEST,
+        lrs_report_endpoint_metrics=LRS_ORCA,
     )
 )
 # One logical host for a remote's DNS name, as for any large external service. Envoy would
@@ -218,6 +224,13 @@ _ACTION_COMMON = encode(
     RouteAction(timeout=ROUTE_TIMEOUT, retry_policy=RetryPolicy(retry_on=RETRY_ON, num_retries=2))
 )
 _OVERWRITE = HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD
+# vLLM (and other ORCA backends) return their load (`endpoint-load-metrics`) only when asked: the
+# local pods are asked on every request, unless the client chose a format itself.
+ORCA_FORMAT = ("endpoint-load-metrics-format", "TEXT")
+_ASK_ORCA = _ROUTE.request_headers_to_add(
+    _HEADER_OPTION.header(_HEADER.key(ORCA_FORMAT[0]) + _HEADER.value(ORCA_FORMAT[1]))
+    + _HEADER_OPTION.append_action(HeaderValueOptionHeaderAppendAction.ADD_IF_ABSENT)
+)
 
 
 def virtual_host(route: ModelRoute, default_percent: float = 0.0) -> bytes:
@@ -247,7 +260,9 @@ def virtual_host(route: ModelRoute, default_percent: float = 0.0) -> bytes:
         )
         routes += _VHOST.routes(_ROUTE.name("remote") + _ROUTE.match(match) + _ROUTE.route(action) + headers)
     local = _ACTION.cluster(route.local_cluster) + _ACTION_COMMON
-    routes += _VHOST.routes(_ROUTE.name("local") + _ROUTE.match(_MATCH.prefix("/")) + _ROUTE.route(local))
+    routes += _VHOST.routes(
+        _ROUTE.name("local") + _ROUTE.match(_MATCH.prefix("/")) + _ROUTE.route(local) + _ASK_ORCA
+    )
     return (
         _VHOST.name(virtual_host_name(route.namespace, route.name))
         + b"".join(_VHOST.domains(d) for d in route.domains)

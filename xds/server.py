@@ -172,6 +172,7 @@ class XdsServer:
         self.streams: dict[int, Stream] = {}
         self._ids = itertools.count(1)
         self._interner = Interner()
+        self.services: list[grpc.GenericRpcHandler] = []  # other services on the xDS port (LRS)
 
     def handlers(self) -> list[grpc.GenericRpcHandler]:
         out = []
@@ -182,7 +183,7 @@ class XdsServer:
                 delta: grpc.stream_stream_rpc_method_handler(
                     self._handler(True, types), wire.parse_delta_request, _raw),
             }))  # fmt: skip
-        return out
+        return out + self.services
 
     def _handler(self, delta: bool, types: tuple[str, ...]):
         async def handle(requests: AsyncIterator, context) -> None:

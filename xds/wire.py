@@ -391,3 +391,6 @@ def _delta_request(data: bytes) -> Request:
         elif number == 7:
             req.error_detail = _status(value)  # type: ignore[arg-type]
     return req
+
+
+field_at, read_varint = _field_at, _read_varint  # for the other hand readers (`lrs`)

@@ -30,15 +30,48 @@ def _spans(ts: list[float], flags: list[bool]) -> list[tuple[float, float]]:
 def plot_timeline(rows: list[dict[str, Any]], path: Path, threshold: float) -> Path:
     """Draw rows (one per second) to `path` and return it.
 
-    Row keys used: t (s), offered (rps), remote_rps, metric (None when unknown), remote_pct,
-    offloading (bool), state (control-plane state; "Releasing" is hatched). Missing keys count as
-    0 / None / False / "".
+    Row keys used: t (s), offered (rps), remote_rps, metric (None when unknown), local_inflight
+    (the local server's own average, optional), remote_pct, offloading (bool), state
+    (control-plane state; "Releasing" is hatched). Missing keys count as 0 / None / False / "".
     """
-    path = Path(path)
+    fig, axes = plt.subplots(3, 1, sharex=True, figsize=(11, 8.5))
+    fig.suptitle("Overspill demo: burst offloading timeline", fontsize=14)
+    _draw(list(axes), rows, threshold)
+    return _save(fig, path)
+
+
+def plot_comparison(
+    runs: list[tuple[str, list[dict[str, Any]]]],
+    path: Path,
+    threshold: float,
+    spans: list[tuple[float, float]] = (),
+) -> Path:
+    """Several runs of the same load side by side, one column each, on shared axes; `spans`
+    (the burst) are shaded grey in every panel."""
+    fig, grid = plt.subplots(
+        3, len(runs), sharex=True, sharey="row", figsize=(8 * len(runs), 8.5), squeeze=False
+    )
+    fig.suptitle("Overspill demo: a burst longer than the buffer", fontsize=14)
+    for column, (title, rows) in enumerate(runs):
+        axes = list(grid[:, column])
+        for ax in axes:
+            for a, b in spans:
+                ax.axvspan(a, b, color="grey", alpha=0.08)
+        _draw(axes, rows, threshold, title)
+    # a shared axis keeps the limits the first column set: make room for every column's values
+    values = [r.get(k) for _, rows in runs for r in rows for k in ("metric", "local_inflight")]
+    top = max([threshold, *(float(v) for v in values if v is not None)])
+    grid[1, 0].set_ylim(0, top * 1.08)
+    return _save(fig, path)
+
+
+def _draw(axes: list[Any], rows: list[dict[str, Any]], threshold: float, title: str = "") -> None:
+    ax_load, ax_metric, ax_share = axes
     ts = [float(r.get("t", i)) for i, r in enumerate(rows)]
     offered = [float(r.get("offered") or 0) for r in rows]
     remote_rps = [float(r.get("remote_rps") or 0) for r in rows]
     metric = [float("nan") if r.get("metric") is None else float(r["metric"]) for r in rows]
+    inflight = [float("nan") if r.get("local_inflight") is None else float(r["local_inflight"]) for r in rows]
     remote_pct = [float(r.get("remote_pct") or 0) for r in rows]
     offloading = [bool(r.get("offloading")) for r in rows]
     # Releasing: still offloading, but every metric is under target and the buffer is running down.
@@ -48,10 +81,7 @@ def plot_timeline(rows: list[dict[str, Any]], path: Path, threshold: float) -> P
     spans = _spans(ts, offloading) if rows else []
     release_spans = _spans(ts, releasing) if rows else []
 
-    fig, (ax_load, ax_metric, ax_share) = plt.subplots(3, 1, sharex=True, figsize=(11, 8.5))
-    fig.suptitle("Overspill demo: burst offloading timeline", fontsize=14)
-
-    for ax in (ax_load, ax_metric, ax_share):
+    for ax in axes:
         for i, (a, b) in enumerate(spans):
             ax.axvspan(a, b, color="tab:orange", alpha=0.15, label="offloading on" if i == 0 else None)
         for i, (a, b) in enumerate(release_spans):
@@ -61,12 +91,20 @@ def plot_timeline(rows: list[dict[str, Any]], path: Path, threshold: float) -> P
 
     ax_load.step(ts, offered, where="post", color="tab:blue", label="offered load")
     ax_load.step(ts, remote_rps, where="post", color="tab:red", label="served by remote")
-    ax_load.set_title("Offered load and traffic served by the remote copy")
+    ax_load.set_title(
+        f"{title}: offered load and the remote's part"
+        if title
+        else "Offered load and traffic served by the remote copy"
+    )
     ax_load.set_ylabel("requests / s")
     ax_load.set_ylim(bottom=0)
     ax_load.legend(loc="upper right")
 
-    ax_metric.plot(ts, metric, color="tab:purple", marker=".", label="offloading metric")
+    ax_metric.plot(ts, metric, color="tab:purple", marker=".", label="offloading metric (as read)")
+    if any(r.get("local_inflight") is not None for r in rows):
+        ax_metric.step(
+            ts, inflight, where="post", color="tab:green", label="local in-flight (server's average)"
+        )
     ax_metric.axhline(threshold, color="black", linestyle="--", label=f"target ({threshold:g})")
     ax_metric.set_title("Offloading metric (local in-flight requests) as the control plane reads it")
     ax_metric.set_ylabel("value")
@@ -80,6 +118,9 @@ def plot_timeline(rows: list[dict[str, Any]], path: Path, threshold: float) -> P
     ax_share.set_xlabel("time since load start (s)")
     ax_share.legend(loc="upper right")
 
+
+def _save(fig: Any, path: Path) -> Path:
+    path = Path(path)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import logging
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,13 @@ class DemoPlan:
     scrape_interval: float = 1.0
     # Remote share over the offloading period may miss `percentage` by this much (random split, lags).
     share_tolerance: float = 20.0
+    mode: str = "Fixed"  # behavior.mode
+    # long-burst: the burst's first seconds, while offloading ramps up, are left out of the
+    # judgement of the local metric (the buffer holds the first, overshooting share this long).
+    settle_seconds: float = 0.0
+    # A PromQL expression to read instead of the in-flight gauge itself (e.g. its average over
+    # the last seconds, less noisy than one sample).
+    metric_query: str | None = None
 
     def rate(self, t: float) -> float:
         return self.burst_rps if self.burst_start <= t < self.burst_end else self.baseline_rps
@@ -162,6 +170,7 @@ def manifests(local_port: int, remote_port: int, plan: DemoPlan) -> dict[str, di
                     "headersToAdd": [{"name": "x-offloaded-by", "value": "overspill"}],
                 },
                 "behavior": {
+                    "mode": plan.mode,
                     "percentage": plan.percentage,
                     "activationDelaySeconds": 0,
                     "bufferDurationSeconds": plan.buffer_seconds,
@@ -170,7 +179,9 @@ def manifests(local_port: int, remote_port: int, plan: DemoPlan) -> dict[str, di
                     {
                         "type": "External",
                         "external": {
-                            "metric": {
+                            "metric": {"name": plan.metric_query}
+                            if plan.metric_query
+                            else {
                                 "name": "model_inflight_requests",
                                 "selector": {"matchLabels": {"model": MODEL}},
                             },
@@ -284,8 +295,18 @@ def summary_lines(s: Summary, plan: DemoPlan) -> list[str]:
     ]
 
 
+@dataclass(frozen=True)
+class Change:
+    """The control plane's state for a model changed, as a poll of /status saw it."""
+
+    t: float  # seconds since the load started
+    state: str
+    offloading: bool
+
+
 class StatusSampler:
-    """Polls the control plane's /status; keeps the last view seen in each second of the run."""
+    """Polls the control plane's /status; keeps the last view seen in each second of the run,
+    and every change of state (a release shorter than a second shows only there)."""
 
     def __init__(self, cp: ControlPlaneProcess, period: float = 0.25) -> None:
         self.cp = cp
@@ -294,6 +315,7 @@ class StatusSampler:
         self.by_second: dict[int, ModelView] = {}
         self.failures = 0
         self.t0 = 0.0
+        self.changes: list[Change] = []
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -304,7 +326,12 @@ class StatusSampler:
             except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
                 self.failures += 1
                 log.warning("status poll failed error=%r failures=%s", exc, self.failures)
-            self.by_second[int(loop.time() - self.t0)] = self.latest
+            t = loop.time() - self.t0
+            self.by_second[int(t)] = self.latest
+            change = Change(round(t, 2), self.latest.state, self.latest.offloading)
+            last = self.changes[-1] if self.changes else None
+            if last is None or (last.state, last.offloading) != (change.state, change.offloading):
+                self.changes.append(change)
             await asyncio.sleep(self.period)
 
     def view(self, second: int) -> ModelView:
@@ -330,7 +357,26 @@ async def _wait_routed(url: str, within: float = 20.0) -> None:
     raise TimeoutError(f"Envoy did not route {HOST} to the local model within {within:g}s (last: {last})")
 
 
-def _row(stats: SecondStats, view: ModelView) -> dict[str, Any]:
+class InflightSampler:
+    """The local server's average in-flight count over each second of the run, from its own
+    accounting (what the pods held, not what a scrape happened to catch)."""
+
+    def __init__(self, server: ModelServer) -> None:
+        self.server = server
+        self.by_second: dict[int, float] = {}
+        self.t0 = 0.0
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        second, area = 0, self.server.counts.area_now()
+        while True:
+            await asyncio.sleep(max(0.0, self.t0 + second + 1 - loop.time()))
+            now_area = self.server.counts.area_now()
+            self.by_second[second] = now_area - area
+            second, area = second + 1, now_area
+
+
+def _row(stats: SecondStats, view: ModelView, local_inflight: float | None = None) -> dict[str, Any]:
     answered = sum(stats.served_by.values())
     p99 = stats.latency_quantile(0.99)
     return {
@@ -342,6 +388,7 @@ def _row(stats: SecondStats, view: ModelView) -> dict[str, Any]:
         "remote_rps": stats.served_by["remote"],
         "remote_pct": round(100.0 * stats.served_by["remote"] / answered, 1) if answered else 0.0,
         "metric": view.metric,
+        "local_inflight": None if local_inflight is None else round(local_inflight, 2),
         "target": view.target,
         "state": view.state,
         "offloading": view.offloading,
@@ -368,7 +415,18 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
-async def _run(out_dir: Path, plan: DemoPlan) -> Summary:
+@dataclass
+class Run:
+    """One run of a plan: a row per second of the load, and the failed requests by kind."""
+
+    plan: DemoPlan
+    rows: list[dict[str, Any]]
+    errors: dict[str, int]
+    changes: list[Change]  # every change of state the status polls saw, from before the load
+
+
+async def run_plan(out_dir: Path, plan: DemoPlan) -> Run:
+    """One run of `plan` end to end, on its own model servers, Prometheus, control plane and Envoy."""
     logs = out_dir / "logs"
     async with AsyncExitStack() as stack:
         local = await stack.enter_async_context(
@@ -412,39 +470,52 @@ async def _run(out_dir: Path, plan: DemoPlan) -> Summary:
         )
 
         sampler = StatusSampler(cp)
+        inflight = InflightSampler(local)
         rows: list[dict[str, Any]] = []
 
         def on_second(stats: SecondStats) -> None:
-            row = _row(stats, sampler.view(stats.second))
+            row = _row(stats, sampler.view(stats.second), inflight.by_second.get(stats.second))
             rows.append(row)
             _print_row(row)
 
-        sampler.t0 = asyncio.get_running_loop().time()
+        sampler.t0 = inflight.t0 = asyncio.get_running_loop().time()
         async with asyncio.TaskGroup() as tg:
             poller = tg.create_task(sampler.run())
+            counter = tg.create_task(inflight.run())
             result = await run_load(url, HOST, plan.rate, plan.duration, on_second)
             poller.cancel()
-
-    summary = summarize(rows, plan, dict(result.status_codes))
-    write_csv(rows, out_dir / "timeline.csv")
-    plot_timeline(rows, out_dir / "timeline.png", plan.threshold)
-    return summary
+            counter.cancel()
+    for row in rows:  # a second's requests may be reported before its in-flight average is taken
+        if row["local_inflight"] is None and row["t"] in inflight.by_second:
+            row["local_inflight"] = round(inflight.by_second[row["t"]], 2)
+    return Run(plan, rows, dict(result.status_codes), sampler.changes)
 
 
 async def run_demo(out_dir: Path, plan: DemoPlan | None = None) -> int:
     """Run the demo, write timeline.png / timeline.csv / summary.txt into out_dir; 0 if it behaved."""
-    plan = plan or DemoPlan()
+    return await guarded(out_dir, lambda: _burst(Path(out_dir), plan or DemoPlan()))
+
+
+async def guarded(out_dir: Path, work: Callable[[], Awaitable[int]]) -> int:
+    """Run a demo in out_dir; a failure prints its reasons and where the logs are, not a traceback."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
-        summary = await _run(out_dir, plan)
-    except Exception as exc:  # the demo's user wants the reason and where the logs are, not a traceback
+        return await work()
+    except Exception as exc:
         log.debug("demo failed", exc_info=True)
         reasons = exc.exceptions if isinstance(exc, ExceptionGroup) else [exc]
         for reason in reasons:
             print(f"demo FAILED: {type(reason).__name__}: {reason}", flush=True)
-        print(f"logs: {out_dir / 'logs'}", flush=True)
+        print(f"logs: {out_dir} (logs/ of each run)", flush=True)
         return 1
+
+
+async def _burst(out_dir: Path, plan: DemoPlan) -> int:
+    run = await run_plan(out_dir, plan)
+    summary = summarize(run.rows, plan, run.errors)
+    write_csv(run.rows, out_dir / "timeline.csv")
+    plot_timeline(run.rows, out_dir / "timeline.png", plan.threshold)
     lines = summary_lines(summary, plan)
     verdict = "demo OK" if summary.ok else "demo FAILED: " + "; ".join(summary.failures)
     (out_dir / "summary.txt").write_text("\n".join([*lines, verdict]) + "\n")

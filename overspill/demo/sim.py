@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
@@ -39,6 +40,21 @@ class ServerCounts:
     paths: Counter[str] = field(default_factory=Counter)
     hosts: Counter[str] = field(default_factory=Counter)
     recent: deque[SeenRequest] = field(default_factory=lambda: deque(maxlen=RECENT_REQUESTS))
+    # The in-flight count integrated over time (request-seconds), up to `inflight_at`: its
+    # difference over an interval, divided by the interval, is the average in-flight count,
+    # which a sampled gauge only estimates.
+    inflight_area: float = 0.0
+    inflight_at: float = field(default_factory=time.monotonic)
+
+    def add_inflight(self, delta: int) -> None:
+        now = time.monotonic()
+        self.inflight_area += self.inflight * (now - self.inflight_at)
+        self.inflight_at = now
+        self.inflight += delta
+
+    def area_now(self) -> float:
+        """Request-seconds in flight from the start until now."""
+        return self.inflight_area + self.inflight * (time.monotonic() - self.inflight_at)
 
     def header_values(self, name: str) -> Counter[str]:
         """Values of header `name` (case-insensitive) over the recent requests; '' when absent."""
@@ -57,6 +73,9 @@ class ModelServer:
         self.service_time = service_time
         self.model_label = model_label or name
         self.counts = ServerCounts()
+        # ORCA named metrics returned (header endpoint-load-metrics) to requests that ask for them,
+        # as vLLM returns num_requests_waiting and kv_cache_usage_perc; empty: none.
+        self.orca: dict[str, float] = {}
         self.port: int | None = None
         self._slots = asyncio.Semaphore(concurrency) if concurrency else None
         self._runner: web.AppRunner | None = None
@@ -128,7 +147,7 @@ class ModelServer:
             )
         )
         self._requests_counter.inc()
-        counts.inflight += 1
+        counts.add_inflight(+1)
         counts.max_inflight = max(counts.max_inflight, counts.inflight)
         self._inflight_gauge.set(counts.inflight)
         try:
@@ -138,10 +157,14 @@ class ModelServer:
                 async with self._slots:
                     await asyncio.sleep(self.service_time)
         finally:
-            counts.inflight -= 1
+            counts.add_inflight(-1)
             self._inflight_gauge.set(counts.inflight)
         body = {"served_by": self.name, "path": request.path, "host": host}
-        return web.json_response(body, headers={"x-served-by": self.name})
+        headers = {"x-served-by": self.name}
+        if self.orca and request.headers.get("endpoint-load-metrics-format") == "TEXT":  # as vLLM
+            metrics = ", ".join(f"named_metrics.{k}={v:g}" for k, v in sorted(self.orca.items()))
+            headers["endpoint-load-metrics"] = f"TEXT {metrics}"
+        return web.json_response(body, headers=headers)
 
     async def _metrics(self, request: web.Request) -> web.Response:
         resp = web.Response(body=prom.generate_latest(self.registry))
