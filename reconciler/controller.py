@@ -144,8 +144,13 @@ class Controller:
                 metric = spec.describe()
                 if reading.error:
                     status.metric_read_errors[metric] += 1  # every failed read counts
-                    if _stale_after(entry.model) > 0:
-                        changed.add(key)  # decided again each round, so going stale is seen on time
+                    after = _stale_after(entry.model)
+                    if (
+                        after > 0
+                        and metric not in status.stale_metrics
+                        and now - entry.read_at.get(metric, entry.since) >= after
+                    ):
+                        changed.add(key)  # it has just gone stale: decided now, not at the next change
                 else:
                     entry.read_at[metric] = now
                 event = self._metric_event(key, metric, reading.error)
