@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from api.fields import Fields
 from api.load import ENVOY_PREFIX, envoy_metric_problem
@@ -68,6 +69,10 @@ class MetricSpec:
         return not _METRIC_NAME.match(self.name)
 
     def describe(self) -> str:
+        return self._described
+
+    @cached_property  # asked for each reading of each evaluation; frozen, so computed once
+    def _described(self) -> str:
         return f"{self.type}/{self.name}"
 
 

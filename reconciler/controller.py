@@ -140,11 +140,11 @@ class Controller:
             if self._reads.get(key) is not entry or entry.requests is not requests:
                 continue  # its metrics changed while they were read: the next evaluation reads them
             status = self._status_of(key)
+            after = _stale_after(entry.model)
             for (spec, _), reading in zip(requests, taken, strict=True):
                 metric = spec.describe()
                 if reading.error:
                     status.metric_read_errors[metric] += 1  # every failed read counts
-                    after = _stale_after(entry.model)
                     if (
                         after > 0
                         and metric not in status.stale_metrics
