@@ -73,8 +73,9 @@ bench-restart: $(STAMP)
 	$(BIN)/python -m bench.restart_bench $(BENCH_ARGS)
 
 # Reaction time, metric over target -> Envoy applies the weight, Envoy's load reports against
-# Prometheus at 1 s scrape and 1 s evaluation (README, "Envoy's own load reports"), about 3 min.
-# BENCH_ARGS="-k 20" for more load steps.
+# Prometheus at 1 s scrape and 1 s evaluation (README, "Envoy's own load reports"): 10 load steps
+# per path, about 3 min.
+# BENCH_ARGS="-k 30" as in the README (8 min).
 bench-react: $(STAMP) prometheus
 	$(BIN)/python -m bench.react_bench $(BENCH_ARGS)
 

@@ -387,8 +387,28 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--repetitions", "-k", type=int, default=10, help="load steps per path (default 10)")
     p.add_argument("--out", default="bench/react_results.json", help="JSON results file")
+    p.add_argument(
+        "--load-report-interval",
+        type=float,
+        default=1.0,
+        help="seconds between Envoy's load reports (overspill serve --load-report-interval; default 1)",
+    )
+    p.add_argument(
+        "--scrape-interval", type=float, default=1.0, help="Prometheus scrape interval, seconds (default 1)"
+    )
+    p.add_argument(
+        "--evaluation-interval",
+        type=float,
+        default=1.0,
+        help="overspill serve --evaluation-interval, seconds (default 1)",
+    )
     args = p.parse_args(argv)
-    plan = Plan(repetitions=args.repetitions)
+    plan = Plan(
+        repetitions=args.repetitions,
+        load_report_interval=args.load_report_interval,
+        scrape_interval=args.scrape_interval,
+        evaluation_interval=args.evaluation_interval,
+    )
     samples, summaries = asyncio.run(measure(plan))
     print(table(summaries))
     Path(args.out).write_text(
