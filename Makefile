@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-long-burst test lint bench bench-pipeline bench-kube bench-restart soak clean prometheus
+.PHONY: demo demo-long-burst test lint bench bench-pipeline bench-kube bench-restart bench-react soak clean prometheus
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -71,6 +71,13 @@ soak: $(STAMP) prometheus
 # "Restarts"): N=100 x M=1,000, SotW and Delta, about 1 min.
 bench-restart: $(STAMP)
 	$(BIN)/python -m bench.restart_bench $(BENCH_ARGS)
+
+# Reaction time, metric over target -> Envoy applies the weight, Envoy's load reports against
+# Prometheus at 1 s scrape and 1 s evaluation (README, "Envoy's own load reports"): 10 load steps
+# per path, about 3 min.
+# BENCH_ARGS="-k 30" as in the README (8 min).
+bench-react: $(STAMP) prometheus
+	$(BIN)/python -m bench.react_bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
