@@ -72,10 +72,13 @@ def model_objects(
     remote_port: int | None,
     metrics: bool,
     ready: bool = True,
+    behavior: dict[str, Any] | None = None,
+    metric: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """ModelDeployment, Service and EndpointSlice, as `kubectl get -o yaml` shows them."""
+    """ModelDeployment, Service and EndpointSlice, as `kubectl get -o yaml` shows them; `behavior`
+    and `metric` (an HPA MetricSpec) replace the workload's own where a benchmark needs others."""
     offloading: dict[str, Any] = {
-        "behavior": {"percentage": 50, "activationDelaySeconds": 0, "bufferDurationSeconds": 30}
+        "behavior": behavior or {"percentage": 50, "activationDelaySeconds": 0, "bufferDurationSeconds": 30}
     }
     if remote_port is not None:
         offloading["remoteBackend"] = {
@@ -85,7 +88,8 @@ def model_objects(
         }
     if metrics:
         offloading["metrics"] = [
-            {
+            metric
+            or {
                 "type": "External",
                 "external": {
                     "metric": {

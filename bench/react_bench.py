@@ -44,6 +44,7 @@ from pathlib import Path
 import aiohttp
 import yaml
 
+from bench.pipeline_workload import host_of, model_objects
 from bench.xds_bench import machine, percentile
 from overspill.demo.procs import ControlPlaneProcess, Envoy, Prometheus
 from overspill.demo.sim import ModelServer
@@ -105,55 +106,23 @@ def metric(path: str, model: str, target: float) -> dict:
 
 
 def manifests(path: str, local: ModelServer, remote: ModelServer, plan: Plan) -> list[dict]:
-    """The four objects of one model, as `kubectl get -o yaml` shows them."""
+    """One model's objects (`bench.pipeline_workload.model_objects`) with this path's metric."""
     model = PATHS[path]
-    meta = {"name": model, "namespace": NAMESPACE}
-    return [
-        {
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": meta,
-            "spec": {"ports": [{"name": "http", "port": 8080, "targetPort": local.port}]},
-        },
-        {
-            "apiVersion": "discovery.k8s.io/v1",
-            "kind": "EndpointSlice",
-            "metadata": {
-                "name": f"{model}-abcde",
-                "namespace": NAMESPACE,
-                "labels": {"kubernetes.io/service-name": model},
-            },
-            "addressType": "IPv4",
-            "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": True}}],
-            "ports": [{"name": "http", "port": local.port, "protocol": "TCP"}],
-        },
-        {
-            "apiVersion": "apps/v1",
-            "kind": "Deployment",
-            "metadata": meta,
-            "spec": {"replicas": 1},
-            "status": {"replicas": 1, "readyReplicas": 1},
-        },
-        {
-            "apiVersion": "deployment.beamlit.com/v1alpha1",
-            "kind": "ModelDeployment",
-            "metadata": meta,
-            "spec": {
-                "model": model,
-                "modelSourceRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": model},
-                "serviceRef": {"name": model, "namespace": NAMESPACE, "targetPort": 8080},
-                "offloadingConfig": {
-                    "remoteBackend": {"host": remote.address, "scheme": "http"},
-                    "behavior": {
-                        "percentage": plan.percentage,
-                        "activationDelaySeconds": 0,
-                        "bufferDurationSeconds": plan.buffer_seconds,
-                    },
-                    "metrics": [metric(path, model, plan.target)],
-                },
-            },
-        },
-    ]
+    behavior = {
+        "percentage": plan.percentage,
+        "activationDelaySeconds": 0,
+        "bufferDurationSeconds": plan.buffer_seconds,
+    }
+    assert local.port is not None and remote.port is not None
+    return model_objects(
+        model,
+        NAMESPACE,
+        local.port,
+        remote.port,
+        True,
+        behavior=behavior,
+        metric=metric(path, model, plan.target),
+    )
 
 
 @dataclass
@@ -217,7 +186,7 @@ class Bench:
     async def step(self, path: str) -> Sample:
         """One load step on `path`'s model, measured; returns once the model is back in Standby."""
         plan, (_, remote) = self.plan, self.servers[path]
-        host = f"{PATHS[path]}.{NAMESPACE}.svc.cluster.local:8080"
+        host = host_of(PATHS[path], NAMESPACE)
         await self.wait_phase(path, "Standby", timeout=30)
         await asyncio.sleep(random.uniform(0, plan.evaluation_interval))  # any phase of the cycles
         known, remote_before = len(self.decisions(path)), remote.counts.total
