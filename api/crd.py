@@ -13,6 +13,17 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, NamedTuple
 
+from api.credentials import (
+    TLS_CERT,
+    TLS_KEY,
+    OAuthClient,
+    SecretHeader,
+    SecretKeyRef,
+    SecretValue,
+    parse_auth_config,
+    parse_key_ref,
+    parse_secret_header,
+)
 from api.fields import FieldError, Fields
 from api.metric_spec import MetricSpec, parse_metric
 
@@ -93,6 +104,27 @@ class RemoteBackend:
     headers_to_add: tuple[tuple[str, str], ...] = ()
     ca_file: str = "/etc/ssl/certs/ca-certificates.crt"
     insecure_skip_verify: bool = False
+    # Credentials by reference to Secrets of the model's namespace (see `api.credentials`).
+    secret_headers: tuple[SecretHeader, ...] = ()
+    oauth: OAuthClient | None = None
+    client_certificate: SecretKeyRef | None = None  # a kubernetes.io/tls Secret (its tls.crt): mTLS
+    # The values those references name, filled in by the reconciler (never by parsing): what
+    # Envoy is served. A rotated Secret makes a different RemoteBackend, so a new SDS version.
+    secrets: tuple[tuple[tuple[str, str], SecretValue], ...] = ()
+
+    def secret_refs(self) -> tuple[SecretKeyRef, ...]:
+        """Every Secret key this remote's credentials need."""
+        refs = [h.ref for h in self.secret_headers]
+        if self.oauth is not None and self.oauth.secret is not None:
+            refs.append(self.oauth.secret)
+        cert = self.client_certificate
+        if cert is not None:
+            refs += [cert, SecretKeyRef(cert.name, TLS_KEY, cert.path)]
+        return tuple(refs)
+
+    def secret(self, name: str, key: str) -> SecretValue | None:
+        """The resolved value of one Secret key, or None while it cannot be read."""
+        return next((v for ref, v in self.secrets if ref == (name, key)), None)
 
     @cached_property  # asked for each resource built; frozen, so computed once
     def is_ip(self) -> bool:
@@ -403,12 +435,22 @@ def _parse_remote(f: Fields) -> RemoteBackend | None:
         f.error(
             "pathPrefix", f"must be a path starting with '/' and without '?', '#' or spaces, got {prefix!r}"
         )
-    headers = _parse_headers(f)
+    headers, secret_headers = _parse_headers(f)
     ca_file = f.str("caFile", RemoteBackend.ca_file) or RemoteBackend.ca_file
     insecure = f.bool("insecureSkipVerify")
+    oauth = parse_auth_config(f.sub("authConfig")) if f.has("authConfig") else None
+    certificate = None
+    if f.has("clientCertificateRef"):
+        ref = f.sub("clientCertificateRef")
+        certificate = parse_key_ref(Fields({**ref.data, "key": TLS_CERT}, ref.path, ref.errors))
+        if scheme != "https":
+            f.error("clientCertificateRef", "needs scheme https")
     if host is None:
         return None
-    return RemoteBackend(host, port, scheme, prefix.rstrip("/"), headers, ca_file, insecure)
+    return RemoteBackend(
+        host, port, scheme, prefix.rstrip("/"), headers, ca_file, insecure,
+        secret_headers, oauth, certificate,
+    )  # fmt: skip
 
 
 def _split_host_port(f: Fields, text: str, default_port: int) -> tuple[str | None, int]:
@@ -437,18 +479,25 @@ def _split_host_port(f: Fields, text: str, default_port: int) -> tuple[str | Non
     return host, port
 
 
-def _parse_headers(f: Fields) -> tuple[tuple[str, str], ...]:
-    """`headersToAdd` as a list of {name, value} (Kubernetes style) or a plain mapping."""
+def _parse_headers(f: Fields) -> tuple[tuple[tuple[str, str], ...], tuple[SecretHeader, ...]]:
+    """`headersToAdd` as a list of {name, value} (Kubernetes style) or a plain mapping; an entry
+    of the list may take its value from a Secret instead (`valueFrom.secretKeyRef`)."""
+    secret: list[SecretHeader] = []
     if isinstance(f.data.get("headersToAdd"), dict):
         pairs = list(f.string_map("headersToAdd").items())
     else:
-        pairs = [
-            (h.str("name", required=True) or "", h.str("value", "") or "") for h in f.items("headersToAdd")
-        ]
-    for name, _ in pairs:
+        pairs = []
+        for h in f.items("headersToAdd"):
+            name = h.str("name", required=True) or ""
+            from_secret = parse_secret_header(h, name)
+            if from_secret is not None:
+                secret.append(from_secret)
+            elif not h.has("valueFrom"):
+                pairs.append((name, h.str("value", "") or ""))
+    for name in [n for n, _ in pairs] + [s.name for s in secret]:
         if name and (not _HEADER_NAME.match(name) or name.lower() in ("host", ":authority", ":path")):
             f.error("headersToAdd", f"{name!r} is not a header name that can be set")
-    return tuple(pairs)
+    return tuple(pairs), tuple(secret)
 
 
 def parse_policy(raw: Any, default_namespace: str = "default") -> Policy:

@@ -41,11 +41,17 @@ def route_config_name(namespace: str, name: str) -> str:
 
 
 def model_of(resource_name: str) -> ModelKey | None:
-    """The model a cluster, endpoint set (by its cluster name) or route configuration belongs to."""
+    """The model a cluster, endpoint set (by its cluster name), route configuration, or a
+    resource named under one of its clusters (`<cluster>/<part>`: a remote's secrets and token
+    endpoint) belongs to."""
     if not resource_name.startswith(CLUSTER_PREFIX):
         return None
     parts = resource_name[len(CLUSTER_PREFIX) :].split("/")
-    if len(parts) != 3 or (parts[2] not in SIDES and parts[2] != ROUTES):
+    if (
+        len(parts) < 3
+        or (parts[2] not in SIDES and parts[2] != ROUTES)
+        or (len(parts) > 3 and parts[2] == ROUTES)
+    ):
         return None
     return parts[0], parts[1]
 

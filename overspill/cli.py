@@ -467,6 +467,13 @@ def cmd_render(args: argparse.Namespace) -> int:
             print(f"warning: {err}", file=sys.stderr)
     if args.bootstrap:
         routes = plane.controller.routes
+        for r in routes:
+            if r.remote is not None and r.remote.secret_refs():
+                print(
+                    f"warning: {r.namespace}/{r.name}: the remote's credentials are served over SDS only;"
+                    " a static bootstrap does not carry them",
+                    file=sys.stderr,
+                )
         doc = static_bootstrap(routes, args.listener_address, args.listener_port, args.admin_port)
     else:
         doc = served_documents(plane.translator.cache.view(Scope()))

@@ -20,6 +20,7 @@ from api.desired import ModelKey, ModelRoute, service_domains
 from api.status import EnvoyRejection, MetricStatus, ModelStatus, Phase
 from metrics.hpa import compare
 from metrics.source import MetricScope, MetricSource, NoSource, Reading, Request
+from reconciler import credentials
 from reconciler.claims import HostClaims
 from reconciler.logs import some
 from reconciler.offload import Decision, OffloadMachine
@@ -106,6 +107,7 @@ class Controller:
         self._metric_errors: dict[ObjectKey, dict[str, tuple[str, float]]] = {}
         # Envoy NACKs still standing, per (stream, xDS type): the rejection and the models it concerns.
         self._rejections: dict[tuple[int, str], tuple[EnvoyRejection, tuple[ModelKey, ...]]] = {}
+        self._unreadable: dict[ObjectKey, list[str]] = {}  # models whose remote credentials cannot be read
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:
@@ -315,8 +317,10 @@ class Controller:
     def _track(self, model: ModelDeployment) -> None:
         """Index what `model` depends on, so a change to any of it decides the model again."""
         ref, source, remote = model.service, model.source, self.remote_of(model)
-        needs = (ObjectKey("Service", ref.namespace, ref.name),) + (
-            (ObjectKey(source.kind, source.namespace, source.name),) if source is not None else ()
+        needs = (
+            (ObjectKey("Service", ref.namespace, ref.name),)
+            + ((ObjectKey(source.kind, source.namespace, source.name),) if source is not None else ())
+            + credentials.secret_keys(model.meta.namespace, remote)
         )
         target = (remote.host, remote.port) if remote is not None else None
         if self._needs.get(model.key) == (needs, target):
@@ -362,6 +366,7 @@ class Controller:
         self.machines.pop(key, None)
         self.readings.pop(key, None)
         self._metric_errors.pop(key, None)
+        self._unreadable.pop(key, None)
         if self.status.pop(key, None) is None:
             return False
         log.info("event=model_removed model=%s", key)
@@ -439,9 +444,14 @@ class Controller:
         # First, so that saved state (a remote found down, say) counts in this very decision.
         machine = self._machine_for(model, status, now) if model.offloading and self.leading else None
         remote = self.remote_of(model)
+        unreadable: list[str] = []
+        if remote is not None:  # a remote whose credentials cannot be read gets no traffic
+            remote, unreadable = credentials.resolve(self.store, model.meta.namespace, remote)
+            status.errors += [f"{model.key}: {e}" for e in unreadable]
+            self._note_credentials(model.key, unreadable)
         status.ready_endpoints = len(backend.endpoints)
         status.remote = f"{remote.scheme}://{remote.authority}{remote.path_prefix}" if remote else None
-        status.remote_usable = remote is not None and self.probe.usable(remote)
+        status.remote_usable = remote is not None and not unreadable and self.probe.usable(remote)
         status.metrics = self.readings.get(model.key, [])
         if model.offloading is None:
             decision = Decision(Phase.STANDBY, 0.0, "no offloadingConfig: all traffic local")
@@ -467,6 +477,19 @@ class Controller:
             decision.remote_percent if remote else 0.0,
             labels=tuple(sorted(model.meta.labels.items())),
         )
+
+    def _note_credentials(self, key: ObjectKey, unreadable: list[str]) -> None:
+        """One log line when a model's credentials become unreadable (naming the Secret key,
+        never a value) and one when they can be read again."""
+        before = self._unreadable.get(key)
+        if unreadable == (before or []):
+            return
+        if unreadable:
+            self._unreadable[key] = unreadable
+            log.warning("event=credentials_unreadable model=%s error=%r", key, "; ".join(unreadable))
+        else:
+            del self._unreadable[key]
+            log.info("event=credentials_readable model=%s", key)
 
     def _stale_metrics(self, model: ModelDeployment, now: float) -> list[str]:
         """The model's metrics without a reading for `metricStaleAfterSeconds` (a source down

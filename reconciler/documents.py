@@ -18,7 +18,7 @@ from api.crd import (
     parse_model_deployment,
     parse_policy,
 )
-from reconciler.kube import parse_endpoint_slice, parse_service, parse_workload
+from reconciler.kube import parse_endpoint_slice, parse_secret, parse_service, parse_workload
 
 _STR, _MAP, _SEQ = "tag:yaml.org,2002:str", "tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"
 
@@ -47,6 +47,7 @@ PARSERS: dict[tuple[str, str], Parser] = {
     (MODEL_API, "ModelDeployment"): parse_model_deployment,
     (POLICY_API, "Policy"): parse_policy,
     ("v1", "Service"): parse_service,
+    ("v1", "Secret"): parse_secret,
     ("discovery.k8s.io/v1", "EndpointSlice"): parse_endpoint_slice,
     **{
         ("apps/v1", k): (lambda raw, k=k: parse_workload(raw, k))

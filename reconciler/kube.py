@@ -6,10 +6,13 @@ fields matter: Service ports, EndpointSlice endpoints and readiness, workload re
 
 from __future__ import annotations
 
+import base64
+import binascii
 from dataclasses import dataclass
 from typing import Any
 
 from api.crd import InvalidObject, Meta, ObjectKey, parse_meta
+from api.credentials import SecretValue
 from api.fields import FieldError, Fields
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
@@ -166,3 +169,46 @@ def label_selector(f: Fields) -> str:
         elif key or op:
             e.error("operator", f"must be In, NotIn, Exists or DoesNotExist, got {op!r}")
     return ",".join(terms)
+
+
+@dataclass(frozen=True)
+class Secret:
+    """A Secret's data (base64 `data` decoded, `stringData` as written), held only while a
+    remote's credentials refer to it (Kubernetes mode) and never shown: see `SecretValue`."""
+
+    meta: Meta
+    type: str
+    data: tuple[tuple[str, SecretValue], ...]
+
+    @property
+    def key(self) -> ObjectKey:
+        return ObjectKey("Secret", self.meta.namespace, self.meta.name)
+
+    def get(self, key: str) -> SecretValue | None:
+        return next((v for k, v in self.data if k == key), None)
+
+
+def parse_secret(raw: Any) -> Secret:
+    """A v1 Secret. Errors name the key, never the value."""
+    errors: list[FieldError] = []
+    doc = Fields.of(raw, "", errors)
+    meta = parse_meta(doc)
+    data: dict[str, SecretValue] = {}
+    for key, value in (doc.data.get("data") or {}).items() if isinstance(doc.data.get("data"), dict) else ():
+        try:
+            data[str(key)] = SecretValue(base64.b64decode(str(value or ""), validate=True))
+        except (binascii.Error, ValueError):
+            doc.sub("data").error(str(key), "is not base64")
+    if doc.has("data") and not isinstance(doc.data.get("data"), dict):
+        doc.error("data", "must be a mapping")
+    string_data = doc.data.get("stringData")
+    if isinstance(string_data, dict):  # as the API server does, stringData wins over data
+        data.update(
+            {str(k): SecretValue(str("" if v is None else v).encode()) for k, v in string_data.items()}
+        )
+    elif string_data is not None:
+        doc.error("stringData", "must be a mapping")
+    secret_type = doc.str("type", "Opaque") or "Opaque"
+    if errors:
+        raise InvalidObject(f"{meta.namespace}/{meta.name}", errors)
+    return Secret(meta, secret_type, tuple(sorted(data.items(), key=lambda kv: kv[0])))

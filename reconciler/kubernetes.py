@@ -4,8 +4,8 @@ One reflector per kind (and namespace, when `--namespace` narrows the watch) lis
 watches from the list's resourceVersion with bookmarks on; a watch that ends resumes from
 the last resourceVersion seen, a 410 Gone lists again (the relist replaces what that
 reflector holds, so deletions missed meanwhile are caught), and errors back off with
-jitter. It feeds the same object store as the directory source. Services, EndpointSlices
-and workloads are kept only while a ModelDeployment refers to them; one that becomes
+jitter. It feeds the same object store as the directory source. Services, EndpointSlices,
+workloads and Secrets are kept only while a ModelDeployment refers to them; one that becomes
 referred to later is fetched at once, so a large cluster costs memory in proportion to
 its models, not to everything it runs.
 """
@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from api.crd import MODEL_API, POLICY_API, ObjectKey
+from reconciler.credentials import secret_keys
 from reconciler.documents import Rejected, parse_object
 from reconciler.kube import SERVICE_NAME_LABEL
 from reconciler.kubeapi import ApiError, Backoff, Gone, KubeApi
@@ -48,7 +49,8 @@ SERVICES = Kind("Service", "v1", "services")
 SLICES = Kind("EndpointSlice", "discovery.k8s.io/v1", "endpointslices")
 DEPLOYMENTS = Kind("Deployment", "apps/v1", "deployments")
 STATEFULSETS = Kind("StatefulSet", "apps/v1", "statefulsets")
-KINDS = (MODELS, POLICIES, SERVICES, SLICES, DEPLOYMENTS, STATEFULSETS)
+SECRETS = Kind("Secret", "v1", "secrets")
+KINDS = (MODELS, POLICIES, SERVICES, SLICES, DEPLOYMENTS, STATEFULSETS, SECRETS)
 WORKLOADS = {k.kind: k for k in (DEPLOYMENTS, STATEFULSETS)}
 
 
@@ -58,6 +60,7 @@ class Interest:
 
     services: set[tuple[str, str]] = field(default_factory=set)  # (namespace, name)
     workloads: set[tuple[str, str, str]] = field(default_factory=set)  # (kind, namespace, name)
+    secrets: set[tuple[str, str]] = field(default_factory=set)  # (namespace, name): remotes' credentials
 
     def wants(self, kind: str, obj: dict) -> bool:
         meta = obj.get("metadata") or {}
@@ -68,6 +71,8 @@ class Interest:
             return (ns, (meta.get("labels") or {}).get(SERVICE_NAME_LABEL, "")) in self.services
         if kind in WORKLOADS:
             return (kind, ns, name) in self.workloads
+        if kind == "Secret":
+            return (ns, name) in self.secrets
         return True
 
 
@@ -210,6 +215,7 @@ class KubernetesSource:
             new.services.add((m.service.namespace, m.service.name))
             if m.source is not None and m.source.kind in WORKLOADS:
                 new.workloads.add((m.source.kind, m.source.namespace, m.source.name))
+            new.secrets.update((k.namespace, k.name) for k in secret_keys(m.meta.namespace, _remote(m)))
         old, self.interest = self.interest, new
         # Before a kind's first list, that list brings what is wanted: fetching would double it.
         for ns, name in new.services - old.services:
@@ -218,6 +224,13 @@ class KubernetesSource:
         for kind, ns, name in new.workloads - old.workloads:
             if self.origin(kind, ns) in self._listed:
                 self._spawn(self._fetch_workload(WORKLOADS[kind], ns, name))
+        for ns, name in new.secrets - old.secrets:
+            if self.origin("Secret", ns) in self._listed:
+                self._spawn(
+                    self._fetch(SECRETS, ns, lambda ns=ns, name=name: self._get_one(SECRETS, ns, name))
+                )
+        for ns, name in old.secrets - new.secrets:  # a Secret nobody refers to is not kept
+            self.store.update(self.origin("Secret", ns), deletes=[ObjectKey("Secret", ns, name)])
         for ns, name in old.services - new.services:
             self.store.update(self.origin("Service", ns), deletes=[ObjectKey("Service", ns, name)])
             slices = [s.key for s in self.store.endpoint_slices(ns, name)]
@@ -283,13 +296,18 @@ def _same_but_status(new, old) -> bool:
     return dataclasses.replace(new, meta=meta, observed=old.observed) == old
 
 
+def _remote(model):
+    return model.offloading.remote if model.offloading is not None else None
+
+
 def _references(model) -> tuple | None:
     """What of a ModelDeployment decides which dependents are kept."""
     if model is None:
         return None
     source = model.source
     return (model.service.namespace, model.service.name, source.kind if source else None,
-            source.namespace if source else None, source.name if source else None)  # fmt: skip
+            source.namespace if source else None, source.name if source else None,
+            secret_keys(model.meta.namespace, _remote(model)))  # fmt: skip
 
 
 def _older(a: str, b: str) -> bool:

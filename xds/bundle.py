@@ -59,6 +59,7 @@ class ModelBundle:
     scopes: tuple[Resource, ...]  # one per Host name without port, each naming `routes`
     runtime_key: str
     runtime_entry: bytes
+    secrets: tuple[Resource, ...] = ()  # its remotes' credentials (SDS), named after their clusters
 
     @property
     def key(self) -> ModelKey:

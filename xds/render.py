@@ -14,6 +14,7 @@ import envoy_data_plane.envoy.config.cluster.v3  # noqa: F401
 import envoy_data_plane.envoy.config.endpoint.v3  # noqa: F401
 import envoy_data_plane.envoy.config.listener.v3  # noqa: F401
 import envoy_data_plane.envoy.config.route.v3  # noqa: F401
+import envoy_data_plane.envoy.extensions.transport_sockets.tls.v3  # noqa: F401
 import envoy_data_plane.envoy.service.runtime.v3  # noqa: F401
 from envoy_data_plane.envoy.config.cluster.v3 import Cluster
 from envoy_data_plane.google.protobuf import Any as ProtoAny
@@ -21,7 +22,8 @@ from envoy_data_plane.google.protobuf import Any as ProtoAny
 from api.desired import ModelRoute
 from xds import resources as res
 from xds import runtime
-from xds.types import PUSH_ORDER
+from xds.credentials import redact
+from xds.types import PUSH_ORDER, SECRET
 from xds.view import View
 
 
@@ -31,9 +33,13 @@ def served(view: View) -> dict[str, dict[str, bytes]]:
 
 
 def served_documents(view: View) -> dict[str, list[dict]]:
-    """`served`, decoded to proto3 JSON mappings, as `overspill render` prints it."""
+    """`served`, decoded to proto3 JSON mappings, as `overspill render` prints it: secrets with
+    their values replaced (they leave the control plane only to Envoy)."""
     return {
-        t: [ProtoAny.FromString(body).unpack().to_dict() for body in resources.values()]
+        t: [
+            redact(doc) if t == SECRET else doc
+            for doc in (ProtoAny.FromString(body).unpack().to_dict() for body in resources.values())
+        ]
         for t, resources in served(view).items()
     }
 

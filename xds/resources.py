@@ -81,8 +81,10 @@ from envoy_data_plane.envoy.type.matcher.v3 import StringMatcher
 from envoy_data_plane.envoy.type.v3 import FractionalPercent, FractionalPercentDenominatorType
 from envoy_data_plane.message_pool import default_message_pool
 
+from api.crd import RemoteBackend
 from api.desired import ModelRoute, virtual_host_name
 from xds import wire
+from xds.credentials import NONE, RemoteCredentials, remote_credentials
 from xds.encode import encode, pack
 from xds.fields import Fields
 
@@ -188,24 +190,31 @@ def local_cluster(route: ModelRoute, static: bool = False) -> bytes:
 
 
 def remote_cluster(route: ModelRoute) -> bytes:
-    """The standby copy: TLS with SNI and the name verified for https (unless told not to)."""
+    """The standby copy: TLS with SNI and the name verified for https (unless told not to), and
+    its credentials (see `credentials`)."""
     remote = route.remote
     assert remote is not None
+    return backend_cluster(route.remote_cluster, remote, remote_credentials(remote, route.remote_cluster))
+
+
+def backend_cluster(name: str, remote: RemoteBackend, creds: RemoteCredentials = NONE) -> bytes:
+    """A cluster of one host outside the mesh: a remote, or the token endpoint of its OAuth2."""
     kind = ClusterDiscoveryType.STATIC if remote.is_ip else ClusterDiscoveryType.LOGICAL_DNS
     out = (
-        _CLUSTER.name(route.remote_cluster)
+        _CLUSTER.name(name)
         + _CLUSTER.type(kind)
         + _REMOTE_COMMON
-        + _CLUSTER.load_assignment(_endpoints(route.remote_cluster, ((remote.host, remote.port),)))
+        + _CLUSTER.load_assignment(_endpoints(name, ((remote.host, remote.port),)))
+        + creds.cluster_fields
     )
     if remote.scheme != "https":
         return out
-    context = b""
+    context = creds.tls_fields
     if not remote.insecure_skip_verify:
         san = _SAN.san_type(
             SubjectAltNameMatcherSanType.IP_ADDRESS if remote.is_ip else SubjectAltNameMatcherSanType.DNS
         ) + _SAN.matcher(_STRING_MATCHER.exact(remote.host))
-        context = _COMMON_TLS.validation_context(
+        context += _COMMON_TLS.validation_context(
             _VALIDATION.trusted_ca(_DATA_SOURCE.filename(remote.ca_file))
             + _VALIDATION.match_typed_subject_alt_names(san)
         )

@@ -26,7 +26,7 @@ from xds.sotw import StateOfTheWorld
 from xds.stream import Stream, weight_layers_fix
 from xds.subscription import Interner, Nack
 from xds.tls import ServerTls
-from xds.types import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE, RUNTIME, SCOPED_ROUTE, SHORT
+from xds.types import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE, RUNTIME, SCOPED_ROUTE, SECRET, SHORT
 
 log = logging.getLogger("overspill.xds")
 LARGE = 256 << 10  # responses from this size on are written within the shared byte budget
@@ -42,6 +42,7 @@ SERVICES = {
     "envoy.service.route.v3.ScopedRoutesDiscoveryService": (
         "StreamScopedRoutes", "DeltaScopedRoutes", (SCOPED_ROUTE,)),
     "envoy.service.runtime.v3.RuntimeDiscoveryService": ("StreamRuntime", "DeltaRuntime", (RUNTIME,)),
+    "envoy.service.secret.v3.SecretDiscoveryService": ("StreamSecrets", "DeltaSecrets", (SECRET,)),
 }  # fmt: skip
 
 

@@ -16,8 +16,9 @@ from xds import resources as res
 from xds import runtime
 from xds.bundle import Deferred, ModelBundle, Resource
 from xds.cache import ResourceCache
+from xds.credentials import remote_credentials
 from xds.encode import encode
-from xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE, SCOPED_ROUTE
+from xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE, SCOPED_ROUTE, SECRET
 
 
 class _Memo:
@@ -87,14 +88,10 @@ class Translator:
                 lambda: Resource.of(CLUSTER, r.local_cluster, res.local_cluster(r)),
             )
         ]
+        secrets: tuple[Resource, ...] = ()
         if r.remote is not None:
-            clusters.append(
-                m["remote"].get(
-                    key,
-                    r.remote,
-                    lambda: Resource.of(CLUSTER, r.remote_cluster, res.remote_cluster(r)),
-                )
-            )
+            remote, secrets = m["remote"].get(key, r.remote, lambda: _remote_parts(r))
+            clusters += remote
         routes = m["routes"].get(
             key,
             (r.domains, r.remote),
@@ -132,4 +129,18 @@ class Translator:
             runtime_entry=m["runtime"].get(
                 key, r.remote_percent, lambda: runtime.entry(r.runtime_key, r.remote_percent)
             ),
+            secrets=secrets,
         )
+
+
+def _remote_parts(r: ModelRoute) -> tuple[list[Resource], tuple[Resource, ...]]:
+    """The remote's cluster (and its OAuth2 token endpoint's), and its credentials' secrets."""
+    assert r.remote is not None
+    creds = remote_credentials(r.remote, r.remote_cluster)
+    clusters = [
+        Resource.of(CLUSTER, r.remote_cluster, res.backend_cluster(r.remote_cluster, r.remote, creds))
+    ]
+    if creds.token_endpoint is not None:
+        name = creds.token_endpoint[0]
+        clusters.append(Resource.of(CLUSTER, name, res.backend_cluster(*creds.token_endpoint)))
+    return clusters, tuple(Resource.of(SECRET, name, body) for name, body in creds.secrets)

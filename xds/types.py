@@ -6,17 +6,19 @@ LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
 SCOPED_ROUTE = "type.googleapis.com/envoy.config.route.v3.ScopedRouteConfiguration"
 ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 RUNTIME = "type.googleapis.com/envoy.service.runtime.v3.Runtime"
+SECRET = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 
-# Clusters, their endpoints and the weights before the listeners and routes that use them; the
+# Secrets (remotes' credentials) before the clusters that name them; clusters, their endpoints
+# and the weights before the listeners and routes that use them; the
 # listener before the routing scopes (its HttpConnectionManager subscribes to them), and the
 # scopes before the route configurations (Envoy asks for those the scopes name).
-PUSH_ORDER = (CLUSTER, ENDPOINT, RUNTIME, LISTENER, SCOPED_ROUTE, ROUTE)
+PUSH_ORDER = (SECRET, CLUSTER, ENDPOINT, RUNTIME, LISTENER, SCOPED_ROUTE, ROUTE)
 # Not a type on the wire: the key under which a view keeps its route configurations with the
 # weights written in, for nodes that do not take the weight layers (`stream.Stream.route_form`).
 ROUTE_WEIGHT_INLINE = ROUTE + "#weight-inline"
 # Types a client subscribes to by name; the others are wildcard (in state of the world, a
 # response of a wildcard type carries the whole set: Envoy removes what it leaves out).
-NAMED = {ENDPOINT, ROUTE, RUNTIME}
+NAMED = {ENDPOINT, ROUTE, RUNTIME, SECRET}
 SHORT = {
     CLUSTER: "CDS",
     ENDPOINT: "EDS",
@@ -24,4 +26,5 @@ SHORT = {
     SCOPED_ROUTE: "SRDS",
     ROUTE: "RDS",
     RUNTIME: "RTDS",
+    SECRET: "SDS",
 }

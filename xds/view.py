@@ -38,6 +38,7 @@ from xds.types import (
     ROUTE_WEIGHT_INLINE,
     RUNTIME,
     SCOPED_ROUTE,
+    SECRET,
 )
 
 LOG_LENGTH = 256  # changes a stream may lag behind before it gets a full comparison
@@ -183,6 +184,7 @@ class View:
             if old is new:
                 continue
             for type_url, old_res, new_res in (
+                (SECRET, old.secrets if old else (), new.secrets if new else ()),
                 (CLUSTER, old.clusters if old else (), new.clusters if new else ()),
                 (ENDPOINT, (old.endpoints,) if old else (), (new.endpoints,) if new else ()),
                 (ROUTE, (old.routes,) if old else (), (new.routes,) if new else ()),
@@ -219,7 +221,7 @@ class View:
         for i in shards:
             self._rebuild_shard(i)
             touched[RUNTIME].add(self._shard_names[i])
-        for type_url in (CLUSTER, ENDPOINT, RUNTIME, SCOPED_ROUTE):
+        for type_url in (SECRET, CLUSTER, ENDPOINT, RUNTIME, SCOPED_ROUTE):
             self._log[type_url].bump(touched[type_url])
         for form in ROUTE_FORMS:
             if touched[form]:

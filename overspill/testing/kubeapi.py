@@ -1190,6 +1190,12 @@ class Store:
     def _defaults(self, res: Resource, obj: Obj, old: Obj | None, wire: bool) -> None:
         """The defaulting a real server does that clients can see and tests may rely on."""
         spec = obj.get("spec")
+        if res.key == "secrets":  # the API server stores stringData as data and never returns it
+            plain = obj.pop("stringData", None) or {}
+            data = obj.setdefault("data", {}) if plain else obj.get("data")
+            for k, v in plain.items():
+                data[k] = base64.b64encode(str(v).encode()).decode()
+            obj.setdefault("type", "Opaque")
         if res.key == "services":
             spec = obj.setdefault("spec", {})
             spec.setdefault("type", "ClusterIP")

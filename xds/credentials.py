@@ -1,0 +1,178 @@
+"""What one remote's credentials add to the Envoy side: SDS secrets and the filters that use them.
+
+Values never travel inside a cluster or a route: each is a `Secret` resource served over SDS on
+the same ADS stream (before the clusters naming it), so a rotated Secret is one new SDS version
+and Envoy swaps it in with no cluster change, no drain and no restart. On the remote's cluster,
+upstream HTTP filters (`envoy.filters.http.credential_injector`) put them on each request that
+goes to that remote, and only there: a header from a Secret (`generic`), or a token fetched with
+OAuth2 client credentials (`oauth2`); a client certificate is the TLS context's SDS certificate.
+A secret's resource is named after the cluster it serves, so it belongs to the model the cluster
+does: only nodes whose scope admits the model get it, as with its clusters.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+
+from envoy_data_plane.envoy.config.cluster.v3 import Cluster
+from envoy_data_plane.envoy.config.core.v3 import (
+    AggregatedConfigSource,
+    ApiVersion,
+    ConfigSource,
+    DataSource,
+    Http1ProtocolOptions,
+    HttpUri,
+    TypedExtensionConfig,
+)
+from envoy_data_plane.envoy.extensions.filters.http.credential_injector.v3 import CredentialInjector
+from envoy_data_plane.envoy.extensions.filters.http.upstream_codec.v3 import UpstreamCodec
+from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import HttpFilter
+from envoy_data_plane.envoy.extensions.http.injected_credentials.generic.v3 import Generic
+from envoy_data_plane.envoy.extensions.http.injected_credentials.oauth2.v3 import (
+    OAuth2,
+    OAuth2ClientCredentials,
+)
+from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
+    CommonTlsContext,
+    GenericSecret,
+    SdsSecretConfig,
+    Secret,
+    TlsCertificate,
+)
+from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
+    HttpProtocolOptions,
+    HttpProtocolOptionsExplicitHttpConfig,
+)
+
+from api.crd import RemoteBackend
+from api.credentials import TLS_CERT, TLS_KEY, SecretValue
+from xds.encode import encode, pack
+
+HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+INJECTOR = "envoy.filters.http.credential_injector"
+TOKEN_TIMEOUT = datetime.timedelta(seconds=5)
+REDACTED = "<redacted>"
+_ADS = ConfigSource(ads=AggregatedConfigSource(), resource_api_version=ApiVersion.V3)
+
+
+@dataclass(frozen=True)
+class RemoteCredentials:
+    """One remote's credentials as Envoy takes them.
+
+    `secrets` are (SDS name, serialized Secret); `cluster_fields` and `tls_fields` are encoded
+    fields to append to the remote's Cluster and to its TLS `CommonTlsContext`; `token_endpoint`
+    is the cluster to create for the OAuth2 token URL, as (name, where it answers)."""
+
+    secrets: tuple[tuple[str, bytes], ...] = ()
+    cluster_fields: bytes = b""
+    tls_fields: bytes = b""
+    token_endpoint: tuple[str, RemoteBackend] | None = None
+
+
+NONE = RemoteCredentials()
+
+
+def header_secret_name(cluster: str, header: str) -> str:
+    return f"{cluster}/header/{header.lower()}"
+
+
+def oauth_secret_name(cluster: str) -> str:
+    return f"{cluster}/oauth-client"
+
+
+def certificate_secret_name(cluster: str) -> str:
+    return f"{cluster}/client-certificate"
+
+
+def token_cluster_name(cluster: str) -> str:
+    return f"{cluster}/token"
+
+
+def remote_credentials(remote: RemoteBackend, cluster: str) -> RemoteCredentials:
+    """What `remote`'s credentials add to its cluster `cluster` (NONE for a remote without any).
+    A value not read yet (its Secret missing) is not served: Envoy waits for it, and the
+    reconciler sends that remote no traffic meanwhile."""
+    if not remote.secret_headers and remote.oauth is None and remote.client_certificate is None:
+        return NONE
+    secrets: list[tuple[str, bytes]] = []
+    filters: list[HttpFilter] = []
+    for header in remote.secret_headers:
+        name = header_secret_name(cluster, header.name)
+        value = remote.secret(header.ref.name, header.ref.key)
+        if value is not None:
+            secrets.append((name, _generic(name, value)))
+        generic = Generic(credential=_sds(name), header=header.name, header_value_prefix=header.prefix)
+        filters.append(_injector("envoy.http.injected_credentials.generic", pack(generic)))
+    token = None
+    if remote.oauth is not None:
+        oauth, name = remote.oauth, oauth_secret_name(cluster)
+        value = oauth.inline_secret or (
+            remote.secret(oauth.secret.name, oauth.secret.key) if oauth.secret is not None else None
+        )
+        if value is not None:
+            secrets.append((name, _generic(name, value)))
+        host, port = oauth.token_host_port
+        token = (
+            token_cluster_name(cluster),
+            RemoteBackend(host, port, oauth.token_scheme, ca_file=remote.ca_file),
+        )
+        config = OAuth2(
+            token_endpoint=HttpUri(uri=oauth.token_url, cluster=token[0], timeout=TOKEN_TIMEOUT),
+            scopes=list(oauth.scopes),
+            client_credentials=OAuth2ClientCredentials(client_id=oauth.client_id, client_secret=_sds(name)),
+        )
+        filters.append(_injector("envoy.http.injected_credentials.oauth2", pack(config)))
+    tls = b""
+    if remote.client_certificate is not None:
+        name, ref = certificate_secret_name(cluster), remote.client_certificate
+        cert, key = remote.secret(ref.name, TLS_CERT), remote.secret(ref.name, TLS_KEY)
+        if cert is not None and key is not None:
+            chain = TlsCertificate(
+                certificate_chain=DataSource(inline_bytes=cert.reveal()),
+                private_key=DataSource(inline_bytes=key.reveal()),
+            )
+            secrets.append((name, encode(Secret(name=name, tls_certificate=chain))))
+        tls = encode(CommonTlsContext(tls_certificate_sds_secret_configs=[_sds(name)]))
+    fields = b""
+    if filters:
+        options = HttpProtocolOptions(
+            explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
+                http_protocol_options=Http1ProtocolOptions()
+            ),
+            http_filters=[
+                *filters,
+                HttpFilter(name="envoy.filters.http.upstream_codec", typed_config=pack(UpstreamCodec())),
+            ],
+        )
+        fields = encode(Cluster(typed_extension_protocol_options={HTTP_OPTIONS: pack(options)}))
+    return RemoteCredentials(tuple(secrets), fields, tls, token)
+
+
+def _sds(name: str) -> SdsSecretConfig:
+    return SdsSecretConfig(name=name, sds_config=_ADS)
+
+
+def _generic(name: str, value: SecretValue) -> bytes:
+    return encode(
+        Secret(name=name, generic_secret=GenericSecret(secret=DataSource(inline_bytes=value.reveal())))
+    )
+
+
+def _injector(kind: str, config) -> HttpFilter:
+    # overwrite: a client's own header of that name never reaches the remote; no credential yet
+    # (a token not fetched): the request is refused rather than sent without it.
+    injector = CredentialInjector(
+        overwrite=True, credential=TypedExtensionConfig(name=kind, typed_config=config)
+    )
+    return HttpFilter(name=INJECTOR, typed_config=pack(injector))
+
+
+def redact(secret: dict) -> dict:
+    """A Secret resource as proto3 JSON with every value replaced: what `overspill render` shows."""
+    out = dict(secret)
+    if "genericSecret" in out:
+        out["genericSecret"] = {"secret": {"inlineBytes": REDACTED}}
+    if "tlsCertificate" in out:
+        out["tlsCertificate"] = {k: {"inlineBytes": REDACTED} for k in out["tlsCertificate"]}
+    return out
