@@ -68,7 +68,7 @@ from xds import resources as res
 from xds import runtime, wire
 from xds.cache import Resource, Scope, View
 from xds.snapshot import Translator
-from xds.types import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE, RUNTIME, SCOPED_ROUTE
+from xds.types import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE, RUNTIME, SCOPED_ROUTE, SECRET
 
 ROOT = Path(__file__).resolve().parent.parent
 HOSTED = RemoteBackend(
@@ -594,7 +594,8 @@ def render(tmp_path, capsys, *args: str) -> Path:
 
 def test_render_prints_every_resource_type(tmp_path, capsys):
     doc = yaml.safe_load(render(tmp_path, capsys).read_text())
-    assert set(doc) == {CLUSTER, ENDPOINT, LISTENER, SCOPED_ROUTE, ROUTE, RUNTIME}
+    assert set(doc) == {SECRET, CLUSTER, ENDPOINT, LISTENER, SCOPED_ROUTE, ROUTE, RUNTIME}
+    assert doc[SECRET] == []  # the examples' remotes take no credentials
     names = {c["name"] for c in doc[CLUSTER]}
     assert names == {
         "overspill/default/my-model/local",

@@ -25,7 +25,7 @@ from xds.render import served
 from xds.scope import Scope
 from xds.server import XdsServer, start_server
 from xds.snapshot import Translator
-from xds.types import CLUSTER, ENDPOINT, LISTENER, NAMED, PUSH_ORDER, ROUTE, RUNTIME
+from xds.types import CLUSTER, ENDPOINT, LISTENER, NAMED, PUSH_ORDER, ROUTE, RUNTIME, SECRET
 
 ADS = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
 REMOTE = RemoteBackend("10.9.8.7", 8080, "http")
@@ -126,6 +126,18 @@ def manifests(tmp_path):
                 "host": remote,
                 "scheme": "https" if "example" in remote else "http",
             }
+        if i == 0:  # a credential from a Secret: served over SDS, and printed redacted
+            offloading["remoteBackend"]["headersToAdd"] = [
+                {"name": "x-api-key", "valueFrom": {"secretKeyRef": {"name": "keys", "key": "m0"}}}
+            ]
+            docs.append(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Secret",
+                    "metadata": {"name": "keys", "namespace": "default"},
+                    "stringData": {"m0": "m0-api-key-value"},
+                }
+            )
         docs += [
             {
                 "apiVersion": "deployment.beamlit.com/v1alpha1",
@@ -176,6 +188,7 @@ async def test_render_prints_exactly_what_serve_sends(manifests, capsys):
                 ENDPOINT: [f"overspill/default/m{i}/local" for i in range(3)],
                 ROUTE: [f"overspill/default/m{i}/routes" for i in range(3)],
                 RUNTIME: runtime.layer_names(),
+                SECRET: ["overspill/default/m0/remote/header/x-api-key"],
             }
             for t in PUSH_ORDER:
                 queue.put_nowait(DiscoveryRequest(node=node, type_url=t, resource_names=wanted.get(t, [])))
@@ -198,7 +211,7 @@ async def test_render_prints_exactly_what_serve_sends(manifests, capsys):
         for name, body in expected[t].items():
             assert received[t][name] == body, (t, name)
     assert len(expected[RUNTIME]) == runtime.SHARDS  # every layer, even an empty one
-    assert set(NAMED) == {ENDPOINT, ROUTE, RUNTIME}
+    assert set(NAMED) == {ENDPOINT, ROUTE, RUNTIME, SECRET}
 
     # And the CLI prints those resources, decoded: one document per served resource.
     assert main(["render", str(manifests), "--listener-address", "127.0.0.1", "--format", "yaml"]) == 0
@@ -206,6 +219,13 @@ async def test_render_prints_exactly_what_serve_sends(manifests, capsys):
     assert {t: len(docs) for t, docs in printed.items()} == {t: len(v) for t, v in expected.items()}
     assert [c["name"] for c in printed[CLUSTER]] == list(expected[CLUSTER])
     assert printed[LISTENER][0]["name"] == "overspill_http"
+    assert printed[SECRET] == [
+        {
+            "name": "overspill/default/m0/remote/header/x-api-key",
+            "genericSecret": {"secret": {"inlineBytes": "<redacted>"}},
+        }
+    ]
+    assert b"m0-api-key-value" in expected[SECRET]["overspill/default/m0/remote/header/x-api-key"]
     weights = {k: v for layer in printed[RUNTIME] for k, v in (layer.get("layer") or {}).items()}
     assert weights["overspill.default.m1"] == 100  # no ready endpoint: an outage, all remote
 

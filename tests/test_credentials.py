@@ -1,0 +1,253 @@
+"""Credentials from Secrets: parsing, resolution, redaction, and which nodes receive them.
+
+What a user would notice: the errors naming the field and the Secret; no value in any repr,
+error or rendered document; a node scoped to one namespace never receiving another's secret
+over a real ADS stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from dataclasses import replace
+
+import grpc
+import pytest
+from envoy_data_plane.envoy.config.core.v3 import Node
+from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import Secret as SdsSecret
+from envoy_data_plane.envoy.service.discovery.v3 import DiscoveryRequest, DiscoveryResponse
+from envoy_data_plane.google.protobuf import Any as ProtoAny
+from envoy_data_plane.google.protobuf import Struct
+
+from api.crd import InvalidObject, parse_model_deployment, parse_remote_backend
+from api.credentials import SecretValue
+from api.desired import ModelRoute, model_of, service_domains, side_of
+from reconciler.credentials import resolve
+from reconciler.documents import parse_documents
+from reconciler.kube import parse_secret
+from reconciler.store import ObjectStore
+from xds.render import served_documents
+from xds.scope import Scope
+from xds.server import XdsServer, start_server
+from xds.snapshot import Translator
+from xds.types import CLUSTER, SECRET
+
+ADS = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
+TOKEN = "tok-3f1c9a7e5b"
+
+
+def remote(**fields) -> dict:
+    return {"host": "standby.example.com", "scheme": "https", **fields}
+
+
+def header_from(name: str = "remote-token", key: str = "token", **extra) -> dict:
+    return {"name": "Authorization", "valueFrom": {"secretKeyRef": {"name": name, "key": key}}, **extra}
+
+
+def secret_doc(name: str, namespace: str = "default", **data: str) -> dict:
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": name, "namespace": namespace},
+        "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()},
+    }
+
+
+# --- parsing the references ---
+
+
+def test_header_from_a_secret_oauth_and_client_certificate_parse():
+    r = parse_remote_backend(
+        remote(
+            headersToAdd=[{"name": "x-tenant", "value": "t1"}, header_from(valuePrefix="Bearer ")],
+            authConfig={
+                "type": "oauth",
+                "oauthConfig": {
+                    "clientId": "me",
+                    "clientSecretRef": {"name": "oauth", "key": "secret"},
+                    "tokenUrl": "https://auth.example.com/oauth/token",
+                    "scopes": ["infer"],
+                },
+            },
+            clientCertificateRef={"name": "client-tls"},
+        ),
+        "remoteBackend",
+    )
+    assert r.headers_to_add == (("x-tenant", "t1"),)  # the plain header is unchanged
+    [h] = r.secret_headers
+    assert (h.name, h.ref.name, h.ref.key, h.prefix) == ("Authorization", "remote-token", "token", "Bearer ")
+    assert r.oauth is not None and r.oauth.client_id == "me" and r.oauth.scopes == ("infer",)
+    assert r.oauth.token_host_port == ("auth.example.com", 443)
+    assert [str(ref) for ref in r.secret_refs()] == [
+        "remote-token/token",
+        "oauth/secret",
+        "client-tls/tls.crt",
+        "client-tls/tls.key",
+    ]
+
+
+def test_the_upstream_inline_client_secret_is_taken_and_never_shown():
+    doc = {"clientId": "me", "clientSecret": TOKEN, "tokenUrl": "http://127.0.0.1:9/token"}
+    r = parse_remote_backend(remote(authConfig={"oauthConfig": doc}), "remoteBackend")
+    assert r.oauth is not None and r.oauth.inline_secret == SecretValue(TOKEN.encode())
+    assert TOKEN not in repr(r) and TOKEN not in str(r.oauth.inline_secret)
+    assert r.secret_refs() == ()  # nothing to read from a Secret
+
+
+@pytest.mark.parametrize(
+    ("fields", "error"),
+    [
+        (
+            {"headersToAdd": [header_from() | {"value": "x"}]},
+            "remoteBackend.headersToAdd[0].value: cannot be given with valueFrom",
+        ),
+        (
+            {"headersToAdd": [{"name": "a", "valueFrom": {}}]},
+            "headersToAdd[0].valueFrom.secretKeyRef: is required",
+        ),
+        ({"headersToAdd": [header_from(key="a b")]}, "secretKeyRef.key: must be a Secret key"),
+        ({"headersToAdd": [header_from(name="Bad_Name")]}, "secretKeyRef.name: must be a Secret name"),
+        ({"headersToAdd": [header_from() | {"name": "Host"}]}, "'Host' is not a header name that can be set"),
+        ({"authConfig": {"type": "basic"}}, "remoteBackend.authConfig.type: must be oauth, got 'basic'"),
+        (
+            {"authConfig": {"type": "oauth"}},
+            "remoteBackend.authConfig.oauthConfig: is required for type oauth",
+        ),
+        (
+            {"authConfig": {"oauthConfig": {"clientId": "c", "tokenUrl": "ftp://x/t"}}},
+            "oauthConfig.tokenUrl: must be an http or https URL, got 'ftp://x/t'",
+        ),
+        (
+            {"authConfig": {"oauthConfig": {"clientId": "c", "tokenUrl": "https://a.example/t"}}},
+            "oauthConfig.clientSecretRef: is required (or the upstream clientSecret)",
+        ),
+        (
+            {"scheme": "http", "clientCertificateRef": {"name": "tls"}},
+            "remoteBackend.clientCertificateRef: needs scheme https",
+        ),
+    ],
+)
+def test_bad_references_name_the_field(fields, error):
+    with pytest.raises(InvalidObject) as exc:
+        parse_remote_backend(remote(**fields), "remoteBackend")
+    assert error in str(exc.value)
+
+
+def test_the_field_path_of_a_reference_is_the_models():
+    doc = {
+        "apiVersion": "deployment.beamlit.com/v1alpha1",
+        "kind": "ModelDeployment",
+        "metadata": {"name": "m", "namespace": "team-a"},
+        "spec": {
+            "serviceRef": {"name": "m"},
+            "offloadingConfig": {"remoteBackend": remote(headersToAdd=[header_from()])},
+        },
+    }
+    model = parse_model_deployment(doc)
+    [ref] = model.offloading.remote.secret_refs()
+    assert ref.path == "spec.offloadingConfig.remoteBackend.headersToAdd[0].valueFrom.secretKeyRef"
+
+
+# --- Secrets: parsed, resolved, never printed ---
+
+
+def test_a_secret_reads_data_and_string_data_and_errors_name_the_key_only():
+    s = parse_secret(secret_doc("s", token=TOKEN) | {"stringData": {"plain": "p-value"}})
+    assert s.get("token") == SecretValue(TOKEN.encode()) and s.get("plain") == SecretValue(b"p-value")
+    assert TOKEN not in repr(s) and "p-value" not in repr(s)
+    objects, rejected = parse_documents(
+        "apiVersion: v1\nkind: Secret\nmetadata: {name: s}\ndata: {token: 'not base64 at all!'}\n", "f.yaml"
+    )
+    assert objects == [] and [r.errors for r in rejected] == [("default/s: data.token: is not base64",)]
+
+
+def test_resolve_reads_only_the_models_namespace_and_names_what_is_missing():
+    store = ObjectStore()
+    store.replace_origin(
+        "f",
+        [
+            parse_secret(secret_doc("remote-token", "team-b", token=TOKEN)),
+            parse_secret(secret_doc("other", "team-a")),
+        ],
+    )
+    r = parse_remote_backend(
+        remote(headersToAdd=[header_from(), header_from("other", "k") | {"name": "x-k"}]), "remoteBackend"
+    )
+    resolved, errors = resolve(store, "team-a", r)
+    assert resolved.secrets == ()
+    assert errors == [
+        "remoteBackend.headersToAdd[0].valueFrom.secretKeyRef: Secret team-a/remote-token not found",
+        "remoteBackend.headersToAdd[1].valueFrom.secretKeyRef: Secret team-a/other has no key 'k'",
+    ]
+    resolved, errors = resolve(store, "team-b", r)
+    assert resolved.secret("remote-token", "token") == SecretValue(TOKEN.encode())
+    assert TOKEN not in repr(resolved)
+
+
+def test_secret_and_token_cluster_names_lead_back_to_the_model():
+    assert model_of("overspill/ns/m/remote/header/authorization") == ("ns", "m")
+    assert model_of("overspill/ns/m/remote/token") == ("ns", "m")
+    assert model_of("overspill/ns/m/routes/x") is None
+    assert side_of("overspill/ns/m/remote/token") is None  # not a side: no load is counted on it
+
+
+# --- served over SDS, to the nodes of the model's scope only ---
+
+
+def route(namespace: str, token: str) -> ModelRoute:
+    r = parse_remote_backend(remote(headersToAdd=[header_from(valuePrefix="Bearer ")]), "remoteBackend")
+    r = replace(r, secrets=((("remote-token", "token"), SecretValue(token.encode())),))
+    return ModelRoute(namespace, "llm", service_domains("llm", namespace, 80), (("10.0.0.1", 80),), r, 0.0)
+
+
+def test_rotation_is_a_new_secret_version_and_the_cluster_is_untouched():
+    t = Translator("127.0.0.1", 10000)
+    t.publish([route("a", "one")])
+    view = t.cache.view(Scope())
+    name = "overspill/a/llm/remote/header/authorization"
+    before_secret, before_cluster = (
+        view.resources[SECRET][name],
+        view.resources[CLUSTER]["overspill/a/llm/remote"],
+    )
+    t.publish([route("a", "two")])
+    view = t.cache.view(Scope())
+    assert view.resources[SECRET][name].version != before_secret.version
+    assert view.resources[CLUSTER]["overspill/a/llm/remote"] is before_cluster
+    assert (
+        SdsSecret.FromString(wire_body(view.resources[SECRET][name].any)).generic_secret.secret.inline_bytes
+        == b"two"
+    )
+    docs = served_documents(view)
+    assert docs[SECRET] == [{"name": name, "genericSecret": {"secret": {"inlineBytes": "<redacted>"}}}]
+
+
+def wire_body(any_bytes: bytes) -> bytes:
+    return ProtoAny.FromString(any_bytes).value
+
+
+async def test_a_node_of_namespace_a_never_receives_namespace_bs_secret():
+    t = Translator("127.0.0.1", 10000)
+    t.publish([route("a", "secret-of-a"), route("b", "secret-of-b")])
+    server, port = await start_server(XdsServer(t.cache), "127.0.0.1", 0)
+    names = ["overspill/a/llm/remote/header/authorization", "overspill/b/llm/remote/header/authorization"]
+
+    async def secrets_for(metadata: dict) -> dict[str, bytes]:
+        node = Node(id="sidecar", cluster="c", metadata=Struct.from_dict(metadata))
+        request = DiscoveryRequest(node=node, type_url=SECRET, resource_names=names)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.stream_stream(
+                ADS, request_serializer=bytes, response_deserializer=DiscoveryResponse.FromString
+            )(iter([request]))
+            response = await asyncio.wait_for(call.read(), 10)
+            call.cancel()
+        return {
+            m.name: m.generic_secret.secret.inline_bytes
+            for m in (SdsSecret.FromString(r.value) for r in response.resources)
+        }
+
+    try:
+        assert await secrets_for({"overspill": {"namespaces": ["a"]}}) == {names[0]: b"secret-of-a"}
+        assert await secrets_for({"overspill": {"namespaces": ["b"]}}) == {names[1]: b"secret-of-b"}
+        assert set(await secrets_for({})) == set(names)  # an unscoped gateway serves both models
+    finally:
+        await server.stop(None)
