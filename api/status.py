@@ -71,6 +71,7 @@ class ModelStatus:
     ready_endpoints: int = 0
     remote: str | None = None
     remote_usable: bool = False
+    remote_credentials: str | None = None  # why the remote's credentials cannot be read (no value in it)
     metrics: list[MetricStatus] = field(default_factory=list)
     stale_metrics: list[str] = field(default_factory=list)  # without a reading for metricStaleAfterSeconds
     errors: list[str] = field(default_factory=list)

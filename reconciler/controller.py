@@ -445,9 +445,11 @@ class Controller:
         machine = self._machine_for(model, status, now) if model.offloading and self.leading else None
         remote = self.remote_of(model)
         unreadable: list[str] = []
+        status.remote_credentials = None
         if remote is not None:  # a remote whose credentials cannot be read gets no traffic
             remote, unreadable = credentials.resolve(self.store, model.meta.namespace, remote)
             status.errors += [f"{model.key}: {e}" for e in unreadable]
+            status.remote_credentials = "; ".join(unreadable) or None
             self._note_credentials(model.key, unreadable)
         status.ready_endpoints = len(backend.endpoints)
         status.remote = f"{remote.scheme}://{remote.authority}{remote.path_prefix}" if remote else None

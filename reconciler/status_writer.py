@@ -78,8 +78,8 @@ def desired_status(
         _condition(
             "RemoteAvailable",
             status.remote_usable,
-            "NoRemote" if status.remote is None else ("Reachable" if status.remote_usable else "Unreachable"),
-            status.remote or "no remoteBackend and no --default-remote",
+            _remote_reason(status),
+            status.remote_credentials or status.remote or "no remoteBackend and no --default-remote",
             gen,
         ),
     ]
@@ -307,3 +307,11 @@ def _with_condition_times(desired: dict, previous: dict | None) -> dict:
         same = old is not None and old.get("status") == c["status"] and old.get("lastTransitionTime")
         conditions.append(dict(c, lastTransitionTime=old["lastTransitionTime"] if same else now))
     return dict(desired, conditions=conditions)
+
+
+def _remote_reason(status: ModelStatus) -> str:
+    if status.remote is None:
+        return "NoRemote"
+    if status.remote_credentials:  # its Secret or key is missing: no traffic until it can be read
+        return "CredentialsUnreadable"
+    return "Reachable" if status.remote_usable else "Unreachable"

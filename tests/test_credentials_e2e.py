@@ -17,6 +17,7 @@ import time
 import uuid
 from pathlib import Path
 
+import yaml
 from aiohttp import web
 from e2e_stack import Model, stack, wait_until
 from pki import CertificateAuthority
@@ -321,3 +322,69 @@ async def test_a_missing_secret_holds_offloading_and_says_which(tmp_path):
         await s.wait_phase(m, {"Outage"}, OUTAGE_BUDGET)
         codes = await s.send(m, 10)
         assert set(codes) == {200}, codes
+
+
+async def test_kubernetes_secret_referenced_by_the_model_is_watched_and_its_rotation_reaches_envoy(tmp_path):
+    """`kubectl apply` of a Secret and of the model's reference to it, against the API server
+    double: the referenced Secret is fetched and watched, an edit of it is a rotation."""
+    import test_kubernetes as kube  # the module, so that its tests are not collected here again
+
+    one, two = f"key-one-{uuid.uuid4().hex}", f"key-two-{uuid.uuid4().hex}"
+
+    def key_secret(value: str) -> str:
+        doc = {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "remote-key", "namespace": "default"},
+            "stringData": {"api-key": value},
+        }
+        return yaml.safe_dump(doc)
+
+    async with asyncio.timeout(120), kube.kube_stack(tmp_path) as k:
+        await k.until(lambda: k.md_status().get("phase") == "Standby", 15, "Standby")
+        remote = {
+            "host": k.remote.address,
+            "headersToAdd": [
+                {"name": "x-api-key", "valueFrom": {"secretKeyRef": {"name": "remote-key", "key": "api-key"}}}
+            ],
+        }
+        patch = json.dumps({"spec": {"offloadingConfig": {"remoteBackend": remote}}})
+        await k.api.kubectl("patch", "md", "my-model", "--type", "merge", "-p", patch)
+        k.api.patch("endpointslices", "my-model-abcde", {"endpoints": []})
+
+        def remote_condition() -> dict:
+            found = [c for c in k.md_status().get("conditions", []) if c["type"] == "RemoteAvailable"]
+            return found[0] if found else {}
+
+        # Referred to before it exists: said on the CR's status, and nothing goes to the remote.
+        await k.until(
+            lambda: (
+                (remote_condition().get("reason"), k.md_status().get("phase"))
+                == ("CredentialsUnreadable", "RemoteUnavailable")
+            ),
+            15,
+            "the credentials reported unreadable, and no traffic to the remote",
+        )
+        assert "Secret default/remote-key not found" in remote_condition()["message"]
+        await k.api.kubectl("apply", "-f", "-", input=key_secret(one))
+        await k.until(lambda: k.md_status().get("phase") == "Outage", 15, "Outage")
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            assert set(await k.send(8)) == {200}
+            if k.remote.counts.recent and k.remote.counts.recent[-1].headers.get("x-api-key") == one:
+                break
+        assert k.remote.counts.recent[-1].headers.get("x-api-key") == one
+        envoy_pid = k.envoy.pid
+
+        await k.api.kubectl("apply", "-f", "-", input=key_secret(two))
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            assert set(await k.send(8)) == {200}  # nothing fails while the key changes
+            if k.remote.counts.recent[-1].headers.get("x-api-key") == two:
+                break
+        assert {r.headers.get("x-api-key") for r in list(k.remote.counts.recent)[-8:]} == {two}
+        assert k.envoy.pid == envoy_pid
+        plane = k.planes[0]
+        stored = json.dumps(k.api.get("modeldeployments", "my-model"))
+        for text in (plane.log_text(), stored, json.dumps(await plane.status())):
+            assert one not in text and two not in text
