@@ -315,6 +315,9 @@ async def test_a_missing_secret_holds_offloading_and_says_which(tmp_path):
         ), status
         assert status["remoteUsable"] is False
         assert "event=credentials_unreadable model=default/gpt" in s.control_plane.log_text()
+        assert 'overspill_model_config_errors{name="gpt",namespace="default"} 1.0' in (
+            await s.control_plane.metrics_text()
+        )
         # The Secret appears: offloading starts with it.
         m.secrets = [secret("absent", k="now-here")]
         m.guard.accepted = {"now-here"}
