@@ -13,6 +13,7 @@ from dataclasses import replace
 
 import grpc
 import pytest
+import yaml
 from envoy_data_plane.envoy.config.core.v3 import Node
 from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import Secret as SdsSecret
 from envoy_data_plane.envoy.service.discovery.v3 import DiscoveryRequest, DiscoveryResponse
@@ -22,6 +23,7 @@ from envoy_data_plane.google.protobuf import Struct
 from api.crd import InvalidObject, parse_model_deployment, parse_remote_backend
 from api.credentials import SecretValue
 from api.desired import ModelRoute, model_of, service_domains, side_of
+from overspill.cli import main
 from reconciler.credentials import resolve
 from reconciler.documents import parse_documents
 from reconciler.kube import parse_secret
@@ -251,3 +253,29 @@ async def test_a_node_of_namespace_a_never_receives_namespace_bs_secret():
         assert set(await secrets_for({})) == set(names)  # an unscoped gateway serves both models
     finally:
         await server.stop(None)
+
+
+def test_a_static_bootstrap_leaves_credentials_out_and_says_so(tmp_path, capsys):
+    model = {
+        "apiVersion": "deployment.beamlit.com/v1alpha1",
+        "kind": "ModelDeployment",
+        "metadata": {"name": "m", "namespace": "default"},
+        "spec": {
+            "serviceRef": {"name": "m", "targetPort": 80},
+            "offloadingConfig": {"remoteBackend": remote(headersToAdd=[header_from()])},
+        },
+    }
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "m", "namespace": "default"},
+        "spec": {"ports": [{"port": 80}]},
+    }
+    (tmp_path / "m.yaml").write_text(
+        yaml.safe_dump_all([model, service, secret_doc("remote-token", token=TOKEN)])
+    )
+    assert main(["render", str(tmp_path), "--bootstrap"]) == 0
+    out, err = capsys.readouterr()
+    assert "default/m: the remote's credentials are served over SDS only" in err
+    assert "credential_injector" not in out and "sdsConfig" not in out and TOKEN not in out
+    assert "overspill/default/m/remote" in out

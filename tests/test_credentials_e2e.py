@@ -17,6 +17,7 @@ import time
 import uuid
 from pathlib import Path
 
+import pytest
 import yaml
 from aiohttp import web
 from e2e_stack import Model, stack, wait_until
@@ -113,7 +114,8 @@ def rendered(manifests: Path) -> str:
     return out.stdout + out.stderr
 
 
-async def test_a_header_from_a_secret_reaches_the_remote_and_a_rotation_needs_no_restart(tmp_path):
+@pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
+async def test_a_header_from_a_secret_reaches_the_remote_and_a_rotation_needs_no_restart(tmp_path, delta):
     one, two = f"tok-one-{uuid.uuid4().hex}", f"tok-two-{uuid.uuid4().hex}"
     m = CredentialModel(
         "llm",
@@ -130,7 +132,7 @@ async def test_a_header_from_a_secret_reaches_the_remote_and_a_rotation_needs_no
         [secret("remote-token", token=one)],
     )
     m.guard.accepted = {bearer(one)}
-    async with stack(tmp_path, m) as s:
+    async with stack(tmp_path, m, delta=delta) as s:
         await s.wait_phase(m, {"Outage"}, OUTAGE_BUDGET)
         envoy_pid = s.envoy.pid
         # A client's own Authorization never reaches the remote: Envoy overwrites it.
