@@ -47,7 +47,9 @@ def served_documents(view: View) -> dict[str, list[dict]]:
 def static_bootstrap(routes: list[ModelRoute], address: str, port: int, admin_port: int = 9901) -> dict:
     clusters = [res.local_cluster(r, static=True) for r in routes] + [
         # Without its credentials: they come over SDS only, and a static bootstrap has none.
-        res.backend_cluster(r.remote_cluster, r.remote) for r in routes if r.remote
+        res.backend_cluster(r.remote_cluster, r.remote)
+        for r in routes
+        if r.remote
     ]
     clusters = [Cluster.FromString(body) for body in clusters]
     return {
