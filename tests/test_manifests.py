@@ -325,6 +325,22 @@ def test_bad_documents_are_rejected_by_the_schema(doc):
 
 
 # (id, document, valid): the schema's verdict and the parser's must both be `valid`.
+FROM_SECRET = {
+    "name": "Authorization",
+    "valueFrom": {"secretKeyRef": {"name": "remote-token", "key": "token"}},
+}
+OAUTH = {
+    "clientId": "overspill",
+    "clientSecretRef": {"name": "oauth", "key": "client-secret"},
+    "tokenUrl": "https://auth.example.com/oauth/token",
+    "scopes": ["inference"],
+}
+
+
+def oauth_without(key: str, **extra) -> dict:
+    return {k: v for k, v in OAUTH.items() if k != key} | extra
+
+
 AGREEMENT: list[tuple[str, dict, bool]] = [
     # ModelDeployment: spec and references
     ("minimal", model(), True),
@@ -497,6 +513,37 @@ AGREEMENT: list[tuple[str, dict, bool]] = [
     ("remote-header-space", remote(headersToAdd=[{"name": "x api key", "value": "k"}]), False),
     ("remote-header-without-name", remote(headersToAdd=[{"value": "k"}]), False),
     ("remote-tls-options", remote(scheme="https", caFile="/etc/ca.pem", insecureSkipVerify=True), True),
+    # credentials from Secrets
+    ("remote-header-from-secret", remote(headersToAdd=[FROM_SECRET | {"valuePrefix": "Bearer "}]), True),
+    ("remote-header-value-and-from", remote(headersToAdd=[FROM_SECRET | {"value": "k"}]), False),
+    ("remote-header-from-nothing", remote(headersToAdd=[{"name": "a", "valueFrom": {}}]), False),
+    (
+        "remote-header-from-secret-without-key",
+        remote(headersToAdd=[{"name": "a", "valueFrom": {"secretKeyRef": {"name": "s"}}}]),
+        False,
+    ),
+    (
+        "remote-header-from-secret-bad-name",
+        remote(headersToAdd=[{"name": "a", "valueFrom": {"secretKeyRef": {"name": "S_1", "key": "k"}}}]),
+        False,
+    ),
+    ("remote-oauth", remote(authConfig={"type": "oauth", "oauthConfig": OAUTH}), True),
+    (
+        "remote-oauth-inline-secret",
+        remote(authConfig={"oauthConfig": oauth_without("clientSecretRef", clientSecret="s")}),
+        True,
+    ),
+    (
+        "remote-oauth-without-secret",
+        remote(authConfig={"oauthConfig": oauth_without("clientSecretRef")}),
+        False,
+    ),
+    ("remote-oauth-both-secrets", remote(authConfig={"oauthConfig": OAUTH | {"clientSecret": "s"}}), False),
+    ("remote-oauth-ftp", remote(authConfig={"oauthConfig": OAUTH | {"tokenUrl": "ftp://a/t"}}), False),
+    ("remote-oauth-type-basic", remote(authConfig={"type": "basic", "oauthConfig": OAUTH}), False),
+    ("remote-oauth-without-client-id", remote(authConfig={"oauthConfig": oauth_without("clientId")}), False),
+    ("remote-client-certificate", remote(scheme="https", clientCertificateRef={"name": "client-tls"}), True),
+    ("remote-client-certificate-no-name", remote(scheme="https", clientCertificateRef={}), False),
     ("remote-insecure-string", remote(insecureSkipVerify="yes"), False),
     # Policy
     ("policy-location", policy(type="location", locations=[{"type": "continent", "name": "eu"}]), True),
@@ -537,6 +584,13 @@ def test_schema_and_parser_agree(doc, valid):
 # What a structural schema cannot say as the parser does, each pinned so a change on either
 # side shows up here: (id, document, schema accepts, parser accepts, why).
 KNOWN_DIFFERENCES: list[tuple[str, dict, bool, bool, str]] = [
+    (
+        "client-certificate-over-http",
+        remote(clientCertificateRef={"name": "client-tls"}),
+        True,
+        False,
+        "a client certificate needs scheme https: a rule across two fields, beyond a schema without CEL",
+    ),
     (
         "headers-as-a-map",
         remote(headersToAdd={"x-api-key": "k"}),
