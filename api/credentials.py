@@ -19,6 +19,7 @@ from api.fields import FieldError, Fields
 TLS_CERT, TLS_KEY = "tls.crt", "tls.key"  # the keys of a kubernetes.io/tls Secret
 _KEY = re.compile(r"^[-._a-zA-Z0-9]+$")  # a Secret data key, as Kubernetes allows them
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+_HOST = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?(\.[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?)*$")
 
 
 class SecretValue:
@@ -116,6 +117,23 @@ def parse_key_ref(f: Fields, present: bool = True) -> SecretKeyRef | None:
     return SecretKeyRef(name, key, f.path) if name and key else None
 
 
+def _usable_url(url: str) -> bool:
+    """An http(s) URL whose host Envoy can reach as a cluster: a DNS name or an IP, a valid port,
+    no user info (the client authenticates with its credentials, not the URL)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a port out of range
+    except ValueError:
+        return False
+    host = parts.hostname or ""
+    return (
+        parts.scheme in ("http", "https")
+        and "@" not in parts.netloc
+        and (_HOST.match(host) is not None or ":" in host)  # an IPv6 address was checked by urlsplit
+        and not any(c in url for c in " \r\n\t")
+    )
+
+
 def parse_auth_config(f: Fields) -> OAuthClient | None:
     """`authConfig: {type: oauth, oauthConfig: {clientId, clientSecretRef, tokenUrl, scopes}}`; the
     upstream CRD's inline `clientSecret` is taken in place of `clientSecretRef`."""
@@ -129,11 +147,9 @@ def parse_auth_config(f: Fields) -> OAuthClient | None:
         return None
     client_id = o.str("clientId", required=True)
     token_url = o.str("tokenUrl", required=True)
-    if token_url is not None:
-        parts = urlsplit(token_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            o.error("tokenUrl", f"must be an http or https URL, got {token_url!r}")
-            token_url = None
+    if token_url is not None and not _usable_url(token_url):
+        o.error("tokenUrl", f"must be an http or https URL with a host name or IP, got {token_url!r}")
+        token_url = None
     ref, inline = None, None
     if o.has("clientSecretRef"):
         ref = parse_key_ref(o.sub("clientSecretRef"))

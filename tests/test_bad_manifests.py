@@ -48,7 +48,26 @@ ERROR = re.compile(r"^(?P<key>[^/\s:]+/[^:]+): (?P<path>[^ :]*): \S")
 
 MODEL = model_doc(name="m", metric="queue_depth", source="app")
 MODEL["spec"]["offloadingConfig"]["remoteBackend"].update(
-    scheme="https", pathPrefix="/v1", headersToAdd=[{"name": "x-api-key", "value": "k"}]
+    scheme="https",
+    pathPrefix="/v1",
+    headersToAdd=[
+        {"name": "x-api-key", "value": "k"},
+        {
+            "name": "authorization",
+            "valueFrom": {"secretKeyRef": {"name": "t", "key": "k"}},
+            "valuePrefix": "B ",
+        },
+    ],
+    authConfig={
+        "type": "oauth",
+        "oauthConfig": {
+            "clientId": "c",
+            "clientSecretRef": {"name": "o", "key": "s"},
+            "tokenUrl": "https://auth.example.com/t",
+            "scopes": ["a"],
+        },
+    },
+    clientCertificateRef={"name": "tls"},
 )
 MODEL["spec"]["policies"] = [{"refType": "localPolicy", "name": "eu"}]
 POLICY = {

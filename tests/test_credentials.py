@@ -117,7 +117,23 @@ def test_the_upstream_inline_client_secret_is_taken_and_never_shown():
         ),
         (
             {"authConfig": {"oauthConfig": {"clientId": "c", "tokenUrl": "ftp://x/t"}}},
-            "oauthConfig.tokenUrl: must be an http or https URL, got 'ftp://x/t'",
+            "oauthConfig.tokenUrl: must be an http or https URL with a host name or IP, got 'ftp://x/t'",
+        ),
+        (
+            {
+                "authConfig": {
+                    "oauthConfig": {"clientId": "c", "clientSecret": "s", "tokenUrl": "http://[::1"}
+                }
+            },
+            "oauthConfig.tokenUrl: must be an http or https URL with a host name or IP, got 'http://[::1'",
+        ),
+        (
+            {
+                "authConfig": {
+                    "oauthConfig": {"clientId": "c", "clientSecret": "s", "tokenUrl": "http://a:99999/t"}
+                }
+            },
+            "got 'http://a:99999/t'",
         ),
         (
             {"authConfig": {"oauthConfig": {"clientId": "c", "tokenUrl": "https://a.example/t"}}},
