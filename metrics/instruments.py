@@ -75,8 +75,16 @@ class ControllerCollector(Collector):
             "xDS NACKs of responses carrying this model's resources",
             labels=[*LABELS, "type"],
         )
+        refused = GaugeMetricFamily(
+            "overspill_model_remote_refused",
+            "1 while a local Policy keeps this remote from the model's traffic (reason: PolicyViolation, "
+            "PolicyNotFound, PolicyInvalid)",
+            labels=[*LABELS, "remote", "policy", "reason"],
+        )
         for s in self.models():
             ids = [s.namespace, s.name]
+            for r in s.refused:
+                refused.add_metric([*ids, r.remote, r.policy, r.reason], 1)
             for p in Phase:
                 phase.add_metric([*ids, p.value], 1 if p == s.phase else 0)
             weight.add_metric(ids, s.remote_percent)
@@ -106,6 +114,7 @@ class ControllerCollector(Collector):
             transitions,
             read_errors,
             nacks,
+            refused,
             rounds,
         )
 

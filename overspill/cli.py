@@ -537,6 +537,11 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"  error: {err}")
         for warning in m.get("warnings", []):
             print(f"  warning: {warning}")
+        policies = m.get("policies") or {}
+        for r in policies.get("refused", []):
+            print(f"  {r['reason']}: {r['message']}")
+        if policies.get("enforcedRemotely"):
+            print(f"  enforced by the remote: {', '.join(policies['enforcedRemotely'])}")
         if m["reason"]:
             print(f"  reason: {m['reason']}")
     for r in doc["rejected"]:

@@ -82,6 +82,7 @@ def desired_status(
             status.remote or "no remoteBackend and no --default-remote",
             gen,
         ),
+        _remote_allowed(status, gen),
     ]
 
     return {
@@ -104,10 +105,29 @@ def desired_status(
             for m in status.metrics
         ],
         "remote": status.remote or "",
+        "policies": status.policies_dict(),
         "observedGeneration": gen,
         "errors": errors,
         "conditions": conditions,
     }
+
+
+def _remote_allowed(status: ModelStatus, generation: int) -> dict:
+    """`RemoteAllowed`: False, with the Policy and the rule not met, while the model's local
+    Policies keep its remote from traffic (or cannot be read, which holds offloading off)."""
+    remotely = status.remote_policies
+    note = f"; enforced by the remote: {', '.join(remotely)}" if remotely else ""
+    if status.refused:
+        message = "; ".join(r.message for r in status.refused)
+        return _condition("RemoteAllowed", False, status.refused[0].reason, message + note, generation)
+    if status.remote is None:
+        return _condition(
+            "RemoteAllowed", True, "NoRemote", "no remote to send traffic to" + note, generation
+        )
+    if status.local_policies:
+        message = f"{status.remote} satisfies {', '.join(status.local_policies)}"
+        return _condition("RemoteAllowed", True, "PoliciesMet", message + note, generation)
+    return _condition("RemoteAllowed", True, "NoPolicies", "no local Policy attached" + note, generation)
 
 
 def _num(value: float) -> str:
