@@ -468,7 +468,10 @@ class Controller:
                 status.stale_metrics,
             )
         if status.refused and decision.phase == Phase.REMOTE_DOWN:
-            decision = Decision(decision.phase, 0.0, f"{decision.reason} (refused by {status.refused[0]})")
+            first = status.refused[0]
+            decision = Decision(
+                decision.phase, 0.0, f"{decision.reason}: refused by Policy {first.policy} ({first.reason})"
+            )
         self._record(model, status, decision, now)
         return ModelRoute(
             model.meta.namespace,

@@ -195,7 +195,9 @@ async def test_directory_mode_holds_offloading_until_the_policy_exists_and_enfor
     await asyncio.wait_for(controller.evaluate(), 5)
     status = controller.status[MODEL]
     assert status.phase == Phase.REMOTE_DOWN and status.remote_percent == 0
-    assert "refused by PolicyNotFound: Policy default/eu-only not found" in status.reason
+    assert status.reason.endswith(
+        "the remote is unavailable: refused by Policy default/eu-only (PolicyNotFound)"
+    )
     assert status.errors == ["default/m: spec.policies: Policy default/eu-only not found"]
     route = routes_by_name(controller)["m"]
     assert (route.remote, route.remote_percent) == (None, 0.0)
