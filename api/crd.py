@@ -222,13 +222,16 @@ class ModelDeployment:
 
 @dataclass(frozen=True)
 class PolicyRule:
+    """One allowed place (`country`, `continent`, `location`) or flavor (`{type, name}`) of a Policy."""
+
     type: str
     name: str
 
 
 @dataclass(frozen=True)
 class Policy:
-    """A location or flavor constraint on where a model may be offloaded (seed 001)."""
+    """A location or flavor constraint on where a model may be offloaded (seed 001); enforced on
+    remotes by `reconciler.policy`."""
 
     meta: Meta
     type: str

@@ -90,7 +90,9 @@ def allowed_remotes(remotes: Sequence[RemoteBackend], resolved: Resolved) -> Ver
     allowed, refused = [], []
     for remote in remotes:
         mine = [
-            PolicyRefusal(remote.url, u.policy, u.reason, f"{u.message}: offloading held off until it is")
+            PolicyRefusal(
+                remote.url, u.policy, u.reason, f"{u.message}: offloading held off until {_until(u)}"
+            )
             for u in resolved.unresolved
         ]
         for policy in resolved.policies:
@@ -102,6 +104,10 @@ def allowed_remotes(remotes: Sequence[RemoteBackend], resolved: Resolved) -> Ver
         else:
             allowed.append(remote)
     return Verdict(tuple(allowed), tuple(refused))
+
+
+def _until(unresolved: Unresolved) -> str:
+    return "it exists" if unresolved.reason == NOT_FOUND else "it is valid"
 
 
 def unmet_rule(remote: RemoteBackend, policy: Policy) -> str | None:

@@ -258,6 +258,9 @@ class StatusWriter:
                 reason, kind, message = "Error", "Warning", new_errors[-1]
         if reason is not None:
             await self.event(model, reason, message, kind)
+        refused = _refused_condition(after)
+        if refused is not None and refused != _refused_condition(before or {}):
+            await self.event(model, refused[0], refused[1], "Warning")  # a Policy now keeps the remote out
 
     async def event(self, model: ModelDeployment, reason: str, message: str, kind: str = "Normal") -> None:
         """Record an Event on the model; the same reason and message again bumps the count."""
@@ -303,6 +306,14 @@ class StatusWriter:
         """Wait for the writes in flight (tests, shutdown)."""
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+
+def _refused_condition(status: dict) -> tuple[str, str] | None:
+    """The reason and message of a False `RemoteAllowed` condition, or None."""
+    for c in status.get("conditions") or []:
+        if c.get("type") == "RemoteAllowed" and c.get("status") == "False":
+            return c.get("reason", ""), c.get("message", "")
+    return None
 
 
 def _from_cluster(model: ModelDeployment) -> dict | None:

@@ -77,6 +77,10 @@ async def test_a_missing_policy_holds_offloading_until_kubectl_applies_it_and_ed
         assert set(await k.send(100)) == {200}
         assert k.remote.counts.total == before
 
+        _, described, _ = await k.api.kubectl("describe", "md", "my-model")
+        events = described.split("Events:")[-1]
+        assert "PolicyNotFound" in events and "PolicyViolation" in events
+
         # Deleted: not found again.
         await k.api.kubectl("delete", "policy", "eu-only")
         await k.until(lambda: remote_allowed(k.md_status()).get("reason") == "PolicyNotFound", 10, "deleted")
