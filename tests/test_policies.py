@@ -19,6 +19,7 @@ from test_store_and_directory import (
 
 from api.crd import Flavor, Location, ObjectKey, RemoteBackend, parse_model_deployment, parse_policy
 from api.status import Phase
+from overspill.cli import parser
 from reconciler.directory import DirectorySource
 from reconciler.documents import parse_documents
 from reconciler.policy import (
@@ -295,3 +296,27 @@ def test_without_local_policies_the_remote_is_used_as_before(refs):
     status = controller.status[MODEL]
     assert status.refused == [] and status.errors == []
     assert routes_by_name(controller)["m"].remote is not None
+
+
+def serve_default_remote(url: str) -> RemoteBackend | None:
+    return parser().parse_args(["serve", "--kubernetes", "--default-remote", url]).default_remote
+
+
+def test_the_default_remote_url_can_say_where_it_is_and_what_it_runs(capsys):
+    remote = serve_default_remote(
+        "https://standby.example:8443/v1?country=DE&continent=eu&flavor=gpu/nvidia-l4"
+    )
+    assert (remote.url, remote.location, remote.flavor) == (
+        "https://standby.example:8443/v1",
+        Location("DE", "eu"),
+        Flavor("gpu", "nvidia-l4"),
+    )
+    assert verdict([remote], EU, L4).allowed == (remote,)
+    assert serve_default_remote("http://h.example").location is None
+    for bad, why in (
+        ("http://h.example?planet=mars", "unknown query planet"),
+        ("http://h.example?flavor=gpu", "--default-remote.flavor.name: is required"),
+    ):
+        with pytest.raises(SystemExit):
+            serve_default_remote(bad)
+        assert why in capsys.readouterr().err
