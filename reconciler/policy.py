@@ -87,6 +87,8 @@ def resolve(store: ObjectStore, model: ModelDeployment) -> Resolved:
 
 def allowed_remotes(remotes: Sequence[RemoteBackend], resolved: Resolved) -> Verdict:
     """Split `remotes` into those every Policy allows and, for the others, a refusal per Policy."""
+    if not resolved.policies and not resolved.unresolved:
+        return Verdict(tuple(remotes), ())  # the common case: every model's reconcile asks
     allowed, refused = [], []
     for remote in remotes:
         mine = [
