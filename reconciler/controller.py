@@ -488,6 +488,9 @@ class Controller:
     ) -> Verdict:
         """Filter the model's remotes through its local Policies; keep the outcome on status (a
         Policy that cannot be read is an error there too) and note refusals that begin or end."""
+        if not model.policies and not status.refused:  # the common case, kept cheap
+            status.local_policies, status.remote_policies = [], []
+            return Verdict(tuple(remotes), ())
         resolved = resolve(self.store, model)
         verdict = allowed_remotes(remotes, resolved)
         status.local_policies = resolved.local_names
