@@ -440,6 +440,7 @@ class Controller:
             status.warnings = list(claim.warnings)
         error = backend.error or (claim.error if claim else None)
         if error is not None or claim is None:
+            status.refused = []  # no route, so no remote to refuse
             status.errors.append(error or f"{model.key}: spec.serviceRef: cannot be resolved")
             self._record(model, status, Decision(Phase.INVALID, 0.0, status.errors[-1]), now)
             return None
@@ -496,8 +497,13 @@ class Controller:
         status.local_policies = resolved.local_names
         status.remote_policies = list(resolved.remote_names)
         status.errors.extend(f"{model.key}: spec.policies: {u.message}" for u in resolved.unresolved)
-        before, after = set(status.refused), set(verdict.refused)
-        for event, refusals in (("remote_refused", after - before), ("remote_refusal_ended", before - after)):
+        # A refusal is the same while its remote, Policy and reason are; a new message (the Policy
+        # edited, still refusing) is logged as a refusal again, without an end in between.
+        before = {(r.remote, r.policy, r.reason): r for r in status.refused}
+        after = {(r.remote, r.policy, r.reason): r for r in verdict.refused}
+        began = [r for k, r in after.items() if before.get(k) != r]
+        ended = [r for k, r in before.items() if k not in after]
+        for event, refusals in (("remote_refused", began), ("remote_refusal_ended", ended)):
             for r in sorted(refusals, key=lambda r: (r.policy, r.remote)):
                 self._policy_events.setdefault((event, r.policy, r.reason), []).append((model.key, r.message))
         status.refused = list(verdict.refused)

@@ -261,6 +261,13 @@ async def test_directory_mode_holds_offloading_until_the_policy_exists_and_enfor
         == 1
     )
 
+    assert caplog.text.count("event=remote_refusal_ended") == 1  # not for an edit that still refuses
+    (tmp_path / "policy.yaml").write_text(text(eu_only(("country", "fr"))))  # another refusing edit
+    source.sync()
+    controller.reconcile()
+    assert caplog.text.count("event=remote_refusal_ended") == 1
+    assert "location country=fr required" in caplog.text.splitlines()[-1]
+
     # Deleted: held off again.
     (tmp_path / "policy.yaml").unlink()
     source.sync()
