@@ -256,7 +256,16 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--node-cluster", default="overspill-gateway", help="node.cluster (default overspill-gateway)"
     )
-    b.add_argument("--admin-port", type=int, default=9901, help="Envoy admin port (default 9901)")
+    b.add_argument(
+        "--admin-port", type=int, default=9901, help="Envoy admin port, on 127.0.0.1 (default 9901)"
+    )
+    b.add_argument(
+        "--stats-port",
+        type=int,
+        metavar="PORT",
+        help="also serve GET /stats/prometheus (and nothing else of the admin) on this port on every "
+        "address, for a Prometheus outside the pod (the install's gateway uses 15090)",
+    )
     b.add_argument(
         "--delta", action="store_true", help="use Delta xDS (DELTA_GRPC) instead of state of the world"
     )
@@ -504,6 +513,7 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
         tls_cert=args.xds_client_cert,
         tls_key=args.xds_client_key,
         tls_server_name=args.xds_server_name,
+        stats_port=args.stats_port,
     )
     print(yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, width=120), end="")
     return 0

@@ -24,6 +24,7 @@ import aiohttp
 import yaml
 
 from xds.render import ads_bootstrap
+from xds.stats import ADMIN_CLUSTER
 
 log = logging.getLogger(__name__)
 
@@ -353,12 +354,18 @@ class Prometheus(ManagedProcess):
 
 
 def patch_bootstrap(config: dict[str, Any], xds_port: int, admin_port: int, node_id: str) -> dict[str, Any]:
-    """Point a bootstrap's `xds_cluster` at xds_port, its admin at admin_port, and set node.id."""
+    """Point a bootstrap's `xds_cluster` at xds_port, its admin (and the stats listener's way to
+    it, `--stats-port`) at admin_port, and set node.id."""
     config.setdefault("node", {})["id"] = node_id
     admin_addr = config.setdefault("admin", {}).setdefault("address", {}).setdefault("socket_address", {})
     admin_addr.setdefault("address", "127.0.0.1")
     admin_addr["port_value"] = admin_port
     clusters = config.get("static_resources", {}).get("clusters", [])
+    for cluster in clusters:
+        if cluster.get("name") == ADMIN_CLUSTER:
+            for locality in cluster["load_assignment"]["endpoints"]:
+                for lb_endpoint in locality["lb_endpoints"]:
+                    lb_endpoint["endpoint"]["address"]["socket_address"]["port_value"] = admin_port
     xds = next((c for c in clusters if c.get("name") == "xds_cluster"), None)
     if xds is None:
         raise ValueError("bootstrap has no static cluster named xds_cluster")
