@@ -89,7 +89,9 @@ class ControllerCollector(Collector):
                 stale.add_metric([*ids, m.spec.describe()], 1 if m.spec.describe() in s.stale_metrics else 0)
             for p, n in s.transitions.items():
                 transitions.add_metric([*ids, p], n)
-            for metric, n in s.metric_read_errors.items():
+            # Zero before the first failure: rate() and increase() see that one too.
+            counted = dict.fromkeys((m.spec.describe() for m in s.metrics), 0) | s.metric_read_errors
+            for metric, n in counted.items():
                 read_errors.add_metric([*ids, metric], n)
             for t, n in s.xds_nacks.items():
                 nacks.add_metric([*ids, t], n)
