@@ -28,10 +28,13 @@ from overspill.demo.procs import (
     ControlPlaneProcess,
     Envoy,
     Prometheus,
+    ScrapeJob,
     find_binary,
+    free_port,
 )
 from overspill.demo.sim import ModelServer
 from xds.render import ads_bootstrap
+from xds.stats import PROMETHEUS_PATH
 
 SCRAPE_INTERVAL = 1.0
 EVALUATION_INTERVAL = 1.0
@@ -275,9 +278,12 @@ async def stack(
     extra_args: tuple[str, ...] = (),
     delta: bool = False,
     bootstrap: Path | None = None,
+    scrape_components: bool = False,
 ) -> AsyncIterator[Stack]:
     """The whole stack; Envoy runs `bootstrap` if given (its `xds_cluster` pointed at the control
-    plane), else the one `overspill bootstrap` prints."""
+    plane), else the one `overspill bootstrap` prints. With `scrape_components` Prometheus also
+    scrapes the control plane's /metrics (job `control-plane`) and Envoy's /stats/prometheus (job
+    `envoy`), as an operator's Prometheus would."""
     manifests = tmp_path / "manifests"
     manifests.mkdir()
     knob = Knob()
@@ -290,14 +296,25 @@ async def stack(
                 started.append(server)
             knob.set(m.name, 0)
             m.write(manifests)
+        # Prometheus starts first (the control plane reads it), so the ports it scrapes are chosen now.
+        metrics_port, admin_port = free_port(), free_port()
+        jobs = (
+            [
+                ScrapeJob("control-plane", (f"127.0.0.1:{metrics_port}",)),
+                ScrapeJob("envoy", (f"127.0.0.1:{admin_port}",), PROMETHEUS_PATH),
+            ]
+            if scrape_components
+            else []
+        )
         async with contextlib.AsyncExitStack() as es:
             try:
                 prometheus = await es.enter_async_context(
-                    Prometheus([f"127.0.0.1:{knob.port}"], scrape_interval=SCRAPE_INTERVAL)
+                    Prometheus([f"127.0.0.1:{knob.port}"], scrape_interval=SCRAPE_INTERVAL, jobs=jobs)
                 )
                 cp = await es.enter_async_context(
                     ControlPlaneProcess(
                         manifests,
+                        metrics_port=metrics_port,
                         evaluation_interval=EVALUATION_INTERVAL,
                         prometheus_url=prometheus.url,
                         extra_args=(
@@ -312,7 +329,11 @@ async def stack(
                     )
                 )
                 envoy = await es.enter_async_context(
-                    Envoy(cp.xds_port, bootstrap=bootstrap or bootstrap_file(tmp_path, delta))
+                    Envoy(
+                        cp.xds_port,
+                        admin_port=admin_port,
+                        bootstrap=bootstrap or bootstrap_file(tmp_path, delta),
+                    )
                 )
             except ComponentMissing as exc:
                 missing(exc)
