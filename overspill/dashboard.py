@@ -424,6 +424,16 @@ def variable_queries(board: Mapping[str, Any]) -> Iterator[str]:
             yield found.group(1)
 
 
+def rate_interval(step: float, scrape_interval: float) -> str:
+    """Grafana's `$__rate_interval`: the step plus one scrape, and at least four scrapes."""
+    return f"{max(step + scrape_interval, 4 * scrape_interval):g}s"
+
+
+def legend(template: str, labels: Mapping[str, str]) -> str:
+    """A series' name as Grafana's legendFormat makes it (`{{label}}` replaced)."""
+    return re.sub(r"\{\{\s*(\w+)\s*\}\}", lambda m: labels.get(m.group(1), ""), template).strip()
+
+
 _VARIABLE = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
 
 

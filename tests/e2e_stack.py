@@ -28,13 +28,12 @@ from overspill.demo.procs import (
     ControlPlaneProcess,
     Envoy,
     Prometheus,
-    ScrapeJob,
+    component_jobs,
     find_binary,
     free_port,
 )
 from overspill.demo.sim import ModelServer
 from xds.render import ads_bootstrap
-from xds.stats import PROMETHEUS_PATH
 
 SCRAPE_INTERVAL = 1.0
 EVALUATION_INTERVAL = 1.0
@@ -298,14 +297,7 @@ async def stack(
             m.write(manifests)
         # Prometheus starts first (the control plane reads it), so the ports it scrapes are chosen now.
         metrics_port, admin_port = free_port(), free_port()
-        jobs = (
-            [
-                ScrapeJob("control-plane", (f"127.0.0.1:{metrics_port}",)),
-                ScrapeJob("envoy", (f"127.0.0.1:{admin_port}",), PROMETHEUS_PATH),
-            ]
-            if scrape_components
-            else []
-        )
+        jobs = component_jobs(metrics_port, admin_port) if scrape_components else []
         async with contextlib.AsyncExitStack() as es:
             try:
                 prometheus = await es.enter_async_context(

@@ -16,16 +16,18 @@ from typing import Any
 
 import pytest
 import yaml
-from e2e_stack import SWITCH_BUDGET, Model, Stack, delta, stack, totals
+from e2e_stack import SCRAPE_INTERVAL, SWITCH_BUDGET, Model, Stack, delta, stack, totals
 
 from overspill.dashboard import (
     dashboard,
     metric_names,
     queries,
+    rate_interval,
     render,
     substitute,
     variable_queries,
 )
+from overspill.demo.board import draw_dashboard
 
 ROOT = Path(__file__).resolve().parent.parent
 BOARD = ROOT / "manifests" / "grafana" / "overspill-dashboard.json"
@@ -126,8 +128,6 @@ def test_metric_names_leave_out_functions_labels_and_keywords():
 
 # --- the proof: every query against a real Prometheus after a burst ---------------------------
 
-RATE_INTERVAL = "5s"  # Grafana's $__rate_interval at a 1 s scrape: 4 scrapes, and some slack
-
 
 def _has_data(result: list[dict]) -> bool:
     return any(not math.isnan(float(v)) for series in result for _, v in series["values"])
@@ -208,7 +208,7 @@ async def test_every_dashboard_query_returns_data_from_a_real_prometheus(tmp_pat
             "namespace": burst.namespace,
             "model": burst.name,
             "job": "control-plane",
-            "__rate_interval": RATE_INTERVAL,
+            "__rate_interval": rate_interval(1.0, SCRAPE_INTERVAL),
         }
         for expr in variable_queries(board):
             assert await prom.query(substitute(expr, values)), f"variable query {expr!r} found nothing"
@@ -241,6 +241,10 @@ async def test_every_dashboard_query_returns_data_from_a_real_prometheus(tmp_pat
         assert max(_values(results["NACKs", "B"], name="tls")) > 0
         assert max(_values(results["Metric read errors", "A"], name="blind")) > 0
         assert set(_values(results["Metric read errors", "A"], name="burst")) == {0.0}
+
+        # The demo's picture, drawn from the same queries.
+        png = await draw_dashboard(prom, tmp_path / "dashboard.png", values, start, end)
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 50_000
 
         if RULES.exists():
             await _alert_expressions_run(prom, names)

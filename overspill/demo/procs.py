@@ -25,7 +25,7 @@ import aiohttp
 import yaml
 
 from xds.render import ads_bootstrap
-from xds.stats import ADMIN_CLUSTER
+from xds.stats import ADMIN_CLUSTER, PROMETHEUS_PATH
 
 log = logging.getLogger(__name__)
 
@@ -272,6 +272,19 @@ class ScrapeJob:
     name: str
     targets: tuple[str, ...]  # host:port
     path: str = "/metrics"
+
+
+CONTROL_PLANE_JOB = "control-plane"
+ENVOY_JOB = "envoy"
+
+
+def component_jobs(metrics_port: int, envoy_admin_port: int) -> list[ScrapeJob]:
+    """Scrape the control plane's /metrics and Envoy's /stats/prometheus, as an operator's
+    Prometheus does for the dashboard (ports chosen before either starts: Prometheus comes first)."""
+    return [
+        ScrapeJob(CONTROL_PLANE_JOB, (f"127.0.0.1:{metrics_port}",)),
+        ScrapeJob(ENVOY_JOB, (f"127.0.0.1:{envoy_admin_port}",), PROMETHEUS_PATH),
+    ]
 
 
 class Prometheus(ManagedProcess):
