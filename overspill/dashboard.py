@@ -36,6 +36,12 @@ def _side_rate(metric: str, selector: str, by: str = SIDE_TAG) -> str:
     return f"sum by ({by}) (rate({metric}{{{selector}}}[{RATE}]))"
 
 
+def _histogram_p99(metric: str, by: str = "") -> str:
+    """The 99th percentile of one of the control plane's histograms (seconds), per `by`."""
+    labels = f"{by}, le" if by else "le"
+    return f"histogram_quantile(0.99, sum by ({labels}) (rate({metric}_bucket[{RATE}])))"
+
+
 def _quantile(q: float) -> str:
     buckets = _side_rate("envoy_cluster_upstream_rq_time_bucket", ENVOY_MODEL, by=f"{SIDE_TAG}, le")
     return f"histogram_quantile({q:g}, {buckets})"
@@ -128,8 +134,13 @@ ROWS: tuple[Row, ...] = (
             ),
             Panel(
                 "Envoys connected",
-                "xDS streams open to the control plane (every replica summed).",
-                (Query("sum(overspill_xds_streams)", "streams"),),
+                "Envoys connected to the control plane (every replica summed), per scope and protocol.",
+                (
+                    Query(
+                        "sum by (scope, protocol) (overspill_xds_connected_envoys)", "{{scope}} {{protocol}}"
+                    ),
+                ),
+                stacked=True,
                 width=6,
             ),
             Panel(
@@ -235,6 +246,18 @@ ROWS: tuple[Row, ...] = (
                 stacked=True,
             ),
             Panel(
+                "Convergence p99",
+                "How long Envoys take to ACK a push, per xDS type, and a new remote share from its "
+                "decision to an Envoy's ACK (99th percentiles).",
+                (
+                    Query(
+                        _histogram_p99("overspill_xds_push_to_ack_seconds", "type"), "push to ACK {{type}}"
+                    ),
+                    Query(_histogram_p99("overspill_weight_decision_to_ack_seconds"), "decision to ACK"),
+                ),
+                unit="s",
+            ),
+            Panel(
                 "Metric read errors",
                 "Failed reads of offloading metrics per second (source unreachable, query error, empty).",
                 (
@@ -244,23 +267,34 @@ ROWS: tuple[Row, ...] = (
                         "{{namespace}}/{{name}} {{metric}}",
                     ),
                 ),
+                width=6,
             ),
             Panel(
-                "Evaluations",
-                "Evaluation rounds per second (every model's metrics read and decided).",
-                (Query(f'sum(rate(overspill_evaluations_total{{job=~"$job"}}[{RATE}]))', "evaluations"),),
+                "Evaluation duration p99",
+                "How long an evaluation round takes (every model's metrics read, changed ones decided), "
+                "and one read of a metric source (99th percentiles).",
+                (
+                    Query(_histogram_p99("overspill_evaluation_duration_seconds"), "evaluation"),
+                    Query(
+                        _histogram_p99("overspill_metric_read_duration_seconds", "source"), "read {{source}}"
+                    ),
+                ),
+                unit="s",
+                width=6,
             ),
             Panel(
                 "CPU",
                 "CPU seconds per second the control plane's processes used.",
                 (Query(f'rate(process_cpu_seconds_total{{job=~"$job"}}[{RATE}])', "{{instance}}"),),
                 unit="percentunit",
+                width=6,
             ),
             Panel(
                 "Memory",
                 "Resident memory of the control plane's processes.",
                 (Query('process_resident_memory_bytes{job=~"$job"}', "{{instance}}"),),
                 unit="bytes",
+                width=6,
             ),
         ),
     ),

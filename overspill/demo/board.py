@@ -34,7 +34,7 @@ MAIN_PANELS = (
     "Offloaded traffic",
     "Envoys connected",
     "xDS pushes by type",
-    "CPU",
+    "Convergence p99",
     "Memory",
 )
 # Grafana's named colours, as matplotlib knows them.
