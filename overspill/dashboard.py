@@ -208,7 +208,8 @@ ROWS: tuple[Row, ...] = (
             ),
             Panel(
                 "Latency p50 / p99",
-                "Upstream response time per side, as Envoy measured it.",
+                "Upstream response time per side, as Envoy measured it "
+                "(interpolated within its histogram buckets).",
                 (Query(_quantile(0.5), "p50 {{side}}"), Query(_quantile(0.99), "p99 {{side}}")),
                 unit="ms",
             ),
@@ -458,9 +459,10 @@ def variable_queries(board: Mapping[str, Any]) -> Iterator[str]:
             yield found.group(1)
 
 
-def rate_interval(step: float, scrape_interval: float) -> str:
-    """Grafana's `$__rate_interval`: the step plus one scrape, and at least four scrapes."""
-    return f"{max(step + scrape_interval, 4 * scrape_interval):g}s"
+def rate_interval(step: float, scrape_interval: float, floor: float = 0.0) -> str:
+    """Grafana's `$__rate_interval`: the step plus one scrape, and at least four scrapes (and at
+    least `floor` seconds, for series that change less often than they are scraped)."""
+    return f"{max(step + scrape_interval, 4 * scrape_interval, floor):g}s"
 
 
 def legend(template: str, labels: Mapping[str, str]) -> str:

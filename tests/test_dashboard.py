@@ -20,6 +20,7 @@ from e2e_stack import SCRAPE_INTERVAL, SWITCH_BUDGET, Model, Stack, delta, stack
 
 from overspill.dashboard import (
     dashboard,
+    legend,
     metric_names,
     queries,
     rate_interval,
@@ -116,6 +117,14 @@ def test_substitute_replaces_grafana_variables_and_keeps_regex_groups():
     )
     with pytest.raises(KeyError, match=r"\$job"):
         substitute('x{job=~"$job"}', values)
+
+
+def test_legend_and_rate_interval_as_grafana_makes_them():
+    assert legend("p99 {{side}} {{ type }}", {"side": "local", "type": "CDS"}) == "p99 local CDS"
+    assert legend("{{missing}}", {}) == ""
+    assert rate_interval(1.0, 1.0) == "4s"  # four scrapes
+    assert rate_interval(60.0, 15.0) == "75s"  # a step plus a scrape
+    assert rate_interval(1.0, 1.0, floor=10.0) == "10s"
 
 
 def test_metric_names_leave_out_functions_labels_and_keywords():

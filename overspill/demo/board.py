@@ -47,6 +47,9 @@ _COLORS = {
     "purple": "tab:purple",
     "dark-red": "darkred",
 }
+# Envoy's default stats_flush_interval: its histograms (latency) move only this often, so a
+# rate() window shorter than two flushes is often empty (Grafana draws a gap there too).
+ENVOY_FLUSH_SECONDS = 5.0
 _UNITS = {"reqps": "requests / s", "percent": "%", "ms": "ms", "bytes": "MiB", "percentunit": "cores"}
 
 
@@ -70,12 +73,16 @@ async def panel_series(
 ) -> list[Series]:
     """Every series of a panel's targets over [start, end], named as its legendFormat names them."""
     out: list[Series] = []
+    steps = int((end - start) // step) + 1
     for target in panel["targets"]:
         result = await prom.query_range(substitute(target["expr"], values), start, end, step)
         for series in result:
-            points = [(float(t) - start, float(v)) for t, v in series["values"] if not math.isnan(float(v))]
+            # On the whole step grid, NaN where Prometheus had no value: the line breaks there,
+            # as Grafana's does, instead of joining the points either side of a gap.
+            found = {round((float(t) - start) / step): float(v) for t, v in series["values"]}
             name = legend(target.get("legendFormat", ""), series["metric"]) or target["refId"]
-            out.append(Series(name, target["refId"], [t for t, _ in points], [v for _, v in points]))
+            ts = [i * step for i in range(steps)]
+            out.append(Series(name, target["refId"], ts, [found.get(i, math.nan) for i in range(steps)]))
     return out
 
 
@@ -123,13 +130,12 @@ def _draw_panel(ax: Any, panel: Mapping[str, Any], series: list[Series], span: f
     lines = [s for s in series if s.ref not in dashed]
     if defaults.get("custom", {}).get("stacking", {}).get("mode") == "normal" and lines:
         # Stacked as Grafana draws it; series that were always 0 (phases never entered) left out.
-        shown = [s for s in lines if any(s.values)] or lines
-        ts = sorted({t for s in shown for t in s.ts})
-        stacks = [[dict(zip(s.ts, s.values, strict=True)).get(t, 0.0) / scale for t in ts] for s in shown]
-        ax.stackplot(ts, *stacks, labels=[s.name for s in shown], alpha=0.6)
+        shown = [s for s in lines if any(v > 0 for v in s.values)] or lines
+        stacks = [[0.0 if math.isnan(v) else v / scale for v in s.values] for s in shown]
+        ax.stackplot(shown[0].ts, *stacks, labels=[s.name for s in shown], alpha=0.6)
     else:
-        for s in lines:
-            ax.plot(s.ts, [v / scale for v in s.values], label=s.name)
+        for s in lines:  # a point between gaps (one push's ACK time) still shows as a dot
+            ax.plot(s.ts, [v / scale for v in s.values], label=s.name, marker=".", markersize=3)
     for s in series:
         if s.ref in dashed:
             ax.plot(s.ts, [v / scale for v in s.values], color="red", linestyle="--", label=s.name)
@@ -145,7 +151,7 @@ def _draw_panel(ax: Any, panel: Mapping[str, Any], series: list[Series], span: f
 
 def _draw_phases(ax: Any, series: list[Series]) -> None:
     """One lane per phase the model was in, coloured where it was (Grafana's state timeline)."""
-    lanes = [s for s in series if any(v == 1 for v in s.values)]
+    lanes = [s for s in series if 1 in s.values]
     colors = {str(p): _COLORS[c] for p, c in PHASE_COLORS.items()}
     for lane, s in enumerate(lanes):
         for t, v in zip(s.ts, s.values, strict=True):

@@ -23,7 +23,7 @@ import aiohttp
 import yaml
 
 from overspill.dashboard import rate_interval
-from overspill.demo.board import draw_dashboard
+from overspill.demo.board import ENVOY_FLUSH_SECONDS, draw_dashboard
 from overspill.demo.load import SecondStats, run_load
 from overspill.demo.plot import plot_timeline
 from overspill.demo.procs import (
@@ -513,7 +513,7 @@ async def run_plan(out_dir: Path, plan: DemoPlan, dashboard_png: Path | None = N
                 "namespace": NAMESPACE,
                 "model": MODEL,
                 "job": CONTROL_PLANE_JOB,
-                "__rate_interval": rate_interval(1.0, plan.scrape_interval),
+                "__rate_interval": rate_interval(1.0, plan.scrape_interval, floor=2 * ENVOY_FLUSH_SECONDS),
             }
             await draw_dashboard(prom, dashboard_png, values, started, time.time())
     for row in rows:  # a second's requests may be reported before its in-flight average is taken
