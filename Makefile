@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 # missing (needs root, as on these machines). kubectl usually comes with the machine image;
 # Debian's kubernetes-client is the fallback.
 prometheus:
-	@command -v prometheus >/dev/null || { \
+	@{ command -v prometheus && command -v promtool; } >/dev/null || { \
 	  echo "installing Debian's prometheus"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
 	@command -v kubectl >/dev/null || { \

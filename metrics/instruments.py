@@ -109,8 +109,15 @@ class ControllerCollector(Collector):
             "xDS NACKs of responses carrying this model's resources",
             labels=[*LABELS, "type"],
         )
+        rejections = GaugeMetricFamily(
+            "overspill_model_xds_rejections",
+            "Envoy NACKs of this model's resources that still stand (per Envoy and xDS type): the"
+            " Envoy keeps its last good configuration for the model",
+            labels=LABELS,
+        )
         for s in self.models():
             ids = [s.namespace, s.name]
+            rejections.add_metric(ids, len(s.rejections))
             for p in Phase:
                 phase.add_metric([*ids, p.value], 1 if p == s.phase else 0)
             weight.add_metric(ids, s.remote_percent)
@@ -142,6 +149,7 @@ class ControllerCollector(Collector):
             transitions,
             read_errors,
             nacks,
+            rejections,
             rounds,
         )
 

@@ -967,6 +967,7 @@ def test_install_renders_and_every_object_validates(install):
         ("ConfigMap", "overspill-gateway-bootstrap"),
         ("ServiceMonitor", "overspill"),
         ("PodMonitor", "overspill-gateway"),
+        ("PrometheusRule", "overspill"),
     }
     for obj in install:
         assert check_object(obj) == [], label(obj)
