@@ -24,6 +24,7 @@ from aiohttp import web
 
 from overspill.demo.procs import (
     ENVOY_HINT,
+    EXPORTERS_JOB,
     ComponentMissing,
     ControlPlaneProcess,
     Envoy,
@@ -281,8 +282,8 @@ async def stack(
 ) -> AsyncIterator[Stack]:
     """The whole stack; Envoy runs `bootstrap` if given (its `xds_cluster` pointed at the control
     plane), else the one `overspill bootstrap` prints. With `scrape_components` Prometheus also
-    scrapes the control plane's /metrics (job `control-plane`) and Envoy's /stats/prometheus (job
-    `envoy`), as an operator's Prometheus would."""
+    scrapes the control plane's /metrics (job `overspill`) and Envoy's /stats/prometheus (job `envoy`), as an
+    operator's Prometheus would (the knob's job is then `exporters`)."""
     manifests = tmp_path / "manifests"
     manifests.mkdir()
     knob = Knob()
@@ -301,7 +302,12 @@ async def stack(
         async with contextlib.AsyncExitStack() as es:
             try:
                 prometheus = await es.enter_async_context(
-                    Prometheus([f"127.0.0.1:{knob.port}"], scrape_interval=SCRAPE_INTERVAL, jobs=jobs)
+                    Prometheus(
+                        [f"127.0.0.1:{knob.port}"],
+                        scrape_interval=SCRAPE_INTERVAL,
+                        job=EXPORTERS_JOB if jobs else "overspill",
+                        jobs=jobs,
+                    )
                 )
                 cp = await es.enter_async_context(
                     ControlPlaneProcess(

@@ -272,24 +272,28 @@ class ScrapeJob:
     name: str
     targets: tuple[str, ...]  # host:port
     path: str = "/metrics"
+    honor_labels: bool = False  # keep the target's own labels (Envoy's `namespace`) over the job's
 
 
-CONTROL_PLANE_JOB = "control-plane"
+# As the install's ServiceMonitor names the control plane's job (and the alert rules expect it).
+CONTROL_PLANE_JOB = "overspill"
 ENVOY_JOB = "envoy"
+EXPORTERS_JOB = "exporters"  # the model servers' job beside them (its default name is taken)
 
 
 def component_jobs(metrics_port: int, envoy_admin_port: int) -> list[ScrapeJob]:
-    """Scrape the control plane's /metrics and Envoy's /stats/prometheus, as an operator's
-    Prometheus does for the dashboard (ports chosen before either starts: Prometheus comes first)."""
+    """Scrape the control plane's /metrics and Envoy's /stats/prometheus with honor_labels, as the
+    README's scrape config does (ports chosen before either starts: Prometheus comes first). The
+    Prometheus taking them names its own targets' job `EXPORTERS_JOB`."""
     return [
-        ScrapeJob(CONTROL_PLANE_JOB, (f"127.0.0.1:{metrics_port}",)),
-        ScrapeJob(ENVOY_JOB, (f"127.0.0.1:{envoy_admin_port}",), PROMETHEUS_PATH),
+        ScrapeJob(CONTROL_PLANE_JOB, (f"127.0.0.1:{metrics_port}",), honor_labels=True),
+        ScrapeJob(ENVOY_JOB, (f"127.0.0.1:{envoy_admin_port}",), PROMETHEUS_PATH, honor_labels=True),
     ]
 
 
 class Prometheus(ManagedProcess):
-    """A throwaway Prometheus scraping `targets` (host:port, path /metrics, job `overspill`) and
-    any further `jobs` on an ephemeral port."""
+    """A throwaway Prometheus scraping `targets` (host:port, path /metrics, as `job`) and any
+    further `jobs` on an ephemeral port."""
 
     name = "prometheus"
 
@@ -298,12 +302,14 @@ class Prometheus(ManagedProcess):
         targets: list[str],
         scrape_interval: float = 1.0,
         *,
+        job: str = "overspill",
         jobs: Sequence[ScrapeJob] = (),
         port: int | None = None,
         log_dir: Path | None = None,
     ) -> None:
         super().__init__(log_dir)
         self.targets = list(targets)
+        self.job = job
         self.jobs = list(jobs)
         self.scrape_interval = scrape_interval
         self.port = port or free_port()
@@ -324,7 +330,7 @@ class Prometheus(ManagedProcess):
             },
             "scrape_configs": [
                 {
-                    "job_name": "overspill",
+                    "job_name": self.job,
                     "metrics_path": "/metrics",
                     "static_configs": [{"targets": self.targets}],
                 },
@@ -332,6 +338,7 @@ class Prometheus(ManagedProcess):
                     {
                         "job_name": job.name,
                         "metrics_path": job.path,
+                        "honor_labels": job.honor_labels,
                         "static_configs": [{"targets": list(job.targets)}],
                     }
                     for job in self.jobs

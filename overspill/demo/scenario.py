@@ -28,6 +28,7 @@ from overspill.demo.load import SecondStats, run_load
 from overspill.demo.plot import plot_timeline
 from overspill.demo.procs import (
     CONTROL_PLANE_JOB,
+    EXPORTERS_JOB,
     ControlPlaneProcess,
     Envoy,
     Prometheus,
@@ -457,6 +458,7 @@ async def run_plan(out_dir: Path, plan: DemoPlan, dashboard_png: Path | None = N
             Prometheus(
                 [local.address],
                 plan.scrape_interval,
+                job=EXPORTERS_JOB,
                 jobs=component_jobs(metrics_port, admin_port),
                 log_dir=logs,
             )
