@@ -185,6 +185,20 @@ class Model:
         return path
 
 
+def rejected_by_envoy(beside: Model, name: str = "tls") -> tuple[Model, list[dict]]:
+    """A ModelDeployment the control plane takes but Envoy refuses (its remote's CA file does not
+    exist on the Envoy host), on `beside`'s local port; its documents, to write as `<name>.yaml`."""
+    model = Model(name, path_prefix="")
+    model.local.port, model.remote.port = beside.local.port, 443
+    docs = model.manifests()
+    docs[-1]["spec"]["offloadingConfig"]["remoteBackend"] = {
+        "host": "standby.invalid",
+        "scheme": "https",
+        "caFile": "/nonexistent/ca.pem",
+    }
+    return model, docs
+
+
 @dataclass
 class Stack:
     manifests: Path

@@ -16,7 +16,16 @@ from typing import Any
 
 import pytest
 import yaml
-from e2e_stack import SCRAPE_INTERVAL, SWITCH_BUDGET, Model, Stack, delta, stack, totals
+from e2e_stack import (
+    SCRAPE_INTERVAL,
+    SWITCH_BUDGET,
+    Model,
+    Stack,
+    delta,
+    rejected_by_envoy,
+    stack,
+    totals,
+)
 
 from overspill.dashboard import (
     dashboard,
@@ -172,15 +181,7 @@ async def _burst(s: Stack, burst: Model) -> None:
         await asyncio.sleep(1.0)
     burst.local.status = 200
     assert codes.count(500) > 0, codes
-    # A ModelDeployment the control plane takes but Envoy refuses (its CA file does not exist there).
-    tls = Model("tls", path_prefix="")
-    tls.local.port, tls.remote.port = burst.local.port, 443
-    docs = tls.manifests()
-    docs[-1]["spec"]["offloadingConfig"]["remoteBackend"] = {
-        "host": "standby.invalid",
-        "scheme": "https",
-        "caFile": "/nonexistent/ca.pem",
-    }
+    _, docs = rejected_by_envoy(burst)
     (s.manifests / "tls.yaml").write_text(yaml.safe_dump_all(docs))
     await s.prometheus.wait_for_series("overspill_xds_nacks_total > 0", timeout=15)
     s.knob.set(burst.name, 0)
