@@ -33,6 +33,7 @@ ENVOY_ANY_MODEL = f'{SIDE_TAG}!=""'
 
 
 def _side_rate(metric: str, selector: str, by: str = SIDE_TAG) -> str:
+    """Per-second rate of an Envoy cluster counter, summed per side (local, remote) or `by`."""
     return f"sum by ({by}) (rate({metric}{{{selector}}}[{RATE}]))"
 
 
@@ -75,6 +76,8 @@ class Panel:
 
 @dataclass(frozen=True)
 class Row:
+    """A titled band of panels: Grafana lets an operator fold the ones not looked at."""
+
     title: str
     panels: tuple[Panel, ...]
 
