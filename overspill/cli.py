@@ -273,7 +273,16 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--node-cluster", default="overspill-gateway", help="node.cluster (default overspill-gateway)"
     )
-    b.add_argument("--admin-port", type=int, default=9901, help="Envoy admin port (default 9901)")
+    b.add_argument(
+        "--admin-port", type=int, default=9901, help="Envoy admin port, on 127.0.0.1 (default 9901)"
+    )
+    b.add_argument(
+        "--stats-port",
+        type=int,
+        metavar="PORT",
+        help="also serve GET /stats/prometheus (and nothing else of the admin) on this port on every "
+        "address, for a Prometheus outside the pod (the install's gateway uses 15090)",
+    )
     b.add_argument(
         "--delta", action="store_true", help="use Delta xDS (DELTA_GRPC) instead of state of the world"
     )
@@ -317,6 +326,14 @@ def parser() -> argparse.ArgumentParser:
         help="the control plane's metrics address (default %(default)s)",
     )
     st.add_argument("--json", action="store_true", help="print the raw status document")
+
+    g = sub.add_parser(
+        "dashboard",
+        help="print the Grafana dashboard (JSON) for the control plane's and Envoy's metrics",
+        description="Print the Grafana dashboard that manifests/grafana/overspill-dashboard.json holds: "
+        "fleet, per-model and control-plane rows over a Prometheus datasource chosen by its variable.",
+    )
+    g.add_argument("--out", type=Path, metavar="FILE", help="write it to FILE instead of standard output")
 
     d = sub.add_parser(
         "demo",
@@ -390,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         "render": cmd_render,
         "bootstrap": cmd_bootstrap,
         "status": cmd_status,
+        "dashboard": cmd_dashboard,
         "demo": cmd_demo,
     }[args.command](args)
 
@@ -521,6 +539,7 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
         tls_cert=args.xds_client_cert,
         tls_key=args.xds_client_key,
         tls_server_name=args.xds_server_name,
+        stats_port=args.stats_port,
     )
     print(yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, width=120), end="")
     return 0
@@ -592,6 +611,16 @@ def cmd_status(args: argparse.Namespace) -> int:
                     f"{key:32} {side:6} {x['requests_in_flight']:9d} {x['request_rate']:9g} "
                     f"{x['errors']:7g}  {orca}"
                 )
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from overspill.dashboard import render
+
+    if args.out is None:
+        sys.stdout.write(render())
+    else:
+        args.out.write_text(render())
     return 0
 
 

@@ -103,6 +103,7 @@ class Controller:
         # Per model with metrics: the model, what to read, and the last readings taken.
         self._reads: dict[ObjectKey, _Reads] = {}
         self.evaluations = 0
+        self.on_evaluated: Callable[[float], None] | None = None  # an evaluation round's seconds
         # Per model and metric: the error last logged, and when.
         self._metric_errors: dict[ObjectKey, dict[str, tuple[str, float]]] = {}
         # Envoy NACKs still standing, per (stream, xDS type): the rejection and the models it concerns.
@@ -132,6 +133,7 @@ class Controller:
         those waiting out an activation delay or a buffer duration."""
         if not self.leading:
             return  # a follower acts on the leader's status writes, which wake it through the store
+        started = time.monotonic()
         self.reconcile()  # take what the store holds now, so what is read is current
         entries = [(key, entry, entry.requests) for key, entry in self._reads.items()]
         readings = iter(await self.informer.read_many([r for _, _, reqs in entries for r in reqs]))
@@ -178,6 +180,8 @@ class Controller:
             if start:
                 await asyncio.sleep(0)  # let xDS streams and /readyz have the loop between chunks
             self.reconcile(todo[start : start + RECONCILE_CHUNK])
+        if self.on_evaluated is not None:
+            self.on_evaluated(time.monotonic() - started)
 
     async def probe_remotes(self) -> None:
         """Probe each distinct remote once (a bounded number at a time, see `RemoteProbe`), and
