@@ -148,6 +148,9 @@ class StatusWriter:
         self.component = component
         self._written: dict[ObjectKey, _Written] = {}
         self._pending: dict[ObjectKey, tuple[ModelDeployment, dict]] = {}
+        # Models with a write in flight: one at a time per model, or an older status sent just
+        # before a newer one could land after it and stay on the CR.
+        self._writing: set[ObjectKey] = set()
         self._slots = asyncio.Semaphore(concurrency)
         self._tasks: set[asyncio.Task] = set()
         self._events: dict[
@@ -167,9 +170,9 @@ class StatusWriter:
             status = _with_condition_times(desired, previous)
             if previous is not None and _visible(status) == _visible(previous):
                 continue
-            first_write = model.key not in self._pending
             self._pending[model.key] = (model, status)
-            if first_write:
+            if model.key not in self._writing:  # else the write in flight takes this one next
+                self._writing.add(model.key)
                 self._spawn(self._write(model.key, previous))
 
     def sync_rejected(self, rejected: Iterable[tuple[ObjectKey, tuple[str, ...]]]) -> None:
@@ -210,6 +213,18 @@ class StatusWriter:
         task.add_done_callback(self._tasks.discard)
 
     async def _write(self, key: ObjectKey, previous: dict | None) -> None:
+        """Write the model's pending status, then whatever became pending meanwhile, in order."""
+        try:
+            while key in self._pending:
+                written = await self._write_one(key, previous)
+                if written is None:
+                    return
+                previous = written
+        finally:
+            self._writing.discard(key)
+
+    async def _write_one(self, key: ObjectKey, previous: dict | None) -> dict | None:
+        """The pending status written (None if it could not be), and its Event."""
         async with self._slots:
             model, status = self._pending.pop(key)
             ns, name = model.meta.namespace, model.meta.name
@@ -221,7 +236,7 @@ class StatusWriter:
                     break
                 except ApiError as exc:
                     if exc.status == 404:
-                        return  # deleted meanwhile
+                        return None  # deleted meanwhile
                     if exc.status == 409:
                         self.conflicts += 1
                     log.warning(
@@ -229,10 +244,11 @@ class StatusWriter:
                     )
                     await asyncio.sleep(backoff.next())
             else:
-                return  # the next reconcile tries again: nothing was recorded as written
+                return None  # the next reconcile tries again: nothing was recorded as written
             self.writes += 1
             self._written[key] = _Written(status, model.meta.uid)
         await self._event_for(model, previous, status)
+        return status
 
     async def _event_for(self, model: ModelDeployment, before: dict | None, after: dict) -> None:
         old, new = (before or {}).get("phase"), after.get("phase")

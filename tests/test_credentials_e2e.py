@@ -58,24 +58,19 @@ class GuardedServer(ModelServer):
 
 
 class CredentialModel(Model):
-    """A model whose remote is a `GuardedServer`, with extra fields on its remoteBackend and
-    extra documents (its Secrets) in its manifest file."""
+    """A model whose remote is a `GuardedServer`, with its Secrets in its manifest file."""
 
     def __init__(self, name: str, remote_fields: dict, secrets: list[dict], **kw):
-        self.remote_fields = remote_fields
         self.secrets = secrets
         self.guard: GuardedServer = kw.pop("guard", None) or GuardedServer(f"{name}-remote")
-        super().__init__(name, ready=False, **kw)
+        super().__init__(name, ready=False, remote_fields=remote_fields, **kw)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.remote = self.guard
 
     def manifests(self) -> list[dict]:
-        docs = super().manifests()
-        remote = docs[-1]["spec"]["offloadingConfig"]["remoteBackend"]
-        remote.update(self.remote_fields)
-        return [*self.secrets, *docs]
+        return [*self.secrets, *super().manifests()]
 
 
 def secret(name: str, namespace: str = "default", **data: str) -> dict:
@@ -387,7 +382,8 @@ async def test_kubernetes_secret_referenced_by_the_model_is_watched_and_its_rota
             assert set(await k.send(8)) == {200}  # nothing fails while the key changes
             if k.remote.counts.recent[-1].headers.get("x-api-key") == two:
                 break
-        assert {r.headers.get("x-api-key") for r in list(k.remote.counts.recent)[-8:]} == {two}
+        assert set(await k.send(16)) == {200}  # requests sent after it carry the new key only
+        assert {r.headers.get("x-api-key") for r in list(k.remote.counts.recent)[-16:]} == {two}
         assert k.envoy.pid == envoy_pid
         plane = k.planes[0]
         stored = json.dumps(k.api.get("modeldeployments", "my-model"))
