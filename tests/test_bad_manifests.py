@@ -16,6 +16,7 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from test_credentials import CREDENTIALS
 from test_store_and_directory import make_controller, model_doc, routes_by_name, service_docs
 
 from api.crd import InvalidObject, ObjectKey, parse_model_deployment, parse_policy
@@ -47,28 +48,7 @@ values = st.recursive(
 ERROR = re.compile(r"^(?P<key>[^/\s:]+/[^:]+): (?P<path>[^ :]*): \S")
 
 MODEL = model_doc(name="m", metric="queue_depth", source="app")
-MODEL["spec"]["offloadingConfig"]["remoteBackend"].update(
-    scheme="https",
-    pathPrefix="/v1",
-    headersToAdd=[
-        {"name": "x-api-key", "value": "k"},
-        {
-            "name": "authorization",
-            "valueFrom": {"secretKeyRef": {"name": "t", "key": "k"}},
-            "valuePrefix": "B ",
-        },
-    ],
-    authConfig={
-        "type": "oauth",
-        "oauthConfig": {
-            "clientId": "c",
-            "clientSecretRef": {"name": "o", "key": "s"},
-            "tokenUrl": "https://auth.example.com/t",
-            "scopes": ["a"],
-        },
-    },
-    clientCertificateRef={"name": "tls"},
-)
+MODEL["spec"]["offloadingConfig"]["remoteBackend"].update(scheme="https", pathPrefix="/v1", **CREDENTIALS)
 MODEL["spec"]["policies"] = [{"refType": "localPolicy", "name": "eu"}]
 POLICY = {
     "apiVersion": "authorization.beamlit.com/v1alpha1",

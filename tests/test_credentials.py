@@ -58,23 +58,31 @@ def secret_doc(name: str, namespace: str = "default", **data: str) -> dict:
 # --- parsing the references ---
 
 
+# A remote with every kind of credential (the fuzzed ModelDeployment of test_bad_manifests too).
+CREDENTIALS = {
+    "headersToAdd": [
+        {"name": "x-tenant", "value": "t1"},
+        {
+            "name": "Authorization",
+            "valueFrom": {"secretKeyRef": {"name": "remote-token", "key": "token"}},
+            "valuePrefix": "Bearer ",
+        },
+    ],
+    "authConfig": {
+        "type": "oauth",
+        "oauthConfig": {
+            "clientId": "me",
+            "clientSecretRef": {"name": "oauth", "key": "secret"},
+            "tokenUrl": "https://auth.example.com/oauth/token",
+            "scopes": ["infer"],
+        },
+    },
+    "clientCertificateRef": {"name": "client-tls"},
+}
+
+
 def test_header_from_a_secret_oauth_and_client_certificate_parse():
-    r = parse_remote_backend(
-        remote(
-            headersToAdd=[{"name": "x-tenant", "value": "t1"}, header_from(valuePrefix="Bearer ")],
-            authConfig={
-                "type": "oauth",
-                "oauthConfig": {
-                    "clientId": "me",
-                    "clientSecretRef": {"name": "oauth", "key": "secret"},
-                    "tokenUrl": "https://auth.example.com/oauth/token",
-                    "scopes": ["infer"],
-                },
-            },
-            clientCertificateRef={"name": "client-tls"},
-        ),
-        "remoteBackend",
-    )
+    r = parse_remote_backend(remote(**CREDENTIALS), "remoteBackend")
     assert r.headers_to_add == (("x-tenant", "t1"),)  # the plain header is unchanged
     [h] = r.secret_headers
     assert (h.name, h.ref.name, h.ref.key, h.prefix) == ("Authorization", "remote-token", "token", "Bearer ")
