@@ -109,6 +109,23 @@ class RemoteBackend:
         return host if self.port == default else f"{host}:{self.port}"
 
 
+@dataclass(frozen=True)
+class Spillover:
+    """`offloadingConfig.behavior.spillover`: Envoy retries on the remote, at once, a request the
+    local pods turned away before doing any work, so a burst is absorbed in the seconds before
+    the next evaluation moves the steady share. Off by default: it is safe only where the pods
+    answer `status_codes` solely for requests they never started (see the README).
+    """
+
+    enabled: bool = False
+    # Backend answers that mean "turned away before work"; only 429 and 503 are accepted.
+    status_codes: tuple[int, ...] = (429, 503)
+    # Retries in flight at once on the model's composite cluster (Envoy's `max_retries` circuit
+    # breaker): Envoy's default of 3 would turn most of a burst's spill-overs into errors.
+    max_retries: int = 1000
+
+
+SPILLOVER_CODES = (429, 503)
 MODES = ("Fixed", "Proportional")
 METRIC_MEASURES = ("Local", "Demand")
 STALE_ACTIONS = ("hold", "local", "offload")
@@ -135,6 +152,7 @@ class Behavior:
     smoothing_seconds: float = 3.0  # Proportional: time constant of the demand estimate's moving average
     metric_stale_after_seconds: float = 60.0  # 0: a metric is never considered stale
     on_stale_metric: str = "hold"  # what a stale metric does: hold the decision, go local, or offload
+    spillover: Spillover = Spillover()
 
     @property
     def proportional(self) -> bool:
@@ -375,10 +393,32 @@ def _parse_offloading(f: Fields) -> OffloadingConfig:
         smoothing_seconds=delays["smoothingSeconds"],
         metric_stale_after_seconds=delays["metricStaleAfterSeconds"],
         on_stale_metric=choices["onStaleMetric"],
+        spillover=_parse_spillover(b.sub("spillover")),
     )
     metrics = tuple(m for m in (parse_metric(item) for item in f.items("metrics")) if m is not None)
     remote = _parse_remote(f.sub("remoteBackend")) if f.has("remoteBackend") else None
     return OffloadingConfig(behavior, metrics, remote)
+
+
+def _parse_spillover(f: Fields) -> Spillover:
+    codes = []
+    for i, code in enumerate(f.list("statusCodes")):
+        if isinstance(code, bool) or code not in SPILLOVER_CODES:
+            f.error(
+                f"statusCodes[{i}]",
+                f"must be 429 or 503 (a request turned away before any work), got {code!r}",
+            )
+        elif code not in codes:
+            codes.append(code)
+    max_retries = f.int("maxRetries", Spillover.max_retries)
+    if max_retries is not None and max_retries < 1:
+        f.error("maxRetries", f"must be 1 or more, got {max_retries}")
+        max_retries = None
+    return Spillover(
+        enabled=f.bool("enabled"),
+        status_codes=tuple(sorted(codes)) if f.has("statusCodes") else Spillover.status_codes,
+        max_retries=max_retries if max_retries is not None else Spillover.max_retries,
+    )
 
 
 def parse_remote_backend(raw: Any, path: str) -> RemoteBackend:

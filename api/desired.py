@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from api.crd import RemoteBackend
+from api.crd import RemoteBackend, Spillover
 
 ModelKey = tuple[str, str]  # (namespace, name) of a ModelDeployment
 
@@ -17,6 +17,9 @@ CLUSTER_PREFIX = "overspill/"
 RUNTIME_PREFIX = "overspill."
 SIDES = ("local", "remote")
 ROUTES = "routes"  # the last part of a model's route configuration name
+# The last part of a model's composite cluster [local, remote] that spills over on retry: not a
+# side of its own (its requests are counted at the local and remote clusters' hosts).
+SPILLOVER = "spillover"
 
 
 def cluster_name(namespace: str, name: str, side: str) -> str:
@@ -45,13 +48,14 @@ def model_of(resource_name: str) -> ModelKey | None:
     if not resource_name.startswith(CLUSTER_PREFIX):
         return None
     parts = resource_name[len(CLUSTER_PREFIX) :].split("/")
-    if len(parts) != 3 or (parts[2] not in SIDES and parts[2] != ROUTES):
+    if len(parts) != 3 or (parts[2] not in SIDES and parts[2] not in (ROUTES, SPILLOVER)):
         return None
     return parts[0], parts[1]
 
 
 def side_of(cluster: str) -> tuple[ModelKey, str] | None:
-    """The model and side (local, remote) of a model's cluster; None for any other name."""
+    """The model and side (local, remote) of a model's cluster; None for any other name (the
+    spill-over composite too: it has no hosts, so its load shows at the two sides)."""
     key = model_of(cluster)
     side = cluster.rsplit("/", 1)[-1]
     return (key, side) if key is not None and side in SIDES else None
@@ -92,6 +96,8 @@ class ModelRoute:
     remote: RemoteBackend | None
     remote_percent: float
     labels: tuple[tuple[str, str], ...] = ()
+    # Set (enabled, with a remote) when Envoy retries what the local pods turn away on the remote.
+    spillover: Spillover | None = None
 
     @property
     def key(self) -> ModelKey:
@@ -104,6 +110,10 @@ class ModelRoute:
     @property
     def remote_cluster(self) -> str:
         return cluster_name(self.namespace, self.name, "remote")
+
+    @property
+    def spillover_cluster(self) -> str:
+        return cluster_name(self.namespace, self.name, SPILLOVER)
 
     @property
     def runtime_key(self) -> str:

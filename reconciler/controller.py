@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
-from api.crd import ModelDeployment, ObjectKey, ObservedStatus, RemoteBackend
+from api.crd import ModelDeployment, ObjectKey, ObservedStatus, RemoteBackend, Spillover
 from api.desired import ModelKey, ModelRoute, service_domains
 from api.status import EnvoyRejection, MetricStatus, ModelStatus, Phase
 from metrics.hpa import compare
@@ -466,6 +466,7 @@ class Controller:
             remote,
             decision.remote_percent if remote else 0.0,
             labels=tuple(sorted(model.meta.labels.items())),
+            spillover=_spillover(model, remote),
         )
 
     def _stale_metrics(self, model: ModelDeployment, now: float) -> list[str]:
@@ -568,3 +569,10 @@ class Controller:
 
 def _stale_after(model: ModelDeployment) -> float:
     return model.offloading.behavior.metric_stale_after_seconds if model.offloading else 0.0
+
+
+def _spillover(model: ModelDeployment, remote: RemoteBackend | None) -> Spillover | None:
+    """The model's spill-over settings when it is on and there is a remote to spill to; the
+    decisions above still set the steady share."""
+    spill = model.offloading.behavior.spillover if model.offloading else None
+    return spill if spill is not None and spill.enabled and remote is not None else None

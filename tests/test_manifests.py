@@ -498,6 +498,15 @@ AGREEMENT: list[tuple[str, dict, bool]] = [
     ("remote-header-without-name", remote(headersToAdd=[{"value": "k"}]), False),
     ("remote-tls-options", remote(scheme="https", caFile="/etc/ca.pem", insecureSkipVerify=True), True),
     ("remote-insecure-string", remote(insecureSkipVerify="yes"), False),
+    ("spillover-on", offload(behavior={"spillover": {"enabled": True}}), True),
+    (
+        "spillover-429-only",
+        offload(behavior={"spillover": {"enabled": True, "statusCodes": [429], "maxRetries": 50}}),
+        True,
+    ),
+    ("spillover-on-500", offload(behavior={"spillover": {"enabled": True, "statusCodes": [500]}}), False),
+    ("spillover-max-retries-0", offload(behavior={"spillover": {"enabled": True, "maxRetries": 0}}), False),
+    ("spillover-enabled-string", offload(behavior={"spillover": {"enabled": "yes"}}), False),
     # Policy
     ("policy-location", policy(type="location", locations=[{"type": "continent", "name": "eu"}]), True),
     (

@@ -39,9 +39,11 @@ def served_documents(view: View) -> dict[str, list[dict]]:
 
 
 def static_bootstrap(routes: list[ModelRoute], address: str, port: int, admin_port: int = 9901) -> dict:
-    clusters = [res.local_cluster(r, static=True) for r in routes] + [
-        res.remote_cluster(r) for r in routes if r.remote
-    ]
+    clusters = (
+        [res.local_cluster(r, static=True) for r in routes]
+        + [res.remote_cluster(r) for r in routes if r.remote]
+        + [res.spillover_cluster(r) for r in routes if r.remote and r.spillover]
+    )
     clusters = [Cluster.FromString(body) for body in clusters]
     return {
         "node": {"id": "overspill-static", "cluster": "overspill"},

@@ -82,7 +82,7 @@ from envoy_data_plane.envoy.type.v3 import FractionalPercent, FractionalPercentD
 from envoy_data_plane.message_pool import default_message_pool
 
 from api.desired import ModelRoute, virtual_host_name
-from xds import wire
+from xds import spillover, wire
 from xds.encode import encode, pack
 from xds.fields import Fields
 
@@ -158,13 +158,19 @@ _REMOTE_COMMON = encode(
 )
 
 
-def _endpoints(cluster_name: str, addresses: Iterable[tuple[str, int]]) -> bytes:
-    """A ClusterLoadAssignment: one locality holding every address."""
+def _endpoints(
+    cluster_name: str, addresses: Iterable[tuple[str, int]], hostname: str = "", metadata: bytes = b""
+) -> bytes:
+    """A ClusterLoadAssignment: one locality holding every address (each with `hostname` and
+    `metadata`, if given)."""
+    extra = _ENDPOINT.hostname(hostname) if hostname else b""
     hosts = b"".join(
         _LOCALITY.lb_endpoints(
             _LB_ENDPOINT.endpoint(
                 _ENDPOINT.address(_ADDRESS.socket_address(_SOCKET.address(ip) + _SOCKET.port_value(port)))
+                + extra
             )
+            + (_LB_ENDPOINT.metadata(metadata) if metadata else b"")
         )
         for ip, port in addresses
     )
@@ -188,15 +194,23 @@ def local_cluster(route: ModelRoute, static: bool = False) -> bytes:
 
 
 def remote_cluster(route: ModelRoute) -> bytes:
-    """The standby copy: TLS with SNI and the name verified for https (unless told not to)."""
+    """The standby copy: TLS with SNI and the name verified for https (unless told not to).
+    With spill-over its endpoint also carries what a spilled request needs (see `spillover`)."""
     remote = route.remote
     assert remote is not None
     kind = ClusterDiscoveryType.STATIC if remote.is_ip else ClusterDiscoveryType.LOGICAL_DNS
+    spill = spillover.enabled(route)
+    endpoints = _endpoints(
+        route.remote_cluster,
+        ((remote.host, remote.port),),
+        remote.authority if spill else "",
+        spillover.endpoint_metadata(remote) if spill else b"",
+    )
     out = (
         _CLUSTER.name(route.remote_cluster)
         + _CLUSTER.type(kind)
         + _REMOTE_COMMON
-        + _CLUSTER.load_assignment(_endpoints(route.remote_cluster, ((remote.host, remote.port),)))
+        + _CLUSTER.load_assignment(endpoints)
     )
     if remote.scheme != "https":
         return out
@@ -213,6 +227,11 @@ def remote_cluster(route: ModelRoute) -> bytes:
     return out + _CLUSTER.transport_socket(
         _TRANSPORT.name(TLS_SOCKET) + _TRANSPORT.typed_config(wire.any_bytes(_TLS_URL, tls))
     )
+
+
+def spillover_cluster(route: ModelRoute) -> bytes:
+    """The model's composite cluster [local, remote] (only with spill-over on)."""
+    return spillover.composite_cluster(route, CONNECT_TIMEOUT, LRS_ORCA)
 
 
 _VHOST, _ROUTE, _MATCH, _ACTION = Fields(VirtualHost), Fields(Route), Fields(RouteMatch), Fields(RouteAction)
@@ -259,7 +278,13 @@ def virtual_host(route: ModelRoute, default_percent: float = 0.0) -> bytes:
             for k, v in remote.headers_to_add
         )
         routes += _VHOST.routes(_ROUTE.name("remote") + _ROUTE.match(match) + _ROUTE.route(action) + headers)
-    local = _ACTION.cluster(route.local_cluster) + _ACTION_COMMON
+    if spillover.enabled(route):
+        assert route.spillover is not None
+        local = _ACTION.cluster(route.spillover_cluster) + spillover.local_action(
+            route.spillover.status_codes, ROUTE_TIMEOUT
+        )
+    else:
+        local = _ACTION.cluster(route.local_cluster) + _ACTION_COMMON
     routes += _VHOST.routes(
         _ROUTE.name("local") + _ROUTE.match(_MATCH.prefix("/")) + _ROUTE.route(local) + _ASK_ORCA
     )

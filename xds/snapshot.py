@@ -50,7 +50,16 @@ class Translator:
         self._bundles = _Memo()
         self._memos = {
             part: _Memo()
-            for part in ("local", "remote", "endpoints", "routes", "routes_inline", "scopes", "runtime")
+            for part in (
+                "local",
+                "remote",
+                "spillover",
+                "endpoints",
+                "routes",
+                "routes_inline",
+                "scopes",
+                "runtime",
+            )
         }
 
     def publish(self, routes: list[ModelRoute]) -> int:
@@ -91,13 +100,21 @@ class Translator:
             clusters.append(
                 m["remote"].get(
                     key,
-                    r.remote,
+                    (r.remote, r.spillover),
                     lambda: Resource.of(CLUSTER, r.remote_cluster, res.remote_cluster(r)),
                 )
             )
+            if r.spillover is not None:
+                clusters.append(
+                    m["spillover"].get(
+                        key,
+                        (r.remote, r.spillover),
+                        lambda: Resource.of(CLUSTER, r.spillover_cluster, res.spillover_cluster(r)),
+                    )
+                )
         routes = m["routes"].get(
             key,
-            (r.domains, r.remote),
+            (r.domains, r.remote, r.spillover),
             lambda: Resource.of(ROUTE, r.route_config, res.model_route_configuration(r)),
         )
         return ModelBundle(
@@ -117,7 +134,7 @@ class Translator:
                 if r.remote is None
                 else lambda: m["routes_inline"].get(
                     key,
-                    (r.domains, r.remote, r.remote_percent),
+                    (r.domains, r.remote, r.spillover, r.remote_percent),
                     lambda: Resource.of(ROUTE, r.route_config, res.model_route_configuration(r, True)),
                 )
             ),

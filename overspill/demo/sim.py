@@ -1,5 +1,9 @@
 """Simulated model servers: a fixed number of slots, a fixed service time, and an in-flight gauge.
 
+A server can also shed load as inference servers' admission control does: past `shed_limit`
+requests at once it answers `shed_status` (429 or 503) at once, before any work. And it can
+fail every request with `error_status` after the work, as a generic server error does.
+
 The gauge `model_inflight_requests` (queued + being served) is what a real inference server's
 queue-depth metric looks like to Prometheus, so it can drive offloading in the demo and tests.
 """
@@ -34,7 +38,8 @@ class SeenRequest:
 class ServerCounts:
     """What arrived at one server; plain counters, read directly by tests and the demo."""
 
-    total: int = 0
+    total: int = 0  # every request that arrived, shed ones included
+    shed: int = 0  # turned away at the concurrency limit before any work
     inflight: int = 0
     max_inflight: int = 0
     paths: Counter[str] = field(default_factory=Counter)
@@ -72,6 +77,11 @@ class ModelServer:
         self.concurrency = concurrency
         self.service_time = service_time
         self.model_label = model_label or name
+        # Admission control: past this many requests at once, answer `shed_status` before any work.
+        self.shed_limit: int | None = None
+        self.shed_status = 429
+        # Answer every request with this status after the work (a generic failure); None: 200.
+        self.error_status: int | None = None
         self.counts = ServerCounts()
         # ORCA named metrics returned (header endpoint-load-metrics) to requests that ask for them,
         # as vLLM returns num_requests_waiting and kv_cache_usage_perc; empty: none.
@@ -147,6 +157,13 @@ class ModelServer:
             )
         )
         self._requests_counter.inc()
+        if self.shed_limit is not None and counts.inflight >= self.shed_limit:
+            counts.shed += 1
+            return web.json_response(
+                {"error": "overloaded, not started", "served_by": self.name},
+                status=self.shed_status,
+                headers={"x-served-by": self.name},
+            )
         counts.add_inflight(+1)
         counts.max_inflight = max(counts.max_inflight, counts.inflight)
         self._inflight_gauge.set(counts.inflight)
@@ -161,6 +178,8 @@ class ModelServer:
             self._inflight_gauge.set(counts.inflight)
         body = {"served_by": self.name, "path": request.path, "host": host}
         headers = {"x-served-by": self.name}
+        if self.error_status is not None:
+            return web.json_response({**body, "error": "failed"}, status=self.error_status, headers=headers)
         if self.orca and request.headers.get("endpoint-load-metrics-format") == "TEXT":  # as vLLM
             metrics = ", ".join(f"named_metrics.{k}={v:g}" for k, v in sorted(self.orca.items()))
             headers["endpoint-load-metrics"] = f"TEXT {metrics}"

@@ -1,0 +1,114 @@
+"""Spill-over inside Envoy, end to end: a real Envoy retries on the remote what the local pods
+turn away before any work, and nothing else. Counted at the backends and at the client.
+
+The local pods shed at a concurrency limit (429 before any work), as an inference server's
+admission control does. No metric crosses its target, so the steady remote share stays 0: every
+request the remote sees was spilled over by Envoy itself. Run with `-s` to see the figures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import pytest
+from e2e_stack import Model, Stack, open_loop, stack
+
+pytestmark = pytest.mark.e2e
+
+# A burst of 100 requests a second for 2 s, each arriving on time (clients do not slow down
+# because others wait) at pods that take 6 at once for 0.1 s each: room for about 60 a second.
+RATE, SECONDS = 100, 2.0
+BURST = round(RATE * SECONDS)
+SHED_LIMIT = 6
+SERVICE_TIME = 0.1  # seconds per request, local and remote
+
+
+def shedding(model: Model) -> Model:
+    model.local.shed_limit = SHED_LIMIT
+    model.local.service_time = model.remote.service_time = SERVICE_TIME
+    return model
+
+
+async def routed(s: Stack, model: Model) -> None:
+    """Until Envoy routes the model (a Host no model claims gets 404)."""
+    codes: list[int] = []
+    for _ in range(200):
+        codes.append((await s.request(model.host))[0])
+        if codes[-1] != 404:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{model.name} never routed: {Counter(codes)}")
+
+
+async def composite_stats(s: Stack, model: Model) -> dict[str, int]:
+    prefix = f"cluster.overspill/{model.namespace}/{model.name}/spillover."
+    return {k.removeprefix(prefix): v for k, v in (await s.envoy.stats()).items() if k.startswith(prefix)}
+
+
+async def test_a_burst_spills_over_with_no_errors_and_without_spill_over_it_fails(tmp_path):
+    """Two models whose pods shed past 6 requests at once take the same burst (100 requests a
+    second for 2 s, about 60 a second of room): with spill-over every request succeeds and what
+    the pods shed was served by the remote (each shed request retried once, on the remote, with
+    the remote's rewrites); without it the client gets the pods' 429s."""
+    on = shedding(Model("spill", spillover={"enabled": True}))
+    off = shedding(Model("nospill"))
+    async with stack(tmp_path, on, off) as s:
+        for model in (on, off):
+            await routed(s, model)
+        base = {m.name: (m.local.counts.total, m.local.counts.shed, m.remote.counts.total) for m in (on, off)}
+        stats_before = await composite_stats(s, on)
+
+        codes_on = Counter(await open_loop(s, on, RATE, SECONDS))
+        codes_off = Counter(await open_loop(s, off, RATE, SECONDS))
+
+        def since(m: Model) -> tuple[int, int, int]:
+            local, shed, remote = base[m.name]
+            return m.local.counts.total - local, m.local.counts.shed - shed, m.remote.counts.total - remote
+
+        local_on, shed_on, remote_on = since(on)
+        local_off, shed_off, remote_off = since(off)
+        stats = await composite_stats(s, on)
+        retries = stats.get("upstream_rq_retry", 0) - stats_before.get("upstream_rq_retry", 0)
+        print(
+            f"\nspill-over on : {BURST} requests ({RATE}/s for {SECONDS:g} s), pods shed past {SHED_LIMIT} "
+            f"at once ({SERVICE_TIME:g} s each): "
+            f"client {dict(codes_on)}; local served {local_on - shed_on}, shed {shed_on}; "
+            f"remote served {remote_on} ({100 * remote_on / BURST:.0f} % spilled); Envoy retries {retries}, "
+            f"retry overflows {stats.get('upstream_rq_retry_overflow', 0)}"
+            f"\nspill-over off: {BURST} requests: client {dict(codes_off)}; local served "
+            f"{local_off - shed_off}, shed {shed_off}; remote {remote_off}"
+        )
+        assert codes_on == {200: BURST}, codes_on
+        assert shed_on > 0 and remote_on == shed_on == retries, (shed_on, remote_on, retries)
+        assert local_on - shed_on + remote_on == BURST
+        assert stats.get("upstream_rq_retry_overflow", 0) == 0
+        # The spilled requests reached the remote as the weighted remote route sends them.
+        seen = list(on.remote.counts.recent)[-remote_on:]
+        assert {r.path for r in seen} == {"/standby/v1/predict"}
+        assert {r.host for r in seen} == {on.remote.address}
+        assert {r.headers.get("x-offloaded-by") for r in seen} == {"overspill"}
+        assert set(on.local.counts.header_values("x-offloaded-by")) == {""}
+
+        assert codes_off == {200: BURST - shed_off, 429: shed_off}, codes_off
+        assert shed_off > 0 and remote_off == 0
+
+
+async def test_a_generic_server_error_is_not_retried_on_the_remote(tmp_path):
+    """A 500 from the local pods (the work may have run) reaches the client as it is: the remote
+    sees none of those requests."""
+    model = Model("fails", spillover={"enabled": True})
+    async with stack(tmp_path, model) as s:
+        await routed(s, model)
+        model.local.error_status = 500
+        before = (model.local.counts.total, model.remote.counts.total)
+        codes = Counter(await s.send(model, 40, 8))
+        local, remote = model.local.counts.total - before[0], model.remote.counts.total - before[1]
+        stats = await composite_stats(s, model)
+        print(
+            f"\ngeneric 500: client {dict(codes)}; local {local}, remote {remote}, "
+            f"retries {stats.get('upstream_rq_retry', 0)}"
+        )
+        assert codes == {500: 40}
+        assert local == 40 and remote == 0
+        assert stats.get("upstream_rq_retry", 0) == 0
