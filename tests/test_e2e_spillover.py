@@ -94,21 +94,21 @@ async def test_a_burst_spills_over_with_no_errors_and_without_spill_over_it_fail
         assert shed_off > 0 and remote_off == 0
 
 
-async def test_a_generic_server_error_is_not_retried_on_the_remote(tmp_path):
-    """A 500 from the local pods (the work may have run) reaches the client as it is: the remote
-    sees none of those requests."""
+async def test_a_generic_server_error_or_a_reset_after_sending_is_not_retried_on_the_remote(tmp_path):
+    """A 500 from the local pods, or the connection dropped after the request was sent (the work
+    may have run either way), reaches the client as a failure: the remote sees none of them."""
     model = Model("fails", spillover={"enabled": True})
     async with stack(tmp_path, model) as s:
         await routed(s, model)
-        model.local.error_status = 500
-        before = (model.local.counts.total, model.remote.counts.total)
-        codes = Counter(await s.send(model, 40, 8))
-        local, remote = model.local.counts.total - before[0], model.remote.counts.total - before[1]
-        stats = await composite_stats(s, model)
-        print(
-            f"\ngeneric 500: client {dict(codes)}; local {local}, remote {remote}, "
-            f"retries {stats.get('upstream_rq_retry', 0)}"
-        )
-        assert codes == {500: 40}
-        assert local == 40 and remote == 0
-        assert stats.get("upstream_rq_retry", 0) == 0
+        for failure, expected in (("error_status", 500), ("reset_after_work", 503)):
+            setattr(model.local, failure, 500 if failure == "error_status" else True)
+            before = (model.local.counts.total, model.remote.counts.total)
+            stats_before = await composite_stats(s, model)
+            codes = Counter(await s.send(model, 40, 8))
+            local, remote = model.local.counts.total - before[0], model.remote.counts.total - before[1]
+            stats = await composite_stats(s, model)
+            retries = stats.get("upstream_rq_retry", 0) - stats_before.get("upstream_rq_retry", 0)
+            print(f"\n{failure}: client {dict(codes)}; local {local}, remote {remote}, retries {retries}")
+            assert codes == {expected: 40}
+            assert local == 40 and remote == 0 and retries == 0
+            setattr(model.local, failure, None if failure == "error_status" else False)

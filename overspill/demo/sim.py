@@ -82,6 +82,8 @@ class ModelServer:
         self.shed_status = 429
         # Answer every request with this status after the work (a generic failure); None: 200.
         self.error_status: int | None = None
+        # Drop the connection after the work instead of answering (a crash mid-request).
+        self.reset_after_work = False
         self.counts = ServerCounts()
         # ORCA named metrics returned (header endpoint-load-metrics) to requests that ask for them,
         # as vLLM returns num_requests_waiting and kv_cache_usage_perc; empty: none.
@@ -178,6 +180,9 @@ class ModelServer:
             self._inflight_gauge.set(counts.inflight)
         body = {"served_by": self.name, "path": request.path, "host": host}
         headers = {"x-served-by": self.name}
+        if self.reset_after_work and request.transport is not None:
+            request.transport.abort()
+            raise web.HTTPInternalServerError  # never sent: the connection is gone
         if self.error_status is not None:
             return web.json_response({**body, "error": "failed"}, status=self.error_status, headers=headers)
         if self.orca and request.headers.get("endpoint-load-metrics-format") == "TEXT":  # as vLLM
