@@ -53,14 +53,19 @@ async def test_a_burst_spills_over_with_no_errors_and_without_spill_over_it_fail
     the remote's rewrites); without it the client gets the pods' 429s."""
     on = shedding(Model("spill", spillover={"enabled": True}))
     off = shedding(Model("nospill"))
-    async with stack(tmp_path, on, off) as s:
-        for model in (on, off):
+    # Envoy's own default budget: 3 retries in flight at once; past it a retry is an error.
+    low = shedding(Model("lowbudget", spillover={"enabled": True, "maxRetries": 3}))
+    async with stack(tmp_path, on, off, low) as s:
+        for model in (on, off, low):
             await routed(s, model)
-        base = {m.name: (m.local.counts.total, m.local.counts.shed, m.remote.counts.total) for m in (on, off)}
+        base = {
+            m.name: (m.local.counts.total, m.local.counts.shed, m.remote.counts.total) for m in (on, off, low)
+        }
         stats_before = await composite_stats(s, on)
 
         codes_on = Counter(await open_loop(s, on, RATE, SECONDS))
         codes_off = Counter(await open_loop(s, off, RATE, SECONDS))
+        codes_low = Counter(await open_loop(s, low, RATE, SECONDS))
 
         def since(m: Model) -> tuple[int, int, int]:
             local, shed, remote = base[m.name]
@@ -68,6 +73,8 @@ async def test_a_burst_spills_over_with_no_errors_and_without_spill_over_it_fail
 
         local_on, shed_on, remote_on = since(on)
         local_off, shed_off, remote_off = since(off)
+        _, shed_low, remote_low = since(low)
+        overflow_low = (await composite_stats(s, low)).get("upstream_rq_retry_overflow", 0)
         stats = await composite_stats(s, on)
         retries = stats.get("upstream_rq_retry", 0) - stats_before.get("upstream_rq_retry", 0)
         print(
@@ -78,6 +85,8 @@ async def test_a_burst_spills_over_with_no_errors_and_without_spill_over_it_fail
             f"retry overflows {stats.get('upstream_rq_retry_overflow', 0)}"
             f"\nspill-over off: {BURST} requests: client {dict(codes_off)}; local served "
             f"{local_off - shed_off}, shed {shed_off}; remote {remote_off}"
+            f"\nmaxRetries 3  : {BURST} requests: client {dict(codes_low)}; shed {shed_low}, "
+            f"remote served {remote_low}, retry overflows {overflow_low}"
         )
         assert codes_on == {200: BURST}, codes_on
         assert shed_on > 0 and remote_on == shed_on == retries, (shed_on, remote_on, retries)
@@ -92,6 +101,9 @@ async def test_a_burst_spills_over_with_no_errors_and_without_spill_over_it_fail
 
         assert codes_off == {200: BURST - shed_off, 429: shed_off}, codes_off
         assert shed_off > 0 and remote_off == 0
+
+        # Past the budget, Envoy answers the shed request's 429 itself instead of retrying.
+        assert overflow_low > 0 and codes_low[429] == overflow_low == shed_low - remote_low, codes_low
 
 
 async def test_a_generic_server_error_or_a_reset_after_sending_is_not_retried_on_the_remote(tmp_path):
