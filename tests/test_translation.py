@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 from pathlib import Path
 
@@ -61,12 +62,13 @@ from envoy_data_plane.google.protobuf import Any
 from envoy_data_plane.google.rpc import Status
 
 import xds.resources
-from api.crd import RemoteBackend
-from api.desired import ModelRoute, service_domains
+from api.crd import RemoteBackend, Spillover
+from api.desired import ModelRoute, model_of, service_domains, side_of
 from overspill.cli import main
 from xds import resources as res
 from xds import runtime, wire
 from xds.cache import Resource, Scope, View
+from xds.render import static_bootstrap
 from xds.snapshot import Translator
 from xds.types import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE, RUNTIME, SCOPED_ROUTE
 
@@ -643,3 +645,105 @@ def test_render_warns_about_bad_documents_and_renders_the_rest(tmp_path, capsys)
 def test_render_refuses_a_missing_directory(tmp_path, capsys):
     assert main(["render", str(tmp_path / "nope")]) == 2
     assert "not a directory" in capsys.readouterr().err
+
+
+# --- spill-over (behavior.spillover) ---
+
+
+SPILL = Spillover(enabled=True)
+
+
+def spilling(remote: RemoteBackend | None = HOSTED, spill: Spillover = SPILL) -> ModelRoute:
+    return dataclasses.replace(route(remote=remote), spillover=spill)
+
+
+def test_spillover_sends_the_local_route_through_the_composite_with_a_narrow_retry_policy():
+    plain_remote, _ = VirtualHost.FromString(res.virtual_host(route())).routes
+    remote_route, local_route = VirtualHost.FromString(res.virtual_host(spilling())).routes
+    assert remote_route == plain_remote  # the decisions' steady share is routed as before
+    action = local_route.route
+    assert action.cluster == "overspill/inference/llm/spillover"
+    policy = action.retry_policy
+    assert policy.retry_on == "retriable-status-codes,reset-before-request,connect-failure,refused-stream"
+    assert "5xx" not in policy.retry_on and "reset," not in policy.retry_on + ","
+    assert (policy.num_retries, list(policy.retriable_status_codes)) == (1, [429, 503])
+    assert action.auto_host_rewrite  # per attempt: a remote endpoint's hostname, a pod has none
+    only_429 = VirtualHost.FromString(res.virtual_host(spilling(spill=Spillover(True, (429,))))).routes[1]
+    assert list(only_429.route.retry_policy.retriable_status_codes) == [429]
+
+
+def test_spillover_composite_lists_local_then_remote_with_a_raised_retry_budget_and_the_remote_rewrites():
+    cluster = Cluster.FromString(res.spillover_cluster(spilling(spill=Spillover(True, max_retries=64))))
+    assert cluster.name == "overspill/inference/llm/spillover"
+    assert cluster.lb_policy == ClusterLbPolicy.CLUSTER_PROVIDED
+    assert cluster.cluster_type.name == "envoy.clusters.composite"
+    config = cluster.cluster_type.typed_config.unpack()
+    assert [c.name for c in config.clusters] == [
+        "overspill/inference/llm/local",
+        "overspill/inference/llm/remote",
+    ]
+    assert [t.max_retries for t in cluster.circuit_breakers.thresholds] == [64]
+    options = cluster.typed_extension_protocol_options[
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+    ].unpack()
+    names = [f.name for f in options.http_filters]
+    assert names == [
+        "envoy.filters.http.header_mutation",
+        "envoy.filters.http.lua",
+        "envoy.filters.http.upstream_codec",
+    ]
+    mutations = options.http_filters[0].typed_config.unpack().mutations.request_mutations
+    assert mutations[0].remove == "x-overspill-path-prefix"  # a client's own value never counts
+    assert [(m.append.header.key, m.append.header.value) for m in mutations[1:]] == [
+        ("x-overspill-path-prefix", "%UPSTREAM_METADATA(overspill.spillover:path_prefix)%"),
+        ("x-api-key", "%UPSTREAM_METADATA(overspill.spillover:headers:x-api-key)%"),
+        ("x-tenant", "%UPSTREAM_METADATA(overspill.spillover:headers:x-tenant)%"),
+    ]
+    # No path prefix: no Lua filter to move it.
+    plain = Cluster.FromString(res.spillover_cluster(spilling(remote=PLAIN)))
+    plain_options = plain.typed_extension_protocol_options[
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+    ].unpack()
+    assert "envoy.filters.http.lua" not in [f.name for f in plain_options.http_filters]
+
+
+def test_spillover_remote_endpoint_carries_its_authority_and_rewrites_and_only_then():
+    (lb,) = Cluster.FromString(res.remote_cluster(spilling())).load_assignment.endpoints[0].lb_endpoints
+    assert lb.endpoint.hostname == "llm.standby.example.com"
+    assert lb.metadata.filter_metadata["overspill.spillover"].to_dict() == {
+        "headers": {"x-api-key": "secret", "x-tenant": "acme"},
+        "path_prefix": "/v1/llm",
+    }
+    (plain,) = Cluster.FromString(res.remote_cluster(route())).load_assignment.endpoints[0].lb_endpoints
+    assert not plain.endpoint.hostname and plain.metadata is None
+
+
+def test_spillover_cluster_name_parses_back_to_the_model_but_is_no_side():
+    assert model_of("overspill/inference/llm/spillover") == ("inference", "llm")
+    assert side_of("overspill/inference/llm/spillover") is None
+    assert side_of("overspill/inference/llm/local") == (("inference", "llm"), "local")
+
+
+def test_turning_spillover_on_and_off_adds_and_removes_the_composite_cluster():
+    translator, view = make()
+    translator.publish([route()])
+    assert set(view.resources[CLUSTER]) == {"overspill/inference/llm/local", "overspill/inference/llm/remote"}
+    translator.publish([spilling()])
+    assert "overspill/inference/llm/spillover" in view.resources[CLUSTER]
+    assert decoded_routes(view, route()).virtual_hosts[0].routes[1].route.cluster.endswith("/spillover")
+    translator.publish([route()])
+    assert "overspill/inference/llm/spillover" not in view.resources[CLUSTER]
+    assert decoded_routes(view, route()).virtual_hosts[0].routes[1].route.cluster.endswith("/local")
+
+
+def test_a_static_bootstrap_with_spillover_is_accepted_by_envoy(tmp_path):
+    envoy = envoy_binary()
+    path = tmp_path / "bootstrap.yaml"
+    path.write_text(yaml.safe_dump(static_bootstrap([spilling(), route(name="other")], "127.0.0.1", 10000)))
+    proc = subprocess.run(
+        [envoy, "--mode", "validate", "-c", str(path), "--log-level", "warn"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
