@@ -466,7 +466,7 @@ class Controller:
             remote,
             decision.remote_percent if remote else 0.0,
             labels=tuple(sorted(model.meta.labels.items())),
-            spillover=_spillover(model, remote),
+            spillover=_spillover(model, remote if status.remote_usable else None),
         )
 
     def _stale_metrics(self, model: ModelDeployment, now: float) -> list[str]:
@@ -572,7 +572,8 @@ def _stale_after(model: ModelDeployment) -> float:
 
 
 def _spillover(model: ModelDeployment, remote: RemoteBackend | None) -> Spillover | None:
-    """The model's spill-over settings when it is on and there is a remote to spill to; the
-    decisions above still set the steady share."""
+    """The model's spill-over settings when it is on and there is a usable remote to spill to
+    (a remote found down would turn each shed request into a wait for a connection that fails);
+    the decisions above still set the steady share."""
     spill = model.offloading.behavior.spillover if model.offloading else None
     return spill if spill is not None and spill.enabled and remote is not None else None
