@@ -609,17 +609,20 @@ def test_render_prints_every_resource_type(tmp_path, capsys):
     assert "llm.inference:80" in vhosts["inference/llm"]["domains"]
 
 
-def test_rendered_bootstrap_is_accepted_by_envoy(tmp_path, capsys):
-    envoy = envoy_binary()
-    path = render(tmp_path, capsys, "--bootstrap")
+def assert_envoy_accepts(bootstrap: Path) -> None:
+    """Envoy's own `--mode validate` of a bootstrap file."""
     proc = subprocess.run(
-        [envoy, "--mode", "validate", "-c", str(path), "--log-level", "warn"],
+        [envoy_binary(), "--mode", "validate", "-c", str(bootstrap), "--log-level", "warn"],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "OK" in proc.stdout + proc.stderr
+
+
+def test_rendered_bootstrap_is_accepted_by_envoy(tmp_path, capsys):
+    assert_envoy_accepts(render(tmp_path, capsys, "--bootstrap"))
 
 
 def test_render_warns_about_bad_documents_and_renders_the_rest(tmp_path, capsys):
@@ -737,13 +740,6 @@ def test_turning_spillover_on_and_off_adds_and_removes_the_composite_cluster():
 
 
 def test_a_static_bootstrap_with_spillover_is_accepted_by_envoy(tmp_path):
-    envoy = envoy_binary()
     path = tmp_path / "bootstrap.yaml"
     path.write_text(yaml.safe_dump(static_bootstrap([spilling(), route(name="other")], "127.0.0.1", 10000)))
-    proc = subprocess.run(
-        [envoy, "--mode", "validate", "-c", str(path), "--log-level", "warn"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert_envoy_accepts(path)

@@ -97,21 +97,14 @@ class Translator:
             )
         ]
         if r.remote is not None:
-            clusters.append(
-                m["remote"].get(
-                    key,
-                    (r.remote, r.spillover),
-                    lambda: Resource.of(CLUSTER, r.remote_cluster, res.remote_cluster(r)),
-                )
-            )
+            # The remote endpoint carries what spill-over's filters read: both depend on both.
+            inputs, built = (r.remote, r.spillover), [(r.remote_cluster, res.remote_cluster, "remote")]
             if r.spillover is not None:
-                clusters.append(
-                    m["spillover"].get(
-                        key,
-                        (r.remote, r.spillover),
-                        lambda: Resource.of(CLUSTER, r.spillover_cluster, res.spillover_cluster(r)),
-                    )
-                )
+                built.append((r.spillover_cluster, res.spillover_cluster, "spillover"))
+            clusters += [
+                m[part].get(key, inputs, lambda n=name, b=build: Resource.of(CLUSTER, n, b(r)))
+                for name, build, part in built
+            ]
         routes = m["routes"].get(
             key,
             (r.domains, r.remote, r.spillover),
