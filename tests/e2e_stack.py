@@ -249,15 +249,26 @@ def delta(model: Model, before: tuple[int, int]) -> tuple[int, int]:
     return model.local.counts.total - before[0], model.remote.counts.total - before[1]
 
 
-async def open_loop(s: Stack, model: Model, rate: float, seconds: float) -> list[int]:
+async def open_loop(
+    s: Stack, model: Model, rate: float, seconds: float, answers: list[tuple[float, str]] | None = None
+) -> list[int]:
     """`rate` requests a second for `seconds`, each sent on time whatever the others are doing
-    (as clients do); returns their status codes once all are answered."""
+    (as clients do); returns their status codes once all are answered, and appends each
+    request's (seconds taken, body) to `answers` if given."""
+
+    async def one() -> int:
+        sent = time.monotonic()
+        code, body = await s.request(model.host)
+        if answers is not None:
+            answers.append((time.monotonic() - sent, body))
+        return code
+
     tasks = []
     started = time.monotonic()
     for i in range(round(rate * seconds)):
         await asyncio.sleep(max(0.0, started + i / rate - time.monotonic()))
-        tasks.append(asyncio.create_task(s.request(model.host)))
-    return [code for code, _ in await asyncio.gather(*tasks)]
+        tasks.append(asyncio.create_task(one()))
+    return list(await asyncio.gather(*tasks))
 
 
 async def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:

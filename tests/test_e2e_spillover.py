@@ -63,7 +63,8 @@ async def test_a_burst_spills_over_with_no_errors_and_without_spill_over_it_fail
         }
         stats_before = await composite_stats(s, on)
 
-        codes_on = Counter(await open_loop(s, on, RATE, SECONDS))
+        answers: list[tuple[float, str]] = []
+        codes_on = Counter(await open_loop(s, on, RATE, SECONDS, answers))
         codes_off = Counter(await open_loop(s, off, RATE, SECONDS))
         codes_low = Counter(await open_loop(s, low, RATE, SECONDS))
 
@@ -76,13 +77,19 @@ async def test_a_burst_spills_over_with_no_errors_and_without_spill_over_it_fail
         _, shed_low, remote_low = since(low)
         overflow_low = (await composite_stats(s, low)).get("upstream_rq_retry_overflow", 0)
         stats = await composite_stats(s, on)
+        by = {
+            side: sorted(t for t, body in answers if f'"{on.name}-{side}"' in body)
+            for side in ("local", "remote")
+        }
+        p50 = {side: 1000 * times[len(times) // 2] for side, times in by.items() if times}
         retries = stats.get("upstream_rq_retry", 0) - stats_before.get("upstream_rq_retry", 0)
         print(
             f"\nspill-over on : {BURST} requests ({RATE}/s for {SECONDS:g} s), pods shed past {SHED_LIMIT} "
             f"at once ({SERVICE_TIME:g} s each): "
             f"client {dict(codes_on)}; local served {local_on - shed_on}, shed {shed_on}; "
             f"remote served {remote_on} ({100 * remote_on / BURST:.0f} % spilled); Envoy retries {retries}, "
-            f"retry overflows {stats.get('upstream_rq_retry_overflow', 0)}"
+            f"retry overflows {stats.get('upstream_rq_retry_overflow', 0)}; client p50 ms: served locally "
+            f"{p50.get('local', 0):.0f}, spilled {p50.get('remote', 0):.0f}"
             f"\nspill-over off: {BURST} requests: client {dict(codes_off)}; local served "
             f"{local_off - shed_off}, shed {shed_off}; remote {remote_off}"
             f"\nmaxRetries 3  : {BURST} requests: client {dict(codes_low)}; shed {shed_low}, "
@@ -91,6 +98,7 @@ async def test_a_burst_spills_over_with_no_errors_and_without_spill_over_it_fail
         assert codes_on == {200: BURST}, codes_on
         assert shed_on > 0 and remote_on == shed_on == retries, (shed_on, remote_on, retries)
         assert local_on - shed_on + remote_on == BURST
+        assert (len(by["local"]), len(by["remote"])) == (local_on - shed_on, remote_on)
         assert stats.get("upstream_rq_retry_overflow", 0) == 0
         # The spilled requests reached the remote as the weighted remote route sends them.
         seen = list(on.remote.counts.recent)[-remote_on:]
