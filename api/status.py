@@ -71,6 +71,7 @@ class ModelStatus:
     ready_endpoints: int = 0
     remote: str | None = None
     remote_usable: bool = False
+    spillover: bool = False  # Envoy retries what the local pods turn away on the remote now
     metrics: list[MetricStatus] = field(default_factory=list)
     stale_metrics: list[str] = field(default_factory=list)  # without a reading for metricStaleAfterSeconds
     errors: list[str] = field(default_factory=list)
@@ -98,6 +99,7 @@ class ModelStatus:
             "readyEndpoints": self.ready_endpoints,
             "remote": self.remote,
             "remoteUsable": self.remote_usable,
+            "spillover": self.spillover,
             "metrics": [
                 {
                     "name": m.spec.describe(),

@@ -458,6 +458,8 @@ class Controller:
                 status.stale_metrics,
             )
         self._record(model, status, decision, now)
+        spillover = _spillover(model, remote if status.remote_usable else None)
+        status.spillover = spillover is not None
         return ModelRoute(
             model.meta.namespace,
             model.meta.name,
@@ -466,7 +468,7 @@ class Controller:
             remote,
             decision.remote_percent if remote else 0.0,
             labels=tuple(sorted(model.meta.labels.items())),
-            spillover=_spillover(model, remote if status.remote_usable else None),
+            spillover=spillover,
         )
 
     def _stale_metrics(self, model: ModelDeployment, now: float) -> list[str]:

@@ -58,6 +58,7 @@ async def test_a_burst_spills_over_with_no_errors_and_without_spill_over_it_fail
     async with stack(tmp_path, on, off, low) as s:
         for model in (on, off, low):
             await routed(s, model)
+        assert [(await s.model_status(m))["spillover"] for m in (on, off, low)] == [True, False, True]
         base = {
             m.name: (m.local.counts.total, m.local.counts.shed, m.remote.counts.total) for m in (on, off, low)
         }

@@ -695,6 +695,7 @@ async def test_a_remote_that_refuses_connections_gets_no_traffic():
     controller, _, _ = make_controller(store, FakeInformer(queue_depth=50))
     controller.reconcile()
     assert routes_by_name(controller)["m"].spillover == Spillover(enabled=True)
+    assert controller.status[MODEL].to_dict()["spillover"] is True
     for _ in range(controller.probe.failures_to_down):
         await asyncio.wait_for(controller.evaluate(), 5)
         await asyncio.wait_for(controller.probe_remotes(), 5)
@@ -703,6 +704,7 @@ async def test_a_remote_that_refuses_connections_gets_no_traffic():
     assert (status.phase, status.remote_percent) == (Phase.REMOTE_DOWN.value, 0.0)
     assert routes_by_name(controller)["m"].remote_percent == 0.0
     assert routes_by_name(controller)["m"].spillover is None
+    assert status.to_dict()["spillover"] is False
 
 
 def test_status_document_shape():
