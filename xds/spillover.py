@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+from collections.abc import Sequence
 
 from envoy_data_plane.envoy.config.cluster.v3 import (
     CircuitBreakers,
@@ -117,19 +118,21 @@ def endpoint_metadata(remote: RemoteBackend) -> bytes:
     return encode(Metadata(filter_metadata={METADATA: Struct.from_dict(fields)}))
 
 
-def _rewrite_filters(remote: RemoteBackend) -> list[HttpFilter]:
+def _rewrite_filters(remotes: Sequence[RemoteBackend]) -> list[HttpFilter]:
     """Upstream filters that give an attempt sent to a remote host that remote's headers and path
-    prefix. Values come from the host, so a local attempt (no metadata: empty values, which
-    Envoy leaves out) goes as it came."""
+    prefix (of any of `remotes`, whichever the host is). Values come from the host, so a local
+    attempt (no metadata: empty values, which Envoy leaves out) goes as it came."""
+    prefixed = any(r.path_prefix for r in remotes)
+    names = dict.fromkeys(name for r in remotes for name, _ in r.headers_to_add)
     mutations = [Mutation(remove=PREFIX_HEADER)]
-    if remote.path_prefix:
+    if prefixed:
         mutations.append(_from_host(PREFIX_HEADER, _metadata_ref("path_prefix")))
-    mutations += [_from_host(name, _metadata_ref("headers", name)) for name, _ in remote.headers_to_add]
+    mutations += [_from_host(name, _metadata_ref("headers", name)) for name in names]
     header = HttpFilter(
         name="envoy.filters.http.header_mutation",
         typed_config=pack(HeaderMutation(mutations=Mutations(request_mutations=mutations))),
     )
-    return [header, _PREFIX_FILTER] if remote.path_prefix else [header]
+    return [header, _PREFIX_FILTER] if prefixed else [header]
 
 
 def _from_host(name: str, value: str) -> Mutation:
@@ -155,7 +158,7 @@ def composite_cluster(
         explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
             http_protocol_options=Http1ProtocolOptions()
         ),
-        http_filters=[*_rewrite_filters(remote), _CODEC_FILTER],
+        http_filters=[*_rewrite_filters((remote,)), _CODEC_FILTER],
     )
     return encode(
         Cluster(
