@@ -10,17 +10,51 @@ One `Instruments` per process, on its own registry so tests can run several side
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable, Mapping
+import bisect
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from api.desired import side_of
 from api.load import ClusterLoad
 from api.status import ModelStatus, Phase
 
 LABELS = ["namespace", "name"]
+# Seconds, for the xDS timings: a push on loopback is ACKed in a millisecond or two, a burst's flush
+# waits up to half a second, a route held for its clusters up to 5 s (xds.stream.HOLD_LIMIT).
+XDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# Seconds, for an evaluation round and a metric read (a source's timeout is 3 s by default).
+WORK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class CountedHistogram(Collector):
+    """A histogram that takes many equal observations at once (`observe(value, count)`).
+
+    One ACK can carry the weight decisions of thousands of models (one decision time per push, as
+    a whole evaluation round is published at once): counting them one by one would cost O(models)
+    per Envoy per push, where this costs one bisect.
+    """
+
+    def __init__(self, name: str, documentation: str, buckets: Sequence[float]):
+        self.name, self.documentation = name, documentation
+        self.bounds = [*buckets, math.inf]
+        self.counts = [0] * len(self.bounds)
+        self.sum = 0.0
+
+    def observe(self, value: float, count: int = 1) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += count
+        self.sum += value * count
+
+    def collect(self):
+        cumulative, buckets = 0, []
+        for bound, n in zip(self.bounds, self.counts, strict=True):
+            cumulative += n
+            buckets.append((floatToGoString(bound), cumulative))
+        yield HistogramMetricFamily(self.name, self.documentation, buckets=buckets, sum_value=self.sum)
 
 
 class ControllerCollector(Collector):
@@ -75,8 +109,23 @@ class ControllerCollector(Collector):
             "xDS NACKs of responses carrying this model's resources",
             labels=[*LABELS, "type"],
         )
+        refused = GaugeMetricFamily(
+            "overspill_model_remote_refused",
+            "1 while a local Policy keeps this remote from the model's traffic (reason: PolicyViolation, "
+            "PolicyNotFound, PolicyInvalid)",
+            labels=[*LABELS, "remote", "policy", "reason"],
+        )
+        rejections = GaugeMetricFamily(
+            "overspill_model_xds_rejections",
+            "Envoy NACKs of this model's resources that still stand (per Envoy and xDS type): the"
+            " Envoy keeps its last good configuration for the model",
+            labels=LABELS,
+        )
         for s in self.models():
             ids = [s.namespace, s.name]
+            rejections.add_metric(ids, len(s.rejections))
+            for r in s.refused:
+                refused.add_metric([*ids, r.remote, r.policy, r.reason], 1)
             for p in Phase:
                 phase.add_metric([*ids, p.value], 1 if p == s.phase else 0)
             weight.add_metric(ids, s.remote_percent)
@@ -89,7 +138,9 @@ class ControllerCollector(Collector):
                 stale.add_metric([*ids, m.spec.describe()], 1 if m.spec.describe() in s.stale_metrics else 0)
             for p, n in s.transitions.items():
                 transitions.add_metric([*ids, p], n)
-            for metric, n in s.metric_read_errors.items():
+            # Zero before the first failure: rate() and increase() see that one too.
+            counted = dict.fromkeys((m.spec.describe() for m in s.metrics), 0) | s.metric_read_errors
+            for metric, n in counted.items():
                 read_errors.add_metric([*ids, metric], n)
             for t, n in s.xds_nacks.items():
                 nacks.add_metric([*ids, t], n)
@@ -106,6 +157,8 @@ class ControllerCollector(Collector):
             transitions,
             read_errors,
             nacks,
+            refused,
+            rejections,
             rounds,
         )
 
@@ -222,6 +275,40 @@ class Instruments:
         self.xds_refused = Counter(
             "overspill_xds_refused_requests",
             "xDS requests that could not be read or taken (their stream was closed)",
+            registry=r,
+        )
+        self.xds_connected = Gauge(
+            "overspill_xds_connected_envoys",
+            "Envoys connected, per scope (the models they take: all, namespaces=..., labels=...) and"
+            " protocol (sotw, delta)",
+            ["scope", "protocol"],
+            registry=r,
+        )
+        self.xds_push_to_ack = Histogram(
+            "overspill_xds_push_to_ack_seconds",
+            "From an xDS response being sent to the Envoy's ACK of it, per type",
+            ["type"],
+            buckets=XDS_BUCKETS,
+            registry=r,
+        )
+        self.decision_to_ack = CountedHistogram(
+            "overspill_weight_decision_to_ack_seconds",
+            "From a model's new remote share being decided to an Envoy's ACK of the response carrying"
+            " it: one observation per model and Envoy",
+            XDS_BUCKETS,
+        )
+        r.register(self.decision_to_ack)
+        self.evaluation_duration = Histogram(
+            "overspill_evaluation_duration_seconds",
+            "An evaluation round: every model's metrics read, then the models whose readings changed decided",
+            buckets=WORK_BUCKETS,
+            registry=r,
+        )
+        self.metric_read_duration = Histogram(
+            "overspill_metric_read_duration_seconds",
+            "One request to a metric source (a PromQL query; a Kubernetes metrics API call)",
+            ["source"],
+            buckets=WORK_BUCKETS,
             registry=r,
         )
 

@@ -29,6 +29,21 @@ from api.metric_spec import MetricSpec
 from metrics.source import MetricScope, MetricSource, Reading, Request, read_each
 
 Get = Callable[[str, dict], Awaitable[dict]]
+
+
+def timed(get: Get, observe: Callable[[float], None]) -> Get:
+    """`get`, each call's seconds (answered or failed) passed to `observe`."""
+
+    async def call(path: str, params: dict) -> dict:
+        started = time.monotonic()
+        try:
+            return await get(path, params)
+        finally:
+            observe(time.monotonic() - started)
+
+    return call
+
+
 METRICS = "/apis/metrics.k8s.io/v1beta1"
 CUSTOM = "/apis/custom.metrics.k8s.io/v1beta2"
 EXTERNAL = "/apis/external.metrics.k8s.io/v1beta1"

@@ -11,7 +11,8 @@ import asyncio
 import json
 import math
 import re
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 import aiohttp
 
@@ -33,13 +34,20 @@ def _escape(value: str) -> str:
 class PrometheusInformer:
     """Queries one Prometheus server; never raises, every failure becomes a `Reading` error."""
 
-    def __init__(self, url: str, session: aiohttp.ClientSession, timeout: float = 3.0):
+    def __init__(
+        self,
+        url: str,
+        session: aiohttp.ClientSession,
+        timeout: float = 3.0,
+        observe: Callable[[float], None] | None = None,
+    ):
         self.url = url.rstrip("/")
         if "://" not in self.url:
             self.url = "http://" + self.url  # seed 002 writes the address as host:port
         self.session = session
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self.queries = 0  # sent, for the benchmark and /metrics
+        self.observe = observe  # each query's seconds, answered or not
 
     async def read(self, spec: MetricSpec, scope: MetricScope | None = None) -> Reading:
         if spec.type in ("Resource", "ContainerResource"):
@@ -115,11 +123,15 @@ class PrometheusInformer:
             request = self.session.post(
                 f"{self.url}/api/v1/query", data={"query": query}, timeout=self._timeout
             )
+        started = time.monotonic()
         try:
             async with request as resp:
                 status, text = resp.status, await resp.text(errors="replace")
         except (TimeoutError, aiohttp.ClientError) as exc:
             return None, f"prometheus unreachable at {self.url}: {type(exc).__name__} {exc}".strip()
+        finally:
+            if self.observe is not None:
+                self.observe(time.monotonic() - started)
         try:
             body = json.loads(text)
         except ValueError:

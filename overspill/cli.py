@@ -18,16 +18,32 @@ from api.crd import InvalidObject, RemoteBackend, parse_remote_backend
 from overspill.settings import DEFAULTS, Settings
 from reconciler.documents import DEPTH_CEILING, Limits, parse_file
 
+REMOTE_URL_QUERY = ("country", "continent", "location", "flavor")
+
 
 def _remote_url(text: str) -> RemoteBackend:
-    """`--default-remote https://host[:port][/prefix]` as a remoteBackend."""
+    """`--default-remote https://host[:port][/prefix][?country=..&continent=..&location=..&flavor=type/name]`
+    as a remoteBackend; the query says where it is and what it runs, for the models' Policies."""
     url = urllib.parse.urlsplit(text)
     if url.scheme not in ("http", "https") or not url.netloc:
         raise argparse.ArgumentTypeError(f"want http(s)://host[:port][/path], got {text!r}")
-    try:
-        return parse_remote_backend(
-            {"host": url.netloc, "scheme": url.scheme, "pathPrefix": url.path}, "--default-remote"
+    query = dict(urllib.parse.parse_qsl(url.query, keep_blank_values=True))
+    unknown = sorted(set(query) - set(REMOTE_URL_QUERY))
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown query {', '.join(unknown)}: want {', '.join(REMOTE_URL_QUERY)}"
         )
+    raw: dict = {"host": url.netloc, "scheme": url.scheme, "pathPrefix": url.path}
+    where = {k: query[k] for k in ("country", "continent") if k in query}
+    if "location" in query:
+        where["name"] = query["location"]
+    if where:
+        raw["location"] = where
+    if "flavor" in query:
+        kind, _, name = query["flavor"].partition("/")
+        raw["flavor"] = {"type": kind or None, "name": name or None}
+    try:
+        return parse_remote_backend(raw, "--default-remote")
     except InvalidObject as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -198,7 +214,8 @@ def parser() -> argparse.ArgumentParser:
         type=_remote_url,
         metavar="URL",
         help="remote backend (http(s)://host[:port][/prefix]) for models whose offloadingConfig "
-        "has no remoteBackend",
+        "has no remoteBackend; for Policies, add where it is and what it runs as "
+        "?country=de&continent=eu&location=NAME&flavor=TYPE/NAME (each optional)",
     )
     s.add_argument(
         "--cluster-domain",
@@ -256,7 +273,16 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--node-cluster", default="overspill-gateway", help="node.cluster (default overspill-gateway)"
     )
-    b.add_argument("--admin-port", type=int, default=9901, help="Envoy admin port (default 9901)")
+    b.add_argument(
+        "--admin-port", type=int, default=9901, help="Envoy admin port, on 127.0.0.1 (default 9901)"
+    )
+    b.add_argument(
+        "--stats-port",
+        type=int,
+        metavar="PORT",
+        help="also serve GET /stats/prometheus (and nothing else of the admin) on this port on every "
+        "address, for a Prometheus outside the pod (the install's gateway uses 15090)",
+    )
     b.add_argument(
         "--delta", action="store_true", help="use Delta xDS (DELTA_GRPC) instead of state of the world"
     )
@@ -300,6 +326,14 @@ def parser() -> argparse.ArgumentParser:
         help="the control plane's metrics address (default %(default)s)",
     )
     st.add_argument("--json", action="store_true", help="print the raw status document")
+
+    g = sub.add_parser(
+        "dashboard",
+        help="print the Grafana dashboard (JSON) for the control plane's and Envoy's metrics",
+        description="Print the Grafana dashboard that manifests/grafana/overspill-dashboard.json holds: "
+        "fleet, per-model and control-plane rows over a Prometheus datasource chosen by its variable.",
+    )
+    g.add_argument("--out", type=Path, metavar="FILE", help="write it to FILE instead of standard output")
 
     d = sub.add_parser(
         "demo",
@@ -373,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         "render": cmd_render,
         "bootstrap": cmd_bootstrap,
         "status": cmd_status,
+        "dashboard": cmd_dashboard,
         "demo": cmd_demo,
     }[args.command](args)
 
@@ -504,6 +539,7 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
         tls_cert=args.xds_client_cert,
         tls_key=args.xds_client_key,
         tls_server_name=args.xds_server_name,
+        stats_port=args.stats_port,
     )
     print(yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, width=120), end="")
     return 0
@@ -537,6 +573,11 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"  error: {err}")
         for warning in m.get("warnings", []):
             print(f"  warning: {warning}")
+        policies = m.get("policies") or {}
+        for r in policies.get("refused", []):
+            print(f"  {r['reason']}: {r['message']}")
+        if policies.get("enforcedRemotely"):
+            print(f"  enforced by the remote: {', '.join(policies['enforcedRemotely'])}")
         if m["reason"]:
             print(f"  reason: {m['reason']}")
     for r in doc["rejected"]:
@@ -570,6 +611,16 @@ def cmd_status(args: argparse.Namespace) -> int:
                     f"{key:32} {side:6} {x['requests_in_flight']:9d} {x['request_rate']:9g} "
                     f"{x['errors']:7g}  {orca}"
                 )
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from overspill.dashboard import render
+
+    if args.out is None:
+        sys.stdout.write(render())
+    else:
+        args.out.write_text(render())
     return 0
 
 

@@ -24,7 +24,7 @@ from api.desired import side_of
 from api.status import ModelStatus
 from metrics.envoy import EnvoyLoadMetrics
 from metrics.instruments import Instruments
-from metrics.kubernetes import KubernetesMetrics
+from metrics.kubernetes import KubernetesMetrics, timed
 from metrics.prometheus import PrometheusInformer
 from metrics.source import MetricSource
 from overspill.admin import make_app
@@ -100,6 +100,7 @@ class ControlPlane:
             lambda: self.controller.status.values(), lambda: self.controller.evaluations
         )
         self.instruments.watch_origins(self.store.rejected_by_origin)
+        self.controller.on_evaluated = self.instruments.evaluation_duration.observe
         if self.state is not None:
             state = self.state
             self.instruments.watch_state_file(lambda: state.writes, lambda: state.errors)
@@ -212,11 +213,18 @@ class ControlPlane:
             except OSError as exc:
                 raise SystemExit(f"--state-dir {s.state_dir}: cannot be created: {exc}") from exc
         async with aiohttp.ClientSession() as session, asyncio.TaskGroup() as tg:
-            prometheus = PrometheusInformer(s.prometheus_url, session) if s.prometheus_url else None
+            reads = self.instruments.metric_read_duration
+            prometheus = (
+                PrometheusInformer(s.prometheus_url, session, observe=reads.labels("prometheus").observe)
+                if s.prometheus_url
+                else None
+            )
             informer: MetricSource | None = prometheus
             if self.kube is not None:
                 informer = KubernetesMetrics(
-                    self.kube.get, fallback=prometheus, max_age=s.evaluation_interval / 2
+                    timed(self.kube.get, reads.labels("kubernetes").observe),
+                    fallback=prometheus,
+                    max_age=s.evaluation_interval / 2,
                 )
             # `envoy:` metrics from the load reports first; any other name goes on down the chain.
             self.controller.informer = EnvoyLoadMetrics(

@@ -121,8 +121,12 @@ async def test_a_generic_server_error_or_a_reset_after_sending_is_not_retried_on
     model = Model("fails", spillover={"enabled": True})
     async with stack(tmp_path, model) as s:
         await routed(s, model)
-        for failure, expected in (("error_status", 500), ("reset_after_work", 503)):
-            setattr(model.local, failure, 500 if failure == "error_status" else True)
+        # (the server attribute, its failing value, its normal value, what the client gets)
+        for failure, bad, good, expected in (
+            ("status", 500, 200, 500),
+            ("reset_after_work", True, False, 503),
+        ):
+            setattr(model.local, failure, bad)
             before = (model.local.counts.total, model.remote.counts.total)
             stats_before = await composite_stats(s, model)
             codes = Counter(await s.send(model, 40, 8))
@@ -132,4 +136,4 @@ async def test_a_generic_server_error_or_a_reset_after_sending_is_not_retried_on
             print(f"\n{failure}: client {dict(codes)}; local {local}, remote {remote}, retries {retries}")
             assert codes == {expected: 40}
             assert local == 40 and remote == 0 and retries == 0
-            setattr(model.local, failure, None if failure == "error_status" else False)
+            setattr(model.local, failure, good)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -227,6 +228,14 @@ async def test_kubectl_apply_of_seed_001_offloads_and_kubectl_get_shows_it(tmp_p
         assert row.split()[:5] == ["my-model", "Offloading", "50", "96/90", "1"]
         _, described, _ = await k.api.kubectl("describe", "md", "my-model")
         assert "OffloadingStarted" in described
+        # The metrics API reads were timed, and the weight's way to Envoy too.
+        text = await k.planes[0].metrics_text()
+        reads = re.search(
+            r'^overspill_metric_read_duration_seconds_count\{source="kubernetes"\} (\S+)$', text, re.M
+        )
+        assert reads is not None and float(reads[1]) >= 1, text
+        acks = re.search(r"^overspill_weight_decision_to_ack_seconds_count (\S+)$", text, re.M)
+        assert acks is not None and float(acks[1]) >= 1
         print(f"\noffloading on {waited:.1f}s after the metric crossed; remote share {share:.0%}")
 
 

@@ -62,14 +62,17 @@ BOOTSTRAP_FLAGS = [
     "18000",
     "--node-id",
     "overspill-gateway",
+    "--stats-port",
+    "15090",
 ]
 # The Kubernetes release whose built-in schemas the objects must pass (kubernetes-validate ships them).
 KUBERNETES_VERSION = "1.32.0"
 KUBECTL_TIMEOUT = 60
 # Kinds kubernetes-validate has no schema for, being no built-ins: the Prometheus Operator's
-# ServiceMonitor (its CRD is not ours to check) and our own kinds, checked against our CRDs instead.
+# ServiceMonitor, PodMonitor and PrometheusRule (their CRDs are not ours to check) and our own
+# kinds, checked against our CRDs instead.
 OUR_KINDS = {"ModelDeployment", "Policy"}
-OTHER_CUSTOM_KINDS = {"ServiceMonitor"}
+OTHER_CUSTOM_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
 
 
 SEED_DOCUMENTS = {
@@ -532,7 +535,20 @@ AGREEMENT: list[tuple[str, dict, bool]] = [
         False,
     ),
     ("policy-location-without-name", policy(type="location", locations=[{"type": "country"}]), False),
-    ("policy-flavor-type-tpu", policy(type="flavor", flavors=[{"type": "tpu", "name": "v5"}]), False),
+    # A flavor's type is free text in the upstream CRD.
+    ("policy-flavor-type-tpu", policy(type="flavor", flavors=[{"type": "tpu", "name": "v5"}]), True),
+    ("policy-flavor-empty-type", policy(type="flavor", flavors=[{"type": "", "name": "v5"}]), False),
+    # Where a remote is and what it runs, for the Policies.
+    (
+        "remote-location-and-flavor",
+        remote(location={"country": "de", "continent": "eu"}, flavor={"type": "gpu", "name": "nvidia-l4"}),
+        True,
+    ),
+    ("remote-location-named", remote(location={"name": "eu-west"}), True),
+    ("remote-location-empty", remote(location={}), False),
+    ("remote-location-not-a-mapping", remote(location="eu"), False),
+    ("remote-flavor-without-name", remote(flavor={"type": "gpu"}), False),
+    ("policy-ref-remote", model(policies=[{"refType": "remotePolicy", "name": "p"}]), True),
 ]
 
 
@@ -972,6 +988,8 @@ def test_install_renders_and_every_object_validates(install):
         ("Service", "overspill-gateway"),
         ("ConfigMap", "overspill-gateway-bootstrap"),
         ("ServiceMonitor", "overspill"),
+        ("PodMonitor", "overspill-gateway"),
+        ("PrometheusRule", "overspill"),
     }
     for obj in install:
         assert check_object(obj) == [], label(obj)
@@ -1020,6 +1038,20 @@ def test_install_references_resolve(install):
     service = objects[("Service", "overspill")]
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     assert {e["port"] for e in monitor["spec"]["endpoints"]} <= {p["name"] for p in service["spec"]["ports"]}
+    # Each gateway pod's stats port, which the bootstrap's stats listener serves.
+    pods = objects[("PodMonitor", "overspill-gateway")]
+    assert pods["spec"]["selector"]["matchLabels"].items() <= pod_labels(gateway).items()
+    (endpoint,) = pods["spec"]["podMetricsEndpoints"]
+    stats_port = next(p for c in gateway["spec"]["template"]["spec"]["containers"] for p in c["ports"]
+                      if p["name"] == endpoint["port"])  # fmt: skip
+    bootstrap = yaml.safe_load(
+        objects[("ConfigMap", "overspill-gateway-bootstrap")]["data"]["bootstrap.yaml"]
+    )
+    (listener,) = bootstrap["static_resources"]["listeners"]
+    assert listener["address"]["socket_address"]["port_value"] == stats_port["containerPort"]
+    assert endpoint["path"] == "/stats/prometheus"
+    # Per-model series keep the model's namespace label (not exported_namespace).
+    assert endpoint["honorLabels"] is True and all(e["honorLabels"] for e in monitor["spec"]["endpoints"])
 
     account = {"kind": "ServiceAccount", "name": "overspill", "namespace": "overspill-system"}
     for kind, name in (("ClusterRoleBinding", "overspill"), ("RoleBinding", "overspill-leader-election")):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import time
 from collections.abc import Callable
 
 from api.desired import ModelKey
@@ -58,6 +59,9 @@ class ResourceCache:
         self._holders: dict[Scope, int] = {}
         self._subscribers: set[asyncio.Event] = set()
         self._pending: dict[ModelKey, ModelBundle | None] = {}  # committed, not yet in the views
+        # When each pending weight change was handed in (the controller publishes as it decides):
+        # the start of the decision -> Envoy ACK time (`View.weights_taken`).
+        self._decided: dict[ModelKey, float] = {}
         self._flush: asyncio.TimerHandle | None = None
         self._flush_loop: asyncio.AbstractEventLoop | None = None
         self._flushed_at = -math.inf  # loop time of the last flush
@@ -66,10 +70,14 @@ class ResourceCache:
     def apply(self, changes: dict[ModelKey, ModelBundle | None]) -> None:
         """Take `changes` (None removes a model); the views get them at the next flush. A view built
         meanwhile starts from `bundles`, which has them already."""
+        now = time.monotonic()
         for key, bundle in changes.items():
             if bundle is None:
                 self.bundles.pop(key, None)
             else:
+                old = self.bundles.get(key)
+                if old is not None and old.runtime_entry != bundle.runtime_entry:
+                    self._decided[key] = now  # the latest decision is the one Envoy will get
                 self.bundles[key] = bundle
         self._pending.update(changes)  # a later change of the same model replaces the earlier
 
@@ -126,9 +134,10 @@ class ResourceCache:
             self._flush.cancel()
             self._flush = None
         pending, self._pending = self._pending, {}
+        decided, self._decided = self._decided, {}
         if pending:
             for view in self.views.values():
-                view.apply(pending)
+                view.apply(pending, decided)
         with contextlib.suppress(RuntimeError):
             self._flushed_at = asyncio.get_running_loop().time()
         self.ready = True

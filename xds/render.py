@@ -21,6 +21,7 @@ from envoy_data_plane.google.protobuf import Any as ProtoAny
 from api.desired import ModelRoute
 from xds import resources as res
 from xds import runtime
+from xds.stats import stats_listener, stats_tags
 from xds.types import PUSH_ORDER
 from xds.view import View
 
@@ -48,6 +49,7 @@ def static_bootstrap(routes: list[ModelRoute], address: str, port: int, admin_po
     return {
         "node": {"id": "overspill-static", "cluster": "overspill"},
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
+        "stats_config": {"stats_tags": stats_tags()},
         "static_resources": {
             "listeners": [
                 res.listener(
@@ -77,12 +79,15 @@ def ads_bootstrap(
     tls_cert: str | None = None,
     tls_key: str | None = None,
     tls_server_name: str | None = None,
+    stats_port: int | None = None,
 ) -> dict:
     """An Envoy bootstrap that takes everything from the control plane over one ADS stream.
 
     The runtime layers are the weight shards (see `xds.runtime`), then an admin layer so an
     operator can pin a weight by hand (`POST /runtime_modify?overspill.NS.NAME=0`). With
-    `tls_ca` the xDS connection is TLS (see `xds_tls_socket`).
+    `tls_ca` the xDS connection is TLS (see `xds_tls_socket`). Model cluster stats carry the labels
+    namespace, model and side in `/stats/prometheus` (see `xds.stats`); with `stats_port` a
+    listener on that port serves that path alone, for a Prometheus outside the pod.
     """
     scope: dict = {}
     if namespaces:
@@ -135,6 +140,10 @@ def ads_bootstrap(
         xds_cluster["transport_socket"] = xds_tls_socket(
             tls_ca, tls_cert, tls_key, tls_server_name or xds_host
         )
+    static: dict = {"clusters": [xds_cluster]}
+    if stats_port:
+        listener, admin_cluster = stats_listener(stats_port, admin_port)
+        static = {"listeners": [listener], "clusters": [xds_cluster, admin_cluster]}
     return {
         "node": node,
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
@@ -146,7 +155,8 @@ def ads_bootstrap(
         # most clusters (remotes on standby) never carry a request.
         "deferred_stat_options": {"enable_deferred_creation_stats": True},
         "stats_config": {
-            "stats_matcher": {"exclusion_list": {"patterns": [{"prefix": f"http.{res.STAT_PREFIX}.rds."}]}}
+            "stats_tags": stats_tags(),
+            "stats_matcher": {"exclusion_list": {"patterns": [{"prefix": f"http.{res.STAT_PREFIX}.rds."}]}},
         },
         "dynamic_resources": {
             "ads_config": {
@@ -174,7 +184,7 @@ def ads_bootstrap(
             ]
             + [{"name": "admin", "admin_layer": {}}]
         },
-        "static_resources": {"clusters": [xds_cluster]},
+        "static_resources": static,
     }
 
 

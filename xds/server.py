@@ -24,7 +24,7 @@ from xds.delta import Delta
 from xds.identity import Identity, IdentityRules
 from xds.sotw import StateOfTheWorld
 from xds.stream import Stream, weight_layers_fix
-from xds.subscription import Interner, Nack
+from xds.subscription import Ack, Interner, Nack
 from xds.tls import ServerTls
 from xds.types import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE, RUNTIME, SCOPED_ROUTE, SHORT
 
@@ -133,7 +133,11 @@ class Callbacks:
 
     def response_sent(self, stream: Stream, type_url: str, size: int) -> None: ...
 
-    def acked(self, stream: Stream, type_url: str) -> None: ...
+    def stream_scoped(self, stream: Stream) -> None:
+        """The stream's first request came: its node (if it named one), scope and protocol are known."""
+
+    def acked(self, stream: Stream, ack: Ack) -> None:
+        """A response was accepted; `ack` has how long that took, and the weight decisions it carried."""
 
     def nacked(self, stream: Stream, nack: Nack) -> None: ...
 
@@ -278,7 +282,7 @@ class XdsServer:
         return RequestRefused(code, f"{what}: {error}")
 
     def _on_request(self, stream: Stream, req: wire.Request, wake: asyncio.Event) -> None:
-        known, judged = bool(stream.node_id), stream.weight_layers
+        known, judged, scoped = bool(stream.node_id), stream.weight_layers, stream.view is not None
         sub = stream.types.get(req.type_url)
         before = (sub.pending, sub.names, sub.wildcard) if sub is not None else None
         stream.on_request(req)
@@ -295,10 +299,12 @@ class XdsServer:
             if stream.denied:
                 _log_denied(stream)
                 self.callbacks.scope_denied(stream)
+        if not scoped and stream.view is not None:
+            self.callbacks.stream_scoped(stream)
         if stream.weight_layers is not judged:
             self._report_weight_layers(stream, judged)
-        for type_url in stream.acks:
-            self.callbacks.acked(stream, type_url)
+        for ack in stream.acks:
+            self.callbacks.acked(stream, ack)
         stream.acks.clear()
         for nack in stream.nacks:
             log.error(

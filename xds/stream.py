@@ -40,7 +40,7 @@ from xds import wire
 from xds.cache import ResourceCache
 from xds.identity import Identity
 from xds.scope import Scope
-from xds.subscription import Interner, Nack, Subscription
+from xds.subscription import Ack, Interner, Nack, Subscription
 from xds.types import CLUSTER, ENDPOINT, PUSH_ORDER, ROUTE, ROUTE_WEIGHT_INLINE, RUNTIME, SHORT
 from xds.view import View
 
@@ -122,7 +122,8 @@ class Stream:
         self.warned_weight_layers = False  # the log says so once per stream
         self._layers_needed = 0  # RTDS version to be taken before routes without weights (a late subscriber)
         self.nacks: list[Nack] = []  # new NACKs, for the server to report
-        self.acks: list[str] = []  # types newly ACKed, for the server to report
+        self.acks: list[Ack] = []  # responses newly ACKed, for the server to report
+        self._sent_at: dict[str, float] = {}  # type -> when its response in flight was sent
 
     @property
     def delta(self) -> bool:
@@ -213,6 +214,8 @@ class Stream:
         """The node answered the response in flight: an ACK of `version`, or a NACK."""
         before, sub.pending, sub.settled_version = sub.settled_version, False, sub.sent_version
         in_flight = self._in_flight.pop(type_url, ())
+        now = time.monotonic()
+        sent_at = self._sent_at.pop(type_url, now)
         if error is not None and (error.code or error.message):
             if type_url == ROUTE:  # it may hold the old or the new version of each
                 self._routes_unsure.update(in_flight)
@@ -230,7 +233,12 @@ class Stream:
         if sub.nack is not None and self._still_rejected(type_url, sub.nack, in_flight):
             return  # it took other resources; the rejected ones stay rejected (not reported as accepted)
         sub.nack = None
-        self.acks.append(type_url)
+        taken = (
+            self.view.weights_taken(self.view_type(type_url), before, sub.settled_version)
+            if self.view
+            else ()
+        )
+        self.acks.append(Ack(type_url, now - sent_at, tuple((now - at, n) for at, n in taken)))
 
     def _still_rejected(self, type_url: str, nack: Nack, answered: Collection[str]) -> bool:
         """Whether a model of a NACK, still in the view, had none of its resources in the
@@ -383,6 +391,7 @@ class Stream:
     def sent(self, type_url: str, names: Collection[str], removed: Collection[str] = ()) -> None:
         """A response of `type_url` carrying `names` (and removing `removed`) is on its way."""
         self._in_flight[type_url] = (*names, *removed) if removed else names
+        self._sent_at[type_url] = time.monotonic()
         if type_url == ROUTE and self._routes_since is None:
             assert self.view is not None
             self._routes_since = self.view.version_of(self.route_form)

@@ -31,6 +31,18 @@ class Nack:
     at: float
 
 
+@dataclass(frozen=True)
+class Ack:
+    """An accepted response, with the timings the control plane's histograms show: how long the
+    node took to answer it, and how long ago the weights it carried were decided."""
+
+    type_url: str
+    seconds: float  # from the response being sent to its ACK
+    # (seconds since a weight decision this response carried, how many models that decision
+    # changed): one entry per distinct decision time, usually one per push
+    weights: tuple[tuple[float, int], ...] = ()
+
+
 @dataclass
 class Subscription:
     wildcard: bool

@@ -21,8 +21,8 @@ log, built for every model the first time such a node is served, then kept up to
 from __future__ import annotations
 
 import time
-from collections import deque
-from collections.abc import Collection, Iterable
+from collections import Counter, deque
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, replace
 
 from api.desired import ModelKey, model_of
@@ -99,6 +99,9 @@ class View:
         self.route_needs = {form: RouteNeeds() for form in ROUTE_FORMS}  # per route form
         self.weight_inline = False  # whether the ROUTE_WEIGHT_INLINE form is kept (see `keep_weight_inline`)
         self._sizes: dict[str, tuple[int, int]] = {}  # type -> (version, bytes of all its resources)
+        # Weight changes, for the decision -> ACK histogram: (RUNTIME version, ROUTE_WEIGHT_INLINE
+        # version or 0 when that form is not kept, {when decided (monotonic): models}), oldest first.
+        self._weights: deque[tuple[int, int, Counter[float]]] = deque(maxlen=LOG_LENGTH)
         self.resources[LISTENER][listener.name] = listener
         for i in range(shards):
             self._rebuild_shard(i)
@@ -167,9 +170,30 @@ class View:
 
     # --- writing (the cache) ---
 
-    def apply(self, changes: dict[ModelKey, ModelBundle | None]) -> None:
-        """Replace the bundles in `changes` (None removes a model) and bump what changed."""
+    def weights_taken(self, type_url: str, after: int, upto: int) -> tuple[tuple[float, int], ...]:
+        """The weight decisions a node took by answering versions `after` (exclusive) to `upto` of
+        `type_url` (RUNTIME, or ROUTE_WEIGHT_INLINE): (when decided, how many models)."""
+        column = {RUNTIME: 0, ROUTE_WEIGHT_INLINE: 1}.get(type_url)
+        if column is None or after <= 0:  # a first sync carries no decision of its own
+            return ()
+        found: Counter[float] = Counter()
+        for entry in reversed(self._weights):
+            version = entry[column]
+            if not version:
+                continue
+            if version <= after:
+                break
+            if version <= upto:
+                found.update(entry[2])
+        return tuple(found.items())
+
+    def apply(
+        self, changes: dict[ModelKey, ModelBundle | None], decided: Mapping[ModelKey, float] | None = None
+    ) -> None:
+        """Replace the bundles in `changes` (None removes a model) and bump what changed;
+        `decided` says when the models' weights in `changes` were decided, for `weights_taken`."""
         touched: dict[str, set[str]] = {t: set() for t in PUSH_ORDER}
+        weights: Counter[float] = Counter()
         shards: set[int] = set()
         hosts: set[str] = set()
         dropped: list[tuple[str, bool]] = []
@@ -207,6 +231,8 @@ class View:
                 self._shard_entries[i].pop(old.runtime_key, None)
                 shards.add(i)
             if new is not None and (old is None or new.runtime_entry != old.runtime_entry):
+                if old is not None and decided is not None and key in decided:
+                    weights[decided[key]] += 1
                 i = runtime.shard_of(new.runtime_key, self.shards)
                 self._shard_entries[i][new.runtime_key] = new.runtime_entry
                 shards.add(i)
@@ -230,6 +256,9 @@ class View:
                     # Routes with the weight written in need no layer.
                     runtime_version=self._log[RUNTIME].version if form == ROUTE else 0,
                 )
+        if weights:
+            inline = self._log[ROUTE_WEIGHT_INLINE].version if self.weight_inline else 0
+            self._weights.append((self._log[RUNTIME].version, inline, weights))
         for name, model_went in dropped:
             if name in self._retired[CLUSTER]:
                 self._dropped[name] = ({f: self._log[f].version for f in ROUTE_FORMS}, model_went)

@@ -1,8 +1,8 @@
 """Simulated model servers: a fixed number of slots, a fixed service time, and an in-flight gauge.
 
 A server can also shed load as inference servers' admission control does: past `shed_limit`
-requests at once it answers `shed_status` (429 or 503) at once, before any work. And it can
-fail every request with `error_status` after the work, as a generic server error does.
+requests at once it answers `shed_status` (429 or 503) at once, before any work. After the
+work it can answer another `status` (a generic failure: 500) or drop the connection.
 
 The gauge `model_inflight_requests` (queued + being served) is what a real inference server's
 queue-depth metric looks like to Prometheus, so it can drive offloading in the demo and tests.
@@ -80,14 +80,14 @@ class ModelServer:
         # Admission control: past this many requests at once, answer `shed_status` before any work.
         self.shed_limit: int | None = None
         self.shed_status = 429
-        # Answer every request with this status after the work (a generic failure); None: 200.
-        self.error_status: int | None = None
         # Drop the connection after the work instead of answering (a crash mid-request).
         self.reset_after_work = False
         self.counts = ServerCounts()
         # ORCA named metrics returned (header endpoint-load-metrics) to requests that ask for them,
         # as vLLM returns num_requests_waiting and kv_cache_usage_perc; empty: none.
         self.orca: dict[str, float] = {}
+        # The status every answer carries: a test sets 500 to stand for a model server failing.
+        self.status = 200
         self.port: int | None = None
         self._slots = asyncio.Semaphore(concurrency) if concurrency else None
         self._runner: web.AppRunner | None = None
@@ -183,12 +183,10 @@ class ModelServer:
         if self.reset_after_work and request.transport is not None:
             request.transport.abort()
             raise web.HTTPInternalServerError  # never sent: the connection is gone
-        if self.error_status is not None:
-            return web.json_response({**body, "error": "failed"}, status=self.error_status, headers=headers)
         if self.orca and request.headers.get("endpoint-load-metrics-format") == "TEXT":  # as vLLM
             metrics = ", ".join(f"named_metrics.{k}={v:g}" for k, v in sorted(self.orca.items()))
             headers["endpoint-load-metrics"] = f"TEXT {metrics}"
-        return web.json_response(body, headers=headers)
+        return web.json_response(body, status=self.status, headers=headers)
 
     async def _metrics(self, request: web.Request) -> web.Response:
         resp = web.Response(body=prom.generate_latest(self.registry))
