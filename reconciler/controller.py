@@ -478,7 +478,7 @@ class Controller:
                 decision.phase, 0.0, f"{decision.reason}: refused by Policy {first.policy} ({first.reason})"
             )
         self._record(model, status, decision, now)
-        spillover = _spillover(model, remote if status.remote_usable else None)
+        spillover = _spillover(model, allowed if status.remote_usable else None)
         status.spillover = spillover is not None
         return ModelRoute(
             model.meta.namespace,
