@@ -40,18 +40,27 @@ def route_config_name(namespace: str, name: str) -> str:
     return f"{CLUSTER_PREFIX}{namespace}/{name}/{ROUTES}"
 
 
+def remote_member_name(namespace: str, name: str, index: int) -> str:
+    """`overspill/<ns>/<name>/remote/<i>`: the i-th of several remotes (in the user's order),
+    one cluster each behind the model's remote cluster."""
+    return f"{cluster_name(namespace, name, 'remote')}/{index}"
+
+
 def model_of(resource_name: str) -> ModelKey | None:
     """The model a cluster, endpoint set (by its cluster name) or route configuration belongs to."""
     if not resource_name.startswith(CLUSTER_PREFIX):
         return None
     parts = resource_name[len(CLUSTER_PREFIX) :].split("/")
+    if len(parts) == 4 and parts[2] == "remote" and parts[3].isdigit():
+        return parts[0], parts[1]  # one of several remotes
     if len(parts) != 3 or (parts[2] not in SIDES and parts[2] != ROUTES):
         return None
     return parts[0], parts[1]
 
 
 def side_of(cluster: str) -> tuple[ModelKey, str] | None:
-    """The model and side (local, remote) of a model's cluster; None for any other name."""
+    """The model and side (local, remote) of a model's cluster; None for any other name (the
+    clusters of several remotes count as their side only through the remote cluster)."""
     key = model_of(cluster)
     side = cluster.rsplit("/", 1)[-1]
     return (key, side) if key is not None and side in SIDES else None
@@ -89,13 +98,18 @@ class ModelRoute:
     name: str
     domains: tuple[str, ...]
     endpoints: tuple[tuple[str, int], ...]
-    remote: RemoteBackend | None
+    remotes: tuple[RemoteBackend, ...]  # the remotes allowed, in order of preference
     remote_percent: float
     labels: tuple[tuple[str, str], ...] = ()
 
     @property
     def key(self) -> ModelKey:
         return (self.namespace, self.name)
+
+    @property
+    def remote(self) -> RemoteBackend | None:
+        """The preferred remote (with one remote, the only one)."""
+        return self.remotes[0] if self.remotes else None
 
     @property
     def local_cluster(self) -> str:

@@ -79,7 +79,9 @@ def desired_status(
             "RemoteAvailable",
             status.remote_usable,
             "NoRemote" if status.remote is None else ("Reachable" if status.remote_usable else "Unreachable"),
-            status.remote or "no remoteBackend and no --default-remote",
+            ", ".join(f"{url} {'reachable' if ok else 'unreachable'}" for url, ok in status.remotes)
+            if len(status.remotes) > 1
+            else status.remote or "no remoteBackend and no --default-remote",
             gen,
         ),
     ]
@@ -104,6 +106,7 @@ def desired_status(
             for m in status.metrics
         ],
         "remote": status.remote or "",
+        "remotes": [{"remote": url, "reachable": ok} for url, ok in status.remotes],
         "observedGeneration": gen,
         "errors": errors,
         "conditions": conditions,

@@ -60,7 +60,7 @@ def model(
         name,
         service_domains(name, namespace, 80),
         endpoints,
-        remote,
+        (remote,) if remote else (),
         percent,
         tuple(sorted((labels or {}).items())),
     )
@@ -506,7 +506,7 @@ async def test_a_dropped_remote_leaves_the_routes_before_its_cluster_leaves(plan
         slow = await plane.client("slow", delta, reject=log)
         await synced(plane, slow, BASE)
         slow.ack_delay = ack_delay
-        local_only = replace(BASE[0], remote=None)
+        local_only = replace(BASE[0], remotes=())
         mark = len(slow.received)
         plane.apply(local_only)
         await synced(plane, slow, [local_only, *BASE[1:]], timeout=10)
@@ -656,7 +656,9 @@ async def test_nacked_cluster_version_is_held_and_reported_and_others_unaffected
         assert plane.stream("other").describe()["types"]["CDS"]["nack"] is None
 
         # Fixing the model makes a new version, sent and ACKed normally.
-        fixed = replace(broken, remote=replace(broken.remote, ca_file="/etc/ssl/certs/ca-certificates.crt"))
+        fixed = replace(
+            broken, remotes=(replace(broken.remote, ca_file="/etc/ssl/certs/ca-certificates.crt"),)
+        )
         plane.apply(fixed)
         await picky.wait(lambda c: fixed.remote_cluster in c.held[CLUSTER], 3)
         last = [r for r in picky.received if r.type_url == CLUSTER][-1]
