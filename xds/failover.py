@@ -66,8 +66,9 @@ METADATA = "overspill"  # the endpoint metadata namespace naming which remote an
 REMOTE_HEADER = "x-overspill-remote"  # from the metadata to the script; never leaves Envoy
 # Seconds, not the minute of Envoy's defaults: a remote that fails is left after a request or
 # two, and tried again 5 s later (10 s, 15 s ... after further ejections, up to a minute).
+# Other 5xx answers eject after Envoy's default of 5 in a row (`consecutive_5xx` is left unset:
+# betterproto2 spells its JSON name wrong, and `overspill render` prints JSON).
 OUTLIER = OutlierDetection(
-    consecutive_5xx=5,
     consecutive_gateway_failure=3,
     enforcing_consecutive_gateway_failure=100,
     split_external_local_origin_errors=True,
