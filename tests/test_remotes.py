@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 
 import pytest
@@ -13,9 +14,22 @@ from envoy_data_plane.envoy.extensions.clusters.aggregate.v3 import ClusterConfi
 from envoy_data_plane.envoy.extensions.filters.http.lua.v3 import Lua
 from envoy_data_plane.envoy.extensions.upstreams.http.v3 import HttpProtocolOptions
 from test_crd import errors_of, offloading
+from test_store_and_directory import (
+    MODEL,
+    FakeInformer,
+    load,
+    make_controller,
+    model_doc,
+    routes_by_name,
+    service_docs,
+    text,
+)
 
 from api.crd import MAX_REMOTES, RemoteBackend, parse_model_deployment
 from api.desired import ModelRoute, model_of, remote_member_name, service_domains, side_of
+from api.status import Phase
+from reconciler.status_writer import desired_status
+from reconciler.store import ObjectStore
 from xds import failover
 from xds import resources as res
 from xds.render import static_bootstrap
@@ -164,3 +178,51 @@ def test_envoy_accepts_several_remotes(tmp_path):
         [envoy_binary(), "--mode", "validate", "-c", str(path)], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+async def _refusing_port() -> int:
+    closed = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = closed.sockets[0].getsockname()[1]
+    closed.close()
+    await closed.wait_closed()
+    return port
+
+
+async def test_offloading_goes_on_while_any_remote_is_up_and_status_shows_each():
+    listening = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+    up = listening.sockets[0].getsockname()[1]
+    down, down_too = await _refusing_port(), await _refusing_port()
+    try:
+        for hosts, usable, phase in (
+            ([down, up], [False, True], Phase.OFFLOADING),
+            ([down, down_too], [False, False], Phase.REMOTE_DOWN),
+        ):
+            doc = model_doc()
+            doc["spec"]["offloadingConfig"].pop("remoteBackend")
+            doc["spec"]["offloadingConfig"]["remoteBackends"] = [{"host": f"127.0.0.1:{p}"} for p in hosts]
+            store = ObjectStore()
+            load(store, "a.yaml", text(doc, *service_docs()))
+            controller, _, _ = make_controller(store, FakeInformer(queue_depth=50))
+            for _ in range(controller.probe.failures_to_down):
+                await asyncio.wait_for(controller.evaluate(), 5)
+                await asyncio.wait_for(controller.probe_remotes(), 5)
+            status = controller.status[MODEL]
+            assert status.phase == phase.value
+            assert [r["usable"] for r in status.to_dict()["remotes"]] == usable
+            written = desired_status(store.get(MODEL), status, controller.machines[MODEL], controller.to_wall)
+            expected = [f"http://127.0.0.1:{p}" for p in hosts]
+            assert written["remotes"] == [
+                {"remote": url, "reachable": ok} for url, ok in zip(expected, usable, strict=True)
+            ]
+            (condition,) = [c for c in written["conditions"] if c["type"] == "RemoteAvailable"]
+            assert condition["message"] == ", ".join(
+                f"{url} {'reachable' if ok else 'unreachable'}"
+                for url, ok in zip(expected, usable, strict=True)
+            )
+            route = routes_by_name(controller)["m"]
+            # Both remotes stay in Envoy's list: which of them answers is Envoy's to find out.
+            assert [r.port for r in route.remotes] == hosts
+            assert route.remote_percent == (50.0 if phase == Phase.OFFLOADING else 0.0)
+    finally:
+        listening.close()
+        await listening.wait_closed()
