@@ -46,6 +46,14 @@ def remote_member_name(namespace: str, name: str, index: int) -> str:
     return f"{cluster_name(namespace, name, 'remote')}/{index}"
 
 
+def side_clusters(namespace: str, name: str, side: str, remotes: int = 1) -> tuple[str, ...]:
+    """The clusters that carry a side's requests, whose load reports count: the remote cluster
+    itself, or with several remotes the cluster of each (the aggregate over them has no hosts)."""
+    if side == "remote" and remotes > 1:
+        return tuple(remote_member_name(namespace, name, i) for i in range(remotes))
+    return (cluster_name(namespace, name, side),)
+
+
 def model_of(resource_name: str) -> ModelKey | None:
     """The model a cluster, endpoint set (by its cluster name) or route configuration belongs to."""
     if not resource_name.startswith(CLUSTER_PREFIX):

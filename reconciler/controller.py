@@ -339,7 +339,12 @@ class Controller:
         if model.offloading is None or not model.offloading.metrics:
             self._reads.pop(model.key, None)
             return
-        scope = MetricScope(model.meta.namespace, pod_selector(self.store, model), model.meta.name)
+        scope = MetricScope(
+            model.meta.namespace,
+            pod_selector(self.store, model),
+            model.meta.name,
+            remotes=max(1, len(self.remotes_of(model))),
+        )
         requests = [(spec, scope) for spec in model.offloading.metrics]
         entry = self._reads.get(model.key)
         if entry is None or entry.requests != requests:

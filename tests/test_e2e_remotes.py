@@ -80,7 +80,22 @@ class Burst:
 
 
 async def test_dead_remote_is_left_by_envoy_for_the_next_and_traffic_comes_back(tmp_path):
-    m = TwoRemotes("llm", percentage=100, buffer_seconds=120)
+    knob = {
+        "type": "External",
+        "external": {
+            "metric": {"name": "overspill_test_load", "selector": {"matchLabels": {"model": "llm"}}},
+            "target": {"type": "Value", "value": "10"},
+        },
+    }
+    # Never over: read to show that the load Envoy reports on the remote side counts each remote's.
+    remote_rate = {
+        "type": "External",
+        "external": {
+            "metric": {"name": "envoy:request_rate", "selector": {"matchLabels": {"side": "remote"}}},
+            "target": {"type": "Value", "value": "1000000"},
+        },
+    }
+    m = TwoRemotes("llm", percentage=100, buffer_seconds=120, metrics=[knob, remote_rate])
     a, b = m.remote, m.backup
     a.service_time = b.service_time = 0.02
     await b.start()
@@ -116,6 +131,9 @@ async def test_dead_remote_is_left_by_envoy_for_the_next_and_traffic_comes_back(
             assert first_b is not None, "traffic moved to B"
             status = await s.model_status(m)
             assert status["phase"] == "Offloading", "offloading goes on while B is up"
+            rates = {x["name"]: x["value"] for x in status["metrics"]}
+            (rate,) = (v for k, v in rates.items() if "envoy:request_rate" in k)
+            assert rate > 50, rates
             assert [r["usable"] for r in status["remotes"]] == [False, True], status["remotes"]
             stats = await s.envoy.stats()
             ejected = stats.get(
