@@ -532,7 +532,7 @@ async def test_a_remote_cluster_stays_while_the_node_rejects_routes_without_it(p
         await synced(plane, c, BASE)
         c.reject = reject
         mark = len(c.received)
-        local_only = replace(BASE[0], remote=None)
+        local_only = replace(BASE[0], remotes=())
         plane.apply(local_only)
         await c.wait(lambda c: any(r.nacked for r in c.received[mark:]), 3)
         await asyncio.sleep(1.0)
@@ -585,7 +585,7 @@ async def test_route_hold_is_bounded_for_a_node_that_never_answers_its_clusters(
         c.ack_delay = 3.0  # from now on it answers everything 3 s late
         mark = len(c.received)
         # A new standby: a new remote cluster, and routes that send its Host.
-        moved = replace(BASE[0], remote=RemoteBackend("10.9.8.8", 8080, "http"))
+        moved = replace(BASE[0], remotes=(RemoteBackend("10.9.8.8", 8080, "http"),))
         plane.apply(moved)
 
         def rewrites(rc) -> str:
