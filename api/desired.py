@@ -7,9 +7,11 @@ attribution and status all have to agree on which Envoy resources belong to whic
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from api.crd import RemoteBackend
+from api.load import ClusterLoad
 
 ModelKey = tuple[str, str]  # (namespace, name) of a ModelDeployment
 
@@ -67,11 +69,25 @@ def model_of(resource_name: str) -> ModelKey | None:
 
 
 def side_of(cluster: str) -> tuple[ModelKey, str] | None:
-    """The model and side (local, remote) of a model's cluster; None for any other name (the
-    clusters of several remotes count as their side only through the remote cluster)."""
+    """The model and side (local, remote) of a model's cluster, the cluster of one of several
+    remotes being on the remote side; None for any other name."""
     key = model_of(cluster)
-    side = cluster.rsplit("/", 1)[-1]
-    return (key, side) if key is not None and side in SIDES else None
+    if key is None:
+        return None
+    parts = cluster.split("/")
+    side = parts[-2] if parts[-1].isdigit() else parts[-1]
+    return (key, side) if side in SIDES else None
+
+
+def loads_by_side(clusters: Mapping[str, ClusterLoad]) -> dict[tuple[ModelKey, str], ClusterLoad]:
+    """Per model and side (local, remote), in cluster name order: the clusters of several remotes
+    summed into their model's remote side; clusters of no model left out."""
+    sides: dict[tuple[ModelKey, str], ClusterLoad] = {}
+    for cluster in sorted(clusters):
+        found = side_of(cluster)
+        if found is not None:
+            sides.setdefault(found, ClusterLoad()).add(clusters[cluster])
+    return sides
 
 
 def models_named_in(message: str, keys: set[ModelKey]) -> list[ModelKey]:

@@ -26,7 +26,8 @@ from test_store_and_directory import (
 )
 
 from api.crd import MAX_REMOTES, RemoteBackend, parse_model_deployment
-from api.desired import ModelRoute, model_of, remote_member_name, service_domains, side_of
+from api.desired import ModelRoute, loads_by_side, model_of, remote_member_name, service_domains, side_of
+from api.load import ClusterLoad
 from api.status import Phase
 from reconciler.status_writer import desired_status
 from reconciler.store import ObjectStore
@@ -96,7 +97,7 @@ def test_member_cluster_names_parse_back_to_their_model():
     name = remote_member_name("ns", "llm", 3)
     assert name == "overspill/ns/llm/remote/3"
     assert model_of(name) == ("ns", "llm")
-    assert side_of(name) is None  # not a side of its own: the remote side is the aggregate
+    assert side_of(name) == (("ns", "llm"), "remote")
     assert model_of("overspill/ns/llm/remote/x") is None
 
 
@@ -226,3 +227,17 @@ async def test_offloading_goes_on_while_any_remote_is_up_and_status_shows_each()
     finally:
         listening.close()
         await listening.wait_closed()
+
+
+def test_load_of_several_remotes_adds_up_on_the_remote_side():
+    loads = {
+        "overspill/ns/llm/local": ClusterLoad(in_flight=4, rate=10.0),
+        "overspill/ns/llm/remote/0": ClusterLoad(in_flight=1, rate=2.0),
+        "overspill/ns/llm/remote/1": ClusterLoad(in_flight=2, rate=3.0),
+        "xds_cluster": ClusterLoad(in_flight=9),
+    }
+    assert loads_by_side(loads) == {
+        (("ns", "llm"), "local"): ClusterLoad(in_flight=4, rate=10.0),
+        (("ns", "llm"), "remote"): ClusterLoad(in_flight=3, rate=5.0),
+    }
+    assert loads["overspill/ns/llm/remote/0"] == ClusterLoad(in_flight=1, rate=2.0)  # summed into a copy
