@@ -198,7 +198,7 @@ def parser() -> argparse.ArgumentParser:
         type=_remote_url,
         metavar="URL",
         help="remote backend (http(s)://host[:port][/prefix]) for models whose offloadingConfig "
-        "has no remoteBackend",
+        "names no remoteBackend(s)",
     )
     s.add_argument(
         "--cluster-domain",
