@@ -1,5 +1,6 @@
 """What spill-over costs a real Envoy in memory: N models, without it, with it, and with it to a
-remote that has a path prefix (one Lua filter a model, with a Lua state per worker thread).
+remote with a path prefix and a header (rewritten per attempt by a Lua filter of the model's
+composite cluster, with a Lua state per worker thread).
 
     .venv/bin/python -m bench.spillover_memory --models 500 --concurrency 2
 
@@ -25,22 +26,24 @@ from overspill.demo.procs import ENVOY_HINT, find_binary, free_port
 from xds.render import static_bootstrap
 
 CONFIGS = {
-    "off": (None, ""),
-    "spill-over": (Spillover(enabled=True), ""),
-    "spill-over, path prefix": (Spillover(enabled=True), "/v1"),
+    "off": (None, False),
+    "spill-over, nothing to rewrite": (Spillover(enabled=True), False),
+    "spill-over, path prefix and header": (Spillover(enabled=True), True),
 }
 READY_TIMEOUT = 120.0
 
 
-def routes(n: int, spill: Spillover | None, prefix: str) -> list[ModelRoute]:
-    remote = RemoteBackend("10.9.8.7", 8080, "http", prefix, (("x-api-key", "k"),))
+def routes(n: int, spill: Spillover | None, rewrites: bool) -> list[ModelRoute]:
+    remote = RemoteBackend("10.9.8.7", 8080, "http")
+    if rewrites:
+        remote = RemoteBackend("10.9.8.7", 8080, "http", "/v1", (("x-api-key", "k"),))
     return [
         ModelRoute(
             "ns",
             f"m{i}",
             service_domains(f"m{i}", "ns", 80),
             (("10.0.0.1", 80),),
-            remote,
+            (remote,),
             0.0,
             spillover=spill,
         )
@@ -87,9 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| {args.models} models, {args.concurrency} workers | Envoy RSS MiB | per model KiB over off |")
     print("|---|---:|---:|")
     with tempfile.TemporaryDirectory() as tmp:
-        for name, (spill, prefix) in CONFIGS.items():
+        for name, (spill, rewrites) in CONFIGS.items():
             admin_port, path = free_port(), Path(tmp) / "bootstrap.yaml"
-            doc = static_bootstrap(routes(args.models, spill, prefix), "127.0.0.1", free_port(), admin_port)
+            doc = static_bootstrap(routes(args.models, spill, rewrites), "127.0.0.1", free_port(), admin_port)
             path.write_text(yaml.safe_dump(doc, sort_keys=False))
             mib = resident_mib(envoy, path, admin_port, args.concurrency)
             base = mib if base is None else base

@@ -13,6 +13,7 @@ from collections import Counter
 
 import pytest
 from e2e_stack import Model, Stack, open_loop, stack
+from test_e2e_remotes import ODD_KEY, TwoRemotes
 
 pytestmark = pytest.mark.e2e
 
@@ -137,3 +138,25 @@ async def test_a_generic_server_error_or_a_reset_after_sending_is_not_retried_on
             assert codes == {expected: 40}
             assert local == 40 and remote == 0 and retries == 0
             setattr(model.local, failure, good)
+
+
+async def test_spill_over_onto_several_remotes_goes_to_the_preferred_one_with_its_own_rewrites(tmp_path):
+    """With remotes A then B, the composite's retry goes to the remote side's aggregate: to A while
+    it is healthy, with A's path prefix and headers, and B's never."""
+    model = shedding(TwoRemotes("two", spillover={"enabled": True}))
+    await model.backup.start()
+    try:
+        async with stack(tmp_path, model) as s:
+            await routed(s, model)
+            codes = Counter(await open_loop(s, model, RATE, SECONDS))
+            shed, a, b = model.local.counts.shed, model.remote.counts.total, model.backup.counts.total
+            print(f"\ntwo remotes: client {dict(codes)}; shed {shed}; A {a}, B {b}")
+            assert codes == {200: BURST} and shed > 0
+            assert (a, b) == (shed, 0)
+            seen = list(model.remote.counts.recent)[-a:]
+            assert {(r.path, r.host) for r in seen} == {("/standby/v1/predict", model.remote.address)}
+            assert {(r.headers["x-api-key"], r.headers["x-offloaded-by"]) for r in seen} == {
+                (ODD_KEY, "overspill")
+            }
+    finally:
+        await model.backup.stop()

@@ -12,8 +12,8 @@ from collections.abc import Callable
 from typing import Any
 
 from api.desired import ModelKey, ModelRoute
+from xds import failover, runtime, spillover
 from xds import resources as res
-from xds import runtime
 from xds.bundle import Deferred, ModelBundle, Resource
 from xds.cache import ResourceCache
 from xds.encode import encode
@@ -50,16 +50,7 @@ class Translator:
         self._bundles = _Memo()
         self._memos = {
             part: _Memo()
-            for part in (
-                "local",
-                "remote",
-                "spillover",
-                "endpoints",
-                "routes",
-                "routes_inline",
-                "scopes",
-                "runtime",
-            )
+            for part in ("local", "remote", "endpoints", "routes", "routes_inline", "scopes", "runtime")
         }
 
     def publish(self, routes: list[ModelRoute]) -> int:
@@ -96,18 +87,21 @@ class Translator:
                 lambda: Resource.of(CLUSTER, r.local_cluster, res.local_cluster(r)),
             )
         ]
-        if r.remote is not None:
-            # The remote endpoint carries what spill-over's filters read: both depend on both.
-            inputs, built = (r.remote, r.spillover), [(r.remote_cluster, res.remote_cluster, "remote")]
-            if r.spillover is not None:
-                built.append((r.spillover_cluster, res.spillover_cluster, "spillover"))
-            clusters += [
-                m[part].get(key, inputs, lambda n=name, b=build: Resource.of(CLUSTER, n, b(r)))
-                for name, build, part in built
-            ]
+        if r.remotes:
+            # The remote endpoints carry what spill-over's composite reads: both on both inputs.
+            clusters.extend(
+                m["remote"].get(
+                    key,
+                    (r.remotes, r.spillover),
+                    lambda: tuple(
+                        Resource.of(CLUSTER, n, body)
+                        for n, body in failover.remote_clusters(r) + spillover.clusters(r)
+                    ),
+                )
+            )
         routes = m["routes"].get(
             key,
-            (r.domains, r.remote, r.spillover),
+            (r.domains, r.remotes, r.spillover),
             lambda: Resource.of(ROUTE, r.route_config, res.model_route_configuration(r)),
         )
         return ModelBundle(
@@ -127,7 +121,7 @@ class Translator:
                 if r.remote is None
                 else lambda: m["routes_inline"].get(
                     key,
-                    (r.domains, r.remote, r.spillover, r.remote_percent),
+                    (r.domains, r.remotes, r.spillover, r.remote_percent),
                     lambda: Resource.of(ROUTE, r.route_config, res.model_route_configuration(r, True)),
                 )
             ),
