@@ -74,7 +74,32 @@ class ServiceRef:
 
 @dataclass(frozen=True)
 class PolicyRef:
+    """`spec.policies[]`: a `localPolicy` names a Policy in the model's namespace, enforced here;
+    a `remotePolicy` (the upstream CRD's default) names one kept by the remote platform."""
+
     refType: str
+    name: str
+
+    @property
+    def local(self) -> bool:
+        return self.refType == "localPolicy"
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a remote serves from, for location Policies: a country and a continent code (e.g.
+    `de`, `eu`) and, for the upstream `type: location` rules, a named location (e.g. `eu-west`)."""
+
+    country: str = ""
+    continent: str = ""
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class Flavor:
+    """What a remote runs on, for flavor Policies: `{type, name}` as upstream has it (`gpu`, `nvidia-l4`)."""
+
+    type: str
     name: str
 
 
@@ -93,6 +118,13 @@ class RemoteBackend:
     headers_to_add: tuple[tuple[str, str], ...] = ()
     ca_file: str = "/etc/ssl/certs/ca-certificates.crt"
     insecure_skip_verify: bool = False
+    location: Location | None = None  # undeclared: satisfies no location Policy
+    flavor: Flavor | None = None  # undeclared: satisfies no flavor Policy
+
+    @property
+    def url(self) -> str:
+        """How status, logs and policy messages name the remote: scheme://host[:port]/prefix."""
+        return f"{self.scheme}://{self.authority}{self.path_prefix}"
 
     @cached_property  # asked for each resource built; frozen, so computed once
     def is_ip(self) -> bool:
@@ -190,13 +222,16 @@ class ModelDeployment:
 
 @dataclass(frozen=True)
 class PolicyRule:
+    """One allowed place (`country`, `continent`, `location`) or flavor (`{type, name}`) of a Policy."""
+
     type: str
     name: str
 
 
 @dataclass(frozen=True)
 class Policy:
-    """A location or flavor constraint on where a model may be offloaded (seed 001)."""
+    """A location or flavor constraint on where a model may be offloaded (seed 001); enforced on
+    remotes by `reconciler.policy`."""
 
     meta: Meta
     type: str
@@ -274,7 +309,7 @@ def parse_model_deployment(raw: Any, default_namespace: str = "default") -> Mode
 
     policies = []
     for p in spec.items("policies"):
-        ref_type = p.str("refType", "localPolicy") or "localPolicy"
+        ref_type = p.str("refType", "remotePolicy") or "remotePolicy"  # the upstream CRD's default
         if ref_type not in ("localPolicy", "remotePolicy"):
             p.error("refType", f"must be localPolicy or remotePolicy, got {ref_type!r}")
         policies.append(PolicyRef(ref_type, p.str("name", required=True) or ""))
@@ -406,9 +441,27 @@ def _parse_remote(f: Fields) -> RemoteBackend | None:
     headers = _parse_headers(f)
     ca_file = f.str("caFile", RemoteBackend.ca_file) or RemoteBackend.ca_file
     insecure = f.bool("insecureSkipVerify")
+    location = _parse_location(f.sub("location")) if f.has("location") else None
+    flavor = None
+    if f.has("flavor"):
+        fl = f.sub("flavor")
+        flavor = Flavor(fl.str("type", required=True) or "", fl.str("name", required=True) or "")
     if host is None:
         return None
-    return RemoteBackend(host, port, scheme, prefix.rstrip("/"), headers, ca_file, insecure)
+    return RemoteBackend(
+        host, port, scheme, prefix.rstrip("/"), headers, ca_file, insecure, location=location, flavor=flavor
+    )
+
+
+def _parse_location(f: Fields) -> Location:
+    location = Location(
+        country=f.str("country", "") or "",
+        continent=f.str("continent", "") or "",
+        name=f.str("name", "") or "",
+    )
+    if location == Location():
+        f.errors.append(FieldError(f.path, "must name a country, a continent or a location name"))
+    return location
 
 
 def _split_host_port(f: Fields, text: str, default_port: int) -> tuple[str | None, int]:
@@ -460,13 +513,16 @@ def parse_policy(raw: Any, default_namespace: str = "default") -> Policy:
     if ptype is not None and ptype not in ("location", "flavor"):
         spec.error("type", f"must be location or flavor, got {ptype!r}")
     rules = {}
-    # `location` is the upstream CRD's own location type (a named location), accepted as it is there.
-    for key, allowed in (("locations", ("location", "country", "continent")), ("flavors", ("cpu", "gpu"))):
+    # `location` is the upstream CRD's own location type (a named location), accepted as it is there;
+    # a flavor's type is free text upstream (`cpu`, `gpu`, ...), so any is accepted.
+    for key, allowed in (("locations", ("location", "country", "continent")), ("flavors", ())):
         items = []
         for r in spec.items(key):
             rtype = r.str("type", required=True)
-            if rtype is not None and rtype not in allowed:
+            if rtype is not None and allowed and rtype not in allowed:
                 r.error("type", f"must be {', '.join(allowed[:-1])} or {allowed[-1]}, got {rtype!r}")
+            elif rtype == "":
+                r.error("type", "must not be empty")
             items.append(PolicyRule(rtype or "", r.str("name", required=True) or ""))
         rules[key] = tuple(items)
     if ptype == "location" and not rules["locations"]:

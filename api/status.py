@@ -56,6 +56,23 @@ class EnvoyRejection:
         return f"Envoy {self.node} rejected {self.type} version {self.version}: {self.message}"
 
 
+@dataclass(frozen=True)
+class PolicyRefusal:
+    """A remote kept from a model's traffic by one of its local Policies.
+
+    `reason` is `PolicyViolation` (the remote does not satisfy a rule), `PolicyNotFound` or
+    `PolicyInvalid` (the Policy cannot be read, so no remote is allowed until it can).
+    """
+
+    remote: str  # RemoteBackend.url
+    policy: str  # namespace/name
+    reason: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.message}"
+
+
 @dataclass
 class ModelStatus:
     """Everything known about one model after a reconcile.
@@ -76,6 +93,9 @@ class ModelStatus:
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     rejections: list[EnvoyRejection] = field(default_factory=list)
+    local_policies: list[str] = field(default_factory=list)  # namespace/name, enforced here
+    remote_policies: list[str] = field(default_factory=list)  # names passed to the remote
+    refused: list[PolicyRefusal] = field(default_factory=list)  # remotes the local Policies keep out
     last_transition: float | None = None
     transitions: Counter[str] = field(default_factory=Counter)  # phase -> entries into it
     metric_read_errors: Counter[str] = field(default_factory=Counter)  # metric -> failed reads
@@ -112,7 +132,19 @@ class ModelStatus:
             "staleMetrics": self.stale_metrics,
             "errors": self.errors + [f"{self.key}: {r}" for r in self.rejections],
             "warnings": self.warnings,
+            "policies": self.policies_dict(),
             "lastTransitionSecondsAgo": None
             if self.last_transition is None
             else round(time.monotonic() - self.last_transition, 1),
+        }
+
+    def policies_dict(self) -> dict:
+        """The Policies part of /status and of the CR's status."""
+        return {
+            "enforcedLocally": self.local_policies,
+            "enforcedRemotely": self.remote_policies,
+            "refused": [
+                {"remote": r.remote, "policy": r.policy, "reason": r.reason, "message": r.message}
+                for r in self.refused
+            ],
         }

@@ -115,9 +115,17 @@ class ControllerCollector(Collector):
             " Envoy keeps its last good configuration for the model",
             labels=LABELS,
         )
+        refused = GaugeMetricFamily(
+            "overspill_model_remote_refused",
+            "1 while a local Policy keeps this remote from the model's traffic (reason: PolicyViolation, "
+            "PolicyNotFound, PolicyInvalid)",
+            labels=[*LABELS, "remote", "policy", "reason"],
+        )
         for s in self.models():
             ids = [s.namespace, s.name]
             rejections.add_metric(ids, len(s.rejections))
+            for r in s.refused:
+                refused.add_metric([*ids, r.remote, r.policy, r.reason], 1)
             for p in Phase:
                 phase.add_metric([*ids, p.value], 1 if p == s.phase else 0)
             weight.add_metric(ids, s.remote_percent)
@@ -148,6 +156,7 @@ class ControllerCollector(Collector):
             read_errors,
             nacks,
             rejections,
+            refused,
             rounds,
         )
 

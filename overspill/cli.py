@@ -18,16 +18,32 @@ from api.crd import InvalidObject, RemoteBackend, parse_remote_backend
 from overspill.settings import DEFAULTS, Settings
 from reconciler.documents import DEPTH_CEILING, Limits, parse_file
 
+REMOTE_URL_QUERY = ("country", "continent", "location", "flavor")
+
 
 def _remote_url(text: str) -> RemoteBackend:
-    """`--default-remote https://host[:port][/prefix]` as a remoteBackend."""
+    """`--default-remote https://host[:port][/prefix][?country=..&continent=..&location=..&flavor=type/name]`
+    as a remoteBackend; the query says where it is and what it runs, for the models' Policies."""
     url = urllib.parse.urlsplit(text)
     if url.scheme not in ("http", "https") or not url.netloc:
         raise argparse.ArgumentTypeError(f"want http(s)://host[:port][/path], got {text!r}")
-    try:
-        return parse_remote_backend(
-            {"host": url.netloc, "scheme": url.scheme, "pathPrefix": url.path}, "--default-remote"
+    query = dict(urllib.parse.parse_qsl(url.query, keep_blank_values=True))
+    unknown = sorted(set(query) - set(REMOTE_URL_QUERY))
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown query {', '.join(unknown)}: want {', '.join(REMOTE_URL_QUERY)}"
         )
+    raw: dict = {"host": url.netloc, "scheme": url.scheme, "pathPrefix": url.path}
+    where = {k: query[k] for k in ("country", "continent") if k in query}
+    if "location" in query:
+        where["name"] = query["location"]
+    if where:
+        raw["location"] = where
+    if "flavor" in query:
+        kind, _, name = query["flavor"].partition("/")
+        raw["flavor"] = {"type": kind or None, "name": name or None}
+    try:
+        return parse_remote_backend(raw, "--default-remote")
     except InvalidObject as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -198,7 +214,8 @@ def parser() -> argparse.ArgumentParser:
         type=_remote_url,
         metavar="URL",
         help="remote backend (http(s)://host[:port][/prefix]) for models whose offloadingConfig "
-        "has no remoteBackend",
+        "has no remoteBackend; for Policies, add where it is and what it runs as "
+        "?country=de&continent=eu&location=NAME&flavor=TYPE/NAME (each optional)",
     )
     s.add_argument(
         "--cluster-domain",
@@ -547,6 +564,11 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"  error: {err}")
         for warning in m.get("warnings", []):
             print(f"  warning: {warning}")
+        policies = m.get("policies") or {}
+        for r in policies.get("refused", []):
+            print(f"  {r['reason']}: {r['message']}")
+        if policies.get("enforcedRemotely"):
+            print(f"  enforced by the remote: {', '.join(policies['enforcedRemotely'])}")
         if m["reason"]:
             print(f"  reason: {m['reason']}")
     for r in doc["rejected"]:

@@ -23,6 +23,7 @@ from metrics.source import MetricScope, MetricSource, NoSource, Reading, Request
 from reconciler.claims import HostClaims
 from reconciler.logs import some
 from reconciler.offload import Decision, OffloadMachine
+from reconciler.policy import Verdict, allowed_remotes, policy_keys, resolve, with_remote_policies
 from reconciler.probe import RemoteProbe
 from reconciler.resolve import Backend, pod_count, pod_selector, resolve_backend
 from reconciler.store import ObjectStore
@@ -107,6 +108,8 @@ class Controller:
         self._metric_errors: dict[ObjectKey, dict[str, tuple[str, float]]] = {}
         # Envoy NACKs still standing, per (stream, xDS type): the rejection and the models it concerns.
         self._rejections: dict[tuple[int, str], tuple[EnvoyRejection, tuple[ModelKey, ...]]] = {}
+        # Policy refusals that began or ended in this reconcile, for one log line per Policy and event.
+        self._policy_events: dict[tuple[str, str, str], list[tuple[ObjectKey, str]]] = {}
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:
@@ -308,6 +311,8 @@ class Controller:
         if self._resumed:
             log.info("event=offload_state_resumed %s", some(self._resumed))
             self._resumed = []
+        if self._policy_events:
+            self._log_policy_events()
         if self.on_reconciled is not None:
             try:
                 self.on_reconciled(
@@ -317,10 +322,13 @@ class Controller:
                 log.exception("event=reconciled_hook_error")
 
     def _track(self, model: ModelDeployment) -> None:
-        """Index what `model` depends on, so a change to any of it decides the model again."""
+        """Index what `model` depends on, so a change to any of it decides the model again (a
+        Policy's change decides only the models that name it)."""
         ref, source, remote = model.service, model.source, self.remote_of(model)
-        needs = (ObjectKey("Service", ref.namespace, ref.name),) + (
-            (ObjectKey(source.kind, source.namespace, source.name),) if source is not None else ()
+        needs = (
+            (ObjectKey("Service", ref.namespace, ref.name),)
+            + ((ObjectKey(source.kind, source.namespace, source.name),) if source is not None else ())
+            + policy_keys(model)
         )
         target = (remote.host, remote.port) if remote is not None else None
         if self._needs.get(model.key) == (needs, target):
@@ -436,6 +444,7 @@ class Controller:
             status.warnings = list(claim.warnings)
         error = backend.error or (claim.error if claim else None)
         if error is not None or claim is None:
+            status.refused = []  # no route, so no remote to refuse
             status.errors.append(error or f"{model.key}: spec.serviceRef: cannot be resolved")
             self._record(model, status, Decision(Phase.INVALID, 0.0, status.errors[-1]), now)
             return None
@@ -443,9 +452,11 @@ class Controller:
         # First, so that saved state (a remote found down, say) counts in this very decision.
         machine = self._machine_for(model, status, now) if model.offloading and self.leading else None
         remote = self.remote_of(model)
+        verdict = self._apply_policies(model, status, [remote] if remote else [])
+        allowed = verdict.allowed[0] if verdict.allowed else None
         status.ready_endpoints = len(backend.endpoints)
-        status.remote = f"{remote.scheme}://{remote.authority}{remote.path_prefix}" if remote else None
-        status.remote_usable = remote is not None and self.probe.usable(remote)
+        status.remote = remote.url if remote else None
+        status.remote_usable = allowed is not None and self.probe.usable(allowed)
         status.metrics = self.readings.get(model.key, [])
         if model.offloading is None:
             decision = Decision(Phase.STANDBY, 0.0, "no offloadingConfig: all traffic local")
@@ -461,16 +472,64 @@ class Controller:
                 status.remote_usable,
                 status.stale_metrics,
             )
+        if status.refused and decision.phase == Phase.REMOTE_DOWN:
+            first = status.refused[0]
+            decision = Decision(
+                decision.phase, 0.0, f"{decision.reason}: refused by Policy {first.policy} ({first.reason})"
+            )
         self._record(model, status, decision, now)
         return ModelRoute(
             model.meta.namespace,
             model.meta.name,
             claim.domains,
             backend.endpoints,
-            remote,
-            decision.remote_percent if remote else 0.0,
+            with_remote_policies(allowed, status.remote_policies) if allowed else None,
+            decision.remote_percent if allowed else 0.0,
             labels=tuple(sorted(model.meta.labels.items())),
         )
+
+    def _apply_policies(
+        self, model: ModelDeployment, status: ModelStatus, remotes: list[RemoteBackend]
+    ) -> Verdict:
+        """Filter the model's remotes through its local Policies; keep the outcome on status (a
+        Policy that cannot be read is an error there too) and note refusals that begin or end."""
+        if not model.policies and not status.refused:  # the common case, kept cheap
+            status.local_policies, status.remote_policies = [], []
+            return Verdict(tuple(remotes), ())
+        resolved = resolve(self.store, model)
+        verdict = allowed_remotes(remotes, resolved)
+        status.local_policies = resolved.local_names
+        status.remote_policies = list(resolved.remote_names)
+        status.errors.extend(f"{model.key}: spec.policies: {u.message}" for u in resolved.unresolved)
+        # A refusal is the same while its remote, Policy and reason are; a new message (the Policy
+        # edited, still refusing) is logged as a refusal again, without an end in between.
+        before = {(r.remote, r.policy, r.reason): r for r in status.refused}
+        after = {(r.remote, r.policy, r.reason): r for r in verdict.refused}
+        began = [r for k, r in after.items() if before.get(k) != r]
+        ended = [r for k, r in before.items() if k not in after]
+        for event, refusals in (("remote_refused", began), ("remote_refusal_ended", ended)):
+            for r in sorted(refusals, key=lambda r: (r.policy, r.remote)):
+                self._policy_events.setdefault((event, r.policy, r.reason), []).append((model.key, r.message))
+        status.refused = list(verdict.refused)
+        return verdict
+
+    def _log_policy_events(self) -> None:
+        """One line per Policy and event however many models it concerns (a Policy edit can
+        refuse the remote of every model naming it); `detail` is the first model's message."""
+        for (event, policy, reason), items in sorted(self._policy_events.items()):
+            keys = [key for key, _ in items]
+            if event == "remote_refused":
+                log.warning(
+                    "event=%s policy=%s reason=%s %s detail=%r",
+                    event,
+                    policy,
+                    reason,
+                    some(keys),
+                    items[0][1],
+                )
+            else:
+                log.info("event=%s policy=%s reason=%s %s", event, policy, reason, some(keys))
+        self._policy_events = {}
 
     def _stale_metrics(self, model: ModelDeployment, now: float) -> list[str]:
         """The model's metrics without a reading for `metricStaleAfterSeconds` (a source down
@@ -502,7 +561,7 @@ class Controller:
 
     def _followed(self, model: ModelDeployment, status: ModelStatus) -> Decision:
         """A follower's decision: the leader's, from status; an outage it sees itself at once."""
-        if status.ready_endpoints == 0 and status.remote is not None:
+        if status.ready_endpoints == 0 and status.remote is not None and not status.refused:
             return Decision(Phase.OUTAGE, 100.0, "no ready local endpoint")
         seen = model.observed
         if seen is None:

@@ -82,6 +82,7 @@ def desired_status(
             status.remote or "no remoteBackend and no --default-remote",
             gen,
         ),
+        _remote_allowed(status, gen),
     ]
 
     return {
@@ -104,10 +105,29 @@ def desired_status(
             for m in status.metrics
         ],
         "remote": status.remote or "",
+        "policies": status.policies_dict(),
         "observedGeneration": gen,
         "errors": errors,
         "conditions": conditions,
     }
+
+
+def _remote_allowed(status: ModelStatus, generation: int) -> dict:
+    """`RemoteAllowed`: False, with the Policy and the rule not met, while the model's local
+    Policies keep its remote from traffic (or cannot be read, which holds offloading off)."""
+    remotely = status.remote_policies
+    note = f"; enforced by the remote: {', '.join(remotely)}" if remotely else ""
+    if status.refused:
+        message = "; ".join(r.message for r in status.refused)
+        return _condition("RemoteAllowed", False, status.refused[0].reason, message + note, generation)
+    if status.remote is None:
+        return _condition(
+            "RemoteAllowed", True, "NoRemote", "no remote to send traffic to" + note, generation
+        )
+    if status.local_policies:
+        message = f"{status.remote} satisfies {', '.join(status.local_policies)}"
+        return _condition("RemoteAllowed", True, "PoliciesMet", message + note, generation)
+    return _condition("RemoteAllowed", True, "NoPolicies", "no local Policy attached" + note, generation)
 
 
 def _num(value: float) -> str:
@@ -238,6 +258,9 @@ class StatusWriter:
                 reason, kind, message = "Error", "Warning", new_errors[-1]
         if reason is not None:
             await self.event(model, reason, message, kind)
+        refused = _refused_condition(after)
+        if refused is not None and refused != _refused_condition(before or {}):
+            await self.event(model, refused[0], refused[1], "Warning")  # a Policy now keeps the remote out
 
     async def event(self, model: ModelDeployment, reason: str, message: str, kind: str = "Normal") -> None:
         """Record an Event on the model; the same reason and message again bumps the count."""
@@ -283,6 +306,14 @@ class StatusWriter:
         """Wait for the writes in flight (tests, shutdown)."""
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+
+def _refused_condition(status: dict) -> tuple[str, str] | None:
+    """The reason and message of a False `RemoteAllowed` condition, or None."""
+    for c in status.get("conditions") or []:
+        if c.get("type") == "RemoteAllowed" and c.get("status") == "False":
+            return c.get("reason", ""), c.get("message", "")
+    return None
 
 
 def _from_cluster(model: ModelDeployment) -> dict | None:

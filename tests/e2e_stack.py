@@ -99,6 +99,8 @@ class Model:
     path_prefix: str = "/standby"
     ready: bool = True
     metrics: list[dict] | None = None  # offloading metrics (default: the test-controlled gauge)
+    policies: list[dict] | None = None  # spec.policies
+    remote_fields: dict | None = None  # more remoteBackend fields (location, flavor...)
     local: ModelServer = field(init=False)
     remote: ModelServer = field(init=False)
 
@@ -143,12 +145,14 @@ class Model:
                     "model": self.name,
                     "modelSourceRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": self.name},
                     "serviceRef": {"name": self.name, "namespace": self.namespace, "targetPort": 8080},
+                    **({"policies": self.policies} if self.policies is not None else {}),
                     "offloadingConfig": {
                         "remoteBackend": {
                             "host": self.remote.address,
                             "scheme": "http",
                             "pathPrefix": self.path_prefix,
                             "headersToAdd": [{"name": "x-offloaded-by", "value": "overspill"}],
+                            **(self.remote_fields or {}),
                         },
                         "behavior": {
                             "percentage": self.percentage,

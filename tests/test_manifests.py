@@ -526,7 +526,20 @@ AGREEMENT: list[tuple[str, dict, bool]] = [
         False,
     ),
     ("policy-location-without-name", policy(type="location", locations=[{"type": "country"}]), False),
-    ("policy-flavor-type-tpu", policy(type="flavor", flavors=[{"type": "tpu", "name": "v5"}]), False),
+    # A flavor's type is free text in the upstream CRD.
+    ("policy-flavor-type-tpu", policy(type="flavor", flavors=[{"type": "tpu", "name": "v5"}]), True),
+    ("policy-flavor-empty-type", policy(type="flavor", flavors=[{"type": "", "name": "v5"}]), False),
+    # Where a remote is and what it runs, for the Policies.
+    (
+        "remote-location-and-flavor",
+        remote(location={"country": "de", "continent": "eu"}, flavor={"type": "gpu", "name": "nvidia-l4"}),
+        True,
+    ),
+    ("remote-location-named", remote(location={"name": "eu-west"}), True),
+    ("remote-location-empty", remote(location={}), False),
+    ("remote-location-not-a-mapping", remote(location="eu"), False),
+    ("remote-flavor-without-name", remote(flavor={"type": "gpu"}), False),
+    ("policy-ref-remote", model(policies=[{"refType": "remotePolicy", "name": "p"}]), True),
 ]
 
 
