@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-long-burst test lint bench bench-pipeline bench-kube bench-restart bench-react soak clean prometheus
+.PHONY: demo demo-long-burst dashboard test lint bench bench-pipeline bench-kube bench-restart bench-react soak clean prometheus
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,6 +29,10 @@ demo: $(STAMP) prometheus
 # A burst longer than the buffer, in Fixed and then Proportional mode (~3 min).
 demo-long-burst: $(STAMP) prometheus
 	$(BIN)/overspill demo --scenario long-burst --out out/demo-long-burst
+
+# The Grafana dashboard, generated from overspill/dashboard.py (tests fail when it is stale).
+dashboard: $(STAMP)
+	$(BIN)/overspill dashboard --out manifests/grafana/overspill-dashboard.json
 
 test: $(STAMP) prometheus
 	$(BIN)/ruff check .

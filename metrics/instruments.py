@@ -109,17 +109,17 @@ class ControllerCollector(Collector):
             "xDS NACKs of responses carrying this model's resources",
             labels=[*LABELS, "type"],
         )
-        rejections = GaugeMetricFamily(
-            "overspill_model_xds_rejections",
-            "Envoy NACKs of this model's resources that still stand (per Envoy and xDS type): the"
-            " Envoy keeps its last good configuration for the model",
-            labels=LABELS,
-        )
         refused = GaugeMetricFamily(
             "overspill_model_remote_refused",
             "1 while a local Policy keeps this remote from the model's traffic (reason: PolicyViolation, "
             "PolicyNotFound, PolicyInvalid)",
             labels=[*LABELS, "remote", "policy", "reason"],
+        )
+        rejections = GaugeMetricFamily(
+            "overspill_model_xds_rejections",
+            "Envoy NACKs of this model's resources that still stand (per Envoy and xDS type): the"
+            " Envoy keeps its last good configuration for the model",
+            labels=LABELS,
         )
         for s in self.models():
             ids = [s.namespace, s.name]
@@ -138,7 +138,9 @@ class ControllerCollector(Collector):
                 stale.add_metric([*ids, m.spec.describe()], 1 if m.spec.describe() in s.stale_metrics else 0)
             for p, n in s.transitions.items():
                 transitions.add_metric([*ids, p], n)
-            for metric, n in s.metric_read_errors.items():
+            # Zero before the first failure: rate() and increase() see that one too.
+            counted = dict.fromkeys((m.spec.describe() for m in s.metrics), 0) | s.metric_read_errors
+            for metric, n in counted.items():
                 read_errors.add_metric([*ids, metric], n)
             for t, n in s.xds_nacks.items():
                 nacks.add_metric([*ids, t], n)
@@ -155,8 +157,8 @@ class ControllerCollector(Collector):
             transitions,
             read_errors,
             nacks,
-            rejections,
             refused,
+            rejections,
             rounds,
         )
 

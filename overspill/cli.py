@@ -327,6 +327,14 @@ def parser() -> argparse.ArgumentParser:
     )
     st.add_argument("--json", action="store_true", help="print the raw status document")
 
+    g = sub.add_parser(
+        "dashboard",
+        help="print the Grafana dashboard (JSON) for the control plane's and Envoy's metrics",
+        description="Print the Grafana dashboard that manifests/grafana/overspill-dashboard.json holds: "
+        "fleet, per-model and control-plane rows over a Prometheus datasource chosen by its variable.",
+    )
+    g.add_argument("--out", type=Path, metavar="FILE", help="write it to FILE instead of standard output")
+
     d = sub.add_parser(
         "demo",
         help="run the end-to-end demo (Prometheus, Envoy, model servers, a burst)",
@@ -399,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         "render": cmd_render,
         "bootstrap": cmd_bootstrap,
         "status": cmd_status,
+        "dashboard": cmd_dashboard,
         "demo": cmd_demo,
     }[args.command](args)
 
@@ -602,6 +611,16 @@ def cmd_status(args: argparse.Namespace) -> int:
                     f"{key:32} {side:6} {x['requests_in_flight']:9d} {x['request_rate']:9g} "
                     f"{x['errors']:7g}  {orca}"
                 )
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from overspill.dashboard import render
+
+    if args.out is None:
+        sys.stdout.write(render())
+    else:
+        args.out.write_text(render())
     return 0
 
 

@@ -22,6 +22,8 @@ class XdsEvents(Callbacks):
         self._pushes = {t: instruments.xds_pushes.labels(SHORT[t]) for t in PUSH_ORDER}
         self._bytes = {t: instruments.xds_bytes.labels(SHORT[t]) for t in PUSH_ORDER}
         self._acks = {t: instruments.xds_acks.labels(SHORT[t]) for t in PUSH_ORDER}
+        # Made at zero: a dashboard's increase() then sees an Envoy's first NACK, not only its second.
+        self._nacks = {t: instruments.xds_nacks.labels(SHORT[t]) for t in PUSH_ORDER}
         self._push_to_ack = {t: instruments.xds_push_to_ack.labels(SHORT[t]) for t in PUSH_ORDER}
         self._without_layers: dict[int, str] = {}  # stream id -> node cluster, of streams in the gauge
         self._connected: dict[int, tuple[str, str]] = {}  # stream id -> (scope, protocol), in the gauge
@@ -83,7 +85,7 @@ class XdsEvents(Callbacks):
 
     def nacked(self, stream: Stream, nack: Nack) -> None:
         short = SHORT[nack.type_url]
-        self.instruments.xds_nacks.labels(short).inc()
+        self._nacks[nack.type_url].inc()
         rejection = EnvoyRejection(stream.node_id or stream.peer, short, nack.version, nack.message)
         self.controller.envoy_rejected(stream.sid, rejection, nack.models)
 

@@ -24,11 +24,14 @@ from aiohttp import web
 
 from overspill.demo.procs import (
     ENVOY_HINT,
+    EXPORTERS_JOB,
     ComponentMissing,
     ControlPlaneProcess,
     Envoy,
     Prometheus,
+    component_jobs,
     find_binary,
+    free_port,
 )
 from overspill.demo.sim import ModelServer
 from xds.render import ads_bootstrap
@@ -186,6 +189,20 @@ class Model:
         return path
 
 
+def rejected_by_envoy(beside: Model, name: str = "tls") -> tuple[Model, list[dict]]:
+    """A ModelDeployment the control plane takes but Envoy refuses (its remote's CA file does not
+    exist on the Envoy host), on `beside`'s local port; its documents, to write as `<name>.yaml`."""
+    model = Model(name, path_prefix="")
+    model.local.port, model.remote.port = beside.local.port, 443
+    docs = model.manifests()
+    docs[-1]["spec"]["offloadingConfig"]["remoteBackend"] = {
+        "host": "standby.invalid",
+        "scheme": "https",
+        "caFile": "/nonexistent/ca.pem",
+    }
+    return model, docs
+
+
 @dataclass
 class Stack:
     manifests: Path
@@ -279,9 +296,12 @@ async def stack(
     extra_args: tuple[str, ...] = (),
     delta: bool = False,
     bootstrap: Path | None = None,
+    scrape_components: bool = False,
 ) -> AsyncIterator[Stack]:
     """The whole stack; Envoy runs `bootstrap` if given (its `xds_cluster` pointed at the control
-    plane), else the one `overspill bootstrap` prints."""
+    plane), else the one `overspill bootstrap` prints. With `scrape_components` Prometheus also
+    scrapes the control plane's /metrics (job `overspill`) and Envoy's /stats/prometheus (job `envoy`), as an
+    operator's Prometheus would (the knob's job is then `exporters`)."""
     manifests = tmp_path / "manifests"
     manifests.mkdir()
     knob = Knob()
@@ -294,14 +314,23 @@ async def stack(
                 started.append(server)
             knob.set(m.name, 0)
             m.write(manifests)
+        # Prometheus starts first (the control plane reads it), so the ports it scrapes are chosen now.
+        metrics_port, admin_port = free_port(), free_port()
+        jobs = component_jobs(metrics_port, admin_port) if scrape_components else []
         async with contextlib.AsyncExitStack() as es:
             try:
                 prometheus = await es.enter_async_context(
-                    Prometheus([f"127.0.0.1:{knob.port}"], scrape_interval=SCRAPE_INTERVAL)
+                    Prometheus(
+                        [f"127.0.0.1:{knob.port}"],
+                        scrape_interval=SCRAPE_INTERVAL,
+                        job=EXPORTERS_JOB if jobs else "overspill",
+                        jobs=jobs,
+                    )
                 )
                 cp = await es.enter_async_context(
                     ControlPlaneProcess(
                         manifests,
+                        metrics_port=metrics_port,
                         evaluation_interval=EVALUATION_INTERVAL,
                         prometheus_url=prometheus.url,
                         extra_args=(
@@ -316,7 +345,11 @@ async def stack(
                     )
                 )
                 envoy = await es.enter_async_context(
-                    Envoy(cp.xds_port, bootstrap=bootstrap or bootstrap_file(tmp_path, delta))
+                    Envoy(
+                        cp.xds_port,
+                        admin_port=admin_port,
+                        bootstrap=bootstrap or bootstrap_file(tmp_path, delta),
+                    )
                 )
             except ComponentMissing as exc:
                 missing(exc)

@@ -7,7 +7,16 @@ import time
 
 import pytest
 import yaml
-from e2e_stack import EVALUATION_INTERVAL, SWITCH_BUDGET, Model, delta, stack, totals, wait_until
+from e2e_stack import (
+    EVALUATION_INTERVAL,
+    SWITCH_BUDGET,
+    Model,
+    delta,
+    rejected_by_envoy,
+    stack,
+    totals,
+    wait_until,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -185,14 +194,7 @@ async def test_envoy_nack_is_reported_and_other_models_keep_serving(tmp_path):
     good = Model("good")
     async with stack(tmp_path, good) as s:
         # Valid to the control plane, refused by Envoy: the CA file does not exist on the Envoy host.
-        bad = Model("tls", path_prefix="")
-        bad.local.port, bad.remote.port = good.local.port, 443
-        docs = bad.manifests()
-        docs[-1]["spec"]["offloadingConfig"]["remoteBackend"] = {
-            "host": "standby.invalid",
-            "scheme": "https",
-            "caFile": "/nonexistent/ca.pem",
-        }
+        bad, docs = rejected_by_envoy(good)
         (s.manifests / "tls.yaml").write_text(yaml.safe_dump_all(docs))
         deadline = time.monotonic() + 10
         nack = None

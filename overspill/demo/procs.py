@@ -17,6 +17,7 @@ import socket
 import sys
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Self
 
@@ -24,7 +25,7 @@ import aiohttp
 import yaml
 
 from xds.render import ads_bootstrap
-from xds.stats import ADMIN_CLUSTER
+from xds.stats import ADMIN_CLUSTER, PROMETHEUS_PATH
 
 log = logging.getLogger(__name__)
 
@@ -264,8 +265,35 @@ class ManagedProcess:
         return status == 200 and (expect_body is None or body.strip() == expect_body)
 
 
+@dataclass(frozen=True)
+class ScrapeJob:
+    """A further scrape job: its name becomes the series' `job` label, as a dashboard selects by it."""
+
+    name: str
+    targets: tuple[str, ...]  # host:port
+    path: str = "/metrics"
+    honor_labels: bool = False  # keep the target's own labels (Envoy's `namespace`) over the job's
+
+
+# As the install's ServiceMonitor names the control plane's job (and the alert rules expect it).
+CONTROL_PLANE_JOB = "overspill"
+ENVOY_JOB = "envoy"
+EXPORTERS_JOB = "exporters"  # the model servers' job beside them (its default name is taken)
+
+
+def component_jobs(metrics_port: int, envoy_admin_port: int) -> list[ScrapeJob]:
+    """Scrape the control plane's /metrics and Envoy's /stats/prometheus with honor_labels, as the
+    README's scrape config does (ports chosen before either starts: Prometheus comes first). The
+    Prometheus taking them names its own targets' job `EXPORTERS_JOB`."""
+    return [
+        ScrapeJob(CONTROL_PLANE_JOB, (f"127.0.0.1:{metrics_port}",), honor_labels=True),
+        ScrapeJob(ENVOY_JOB, (f"127.0.0.1:{envoy_admin_port}",), PROMETHEUS_PATH, honor_labels=True),
+    ]
+
+
 class Prometheus(ManagedProcess):
-    """A throwaway Prometheus scraping `targets` (host:port, path /metrics) on an ephemeral port."""
+    """A throwaway Prometheus scraping `targets` (host:port, path /metrics, as `job`) and any
+    further `jobs` on an ephemeral port."""
 
     name = "prometheus"
 
@@ -274,11 +302,15 @@ class Prometheus(ManagedProcess):
         targets: list[str],
         scrape_interval: float = 1.0,
         *,
+        job: str = "overspill",
+        jobs: Sequence[ScrapeJob] = (),
         port: int | None = None,
         log_dir: Path | None = None,
     ) -> None:
         super().__init__(log_dir)
         self.targets = list(targets)
+        self.job = job
+        self.jobs = list(jobs)
         self.scrape_interval = scrape_interval
         self.port = port or free_port()
 
@@ -298,10 +330,19 @@ class Prometheus(ManagedProcess):
             },
             "scrape_configs": [
                 {
-                    "job_name": "overspill",
+                    "job_name": self.job,
                     "metrics_path": "/metrics",
                     "static_configs": [{"targets": self.targets}],
-                }
+                },
+                *(
+                    {
+                        "job_name": job.name,
+                        "metrics_path": job.path,
+                        "honor_labels": job.honor_labels,
+                        "static_configs": [{"targets": list(job.targets)}],
+                    }
+                    for job in self.jobs
+                ),
             ],
         }
         config_path = workdir / "prometheus.yml"
@@ -318,14 +359,26 @@ class Prometheus(ManagedProcess):
 
     async def query(self, promql: str) -> list[dict[str, Any]]:
         """Instant query; returns the `data.result` list."""
-        url = f"{self.url}/api/v1/query"
-        async with self.session.get(
-            url, params={"query": promql}, timeout=aiohttp.ClientTimeout(total=5)
-        ) as r:
+        return await self._api("query", promql, {"query": promql})
+
+    async def query_range(self, promql: str, start: float, end: float, step: float) -> list[dict[str, Any]]:
+        """Range query (what Grafana sends for a time series panel); returns the `data.result` list:
+        one {"metric": labels, "values": [[unix time, "value"], ...]} per series."""
+        params = {"query": promql, "start": f"{start:.3f}", "end": f"{end:.3f}", "step": f"{step:g}"}
+        return await self._api("query_range", promql, params)
+
+    async def metric_names(self) -> set[str]:
+        """Every metric name Prometheus holds a series of."""
+        return set(await self._api("label/__name__/values", "metric names", {}))
+
+    async def _api(self, endpoint: str, what: str, params: dict[str, str]) -> Any:
+        url = f"{self.url}/api/v1/{endpoint}"
+        async with self.session.get(url, params=params, timeout=aiohttp.ClientTimeout(total=10)) as r:
             body = await r.json(content_type=None)
         if body.get("status") != "success":
-            raise RuntimeError(f"prometheus query {promql!r} failed: {body.get('error', body)}")
-        return body["data"]["result"]
+            raise RuntimeError(f"prometheus {endpoint} {what!r} failed: {body.get('error', body)}")
+        data = body["data"]
+        return data["result"] if isinstance(data, dict) else data
 
     async def targets_health(self) -> list[dict[str, Any]]:
         """Active targets with their scrape health and last error, for failure messages."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -21,9 +22,19 @@ from typing import Any
 import aiohttp
 import yaml
 
+from overspill.dashboard import rate_interval
+from overspill.demo.board import ENVOY_FLUSH_SECONDS, draw_dashboard
 from overspill.demo.load import SecondStats, run_load
 from overspill.demo.plot import plot_timeline
-from overspill.demo.procs import ControlPlaneProcess, Envoy, Prometheus
+from overspill.demo.procs import (
+    CONTROL_PLANE_JOB,
+    EXPORTERS_JOB,
+    ControlPlaneProcess,
+    Envoy,
+    Prometheus,
+    component_jobs,
+    free_port,
+)
 from overspill.demo.sim import ModelServer
 
 log = logging.getLogger(__name__)
@@ -425,8 +436,9 @@ class Run:
     changes: list[Change]  # every change of state the status polls saw, from before the load
 
 
-async def run_plan(out_dir: Path, plan: DemoPlan) -> Run:
-    """One run of `plan` end to end, on its own model servers, Prometheus, control plane and Envoy."""
+async def run_plan(out_dir: Path, plan: DemoPlan, dashboard_png: Path | None = None) -> Run:
+    """One run of `plan` end to end, on its own model servers, Prometheus, control plane and Envoy;
+    with `dashboard_png`, the dashboard's main panels over the run are drawn there."""
     logs = out_dir / "logs"
     async with AsyncExitStack() as stack:
         local = await stack.enter_async_context(
@@ -440,8 +452,16 @@ async def run_plan(out_dir: Path, plan: DemoPlan) -> Run:
             f"model servers: local {local.address} (~{capacity:.0f} rps), remote {remote.address}", flush=True
         )
 
+        # Prometheus also scrapes the control plane and Envoy, for the dashboard's picture.
+        metrics_port, admin_port = free_port(), free_port()
         prom = await stack.enter_async_context(
-            Prometheus([local.address], plan.scrape_interval, log_dir=logs)
+            Prometheus(
+                [local.address],
+                plan.scrape_interval,
+                job=EXPORTERS_JOB,
+                jobs=component_jobs(metrics_port, admin_port),
+                log_dir=logs,
+            )
         )
         await prom.wait_for_series(f'model_inflight_requests{{model="{MODEL}"}}', timeout=30)
         print(f"prometheus: {prom.url} scraping {local.address}", flush=True)
@@ -452,12 +472,15 @@ async def run_plan(out_dir: Path, plan: DemoPlan) -> Run:
                 manifest_dir,
                 evaluation_interval=plan.evaluation_interval,
                 prometheus_url=prom.url,
+                metrics_port=metrics_port,
                 log_dir=logs,
             )
         )
         print(f"control plane: xds 127.0.0.1:{cp.xds_port}, status {cp.metrics_url}/status", flush=True)
 
-        envoy = await stack.enter_async_context(Envoy(cp.xds_port, node_id="overspill-demo", log_dir=logs))
+        envoy = await stack.enter_async_context(
+            Envoy(cp.xds_port, admin_port=admin_port, node_id="overspill-demo", log_dir=logs)
+        )
         await envoy.wait_listener(cp.listener_port, timeout=30)
         url = f"http://127.0.0.1:{cp.listener_port}/v1/predict"
         await _wait_routed(url)
@@ -479,12 +502,22 @@ async def run_plan(out_dir: Path, plan: DemoPlan) -> Run:
             _print_row(row)
 
         sampler.t0 = inflight.t0 = asyncio.get_running_loop().time()
+        started = time.time()
         async with asyncio.TaskGroup() as tg:
             poller = tg.create_task(sampler.run())
             counter = tg.create_task(inflight.run())
             result = await run_load(url, HOST, plan.rate, plan.duration, on_second)
             poller.cancel()
             counter.cancel()
+        if dashboard_png is not None:
+            await asyncio.sleep(2 * plan.scrape_interval)  # the last seconds scraped
+            values = {
+                "namespace": NAMESPACE,
+                "model": MODEL,
+                "job": CONTROL_PLANE_JOB,
+                "__rate_interval": rate_interval(1.0, plan.scrape_interval, floor=2 * ENVOY_FLUSH_SECONDS),
+            }
+            await draw_dashboard(prom, dashboard_png, values, started, time.time())
     for row in rows:  # a second's requests may be reported before its in-flight average is taken
         if row["local_inflight"] is None and row["t"] in inflight.by_second:
             row["local_inflight"] = round(inflight.by_second[row["t"]], 2)
@@ -512,7 +545,7 @@ async def guarded(out_dir: Path, work: Callable[[], Awaitable[int]]) -> int:
 
 
 async def _burst(out_dir: Path, plan: DemoPlan) -> int:
-    run = await run_plan(out_dir, plan)
+    run = await run_plan(out_dir, plan, dashboard_png=out_dir / "dashboard.png")
     summary = summarize(run.rows, plan, run.errors)
     write_csv(run.rows, out_dir / "timeline.csv")
     plot_timeline(run.rows, out_dir / "timeline.png", plan.threshold)
@@ -520,6 +553,9 @@ async def _burst(out_dir: Path, plan: DemoPlan) -> int:
     verdict = "demo OK" if summary.ok else "demo FAILED: " + "; ".join(summary.failures)
     (out_dir / "summary.txt").write_text("\n".join([*lines, verdict]) + "\n")
     print("\n".join(["", "summary:", *("  " + line for line in lines)]), flush=True)
-    print(f"wrote {out_dir / 'timeline.png'} and {out_dir / 'timeline.csv'}", flush=True)
+    print(
+        f"wrote {out_dir / 'timeline.png'}, {out_dir / 'timeline.csv'} and {out_dir / 'dashboard.png'}",
+        flush=True,
+    )
     print(verdict, flush=True)
     return 0 if summary.ok else 1

@@ -76,6 +76,8 @@ class ModelServer:
         # ORCA named metrics returned (header endpoint-load-metrics) to requests that ask for them,
         # as vLLM returns num_requests_waiting and kv_cache_usage_perc; empty: none.
         self.orca: dict[str, float] = {}
+        # The status every answer carries: a test sets 500 to stand for a model server failing.
+        self.status = 200
         self.port: int | None = None
         self._slots = asyncio.Semaphore(concurrency) if concurrency else None
         self._runner: web.AppRunner | None = None
@@ -164,7 +166,7 @@ class ModelServer:
         if self.orca and request.headers.get("endpoint-load-metrics-format") == "TEXT":  # as vLLM
             metrics = ", ".join(f"named_metrics.{k}={v:g}" for k, v in sorted(self.orca.items()))
             headers["endpoint-load-metrics"] = f"TEXT {metrics}"
-        return web.json_response(body, headers=headers)
+        return web.json_response(body, status=self.status, headers=headers)
 
     async def _metrics(self, request: web.Request) -> web.Response:
         resp = web.Response(body=prom.generate_latest(self.registry))
