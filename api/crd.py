@@ -175,9 +175,17 @@ class Behavior:
 
 @dataclass(frozen=True)
 class OffloadingConfig:
+    """`remotes` in the user's order of preference: `remoteBackends`, or `remoteBackend` as a
+    list of one."""
+
     behavior: Behavior
     metrics: tuple[MetricSpec, ...]
-    remote: RemoteBackend | None = None
+    remotes: tuple[RemoteBackend, ...] = ()
+
+    @property
+    def remote(self) -> RemoteBackend | None:
+        """The preferred remote."""
+        return self.remotes[0] if self.remotes else None
 
 
 @dataclass(frozen=True)
@@ -412,8 +420,34 @@ def _parse_offloading(f: Fields) -> OffloadingConfig:
         on_stale_metric=choices["onStaleMetric"],
     )
     metrics = tuple(m for m in (parse_metric(item) for item in f.items("metrics")) if m is not None)
-    remote = _parse_remote(f.sub("remoteBackend")) if f.has("remoteBackend") else None
-    return OffloadingConfig(behavior, metrics, remote)
+    return OffloadingConfig(behavior, metrics, _parse_remotes(f))
+
+
+MAX_REMOTES = 8  # a failover list, tried in order: more would only lengthen the retries
+
+
+def _parse_remotes(f: Fields) -> tuple[RemoteBackend, ...]:
+    """`remoteBackends` (tried in order), or the single `remoteBackend`; never both, so no
+    remote is dropped without a word."""
+    if f.has("remoteBackend"):
+        if f.has("remoteBackends"):
+            f.error("remoteBackends", "give remoteBackend or remoteBackends, not both")
+        remote = _parse_remote(f.sub("remoteBackend"))
+        return (remote,) if remote is not None else ()
+    if not f.has("remoteBackends"):
+        return ()
+    items = f.items("remoteBackends")
+    if isinstance(f.data["remoteBackends"], list) and not 1 <= len(items) <= MAX_REMOTES:
+        f.error("remoteBackends", f"must list 1 to {MAX_REMOTES} remotes, got {len(items)}")
+    remotes = [_parse_remote(item) for item in items]
+    seen: dict[tuple[str, int, str], int] = {}
+    for i, r in enumerate(remotes):
+        if r is None:
+            continue
+        first = seen.setdefault((r.host, r.port, r.path_prefix), i)
+        if first != i:
+            f.error(f"remoteBackends[{i}]", f"is the same remote as remoteBackends[{first}]")
+    return tuple(r for r in remotes if r is not None)
 
 
 def parse_remote_backend(raw: Any, path: str) -> RemoteBackend:

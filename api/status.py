@@ -86,8 +86,9 @@ class ModelStatus:
     remote_percent: float = 0.0
     reason: str = ""
     ready_endpoints: int = 0
-    remote: str | None = None
-    remote_usable: bool = False
+    remote: str | None = None  # the preferred remote
+    remote_usable: bool = False  # any remote usable
+    remotes: list[tuple[str, bool]] = field(default_factory=list)  # each remote in order: url, usable
     metrics: list[MetricStatus] = field(default_factory=list)
     stale_metrics: list[str] = field(default_factory=list)  # without a reading for metricStaleAfterSeconds
     errors: list[str] = field(default_factory=list)
@@ -118,6 +119,7 @@ class ModelStatus:
             "readyEndpoints": self.ready_endpoints,
             "remote": self.remote,
             "remoteUsable": self.remote_usable,
+            "remotes": [{"remote": url, "usable": usable} for url, usable in self.remotes],
             "metrics": [
                 {
                     "name": m.spec.describe(),

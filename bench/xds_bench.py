@@ -76,7 +76,7 @@ def synthetic_model(i: int) -> ModelRoute:
     hi, lo = (i >> 8) & 255, i & 255
     remote = RemoteBackend(f"192.168.{hi}.{lo}", 8443, "https", "/v1", (("x-api-key", "bench"),))
     pods = ((f"10.{hi}.{lo}.1", 8000), (f"10.{hi}.{lo}.2", 8000))
-    return ModelRoute(ns, name, service_domains(name, ns, 8000), pods, remote, 0.0)
+    return ModelRoute(ns, name, service_domains(name, ns, 8000), pods, (remote,), 0.0)
 
 
 # --- JSON lines between processes -----------------------------------------------------------------

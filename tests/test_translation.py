@@ -85,7 +85,14 @@ def route(
     endpoints: tuple[tuple[str, int], ...] = (("10.0.0.1", 8000), ("10.0.0.2", 8000)),
     port: int = 80,
 ) -> ModelRoute:
-    return ModelRoute(namespace, name, service_domains(name, namespace, port), endpoints, remote, percent)
+    return ModelRoute(
+        namespace,
+        name,
+        service_domains(name, namespace, port),
+        endpoints,
+        (remote,) if remote else (),
+        percent,
+    )
 
 
 # --- domains ---
@@ -387,8 +394,8 @@ def test_adding_a_model_changes_only_its_own_resources():
 def test_a_host_name_two_models_share_is_one_scope_owned_by_the_first_model():
     """The reconciler gives `svc` to one model; another Service of that name elsewhere keeps its
     `svc:port`. One scope per Host name: it routes to the first model by namespace/name."""
-    a = ModelRoute("a", "llm", ("llm", "llm:80", "llm.a"), (("10.0.0.1", 80),), None, 0)
-    b = ModelRoute("b", "llm", ("llm:8080", "llm.b", "llm.b:8080"), (("10.0.0.2", 80),), None, 0)
+    a = ModelRoute("a", "llm", ("llm", "llm:80", "llm.a"), (("10.0.0.1", 80),), (), 0)
+    b = ModelRoute("b", "llm", ("llm:8080", "llm.b", "llm.b:8080"), (("10.0.0.2", 80),), (), 0)
     translator, view = make()
     translator.publish([b])
     assert scopes(view) == {"llm": b.route_config, "llm.b": b.route_config}

@@ -19,8 +19,8 @@ from envoy_data_plane.envoy.config.cluster.v3 import Cluster
 from envoy_data_plane.google.protobuf import Any as ProtoAny
 
 from api.desired import ModelRoute
+from xds import failover, runtime
 from xds import resources as res
-from xds import runtime
 from xds.stats import stats_listener, stats_tags
 from xds.types import PUSH_ORDER
 from xds.view import View
@@ -41,7 +41,7 @@ def served_documents(view: View) -> dict[str, list[dict]]:
 
 def static_bootstrap(routes: list[ModelRoute], address: str, port: int, admin_port: int = 9901) -> dict:
     clusters = [res.local_cluster(r, static=True) for r in routes] + [
-        res.remote_cluster(r) for r in routes if r.remote
+        body for r in routes for _, body in failover.remote_clusters(r)
     ]
     clusters = [Cluster.FromString(body) for body in clusters]
     return {
@@ -59,7 +59,7 @@ def static_bootstrap(routes: list[ModelRoute], address: str, port: int, admin_po
     }
 
 
-HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+HTTP_OPTIONS = failover.HTTP_OPTIONS
 
 
 def ads_bootstrap(

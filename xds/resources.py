@@ -49,6 +49,7 @@ from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Liste
 from envoy_data_plane.envoy.config.route.v3 import (
     DirectResponseAction,
     RetryPolicy,
+    RetryPolicyRetryPriority,
     Route,
     RouteAction,
     RouteConfiguration,
@@ -70,6 +71,7 @@ from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v
     ScopedRoutesScopeKeyBuilderFragmentBuilder,
     ScopedRoutesScopeKeyBuilderFragmentBuilderHeaderValueExtractor,
 )
+from envoy_data_plane.envoy.extensions.retry.priority.previous_priorities.v3 import PreviousPrioritiesConfig
 from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
     CertificateValidationContext,
     CommonTlsContext,
@@ -81,6 +83,7 @@ from envoy_data_plane.envoy.type.matcher.v3 import StringMatcher
 from envoy_data_plane.envoy.type.v3 import FractionalPercent, FractionalPercentDenominatorType
 from envoy_data_plane.message_pool import default_message_pool
 
+from api.crd import RemoteBackend
 from api.desired import ModelRoute, virtual_host_name
 from xds import wire
 from xds.encode import encode, pack
@@ -188,15 +191,23 @@ def local_cluster(route: ModelRoute, static: bool = False) -> bytes:
 
 
 def remote_cluster(route: ModelRoute) -> bytes:
-    """The standby copy: TLS with SNI and the name verified for https (unless told not to)."""
-    remote = route.remote
-    assert remote is not None
+    """The standby copy (a model's one remote; several are `xds.failover`'s)."""
+    assert route.remote is not None
+    return backend_cluster(route.remote_cluster, route.remote)
+
+
+def backend_cluster(name: str, remote: RemoteBackend, hostname: str = "", metadata: bytes = b"") -> bytes:
+    """A cluster of one remote: TLS with SNI and the name verified for https (unless told not
+    to). `hostname` and `metadata` (encoded) go on its one endpoint."""
     kind = ClusterDiscoveryType.STATIC if remote.is_ip else ClusterDiscoveryType.LOGICAL_DNS
+    address = _ADDRESS.socket_address(_SOCKET.address(remote.host) + _SOCKET.port_value(remote.port))
+    host = _LB_ENDPOINT.endpoint(_ENDPOINT.address(address) + _ENDPOINT.hostname(hostname))
+    host += _LB_ENDPOINT.metadata(metadata) if metadata else b""
     out = (
-        _CLUSTER.name(route.remote_cluster)
+        _CLUSTER.name(name)
         + _CLUSTER.type(kind)
         + _REMOTE_COMMON
-        + _CLUSTER.load_assignment(_endpoints(route.remote_cluster, ((remote.host, remote.port),)))
+        + _CLUSTER.load_assignment(_CLA.cluster_name(name) + _CLA.endpoints(_LOCALITY.lb_endpoints(host)))
     )
     if remote.scheme != "https":
         return out
@@ -223,6 +234,22 @@ _HEADER_OPTION, _HEADER = Fields(HeaderValueOption), Fields(HeaderValue)
 _ACTION_COMMON = encode(
     RouteAction(timeout=ROUTE_TIMEOUT, retry_policy=RetryPolicy(retry_on=RETRY_ON, num_retries=2))
 )
+# Several remotes (see `xds.failover`): the same, and a retry goes to the next remote, not the
+# one that just refused; Host is the chosen remote's (its endpoint's host name).
+_ACTION_FAILOVER = encode(
+    RouteAction(
+        timeout=ROUTE_TIMEOUT,
+        auto_host_rewrite=True,
+        retry_policy=RetryPolicy(
+            retry_on=RETRY_ON,
+            num_retries=2,
+            retry_priority=RetryPolicyRetryPriority(
+                name="envoy.retry_priorities.previous_priorities",
+                typed_config=pack(PreviousPrioritiesConfig(update_frequency=1)),
+            ),
+        ),
+    )
+)
 _OVERWRITE = HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD
 # vLLM (and other ORCA backends) return their load (`endpoint-load-metrics`) only when asked: the
 # local pods are asked on every request, unless the client chose a format itself.
@@ -237,14 +264,13 @@ def virtual_host(route: ModelRoute, default_percent: float = 0.0) -> bytes:
     """The model's routes. The remote share comes from the runtime key; `default_percent`
     applies only while Envoy has no value for it (0: nothing spills over without a decision)."""
     routes = b""
-    if route.remote is not None:
+    if len(route.remotes) > 1:  # each remote's path prefix and headers are set on its cluster
+        match = _remote_match(route, default_percent)
+        action = _ACTION.cluster(route.remote_cluster) + _ACTION_FAILOVER
+        routes += _VHOST.routes(_ROUTE.name("remote") + _ROUTE.match(match) + _ROUTE.route(action))
+    elif route.remote is not None:
         remote = route.remote
-        fraction = _FRACTION.numerator(round(default_percent * 10_000)) + _FRACTION.denominator(
-            FractionalPercentDenominatorType.MILLION
-        )
-        match = _MATCH.prefix("/") + _MATCH.runtime_fraction(
-            _RUNTIME_FRACTION.default_value(fraction) + _RUNTIME_FRACTION.runtime_key(route.runtime_key)
-        )
+        match = _remote_match(route, default_percent)
         action = (
             _ACTION.cluster(route.remote_cluster)
             + _ACTION.host_rewrite_literal(remote.authority)
@@ -267,6 +293,16 @@ def virtual_host(route: ModelRoute, default_percent: float = 0.0) -> bytes:
         _VHOST.name(virtual_host_name(route.namespace, route.name))
         + b"".join(_VHOST.domains(d) for d in route.domains)
         + routes
+    )
+
+
+def _remote_match(route: ModelRoute, default_percent: float) -> bytes:
+    """Every path, for the remote's share of requests (the runtime key's value)."""
+    fraction = _FRACTION.numerator(round(default_percent * 10_000)) + _FRACTION.denominator(
+        FractionalPercentDenominatorType.MILLION
+    )
+    return _MATCH.prefix("/") + _MATCH.runtime_fraction(
+        _RUNTIME_FRACTION.default_value(fraction) + _RUNTIME_FRACTION.runtime_key(route.runtime_key)
     )
 
 

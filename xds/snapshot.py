@@ -12,8 +12,8 @@ from collections.abc import Callable
 from typing import Any
 
 from api.desired import ModelKey, ModelRoute
+from xds import failover, runtime
 from xds import resources as res
-from xds import runtime
 from xds.bundle import Deferred, ModelBundle, Resource
 from xds.cache import ResourceCache
 from xds.encode import encode
@@ -87,17 +87,17 @@ class Translator:
                 lambda: Resource.of(CLUSTER, r.local_cluster, res.local_cluster(r)),
             )
         ]
-        if r.remote is not None:
-            clusters.append(
+        if r.remotes:
+            clusters.extend(
                 m["remote"].get(
                     key,
-                    r.remote,
-                    lambda: Resource.of(CLUSTER, r.remote_cluster, res.remote_cluster(r)),
+                    r.remotes,
+                    lambda: tuple(Resource.of(CLUSTER, n, body) for n, body in failover.remote_clusters(r)),
                 )
             )
         routes = m["routes"].get(
             key,
-            (r.domains, r.remote),
+            (r.domains, r.remotes),
             lambda: Resource.of(ROUTE, r.route_config, res.model_route_configuration(r)),
         )
         return ModelBundle(
@@ -117,7 +117,7 @@ class Translator:
                 if r.remote is None
                 else lambda: m["routes_inline"].get(
                     key,
-                    (r.domains, r.remote, r.remote_percent),
+                    (r.domains, r.remotes, r.remote_percent),
                     lambda: Resource.of(ROUTE, r.route_config, res.model_route_configuration(r, True)),
                 )
             ),
