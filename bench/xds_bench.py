@@ -1182,7 +1182,9 @@ def main(argv: list[str] | None = None) -> None:
         Child.kill_all()
     if results:
         say(f"\n{table(results)}\n")
-        say(f"{structural_table(results)}\n")
+        points = [p for p in results if isinstance(p, Point)]  # storms add no model
+        if points:
+            say(f"{structural_table(points)}\n")
         say(f"results in {args.out}; {time.monotonic() - started:.0f} s in all")
 
 

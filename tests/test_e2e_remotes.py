@@ -4,6 +4,7 @@ by itself, and comes back to the preferred one; requests counted at the client a
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 
 import aiohttp
@@ -112,6 +113,14 @@ async def test_dead_remote_is_left_by_envoy_for_the_next_and_traffic_comes_back(
             assert (seen.path, seen.host) == ("/standby/v1/predict", a.address)
             assert seen.headers["x-api-key"] == ODD_KEY and seen.headers["x-offloaded-by"] == "overspill"
             assert b.counts.total == 0, "B is only the second choice"
+            # Envoy's /stats/prometheus: each remote's requests under side="remote" with its index,
+            # their response classes on the aggregate cluster, side="remote" too (xds.stats).
+            page = await s.envoy.admin_get("/stats/prometheus")
+            model = 'namespace="default",model="llm",side="remote"'
+            assert re.search(
+                rf'^envoy_cluster_upstream_rq_total{{[^}}]*{model},remote_index="0"}} 20$', page, re.M
+            )
+            assert re.search(rf"^envoy_cluster_upstream_rq_xx{{[^}}]*{model}}} 20$", page, re.M), page
             status = await s.model_status(m)
             assert [r["remote"] for r in status["remotes"]] == [
                 f"http://{a.address}/standby",
@@ -145,6 +154,10 @@ async def test_dead_remote_is_left_by_envoy_for_the_next_and_traffic_comes_back(
             assert (seen_b.path, seen_b.host) == ("/backup/v1/predict", b.address)
             assert "x-api-key" not in seen_b.headers, "A's key must not reach B"
             assert seen_b.headers["x-offloaded-by"] == "overspill-b"
+            page = await s.envoy.admin_get("/stats/prometheus")
+            assert re.search(
+                rf'^envoy_cluster_upstream_rq_total{{[^}}]*{model},remote_index="1"}} [1-9]', page, re.M
+            )
 
             await a.start(port)
             back = time.monotonic()
