@@ -155,6 +155,9 @@ class Spillover:
     # Retries in flight at once on the model's composite cluster (Envoy's `max_retries` circuit
     # breaker): Envoy's default of 3 would turn most of a burst's spill-overs into errors.
     max_retries: int = 1000
+    # A retry needs the request body kept until the pods answer; past this size Envoy cannot
+    # retry it (Envoy's own default is 1 MiB, short of image or long-context inputs).
+    max_request_bytes: int = 16 * 1024 * 1024
 
 
 SPILLOVER_CODES = (429, 503)
@@ -483,10 +486,15 @@ def _parse_spillover(f: Fields) -> Spillover:
     if max_retries is not None and max_retries < 1:
         f.error("maxRetries", f"must be 1 or more, got {max_retries}")
         max_retries = None
+    max_bytes = f.int("maxRequestBytes", Spillover.max_request_bytes)
+    if max_bytes is not None and not 1 <= max_bytes <= 1 << 30:
+        f.error("maxRequestBytes", f"must be between 1 and 1073741824 (1 GiB), got {max_bytes}")
+        max_bytes = None
     return Spillover(
         enabled=f.bool("enabled"),
         status_codes=tuple(sorted(codes)) if f.has("statusCodes") else Spillover.status_codes,
         max_retries=max_retries if max_retries is not None else Spillover.max_retries,
+        max_request_bytes=max_bytes if max_bytes is not None else Spillover.max_request_bytes,
     )
 
 

@@ -160,3 +160,26 @@ async def test_spill_over_onto_several_remotes_goes_to_the_preferred_one_with_it
             }
     finally:
         await model.backup.stop()
+
+
+async def test_a_large_request_spills_over_up_to_max_request_bytes_and_passes_through_beyond(tmp_path):
+    """Envoy keeps a body for the retry only up to `maxRequestBytes` (its own default, 1 MiB, is
+    short of image or long-context inputs): an 8 MB request the pods turn away is served by the
+    remote; a larger one than the limit gets the pods' 429, unretried; any size passes through."""
+    big = Model("big", spillover={"enabled": True})
+    small = Model("small", spillover={"enabled": True, "maxRequestBytes": 65536})
+    big.local.shed_limit = small.local.shed_limit = 0  # the pods turn every request away
+
+    async def post(s: Stack, model: Model, size: int) -> tuple[int, str]:
+        url, headers = f"{s.url}/v1/predict", {"Host": model.host}
+        async with s.session.post(url, headers=headers, data=b"x" * size) as resp:
+            return resp.status, (await resp.json())["served_by"]
+
+    async with stack(tmp_path, big, small) as s:
+        for model in (big, small):
+            await routed(s, model)
+        assert await post(s, big, 8_000_000) == (200, "big-remote")
+        assert await post(s, small, 60_000) == (200, "small-remote")
+        assert await post(s, small, 200_000) == (429, "small-local")
+        big.local.shed_limit = None
+        assert await post(s, big, 20_000_000) == (200, "big-local")

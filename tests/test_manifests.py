@@ -518,6 +518,16 @@ AGREEMENT: list[tuple[str, dict, bool]] = [
     ("spillover-on-500", offload(behavior={"spillover": {"enabled": True, "statusCodes": [500]}}), False),
     ("spillover-max-retries-0", offload(behavior={"spillover": {"enabled": True, "maxRetries": 0}}), False),
     ("spillover-enabled-string", offload(behavior={"spillover": {"enabled": "yes"}}), False),
+    (
+        "spillover-max-request-bytes-0",
+        offload(behavior={"spillover": {"enabled": True, "maxRequestBytes": 0}}),
+        False,
+    ),
+    (
+        "spillover-max-request-bytes",
+        offload(behavior={"spillover": {"enabled": True, "maxRequestBytes": 65536}}),
+        True,
+    ),
     # remoteBackends
     ("remotes", remotes({"host": "a.example.com"}, {"host": "10.0.0.7:8080", "pathPrefix": "/v1"}), True),
     ("remotes-empty", remotes(), False),

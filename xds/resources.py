@@ -83,6 +83,7 @@ from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
 )
 from envoy_data_plane.envoy.type.matcher.v3 import StringMatcher
 from envoy_data_plane.envoy.type.v3 import FractionalPercent, FractionalPercentDenominatorType
+from envoy_data_plane.google.protobuf import UInt64Value
 from envoy_data_plane.message_pool import default_message_pool
 
 from api.crd import RemoteBackend
@@ -239,6 +240,7 @@ def backend_cluster(name: str, remote: RemoteBackend, hostname: str = "", metada
 _VHOST, _ROUTE, _MATCH, _ACTION = Fields(VirtualHost), Fields(Route), Fields(RouteMatch), Fields(RouteAction)
 _RUNTIME_FRACTION, _FRACTION = Fields(RuntimeFractionalPercent), Fields(FractionalPercent)
 _HEADER_OPTION, _HEADER = Fields(HeaderValueOption), Fields(HeaderValue)
+_UINT64 = Fields(UInt64Value)
 # Every route's action but its cluster and rewrites: long inference, and retries only where the
 # request surely never reached a backend (see RETRY_ON).
 _ACTION_COMMON = encode(
@@ -297,10 +299,12 @@ def virtual_host(route: ModelRoute, default_percent: float = 0.0) -> bytes:
         routes += _VHOST.routes(_ROUTE.name("remote") + _ROUTE.match(match) + _ROUTE.route(action) + headers)
     if route.spillover is not None and route.remote is not None:
         local = _ACTION.cluster(route.spillover_cluster) + _spill_action(route.spillover.status_codes)
+        # The body is kept for the retry up to this size; a larger one is served locally only.
+        kept = _ROUTE.request_body_buffer_limit(_UINT64.value(route.spillover.max_request_bytes))
     else:
-        local = _ACTION.cluster(route.local_cluster) + _ACTION_COMMON
+        local, kept = _ACTION.cluster(route.local_cluster) + _ACTION_COMMON, b""
     routes += _VHOST.routes(
-        _ROUTE.name("local") + _ROUTE.match(_MATCH.prefix("/")) + _ROUTE.route(local) + _ASK_ORCA
+        _ROUTE.name("local") + _ROUTE.match(_MATCH.prefix("/")) + _ROUTE.route(local) + _ASK_ORCA + kept
     )
     return (
         _VHOST.name(virtual_host_name(route.namespace, route.name))

@@ -114,7 +114,9 @@ class ModelServer:
 
     async def start(self, port: int = 0) -> int:
         """Listen on 127.0.0.1:port (0 = ephemeral) and return the real port."""
-        app = web.Application()
+        # Inference inputs (images, long prompts) run to megabytes: aiohttp's 1 MiB default would
+        # answer 413 itself and pass for a proxy limit.
+        app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_route("*", "/{tail:.*}", self._serve)
         # Short shutdown: stop() should not wait a minute for keep-alive connections.
