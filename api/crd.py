@@ -149,6 +149,10 @@ class RemoteBackend:
             refs += [cert, SecretKeyRef(cert.name, TLS_KEY, cert.path)]
         return tuple(refs)
 
+    @property
+    def has_credentials(self) -> bool:
+        return bool(self.secret_headers) or self.oauth is not None or self.client_certificate is not None
+
     def secret(self, name: str, key: str) -> SecretValue | None:
         """The resolved value of one Secret key, or None while it cannot be read."""
         return next((v for ref, v in self.secrets if ref == (name, key)), None)
@@ -173,6 +177,26 @@ class RemoteBackend:
         return host if self.port == default else f"{host}:{self.port}"
 
 
+@dataclass(frozen=True)
+class Spillover:
+    """`offloadingConfig.behavior.spillover`: Envoy retries on the remote, at once, a request the
+    local pods turned away before doing any work, so a burst is absorbed in the seconds before
+    the next evaluation moves the steady share. Off by default: it is safe only where the pods
+    answer `status_codes` solely for requests they never started (see the README).
+    """
+
+    enabled: bool = False
+    # Backend answers that mean "turned away before work"; only 429 and 503 are accepted.
+    status_codes: tuple[int, ...] = (429, 503)
+    # Retries in flight at once on the model's composite cluster (Envoy's `max_retries` circuit
+    # breaker): Envoy's default of 3 would turn most of a burst's spill-overs into errors.
+    max_retries: int = 1000
+    # A retry needs the request body kept until the pods answer; past this size Envoy cannot
+    # retry it (Envoy's own default is 1 MiB, short of image or long-context inputs).
+    max_request_bytes: int = 16 * 1024 * 1024
+
+
+SPILLOVER_CODES = (429, 503)
 MODES = ("Fixed", "Proportional")
 METRIC_MEASURES = ("Local", "Demand")
 STALE_ACTIONS = ("hold", "local", "offload")
@@ -199,6 +223,7 @@ class Behavior:
     smoothing_seconds: float = 3.0  # Proportional: time constant of the demand estimate's moving average
     metric_stale_after_seconds: float = 60.0  # 0: a metric is never considered stale
     on_stale_metric: str = "hold"  # what a stale metric does: hold the decision, go local, or offload
+    spillover: Spillover = Spillover()
 
     @property
     def proportional(self) -> bool:
@@ -207,9 +232,17 @@ class Behavior:
 
 @dataclass(frozen=True)
 class OffloadingConfig:
+    """`remotes` in the user's order of preference: `remoteBackends`, or `remoteBackend` as a
+    list of one."""
+
     behavior: Behavior
     metrics: tuple[MetricSpec, ...]
-    remote: RemoteBackend | None = None
+    remotes: tuple[RemoteBackend, ...] = ()
+
+    @property
+    def remote(self) -> RemoteBackend | None:
+        """The preferred remote."""
+        return self.remotes[0] if self.remotes else None
 
 
 @dataclass(frozen=True)
@@ -442,10 +475,72 @@ def _parse_offloading(f: Fields) -> OffloadingConfig:
         smoothing_seconds=delays["smoothingSeconds"],
         metric_stale_after_seconds=delays["metricStaleAfterSeconds"],
         on_stale_metric=choices["onStaleMetric"],
+        spillover=_parse_spillover(b.sub("spillover")),
     )
     metrics = tuple(m for m in (parse_metric(item) for item in f.items("metrics")) if m is not None)
-    remote = _parse_remote(f.sub("remoteBackend")) if f.has("remoteBackend") else None
-    return OffloadingConfig(behavior, metrics, remote)
+    remotes = _parse_remotes(f)
+    if (len(remotes) > 1 or behavior.spillover.enabled) and any(r.has_credentials for r in remotes):
+        # Envoy runs the upstream filters of the cluster a route names: behind an aggregate (several
+        # remotes) or a composite (spill-over), a remote's own credential filters would not run.
+        f.error(
+            "remoteBackends" if f.has("remoteBackends") else "remoteBackend",
+            "credentials from Secrets (headersToAdd valueFrom, authConfig, clientCertificateRef) are"
+            " taken with one remote and spill-over off only",
+        )
+    return OffloadingConfig(behavior, metrics, remotes)
+
+
+MAX_REMOTES = 8  # a failover list, tried in order: more would only lengthen the retries
+
+
+def _parse_remotes(f: Fields) -> tuple[RemoteBackend, ...]:
+    """`remoteBackends` (tried in order), or the single `remoteBackend`; never both, so no
+    remote is dropped without a word."""
+    if f.has("remoteBackend"):
+        if f.has("remoteBackends"):
+            f.error("remoteBackends", "give remoteBackend or remoteBackends, not both")
+        remote = _parse_remote(f.sub("remoteBackend"))
+        return (remote,) if remote is not None else ()
+    if not f.has("remoteBackends"):
+        return ()
+    items = f.items("remoteBackends")
+    if isinstance(f.data["remoteBackends"], list) and not 1 <= len(items) <= MAX_REMOTES:
+        f.error("remoteBackends", f"must list 1 to {MAX_REMOTES} remotes, got {len(items)}")
+    remotes = [_parse_remote(item) for item in items]
+    seen: dict[tuple[str, int, str], int] = {}
+    for i, r in enumerate(remotes):
+        if r is None:
+            continue
+        first = seen.setdefault((r.host, r.port, r.path_prefix), i)
+        if first != i:
+            f.error(f"remoteBackends[{i}]", f"is the same remote as remoteBackends[{first}]")
+    return tuple(r for r in remotes if r is not None)
+
+
+def _parse_spillover(f: Fields) -> Spillover:
+    codes = []
+    for i, code in enumerate(f.list("statusCodes")):
+        if isinstance(code, bool) or code not in SPILLOVER_CODES:
+            f.error(
+                f"statusCodes[{i}]",
+                f"must be 429 or 503 (a request turned away before any work), got {code!r}",
+            )
+        elif code not in codes:
+            codes.append(code)
+    max_retries = f.int("maxRetries", Spillover.max_retries)
+    if max_retries is not None and max_retries < 1:
+        f.error("maxRetries", f"must be 1 or more, got {max_retries}")
+        max_retries = None
+    max_bytes = f.int("maxRequestBytes", Spillover.max_request_bytes)
+    if max_bytes is not None and not 1 <= max_bytes <= 1 << 30:
+        f.error("maxRequestBytes", f"must be between 1 and 1073741824 (1 GiB), got {max_bytes}")
+        max_bytes = None
+    return Spillover(
+        enabled=f.bool("enabled"),
+        status_codes=tuple(sorted(codes)) if f.has("statusCodes") else Spillover.status_codes,
+        max_retries=max_retries if max_retries is not None else Spillover.max_retries,
+        max_request_bytes=max_bytes if max_bytes is not None else Spillover.max_request_bytes,
+    )
 
 
 def parse_remote_backend(raw: Any, path: str) -> RemoteBackend:

@@ -7,9 +7,11 @@ attribution and status all have to agree on which Envoy resources belong to whic
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from api.crd import RemoteBackend
+from api.crd import RemoteBackend, Spillover
+from api.load import ClusterLoad
 
 ModelKey = tuple[str, str]  # (namespace, name) of a ModelDeployment
 
@@ -17,6 +19,9 @@ CLUSTER_PREFIX = "overspill/"
 RUNTIME_PREFIX = "overspill."
 SIDES = ("local", "remote")
 ROUTES = "routes"  # the last part of a model's route configuration name
+# The last part of a model's composite cluster [local, remote] that spills over on retry: not a
+# side of its own (its requests are counted at the local and remote clusters' hosts).
+SPILLOVER = "spillover"
 
 
 def cluster_name(namespace: str, name: str, side: str) -> str:
@@ -40,6 +45,20 @@ def route_config_name(namespace: str, name: str) -> str:
     return f"{CLUSTER_PREFIX}{namespace}/{name}/{ROUTES}"
 
 
+def remote_member_name(namespace: str, name: str, index: int) -> str:
+    """`overspill/<ns>/<name>/remote/<i>`: the i-th of several remotes (in the user's order),
+    one cluster each behind the model's remote cluster."""
+    return f"{cluster_name(namespace, name, 'remote')}/{index}"
+
+
+def side_clusters(namespace: str, name: str, side: str, remotes: int = 1) -> tuple[str, ...]:
+    """The clusters that carry a side's requests, whose load reports count: the remote cluster
+    itself, or with several remotes the cluster of each (the aggregate over them has no hosts)."""
+    if side == "remote" and remotes > 1:
+        return tuple(remote_member_name(namespace, name, i) for i in range(remotes))
+    return (cluster_name(namespace, name, side),)
+
+
 def model_of(resource_name: str) -> ModelKey | None:
     """The model a cluster, endpoint set (by its cluster name), route configuration, or a
     resource named under one of its clusters (`<cluster>/<part>`: a remote's secrets and token
@@ -49,18 +68,34 @@ def model_of(resource_name: str) -> ModelKey | None:
     parts = resource_name[len(CLUSTER_PREFIX) :].split("/")
     if (
         len(parts) < 3
-        or (parts[2] not in SIDES and parts[2] != ROUTES)
-        or (len(parts) > 3 and parts[2] == ROUTES)
+        or (parts[2] not in SIDES and parts[2] not in (ROUTES, SPILLOVER))
+        or (len(parts) > 3 and parts[2] != "remote")
     ):
         return None
     return parts[0], parts[1]
 
 
 def side_of(cluster: str) -> tuple[ModelKey, str] | None:
-    """The model and side (local, remote) of a model's cluster; None for any other name."""
+    """The model and side (local, remote) of a model's cluster, the cluster of one of several
+    remotes being on the remote side; None for any other name (the spill-over composite too: it
+    has no hosts, so its load shows at the two sides)."""
     key = model_of(cluster)
-    side = cluster.rsplit("/", 1)[-1]
-    return (key, side) if key is not None and side in SIDES else None
+    if key is None:
+        return None
+    parts = cluster.split("/")
+    side = parts[-2] if parts[-1].isdigit() else parts[-1]
+    return (key, side) if side in SIDES else None
+
+
+def loads_by_side(clusters: Mapping[str, ClusterLoad]) -> dict[tuple[ModelKey, str], ClusterLoad]:
+    """Per model and side (local, remote), in cluster name order: the clusters of several remotes
+    summed into their model's remote side; clusters of no model left out."""
+    sides: dict[tuple[ModelKey, str], ClusterLoad] = {}
+    for cluster in sorted(clusters):
+        found = side_of(cluster)
+        if found is not None:
+            sides.setdefault(found, ClusterLoad()).add(clusters[cluster])
+    return sides
 
 
 def models_named_in(message: str, keys: set[ModelKey]) -> list[ModelKey]:
@@ -95,13 +130,20 @@ class ModelRoute:
     name: str
     domains: tuple[str, ...]
     endpoints: tuple[tuple[str, int], ...]
-    remote: RemoteBackend | None
+    remotes: tuple[RemoteBackend, ...]  # the remotes allowed, in order of preference
     remote_percent: float
     labels: tuple[tuple[str, str], ...] = ()
+    # Set (enabled, with a remote) when Envoy retries what the local pods turn away on the remote.
+    spillover: Spillover | None = None
 
     @property
     def key(self) -> ModelKey:
         return (self.namespace, self.name)
+
+    @property
+    def remote(self) -> RemoteBackend | None:
+        """The preferred remote (with one remote, the only one)."""
+        return self.remotes[0] if self.remotes else None
 
     @property
     def local_cluster(self) -> str:
@@ -110,6 +152,10 @@ class ModelRoute:
     @property
     def remote_cluster(self) -> str:
         return cluster_name(self.namespace, self.name, "remote")
+
+    @property
+    def spillover_cluster(self) -> str:
+        return cluster_name(self.namespace, self.name, SPILLOVER)
 
     @property
     def runtime_key(self) -> str:

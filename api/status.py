@@ -86,9 +86,11 @@ class ModelStatus:
     remote_percent: float = 0.0
     reason: str = ""
     ready_endpoints: int = 0
-    remote: str | None = None
-    remote_usable: bool = False
-    remote_credentials: str | None = None  # why the remote's credentials cannot be read (no value in it)
+    remote: str | None = None  # the preferred remote
+    remote_usable: bool = False  # any remote usable
+    remotes: list[tuple[str, bool]] = field(default_factory=list)  # each remote in order: url, usable
+    spillover: bool = False  # Envoy retries what the local pods turn away on the remote now
+    remote_credentials: str | None = None  # why a remote's credentials cannot be read (no value in it)
     metrics: list[MetricStatus] = field(default_factory=list)
     stale_metrics: list[str] = field(default_factory=list)  # without a reading for metricStaleAfterSeconds
     errors: list[str] = field(default_factory=list)
@@ -119,6 +121,8 @@ class ModelStatus:
             "readyEndpoints": self.ready_endpoints,
             "remote": self.remote,
             "remoteUsable": self.remote_usable,
+            "remotes": [{"remote": url, "usable": usable} for url, usable in self.remotes],
+            "spillover": self.spillover,
             "metrics": [
                 {
                     "name": m.spec.describe(),

@@ -76,7 +76,7 @@ def synthetic_model(i: int) -> ModelRoute:
     hi, lo = (i >> 8) & 255, i & 255
     remote = RemoteBackend(f"192.168.{hi}.{lo}", 8443, "https", "/v1", (("x-api-key", "bench"),))
     pods = ((f"10.{hi}.{lo}.1", 8000), (f"10.{hi}.{lo}.2", 8000))
-    return ModelRoute(ns, name, service_domains(name, ns, 8000), pods, remote, 0.0)
+    return ModelRoute(ns, name, service_domains(name, ns, 8000), pods, (remote,), 0.0)
 
 
 # --- JSON lines between processes -----------------------------------------------------------------
@@ -1182,7 +1182,9 @@ def main(argv: list[str] | None = None) -> None:
         Child.kill_all()
     if results:
         say(f"\n{table(results)}\n")
-        say(f"{structural_table(results)}\n")
+        points = [p for p in results if isinstance(p, Point)]  # storms add no model
+        if points:
+            say(f"{structural_table(points)}\n")
         say(f"results in {args.out}; {time.monotonic() - started:.0f} s in all")
 
 

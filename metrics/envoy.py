@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-from api.desired import SIDES, cluster_name
+from api.desired import SIDES, cluster_name, side_clusters
 from api.load import (
     ENVOY_PREFIX,
     ERRORS,
@@ -78,10 +78,11 @@ class EnvoyLoadMetrics:
         if self.ask is not None:
             self.ask(
                 frozenset(
-                    cluster_name(scope.namespace, scope.model, side)
+                    cluster
                     for spec, scope in requests
                     if is_envoy_metric(spec)
                     for side in SIDES
+                    for cluster in side_clusters(scope.namespace, scope.model, side, scope.remotes)
                 )
             )
         for i, (spec, scope) in enumerate(requests):
@@ -104,9 +105,10 @@ class EnvoyLoadMetrics:
         value_of = COUNTS[spec.name]
         total = 0.0
         for s in (side,) if side else SIDES:
-            load = self.load(cluster_name(scope.namespace, scope.model, s))
-            if load is not None:
-                total += value_of(load)
+            for cluster in side_clusters(scope.namespace, scope.model, s, scope.remotes):
+                load = self.load(cluster)
+                if load is not None:
+                    total += value_of(load)
         return Reading(total, None, where)
 
     def _orca(self, name: str, scope: MetricScope, where: str) -> Reading:

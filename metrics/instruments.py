@@ -19,7 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from api.desired import side_of
+from api.desired import loads_by_side
 from api.load import ClusterLoad
 from api.status import ModelStatus, Phase
 
@@ -237,13 +237,11 @@ class LoadCollector(Collector):
             "Failed requests per second, from Envoy's load reports",
             labels=labels,
         )
-        for cluster, load in self.clusters().items():
-            found = side_of(cluster)
-            if found is not None:
-                ids = [*found[0], found[1]]
-                in_flight.add_metric(ids, load.in_flight)
-                rate.add_metric(ids, load.rate)
-                errors.add_metric(ids, load.errors)
+        for (model, side), load in loads_by_side(self.clusters()).items():
+            ids = [*model, side]
+            in_flight.add_metric(ids, load.in_flight)
+            rate.add_metric(ids, load.rate)
+            errors.add_metric(ids, load.errors)
         yield from (reporters, in_flight, rate, errors)
 
 

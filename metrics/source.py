@@ -31,6 +31,7 @@ class MetricScope:
     namespace: str = "default"
     pod_selector: str = ""  # the workload's `spec.selector`, as a label selector string
     model: str = ""  # the ModelDeployment's name (Envoy's load reports are per model)
+    remotes: int = 1  # how many remotes it has: with several, their load is reported per remote
 
 
 Request = tuple[MetricSpec, MetricScope]

@@ -214,7 +214,7 @@ def parser() -> argparse.ArgumentParser:
         type=_remote_url,
         metavar="URL",
         help="remote backend (http(s)://host[:port][/prefix]) for models whose offloadingConfig "
-        "has no remoteBackend; for Policies, add where it is and what it runs as "
+        "names no remoteBackend(s); for Policies, add where it is and what it runs as "
         "?country=de&continent=eu&location=NAME&flavor=TYPE/NAME (each optional)",
     )
     s.add_argument(

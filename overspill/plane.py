@@ -20,7 +20,7 @@ import aiohttp
 from aiohttp import web
 
 from api.crd import ModelDeployment, ObjectKey
-from api.desired import side_of
+from api.desired import loads_by_side
 from api.status import ModelStatus
 from metrics.envoy import EnvoyLoadMetrics
 from metrics.instruments import Instruments
@@ -311,11 +311,7 @@ def bulk_load() -> Iterator[None]:
 def load_document(reports: LoadReports) -> dict:
     """Envoy's load reports as `/status` shows them: per model and side, summed over the Envoys."""
     models: dict[str, dict] = {}
-    for cluster, load in sorted(reports.clusters().items()):
-        found = side_of(cluster)
-        if found is None:
-            continue
-        (namespace, name), side = found
+    for ((namespace, name), side), load in loads_by_side(reports.clusters()).items():
         models.setdefault(f"{namespace}/{name}", {})[side] = {
             "requests_in_flight": load.in_flight,
             "request_rate": round(load.rate, 3),

@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
-from api.crd import ModelDeployment, ObjectKey, ObservedStatus, RemoteBackend
+from api.crd import ModelDeployment, ObjectKey, ObservedStatus, RemoteBackend, Spillover
 from api.desired import ModelKey, ModelRoute, service_domains
 from api.status import EnvoyRejection, MetricStatus, ModelStatus, Phase
 from metrics.hpa import compare
@@ -228,10 +228,14 @@ class Controller:
             else:
                 log.warning("event=metric_unavailable metric=%s %s error=%r", metric, some(keys), error)
 
-    def remote_of(self, model: ModelDeployment) -> RemoteBackend | None:
+    def remotes_of(self, model: ModelDeployment) -> tuple[RemoteBackend, ...]:
+        """The remotes the model may offload to, in order of preference: the one place the list
+        is built, so whatever narrows it (Policies) narrows the probe, the status and the routes."""
         if model.offloading is None:
-            return None
-        return model.offloading.remote or self.default_remote
+            return ()
+        if model.offloading.remotes:
+            return model.offloading.remotes
+        return (self.default_remote,) if self.default_remote is not None else ()
 
     def _status_of(self, key: ObjectKey) -> ModelStatus:
         status = self.status.get(key)
@@ -326,21 +330,21 @@ class Controller:
     def _track(self, model: ModelDeployment) -> None:
         """Index what `model` depends on, so a change to any of it decides the model again (a
         Policy's change decides only the models that name it)."""
-        ref, source, remote = model.service, model.source, self.remote_of(model)
+        ref, source, remotes = model.service, model.source, self.remotes_of(model)
         needs = (
             (ObjectKey("Service", ref.namespace, ref.name),)
             + ((ObjectKey(source.kind, source.namespace, source.name),) if source is not None else ())
             + policy_keys(model)
-            + credentials.secret_keys(model.meta.namespace, remote)
+            + credentials.secret_keys(model.meta.namespace, remotes)
         )
-        target = (remote.host, remote.port) if remote is not None else None
-        if self._needs.get(model.key) == (needs, target):
+        targets = tuple((remote.host, remote.port) for remote in remotes)
+        if self._needs.get(model.key) == (needs, targets):
             return
         self._untrack(model.key)
-        self._needs[model.key] = (needs, target)
+        self._needs[model.key] = (needs, targets)
         for need in needs:
             self._dependents.setdefault(need, set()).add(model.key)
-        if target is not None:
+        for target, remote in zip(targets, remotes, strict=True):
             self._remote_users.setdefault(target, set()).add(model.key)
             self._remotes[target] = remote
 
@@ -350,7 +354,12 @@ class Controller:
         if model.offloading is None or not model.offloading.metrics:
             self._reads.pop(model.key, None)
             return
-        scope = MetricScope(model.meta.namespace, pod_selector(self.store, model), model.meta.name)
+        scope = MetricScope(
+            model.meta.namespace,
+            pod_selector(self.store, model),
+            model.meta.name,
+            remotes=max(1, len(self.remotes_of(model))),
+        )
         requests = [(spec, scope) for spec in model.offloading.metrics]
         entry = self._reads.get(model.key)
         if entry is None or entry.requests != requests:
@@ -359,8 +368,8 @@ class Controller:
             entry.model, entry.last = model, None
 
     def _untrack(self, key: ObjectKey) -> None:
-        needs, target = self._needs.pop(key, ((), None))
-        for index, entries in ((self._dependents, needs), (self._remote_users, (target,) if target else ())):
+        needs, targets = self._needs.pop(key, ((), ()))
+        for index, entries in ((self._dependents, needs), (self._remote_users, targets)):
             for entry in entries:
                 users = index.get(entry)
                 if users is not None:
@@ -431,9 +440,9 @@ class Controller:
         if status.last_transition is None and seen.last_transition is not None:
             status.phase, status.remote_percent = phase, seen.remote_percent
             status.last_transition = self._to_clock(seen.last_transition)
-        remote = self.remote_of(model)
-        if phase == Phase.REMOTE_DOWN and remote is not None:
-            self.probe.assume_down(remote)
+        if phase == Phase.REMOTE_DOWN:
+            for remote in self.remotes_of(model):
+                self.probe.assume_down(remote)
         if machine.triggered or machine.over_since is not None or phase == Phase.REMOTE_DOWN:
             self._resumed.append(model.key)
 
@@ -455,19 +464,18 @@ class Controller:
 
         # First, so that saved state (a remote found down, say) counts in this very decision.
         machine = self._machine_for(model, status, now) if model.offloading and self.leading else None
-        remote = self.remote_of(model)
-        unreadable: list[str] = []
-        status.remote_credentials = None
-        if remote is not None:  # a remote whose credentials cannot be read gets no traffic
-            remote, unreadable = credentials.resolve(self.store, model.meta.namespace, remote)
+        remotes, unreadable = self._with_credentials(model)
+        allowed = self._apply_policies(model, status, remotes).allowed
+        status.remote_credentials = "; ".join(unreadable) or None
+        if unreadable:  # a remote whose credentials cannot be read gets no traffic
             status.errors += [f"{model.key}: {e}" for e in unreadable]
-            status.remote_credentials = "; ".join(unreadable) or None
-            self._note_credentials(model.key, unreadable)
-        verdict = self._apply_policies(model, status, [remote] if remote else [])
-        allowed = verdict.allowed[0] if verdict.allowed else None
+            allowed = ()
         status.ready_endpoints = len(backend.endpoints)
-        status.remote = remote.url if remote else None
-        status.remote_usable = allowed is not None and not unreadable and self.probe.usable(allowed)
+        status.remotes = [(remote.url, self.probe.usable(remote)) for remote in remotes]
+        status.remote = remotes[0].url if remotes else None
+        # Envoy itself leaves a remote that fails for the next (see xds.failover): offloading
+        # goes on while any remote the Policies allow is up.
+        status.remote_usable = any(self.probe.usable(remote) for remote in allowed)
         status.metrics = self.readings.get(model.key, [])
         if model.offloading is None:
             decision = Decision(Phase.STANDBY, 0.0, "no offloadingConfig: all traffic local")
@@ -489,15 +497,29 @@ class Controller:
                 decision.phase, 0.0, f"{decision.reason}: refused by Policy {first.policy} ({first.reason})"
             )
         self._record(model, status, decision, now)
+        spillover = _spillover(model) if allowed and status.remote_usable else None
+        status.spillover = spillover is not None
         return ModelRoute(
             model.meta.namespace,
             model.meta.name,
             claim.domains,
             backend.endpoints,
-            with_remote_policies(allowed, status.remote_policies) if allowed else None,
+            tuple(with_remote_policies(remote, status.remote_policies) for remote in allowed),
             decision.remote_percent if allowed else 0.0,
             labels=tuple(sorted(model.meta.labels.items())),
+            spillover=spillover,
         )
+
+    def _with_credentials(self, model: ModelDeployment) -> tuple[tuple[RemoteBackend, ...], list[str]]:
+        """The model's remotes with their credentials read from its namespace's Secrets, and what
+        could not be read (logged once as it starts and once as it ends)."""
+        remotes, unreadable = [], []
+        for remote in self.remotes_of(model):
+            remote, errors = credentials.resolve(self.store, model.meta.namespace, remote)
+            remotes.append(remote)
+            unreadable += errors
+        self._note_credentials(model.key, unreadable)
+        return tuple(remotes), unreadable
 
     def _note_credentials(self, key: ObjectKey, unreadable: list[str]) -> None:
         """One log line when a model's credentials become unreadable (naming the Secret key,
@@ -655,3 +677,11 @@ class Controller:
 
 def _stale_after(model: ModelDeployment) -> float:
     return model.offloading.behavior.metric_stale_after_seconds if model.offloading else 0.0
+
+
+def _spillover(model: ModelDeployment) -> Spillover | None:
+    """The model's spill-over settings when it is on. Only with a usable remote allowed: a remote
+    found down would turn each shed request into a wait for a connection that fails. The
+    decisions still set the steady share."""
+    spill = model.offloading.behavior.spillover if model.offloading else None
+    return spill if spill is not None and spill.enabled else None

@@ -7,6 +7,7 @@ key and the field that refers to them, never a value.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import replace
 
 from api.crd import ObjectKey, RemoteBackend
@@ -14,11 +15,9 @@ from reconciler.kube import Secret
 from reconciler.store import ObjectStore
 
 
-def secret_keys(namespace: str, remote: RemoteBackend | None) -> tuple[ObjectKey, ...]:
-    """The Secrets a remote's credentials refer to: what the model depends on."""
-    if remote is None:
-        return ()
-    names = dict.fromkeys(ref.name for ref in remote.secret_refs())
+def secret_keys(namespace: str, remotes: Iterable[RemoteBackend]) -> tuple[ObjectKey, ...]:
+    """The Secrets the remotes' credentials refer to: what the model depends on."""
+    names = dict.fromkeys(ref.name for remote in remotes for ref in remote.secret_refs())
     return tuple(ObjectKey("Secret", namespace, name) for name in names)
 
 

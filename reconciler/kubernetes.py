@@ -215,7 +215,7 @@ class KubernetesSource:
             new.services.add((m.service.namespace, m.service.name))
             if m.source is not None and m.source.kind in WORKLOADS:
                 new.workloads.add((m.source.kind, m.source.namespace, m.source.name))
-            new.secrets.update((k.namespace, k.name) for k in secret_keys(m.meta.namespace, _remote(m)))
+            new.secrets.update((k.namespace, k.name) for k in secret_keys(m.meta.namespace, _remotes(m)))
         old, self.interest = self.interest, new
         # Before a kind's first list, that list brings what is wanted: fetching would double it.
         for ns, name in new.services - old.services:
@@ -296,8 +296,8 @@ def _same_but_status(new, old) -> bool:
     return dataclasses.replace(new, meta=meta, observed=old.observed) == old
 
 
-def _remote(model):
-    return model.offloading.remote if model.offloading is not None else None
+def _remotes(model) -> tuple:
+    return model.offloading.remotes if model.offloading is not None else ()
 
 
 def _references(model) -> tuple | None:
@@ -307,7 +307,7 @@ def _references(model) -> tuple | None:
     source = model.source
     return (model.service.namespace, model.service.name, source.kind if source else None,
             source.namespace if source else None, source.name if source else None,
-            secret_keys(model.meta.namespace, _remote(model)))  # fmt: skip
+            secret_keys(model.meta.namespace, _remotes(model)))  # fmt: skip
 
 
 def _older(a: str, b: str) -> bool:

@@ -79,7 +79,12 @@ def desired_status(
             "RemoteAvailable",
             status.remote_usable,
             _remote_reason(status),
-            status.remote_credentials or status.remote or "no remoteBackend and no --default-remote",
+            status.remote_credentials
+            or (
+                ", ".join(f"{url} {'reachable' if ok else 'unreachable'}" for url, ok in status.remotes)
+                if len(status.remotes) > 1
+                else status.remote or "no remoteBackend and no --default-remote"
+            ),
             gen,
         ),
         _remote_allowed(status, gen),
@@ -106,6 +111,7 @@ def desired_status(
         ],
         "remote": status.remote or "",
         "policies": status.policies_dict(),
+        "remotes": [{"remote": url, "reachable": ok} for url, ok in status.remotes],
         "observedGeneration": gen,
         "errors": errors,
         "conditions": conditions,

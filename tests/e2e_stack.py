@@ -104,6 +104,7 @@ class Model:
     metrics: list[dict] | None = None  # offloading metrics (default: the test-controlled gauge)
     policies: list[dict] | None = None  # spec.policies
     remote_fields: dict | None = None  # more remoteBackend fields (location, flavor...)
+    spillover: dict | None = None  # behavior.spillover, as written in the CR
     local: ModelServer = field(init=False)
     remote: ModelServer = field(init=False)
 
@@ -161,7 +162,8 @@ class Model:
                             "percentage": self.percentage,
                             "activationDelaySeconds": self.activation_seconds,
                             "bufferDurationSeconds": self.buffer_seconds,
-                        },
+                        }
+                        | ({"spillover": self.spillover} if self.spillover is not None else {}),
                         "metrics": self.metrics
                         if self.metrics is not None
                         else [
@@ -266,6 +268,28 @@ def totals(model: Model) -> tuple[int, int]:
 def delta(model: Model, before: tuple[int, int]) -> tuple[int, int]:
     """(local, remote) requests counted since `before` (from `totals`)."""
     return model.local.counts.total - before[0], model.remote.counts.total - before[1]
+
+
+async def open_loop(
+    s: Stack, model: Model, rate: float, seconds: float, answers: list[tuple[float, str]] | None = None
+) -> list[int]:
+    """`rate` requests a second for `seconds`, each sent on time whatever the others are doing
+    (as clients do); returns their status codes once all are answered, and appends each
+    request's (seconds taken, body) to `answers` if given."""
+
+    async def one() -> int:
+        sent = time.monotonic()
+        code, body = await s.request(model.host)
+        if answers is not None:
+            answers.append((time.monotonic() - sent, body))
+        return code
+
+    tasks = []
+    started = time.monotonic()
+    for i in range(round(rate * seconds)):
+        await asyncio.sleep(max(0.0, started + i / rate - time.monotonic()))
+        tasks.append(asyncio.create_task(one()))
+    return list(await asyncio.gather(*tasks))
 
 
 async def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import aiohttp
 import pytest
 import yaml
-from e2e_stack import envoy_binary
+from e2e_stack import envoy_binary, missing
 from pki import CertificateAuthority
 
+from overspill.demo.procs import ComponentMissing, Envoy, free_port
+from overspill.demo.sim import ModelServer
 from xds import runtime
 from xds.render import ads_bootstrap
+from xds.stats import HCM, ROUTER
 
 ENVOY_DIR = Path(__file__).resolve().parent.parent / "envoy"
 CASES = {
@@ -105,3 +110,93 @@ def bootstrap_output(flags: list[str]) -> str:
     )
     assert result.returncode == 0, result.stderr
     return result.stdout
+
+
+# Model cluster names -> the labels their stats carry: a dotted model name, one of several remotes
+# (xds.failover), and a kind of cluster that does not exist yet.
+ODD_CLUSTERS = {
+    "overspill/team-a/llama.v2/local": 'namespace="team-a",model="llama.v2",side="local"}',
+    "overspill/team-b/m/remote/1": 'namespace="team-b",model="m",side="remote",remote_index="1"}',
+    "overspill/team-a/llama/spill-0": 'namespace="team-a",model="llama",side="spill-0"}',
+}
+
+
+def odd_bootstrap(path: Path, backend: int, listener: int, stats: int) -> Path:
+    """The gateway bootstrap with `--stats-port`, plus a static listener routing /0, /1, /2 to
+    clusters named as in ODD_CLUSTERS (the control plane's own are as in test_e2e_observability)."""
+    doc = ads_bootstrap(stats_port=stats)
+    # No control plane here: without its xDS parts Envoy starts at once (they would wait 15 s each).
+    for part in ("dynamic_resources", "cluster_manager", "layered_runtime"):
+        del doc[part]
+    doc["static_resources"]["listeners"][0]["address"]["socket_address"]["address"] = (
+        "127.0.0.1"  # loopback only
+    )
+    names = list(ODD_CLUSTERS)
+    router = {"name": "envoy.filters.http.router", "typed_config": {"@type": f"type.googleapis.com/{ROUTER}"}}
+    routes = [
+        {"match": {"prefix": f"/{i}"}, "route": {"cluster": n, "prefix_rewrite": "/"}}
+        for i, n in enumerate(names)
+    ]
+    hcm = {
+        "@type": f"type.googleapis.com/{HCM}",
+        "stat_prefix": "odd",
+        "http_filters": [router],
+        "route_config": {"virtual_hosts": [{"name": "odd", "domains": ["*"], "routes": routes}]},
+    }
+    doc["static_resources"]["listeners"].append(
+        {
+            "name": "odd",
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": listener}},
+            "filter_chains": [
+                {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
+            ],
+        }
+    )
+    endpoint = {"address": {"socket_address": {"address": "127.0.0.1", "port_value": backend}}}
+    doc["static_resources"]["clusters"] += [
+        {"name": n, "type": "STATIC", "connect_timeout": "1s",
+         "load_assignment": {"cluster_name": n, "endpoints": [{"lb_endpoints": [{"endpoint": endpoint}]}]}}
+        for n in names
+    ]  # fmt: skip
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+async def test_envoy_labels_any_model_cluster_and_the_stats_port_serves_only_its_page(tmp_path):
+    backend = ModelServer("backend", None, 0.0)
+    await backend.start()
+    listener, stats = free_port(), free_port()
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            Envoy(
+                free_port(), bootstrap=odd_bootstrap(tmp_path / "b.yaml", backend.port, listener, stats)
+            ) as envoy,
+        ):
+            for i in range(len(ODD_CLUSTERS)):
+                for _ in range(i + 1):
+                    async with session.get(f"http://127.0.0.1:{listener}/{i}") as resp:
+                        assert resp.status == 200
+            async with session.get(f"http://127.0.0.1:{stats}/stats/prometheus") as resp:
+                assert resp.status == 200
+                page = await resp.text()
+            for i, labels in enumerate(ODD_CLUSTERS.values()):
+                # Envoy's own cluster name label (cut at the first dot), then exactly ours.
+                name = r'^envoy_cluster_upstream_rq_total\{envoy_cluster_name="[^"]*",'
+                series = rf"{name}{re.escape(labels)} {i + 1}$"
+                assert re.search(series, page, re.M), [line for line in page.splitlines() if labels in line]
+            # The admin's other endpoints are not on the stats port; the admin itself still has them.
+            for method, path in (
+                ("GET", "/quitquitquit"),
+                ("POST", "/quitquitquit"),
+                ("POST", "/runtime_modify?a=1"),
+                ("POST", "/stats/prometheus"),
+                ("GET", "/stats"),
+            ):
+                async with session.request(method, f"http://127.0.0.1:{stats}{path}") as resp:
+                    assert resp.status == 404, (method, path)
+            assert "envoy_server_live" in await envoy.admin_get("/stats/prometheus")
+    except ComponentMissing as exc:
+        missing(exc)
+    finally:
+        await backend.stop()

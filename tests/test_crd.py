@@ -22,6 +22,7 @@ from api.crd import (
     InvalidObject,
     ModelDeployment,
     Policy,
+    Spillover,
     parse_model_deployment,
     parse_policy,
     parse_remote_backend,
@@ -440,6 +441,23 @@ def test_uppercase_name_is_rejected():
 def test_remote_backend_errors(remote, error):
     assert errors_of(offloading(remoteBackend=remote)) == [
         f"default/my-model: spec.offloadingConfig.remoteBackend.{error}"
+    ]
+
+
+def test_spillover_is_off_unless_enabled_and_takes_only_turned_away_codes():
+    assert parse_model_deployment(offloading()).offloading.behavior.spillover == Spillover()
+    on = offloading(
+        behavior={"spillover": {"enabled": True, "statusCodes": [503, 429, 503], "maxRetries": "64"}}
+    )
+    assert parse_model_deployment(on).offloading.behavior.spillover == Spillover(
+        enabled=True, status_codes=(429, 503), max_retries=64
+    )
+    bad = offloading(behavior={"spillover": {"enabled": 1, "statusCodes": [429, 500], "maxRetries": 0}})
+    prefix = "default/my-model: spec.offloadingConfig.behavior.spillover."
+    assert errors_of(bad) == [
+        f"{prefix}statusCodes[1]: must be 429 or 503 (a request turned away before any work), got 500",
+        f"{prefix}maxRetries: must be 1 or more, got 0",
+        f"{prefix}enabled: must be true or false, got 1",
     ]
 
 

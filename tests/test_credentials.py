@@ -223,7 +223,7 @@ def test_secret_and_token_cluster_names_lead_back_to_the_model():
 def route(namespace: str, token: str) -> ModelRoute:
     r = parse_remote_backend(remote(headersToAdd=[header_from(valuePrefix="Bearer ")]), "remoteBackend")
     r = replace(r, secrets=((("remote-token", "token"), SecretValue(token.encode())),))
-    return ModelRoute(namespace, "llm", service_domains("llm", namespace, 80), (("10.0.0.1", 80),), r, 0.0)
+    return ModelRoute(namespace, "llm", service_domains("llm", namespace, 80), (("10.0.0.1", 80),), (r,), 0.0)
 
 
 def test_rotation_is_a_new_secret_version_and_the_cluster_is_untouched():
@@ -303,3 +303,29 @@ def test_a_static_bootstrap_leaves_credentials_out_and_says_so(tmp_path, capsys)
     assert "default/m: the remote's credentials are served over SDS only" in err
     assert "credential_injector" not in out and "sdsConfig" not in out and TOKEN not in out
     assert "overspill/default/m/remote" in out
+
+
+@pytest.mark.parametrize(
+    "offloading",
+    [
+        {"remoteBackends": [remote(headersToAdd=[header_from()]), remote(host="second.example.com")]},
+        {
+            "remoteBackend": remote(clientCertificateRef={"name": "tls"}),
+            "behavior": {"spillover": {"enabled": True}},
+        },
+    ],
+    ids=["several-remotes", "spillover"],
+)
+def test_credentials_with_several_remotes_or_spillover_are_refused_naming_the_field(offloading):
+    """Envoy runs the upstream filters of the cluster the route names (an aggregate, a composite),
+    not those of the remote chosen behind it: the credentials would silently not be sent."""
+    doc = {
+        "apiVersion": "deployment.beamlit.com/v1alpha1",
+        "kind": "ModelDeployment",
+        "metadata": {"name": "m", "namespace": "default"},
+        "spec": {"serviceRef": {"name": "m"}, "offloadingConfig": offloading},
+    }
+    with pytest.raises(InvalidObject) as exc:
+        parse_model_deployment(doc)
+    assert "spec.offloadingConfig.remoteBackend" in str(exc.value)
+    assert "are taken with one remote and spill-over off only" in str(exc.value)

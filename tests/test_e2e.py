@@ -213,6 +213,8 @@ async def test_envoy_nack_is_reported_and_other_models_keep_serving(tmp_path):
         metrics = await s.control_plane.metrics_text()
         assert 'overspill_xds_nacks_total{type="CDS"} 1.0' in metrics
         assert 'overspill_model_xds_nacks_total{name="tls",namespace="default",type="CDS"} 1.0' in metrics
+        assert 'overspill_model_xds_rejections{name="tls",namespace="default"} 1.0' in metrics  # it stands
+        assert 'overspill_model_xds_rejections{name="good",namespace="default"} 0.0' in metrics
         assert (
             "event=nack" in s.control_plane.log_text() and "models=default/tls" in s.control_plane.log_text()
         )
@@ -233,3 +235,5 @@ async def test_envoy_nack_is_reported_and_other_models_keep_serving(tmp_path):
             await asyncio.sleep(0.1)
         assert nack is None
         assert "overspill/default/tls/remote" in await s.envoy.admin_get("/clusters")
+        rejections = 'overspill_model_xds_rejections{name="tls",namespace="default"} 0.0'
+        assert rejections in await s.control_plane.metrics_text()  # taken back

@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from e2e_stack import SWITCH_BUDGET, Model, Stack, stack
+from e2e_stack import SWITCH_BUDGET, Model, Stack, open_loop, stack
 
 pytestmark = pytest.mark.e2e
 
@@ -20,17 +20,6 @@ def envoy_metric(name: str, value: float, target: str = "Value") -> dict:
         "type": "External",
         "external": {"metric": {"name": name}, "target": {"type": target, key: str(value)}},
     }
-
-
-async def open_loop(s: Stack, model: Model, rate: float, seconds: float) -> list[int]:
-    """`rate` requests a second for `seconds`, each sent on time whatever the others are doing
-    (as clients do); returns their status codes once all are answered."""
-    tasks = []
-    started = time.monotonic()
-    for i in range(round(rate * seconds)):
-        await asyncio.sleep(max(0.0, started + i / rate - time.monotonic()))
-        tasks.append(asyncio.create_task(s.request(model.host)))
-    return [code for code, _ in await asyncio.gather(*tasks)]
 
 
 async def load_of(s: Stack, model: Model) -> dict:

@@ -132,6 +132,7 @@ async def test_envoy_and_control_plane_numbers_as_prometheus_sees_them(tmp_path)
         seconds = one(text, "overspill_weight_decision_to_ack_seconds_sum")
         assert taken is not None and taken >= 1 and seconds is not None
         assert 0 < seconds / taken < SWITCH_BUDGET, (seconds, taken)
+        print(f"\ndecision -> Envoy ACK: {taken:.0f} sample(s), mean {1000 * seconds / taken:.1f} ms")
         assert (one(text, "overspill_xds_push_to_ack_seconds_count", type="RTDS") or 0) >= 1
         assert (one(text, "overspill_evaluation_duration_seconds_count") or 0) >= 1
         assert (one(text, "overspill_metric_read_duration_seconds_count", source="prometheus") or 0) >= 1
@@ -146,15 +147,13 @@ async def test_envoy_and_control_plane_numbers_as_prometheus_sees_them(tmp_path)
 
 
 async def served_share_as_the_alert_sees_it(prometheus: Prometheus) -> None:
-    (rule,) = [
-        r
-        for g in yaml.safe_load(RULES.read_text())["groups"]
-        for r in g["rules"]
-        if r.get("alert") == "OverspillServedShareApart"
-    ]
-    assert await prometheus.query(rule["expr"]) == [], "30 % decided, about 30 % served: not apart"
+    rules = {r["alert"]: r for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]}
+    for name, alert in rules.items():  # every alert's expression runs on this Prometheus (none fires here)
+        assert await prometheus.query(alert["expr"]) == [], name
+    rule = rules["OverspillServedShareApart"]
     # The same expression with no threshold gives the model, named as the control plane names it,
     # about 0 points apart (the split is random per request).
     (apart,) = await prometheus.query(rule["expr"].replace(") > 20", ") > -1"))
     assert apart["metric"] == {"namespace": "default", "name": "llm"}
     assert float(apart["value"][1]) < 8, apart
+    print(f"decided and served remote shares {float(apart['value'][1]):.1f} points apart")

@@ -254,12 +254,16 @@ def model(**spec: Any) -> dict:
     return doc
 
 
-def offload(*metrics: dict, behavior: dict | None = None, remote: dict | None = None) -> dict:
+def offload(
+    *metrics: dict, behavior: dict | None = None, remote: dict | None = None, remotes: list | None = None
+) -> dict:
     config: dict[str, Any] = {"metrics": list(metrics)}
     if behavior is not None:
         config["behavior"] = behavior
     if remote is not None:
         config["remoteBackend"] = remote
+    if remotes is not None:
+        config["remoteBackends"] = remotes
     return model(offloadingConfig=config)
 
 
@@ -294,6 +298,10 @@ def utilization(v: Any) -> dict:
 
 def remote(**fields: Any) -> dict:
     return offload(remote={"host": "standby.example.com", **fields})
+
+
+def remotes(*items: dict) -> dict:
+    return offload(remotes=list(items))
 
 
 def policy(**spec: Any) -> dict:
@@ -548,6 +556,36 @@ AGREEMENT: list[tuple[str, dict, bool]] = [
     ("remote-client-certificate", remote(scheme="https", clientCertificateRef={"name": "client-tls"}), True),
     ("remote-client-certificate-no-name", remote(scheme="https", clientCertificateRef={}), False),
     ("remote-insecure-string", remote(insecureSkipVerify="yes"), False),
+    ("spillover-on", offload(behavior={"spillover": {"enabled": True}}), True),
+    (
+        "spillover-429-only",
+        offload(behavior={"spillover": {"enabled": True, "statusCodes": [429], "maxRetries": 50}}),
+        True,
+    ),
+    ("spillover-on-500", offload(behavior={"spillover": {"enabled": True, "statusCodes": [500]}}), False),
+    ("spillover-max-retries-0", offload(behavior={"spillover": {"enabled": True, "maxRetries": 0}}), False),
+    ("spillover-enabled-string", offload(behavior={"spillover": {"enabled": "yes"}}), False),
+    (
+        "spillover-max-request-bytes-0",
+        offload(behavior={"spillover": {"enabled": True, "maxRequestBytes": 0}}),
+        False,
+    ),
+    (
+        "spillover-max-request-bytes",
+        offload(behavior={"spillover": {"enabled": True, "maxRequestBytes": 65536}}),
+        True,
+    ),
+    # remoteBackends
+    ("remotes", remotes({"host": "a.example.com"}, {"host": "10.0.0.7:8080", "pathPrefix": "/v1"}), True),
+    ("remotes-empty", remotes(), False),
+    ("remotes-nine", remotes(*({"host": f"r{i}.example.com"} for i in range(9))), False),
+    ("remotes-item-without-host", remotes({"host": "a.example.com"}, {"scheme": "https"}), False),
+    ("remotes-item-bad-scheme", remotes({"host": "a.example.com", "scheme": "ftp"}), False),
+    (
+        "remotes-and-remote",
+        offload(remote={"host": "a.example.com"}, remotes=[{"host": "b.example.com"}]),
+        False,
+    ),
     # Policy
     ("policy-location", policy(type="location", locations=[{"type": "continent", "name": "eu"}]), True),
     (

@@ -327,3 +327,17 @@ def test_the_default_remote_url_can_say_where_it_is_and_what_it_runs(capsys):
         with pytest.raises(SystemExit):
             serve_default_remote(bad)
         assert why in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rule,spills", [(("continent", "eu"), True), (("country", "us"), False)])
+def test_a_remote_a_policy_refuses_gets_no_spill_overs_either(rule, spills):
+    doc = eu_model(REMOTE)
+    doc["spec"]["offloadingConfig"]["behavior"]["spillover"] = {"enabled": True}
+    store = ObjectStore()
+    store.replace_origin("a.yaml", *parse_documents(text(doc, *service_docs(), eu_only(rule)), "a.yaml"))
+    controller, _, _ = make_controller(store)
+    controller.reconcile()
+    route = routes_by_name(controller)["m"]
+    assert (route.spillover is not None, controller.status[MODEL].to_dict()["spillover"]) == (spills, spills)
+    if spills:  # the remote policies it passes on reach spilled requests too (see xds.spillover)
+        assert (REMOTE_POLICIES_HEADER, "gdpr-on-remote") in route.remote.headers_to_add

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from api.crd import ObjectKey, RemoteBackend
+from api.crd import ObjectKey, RemoteBackend, Spillover
 from api.status import Phase
 from metrics.instruments import Instruments
 from metrics.source import Reading, read_each
@@ -682,14 +682,20 @@ def test_a_removed_model_is_forgotten():
 
 
 async def test_a_remote_that_refuses_connections_gets_no_traffic():
+    """Neither the steady share nor spill-over: a shed request would only wait for a
+    connection that fails."""
     closed = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
     port = closed.sockets[0].getsockname()[1]
     closed.close()
     await closed.wait_closed()
 
     store = ObjectStore()
-    load(store, "a.yaml", text(model_doc(remote=f"127.0.0.1:{port}"), *service_docs()))
+    spill = {"spillover": {"enabled": True}}
+    load(store, "a.yaml", text(model_doc(remote=f"127.0.0.1:{port}", behavior=spill), *service_docs()))
     controller, _, _ = make_controller(store, FakeInformer(queue_depth=50))
+    controller.reconcile()
+    assert routes_by_name(controller)["m"].spillover == Spillover(enabled=True)
+    assert controller.status[MODEL].to_dict()["spillover"] is True
     for _ in range(controller.probe.failures_to_down):
         await asyncio.wait_for(controller.evaluate(), 5)
         await asyncio.wait_for(controller.probe_remotes(), 5)
@@ -697,6 +703,8 @@ async def test_a_remote_that_refuses_connections_gets_no_traffic():
     assert not status.remote_usable
     assert (status.phase, status.remote_percent) == (Phase.REMOTE_DOWN.value, 0.0)
     assert routes_by_name(controller)["m"].remote_percent == 0.0
+    assert routes_by_name(controller)["m"].spillover is None
+    assert status.to_dict()["spillover"] is False
 
 
 def test_status_document_shape():

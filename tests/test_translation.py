@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 from pathlib import Path
 
@@ -61,12 +62,13 @@ from envoy_data_plane.google.protobuf import Any
 from envoy_data_plane.google.rpc import Status
 
 import xds.resources
-from api.crd import RemoteBackend
-from api.desired import ModelRoute, service_domains
+from api.crd import RemoteBackend, Spillover
+from api.desired import ModelRoute, model_of, service_domains, side_of
 from overspill.cli import main
+from xds import failover, runtime, spillover, wire
 from xds import resources as res
-from xds import runtime, wire
 from xds.cache import Resource, Scope, View
+from xds.render import static_bootstrap
 from xds.snapshot import Translator
 from xds.types import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE, RUNTIME, SCOPED_ROUTE, SECRET
 
@@ -85,7 +87,14 @@ def route(
     endpoints: tuple[tuple[str, int], ...] = (("10.0.0.1", 8000), ("10.0.0.2", 8000)),
     port: int = 80,
 ) -> ModelRoute:
-    return ModelRoute(namespace, name, service_domains(name, namespace, port), endpoints, remote, percent)
+    return ModelRoute(
+        namespace,
+        name,
+        service_domains(name, namespace, port),
+        endpoints,
+        (remote,) if remote else (),
+        percent,
+    )
 
 
 # --- domains ---
@@ -387,8 +396,8 @@ def test_adding_a_model_changes_only_its_own_resources():
 def test_a_host_name_two_models_share_is_one_scope_owned_by_the_first_model():
     """The reconciler gives `svc` to one model; another Service of that name elsewhere keeps its
     `svc:port`. One scope per Host name: it routes to the first model by namespace/name."""
-    a = ModelRoute("a", "llm", ("llm", "llm:80", "llm.a"), (("10.0.0.1", 80),), None, 0)
-    b = ModelRoute("b", "llm", ("llm:8080", "llm.b", "llm.b:8080"), (("10.0.0.2", 80),), None, 0)
+    a = ModelRoute("a", "llm", ("llm", "llm:80", "llm.a"), (("10.0.0.1", 80),), (), 0)
+    b = ModelRoute("b", "llm", ("llm:8080", "llm.b", "llm.b:8080"), (("10.0.0.2", 80),), (), 0)
     translator, view = make()
     translator.publish([b])
     assert scopes(view) == {"llm": b.route_config, "llm.b": b.route_config}
@@ -608,17 +617,20 @@ def test_render_prints_every_resource_type(tmp_path, capsys):
     assert "llm.inference:80" in vhosts["inference/llm"]["domains"]
 
 
-def test_rendered_bootstrap_is_accepted_by_envoy(tmp_path, capsys):
-    envoy = envoy_binary()
-    path = render(tmp_path, capsys, "--bootstrap")
+def assert_envoy_accepts(bootstrap: Path) -> None:
+    """Envoy's own `--mode validate` of a bootstrap file."""
     proc = subprocess.run(
-        [envoy, "--mode", "validate", "-c", str(path), "--log-level", "warn"],
+        [envoy_binary(), "--mode", "validate", "-c", str(bootstrap), "--log-level", "warn"],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "OK" in proc.stdout + proc.stderr
+
+
+def test_rendered_bootstrap_is_accepted_by_envoy(tmp_path, capsys):
+    assert_envoy_accepts(render(tmp_path, capsys, "--bootstrap"))
 
 
 def test_render_warns_about_bad_documents_and_renders_the_rest(tmp_path, capsys):
@@ -644,3 +656,113 @@ def test_render_warns_about_bad_documents_and_renders_the_rest(tmp_path, capsys)
 def test_render_refuses_a_missing_directory(tmp_path, capsys):
     assert main(["render", str(tmp_path / "nope")]) == 2
     assert "not a directory" in capsys.readouterr().err
+
+
+# --- spill-over (behavior.spillover) ---
+
+
+SPILL = Spillover(enabled=True)
+
+
+def spilling(remote: RemoteBackend | None = HOSTED, spill: Spillover = SPILL) -> ModelRoute:
+    return dataclasses.replace(route(remote=remote), spillover=spill)
+
+
+def test_spillover_sends_the_local_route_through_the_composite_with_a_narrow_retry_policy():
+    plain_remote, _ = VirtualHost.FromString(res.virtual_host(route())).routes
+    remote_route, local_route = VirtualHost.FromString(res.virtual_host(spilling())).routes
+    assert remote_route == plain_remote  # the decisions' steady share is routed as before
+    action = local_route.route
+    assert action.cluster == "overspill/inference/llm/spillover"
+    policy = action.retry_policy
+    assert policy.retry_on == "retriable-status-codes,connect-failure,refused-stream,reset-before-request"
+    assert "5xx" not in policy.retry_on and "reset," not in policy.retry_on + ","
+    assert (policy.num_retries, list(policy.retriable_status_codes)) == (1, [429, 503])
+    assert action.auto_host_rewrite  # per attempt: a remote endpoint's hostname, a pod has none
+    only_429 = VirtualHost.FromString(res.virtual_host(spilling(spill=Spillover(True, (429,))))).routes[1]
+    assert list(only_429.route.retry_policy.retriable_status_codes) == [429]
+
+
+def spill_clusters(r: ModelRoute) -> dict[str, Cluster]:
+    return {
+        name: Cluster.FromString(body) for name, body in failover.remote_clusters(r) + spillover.clusters(r)
+    }
+
+
+def test_spillover_composite_lists_local_then_remote_with_a_raised_retry_budget_and_the_remote_rewrites():
+    clusters = spill_clusters(spilling(spill=Spillover(True, max_retries=64)))
+    cluster = clusters["overspill/inference/llm/spillover"]
+    assert cluster.lb_policy == ClusterLbPolicy.CLUSTER_PROVIDED
+    assert cluster.cluster_type.name == "envoy.clusters.composite"
+    config = cluster.cluster_type.typed_config.unpack()
+    assert [c.name for c in config.clusters] == [
+        "overspill/inference/llm/local",
+        "overspill/inference/llm/remote",
+    ]
+    assert [t.max_retries for t in cluster.circuit_breakers.thresholds] == [64]
+    assert cluster.lrs_report_endpoint_metrics == ["named_metrics.*"]
+    # The remote's rewrites, made per attempt by the endpoint it goes to (as for several remotes).
+    options = cluster.typed_extension_protocol_options[failover.HTTP_OPTIONS].unpack()
+    assert [f.name for f in options.http_filters] == [
+        "envoy.filters.http.header_mutation",
+        "envoy.filters.http.lua",
+        "envoy.filters.http.upstream_codec",
+    ]
+    script = options.http_filters[1].typed_config.unpack().default_source_code.inline_string
+    assert script == failover.lua_script((HOSTED,))
+    (lb,) = clusters["overspill/inference/llm/remote"].load_assignment.endpoints[0].lb_endpoints
+    assert lb.endpoint.hostname == "llm.standby.example.com"
+    assert lb.metadata.filter_metadata["overspill"].to_dict() == {"remote": "0"}
+    # Without spill-over the remote cluster is as before; a remote with nothing to rewrite needs
+    # no filters.
+    (plain,) = Cluster.FromString(res.remote_cluster(route())).load_assignment.endpoints[0].lb_endpoints
+    assert not plain.endpoint.hostname and plain.metadata is None
+    bare = spill_clusters(spilling(remote=PLAIN))["overspill/inference/llm/spillover"]
+    assert not bare.typed_extension_protocol_options
+
+
+def test_spillover_with_several_remotes_names_their_aggregate_and_rewrites_for_each():
+    several = dataclasses.replace(spilling(), remotes=(HOSTED, PLAIN))
+    clusters = spill_clusters(several)
+    composite = clusters["overspill/inference/llm/spillover"]
+    config = composite.cluster_type.typed_config.unpack()
+    assert [c.name for c in config.clusters][1] == "overspill/inference/llm/remote"  # the aggregate
+    options = composite.typed_extension_protocol_options[failover.HTTP_OPTIONS].unpack()
+    script = options.http_filters[1].typed_config.unpack().default_source_code.inline_string
+    assert script == failover.lua_script((HOSTED, PLAIN))
+
+
+def test_spillover_cluster_name_parses_back_to_the_model_but_is_no_side():
+    assert model_of("overspill/inference/llm/spillover") == ("inference", "llm")
+    assert side_of("overspill/inference/llm/spillover") is None
+    assert side_of("overspill/inference/llm/local") == (("inference", "llm"), "local")
+
+
+def test_turning_spillover_on_and_off_adds_and_removes_the_composite_cluster():
+    translator, view = make()
+    translator.publish([route()])
+    assert set(view.resources[CLUSTER]) == {"overspill/inference/llm/local", "overspill/inference/llm/remote"}
+    translator.publish([spilling()])
+    assert "overspill/inference/llm/spillover" in view.resources[CLUSTER]
+    assert decoded_routes(view, route()).virtual_hosts[0].routes[1].route.cluster.endswith("/spillover")
+    translator.publish([route()])
+    assert "overspill/inference/llm/spillover" not in view.resources[CLUSTER]
+    assert decoded_routes(view, route()).virtual_hosts[0].routes[1].route.cluster.endswith("/local")
+
+
+def test_a_static_bootstrap_with_spillover_is_accepted_by_envoy(tmp_path):
+    path = tmp_path / "bootstrap.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            static_bootstrap(
+                [
+                    spilling(),
+                    route(name="other"),
+                    dataclasses.replace(route(name="two"), remotes=(HOSTED, PLAIN), spillover=SPILL),
+                ],
+                "127.0.0.1",
+                10000,
+            )
+        )
+    )
+    assert_envoy_accepts(path)

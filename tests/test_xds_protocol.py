@@ -60,7 +60,7 @@ def model(
         name,
         service_domains(name, namespace, 80),
         endpoints,
-        remote,
+        (remote,) if remote else (),
         percent,
         tuple(sorted((labels or {}).items())),
     )
@@ -506,7 +506,7 @@ async def test_a_dropped_remote_leaves_the_routes_before_its_cluster_leaves(plan
         slow = await plane.client("slow", delta, reject=log)
         await synced(plane, slow, BASE)
         slow.ack_delay = ack_delay
-        local_only = replace(BASE[0], remote=None)
+        local_only = replace(BASE[0], remotes=())
         mark = len(slow.received)
         plane.apply(local_only)
         await synced(plane, slow, [local_only, *BASE[1:]], timeout=10)
@@ -532,7 +532,7 @@ async def test_a_remote_cluster_stays_while_the_node_rejects_routes_without_it(p
         await synced(plane, c, BASE)
         c.reject = reject
         mark = len(c.received)
-        local_only = replace(BASE[0], remote=None)
+        local_only = replace(BASE[0], remotes=())
         plane.apply(local_only)
         await c.wait(lambda c: any(r.nacked for r in c.received[mark:]), 3)
         await asyncio.sleep(1.0)
@@ -585,7 +585,7 @@ async def test_route_hold_is_bounded_for_a_node_that_never_answers_its_clusters(
         c.ack_delay = 3.0  # from now on it answers everything 3 s late
         mark = len(c.received)
         # A new standby: a new remote cluster, and routes that send its Host.
-        moved = replace(BASE[0], remote=RemoteBackend("10.9.8.8", 8080, "http"))
+        moved = replace(BASE[0], remotes=(RemoteBackend("10.9.8.8", 8080, "http"),))
         plane.apply(moved)
 
         def rewrites(rc) -> str:
@@ -656,7 +656,9 @@ async def test_nacked_cluster_version_is_held_and_reported_and_others_unaffected
         assert plane.stream("other").describe()["types"]["CDS"]["nack"] is None
 
         # Fixing the model makes a new version, sent and ACKed normally.
-        fixed = replace(broken, remote=replace(broken.remote, ca_file="/etc/ssl/certs/ca-certificates.crt"))
+        fixed = replace(
+            broken, remotes=(replace(broken.remote, ca_file="/etc/ssl/certs/ca-certificates.crt"),)
+        )
         plane.apply(fixed)
         await picky.wait(lambda c: fixed.remote_cluster in c.held[CLUSTER], 3)
         last = [r for r in picky.received if r.type_url == CLUSTER][-1]

@@ -37,7 +37,7 @@ def model(name: str, percent: float = 0.0, labels: dict[str, str] | None = None)
         name,
         service_domains(name, "inference", 80),
         (("10.0.0.1", 8000),),
-        REMOTE,
+        (REMOTE,),
         percent,
         tuple(sorted((labels or {}).items())),
     )

@@ -13,7 +13,7 @@ does: only nodes whose scope admits the model get it, as with its clusters.
 from __future__ import annotations
 
 import datetime
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from envoy_data_plane.envoy.config.cluster.v3 import Cluster
 from envoy_data_plane.envoy.config.core.v3 import (
@@ -93,7 +93,7 @@ def remote_credentials(remote: RemoteBackend, cluster: str) -> RemoteCredentials
     """What `remote`'s credentials add to its cluster `cluster` (NONE for a remote without any).
     A value not read yet (its Secret missing) is not served: Envoy waits for it, and the
     reconciler sends that remote no traffic meanwhile."""
-    if not remote.secret_headers and remote.oauth is None and remote.client_certificate is None:
+    if not remote.has_credentials:
         return NONE
     secrets: list[tuple[str, bytes]] = []
     filters: list[HttpFilter] = []
@@ -166,6 +166,11 @@ def _injector(kind: str, config) -> HttpFilter:
         overwrite=True, credential=TypedExtensionConfig(name=kind, typed_config=config)
     )
     return HttpFilter(name=INJECTOR, typed_config=pack(injector))
+
+
+def without_credentials(remote: RemoteBackend) -> RemoteBackend:
+    """`remote` with no credentials, for a configuration that cannot take SDS (a static bootstrap)."""
+    return replace(remote, secret_headers=(), oauth=None, client_certificate=None, secrets=())
 
 
 def redact(secret: dict) -> dict:

@@ -15,11 +15,20 @@ from collections.abc import Callable
 from typing import Any
 
 import betterproto2
-from betterproto2 import TYPE_BOOL, TYPE_BYTES, TYPE_ENUM, TYPE_INT32, TYPE_MESSAGE, TYPE_STRING, TYPE_UINT32
+from betterproto2 import (
+    TYPE_BOOL,
+    TYPE_BYTES,
+    TYPE_ENUM,
+    TYPE_INT32,
+    TYPE_MESSAGE,
+    TYPE_STRING,
+    TYPE_UINT32,
+    TYPE_UINT64,
+)
 
 from xds import wire
 
-_VARINTS = (TYPE_ENUM, TYPE_BOOL, TYPE_INT32, TYPE_UINT32)
+_VARINTS = (TYPE_ENUM, TYPE_BOOL, TYPE_INT32, TYPE_UINT32, TYPE_UINT64)
 
 
 class Fields:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import grpc
 from envoy_data_plane.envoy.service.load_stats.v3 import LoadStatsResponse
 
+from api.crd import MAX_REMOTES
 from api.desired import CLUSTER_PREFIX, SIDES
 from api.load import ClusterLoad
 from xds import wire
@@ -160,7 +161,10 @@ class LoadReports:
 # by locality stats (field 2), so `/local` + that tag finds them with a C search, and the idle ones
 # (most of 20,000 in a report at 10,000 models) cost no Python at all. Only model clusters are
 # asked for (`api.desired.cluster_name`: a prefix, and no '/' in Kubernetes names).
-_BUSY_TAILS = tuple(f"/{side}".encode() + b"\x12" for side in SIDES)
+# With several remotes, each remote's cluster (`api.desired.remote_member_name`) too.
+_BUSY_TAILS = tuple(f"/{side}".encode() + b"\x12" for side in SIDES) + tuple(
+    f"/remote/{i}".encode() + b"\x12" for i in range(MAX_REMOTES)
+)
 _PREFIX = CLUSTER_PREFIX.encode()
 
 

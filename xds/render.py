@@ -8,6 +8,7 @@ file can run an Envoy with no control plane at all (e.g. to check a config).
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import replace
 
 # Imported for their message types: `Any.unpack` finds only the types that were imported.
 import envoy_data_plane.envoy.config.cluster.v3  # noqa: F401
@@ -20,9 +21,9 @@ from envoy_data_plane.envoy.config.cluster.v3 import Cluster
 from envoy_data_plane.google.protobuf import Any as ProtoAny
 
 from api.desired import ModelRoute
+from xds import failover, runtime, spillover
 from xds import resources as res
-from xds import runtime
-from xds.credentials import redact
+from xds.credentials import redact, without_credentials
 from xds.stats import stats_listener, stats_tags
 from xds.types import PUSH_ORDER, SECRET
 from xds.view import View
@@ -46,11 +47,10 @@ def served_documents(view: View) -> dict[str, list[dict]]:
 
 
 def static_bootstrap(routes: list[ModelRoute], address: str, port: int, admin_port: int = 9901) -> dict:
+    # Remotes without their credentials: they come over SDS only, and a static bootstrap has none.
+    routes = [replace(r, remotes=tuple(without_credentials(x) for x in r.remotes)) for r in routes]
     clusters = [res.local_cluster(r, static=True) for r in routes] + [
-        # Without its credentials: they come over SDS only, and a static bootstrap has none.
-        res.backend_cluster(r.remote_cluster, r.remote)
-        for r in routes
-        if r.remote
+        body for r in routes for _, body in failover.remote_clusters(r) + spillover.clusters(r)
     ]
     clusters = [Cluster.FromString(body) for body in clusters]
     return {
@@ -68,7 +68,7 @@ def static_bootstrap(routes: list[ModelRoute], address: str, port: int, admin_po
     }
 
 
-HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+HTTP_OPTIONS = failover.HTTP_OPTIONS
 
 
 def ads_bootstrap(

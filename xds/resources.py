@@ -16,6 +16,7 @@ removing a model sends that model's scopes and route configuration, not every mo
 from __future__ import annotations
 
 import datetime
+import functools
 from collections.abc import Iterable
 
 from envoy_data_plane.envoy.config.accesslog.v3 import AccessLogFilter, ResponseFlagFilter
@@ -49,6 +50,8 @@ from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Liste
 from envoy_data_plane.envoy.config.route.v3 import (
     DirectResponseAction,
     RetryPolicy,
+    RetryPolicyRetryBackOff,
+    RetryPolicyRetryPriority,
     Route,
     RouteAction,
     RouteConfiguration,
@@ -70,6 +73,7 @@ from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v
     ScopedRoutesScopeKeyBuilderFragmentBuilder,
     ScopedRoutesScopeKeyBuilderFragmentBuilderHeaderValueExtractor,
 )
+from envoy_data_plane.envoy.extensions.retry.priority.previous_priorities.v3 import PreviousPrioritiesConfig
 from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
     CertificateValidationContext,
     CommonTlsContext,
@@ -79,6 +83,7 @@ from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
 )
 from envoy_data_plane.envoy.type.matcher.v3 import StringMatcher
 from envoy_data_plane.envoy.type.v3 import FractionalPercent, FractionalPercentDenominatorType
+from envoy_data_plane.google.protobuf import UInt64Value
 from envoy_data_plane.message_pool import default_message_pool
 
 from api.crd import RemoteBackend
@@ -99,6 +104,14 @@ CONNECT_TIMEOUT = datetime.timedelta(seconds=2)
 # Only failures where the request surely never reached a backend are retried: inference
 # requests are not idempotent, but a refused connection loses nothing when tried again.
 RETRY_ON = "connect-failure,refused-stream,reset-before-request"
+# Spill-over (`xds.spillover`): the local route's one retry, on the remote, of what the pods
+# turned away before any work: also their own 429/503 (`retriable_status_codes`); never a
+# generic 5xx or a reset after the request was sent. The composite has two clusters: one retry.
+SPILL_RETRY_ON = f"retriable-status-codes,{RETRY_ON}"
+# Spill over in milliseconds: Envoy's default back-off waits up to 25 ms before a retry.
+SPILL_BACK_OFF = RetryPolicyRetryBackOff(
+    base_interval=datetime.timedelta(milliseconds=1), max_interval=datetime.timedelta(milliseconds=5)
+)
 ADS = ConfigSource(ads=AggregatedConfigSource(), resource_api_version=ApiVersion.V3)
 
 
@@ -190,21 +203,34 @@ def local_cluster(route: ModelRoute, static: bool = False) -> bytes:
 
 
 def remote_cluster(route: ModelRoute) -> bytes:
-    """The standby copy: TLS with SNI and the name verified for https (unless told not to), and
-    its credentials (see `credentials`)."""
+    """The standby copy (a model's one remote; several are `xds.failover`'s), with its
+    credentials (see `credentials`)."""
     remote = route.remote
     assert remote is not None
-    return backend_cluster(route.remote_cluster, remote, remote_credentials(remote, route.remote_cluster))
+    return backend_cluster(
+        route.remote_cluster, remote, creds=remote_credentials(remote, route.remote_cluster)
+    )
 
 
-def backend_cluster(name: str, remote: RemoteBackend, creds: RemoteCredentials = NONE) -> bytes:
-    """A cluster of one host outside the mesh: a remote, or the token endpoint of its OAuth2."""
+def backend_cluster(
+    name: str,
+    remote: RemoteBackend,
+    hostname: str = "",
+    metadata: bytes = b"",
+    creds: RemoteCredentials = NONE,
+) -> bytes:
+    """A cluster of one remote (or of its OAuth2 token endpoint): TLS with SNI and the name
+    verified for https (unless told not to), and `creds`' fields. `hostname` and `metadata`
+    (encoded) go on its one endpoint."""
     kind = ClusterDiscoveryType.STATIC if remote.is_ip else ClusterDiscoveryType.LOGICAL_DNS
+    address = _ADDRESS.socket_address(_SOCKET.address(remote.host) + _SOCKET.port_value(remote.port))
+    host = _LB_ENDPOINT.endpoint(_ENDPOINT.address(address) + _ENDPOINT.hostname(hostname))
+    host += _LB_ENDPOINT.metadata(metadata) if metadata else b""
     out = (
         _CLUSTER.name(name)
         + _CLUSTER.type(kind)
         + _REMOTE_COMMON
-        + _CLUSTER.load_assignment(_endpoints(name, ((remote.host, remote.port),)))
+        + _CLUSTER.load_assignment(_CLA.cluster_name(name) + _CLA.endpoints(_LOCALITY.lb_endpoints(host)))
         + creds.cluster_fields
     )
     if remote.scheme != "https":
@@ -227,10 +253,27 @@ def backend_cluster(name: str, remote: RemoteBackend, creds: RemoteCredentials =
 _VHOST, _ROUTE, _MATCH, _ACTION = Fields(VirtualHost), Fields(Route), Fields(RouteMatch), Fields(RouteAction)
 _RUNTIME_FRACTION, _FRACTION = Fields(RuntimeFractionalPercent), Fields(FractionalPercent)
 _HEADER_OPTION, _HEADER = Fields(HeaderValueOption), Fields(HeaderValue)
+_UINT64 = Fields(UInt64Value)
 # Every route's action but its cluster and rewrites: long inference, and retries only where the
 # request surely never reached a backend (see RETRY_ON).
 _ACTION_COMMON = encode(
     RouteAction(timeout=ROUTE_TIMEOUT, retry_policy=RetryPolicy(retry_on=RETRY_ON, num_retries=2))
+)
+# Several remotes (see `xds.failover`): the same, and a retry goes to the next remote, not the
+# one that just refused; Host is the chosen remote's (its endpoint's host name).
+_ACTION_FAILOVER = encode(
+    RouteAction(
+        timeout=ROUTE_TIMEOUT,
+        auto_host_rewrite=True,
+        retry_policy=RetryPolicy(
+            retry_on=RETRY_ON,
+            num_retries=2,
+            retry_priority=RetryPolicyRetryPriority(
+                name="envoy.retry_priorities.previous_priorities",
+                typed_config=pack(PreviousPrioritiesConfig(update_frequency=1)),
+            ),
+        ),
+    )
 )
 _OVERWRITE = HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD
 # vLLM (and other ORCA backends) return their load (`endpoint-load-metrics`) only when asked: the
@@ -246,14 +289,13 @@ def virtual_host(route: ModelRoute, default_percent: float = 0.0) -> bytes:
     """The model's routes. The remote share comes from the runtime key; `default_percent`
     applies only while Envoy has no value for it (0: nothing spills over without a decision)."""
     routes = b""
-    if route.remote is not None:
+    if len(route.remotes) > 1:  # each remote's path prefix and headers are set on its cluster
+        match = _remote_match(route, default_percent)
+        action = _ACTION.cluster(route.remote_cluster) + _ACTION_FAILOVER
+        routes += _VHOST.routes(_ROUTE.name("remote") + _ROUTE.match(match) + _ROUTE.route(action))
+    elif route.remote is not None:
         remote = route.remote
-        fraction = _FRACTION.numerator(round(default_percent * 10_000)) + _FRACTION.denominator(
-            FractionalPercentDenominatorType.MILLION
-        )
-        match = _MATCH.prefix("/") + _MATCH.runtime_fraction(
-            _RUNTIME_FRACTION.default_value(fraction) + _RUNTIME_FRACTION.runtime_key(route.runtime_key)
-        )
+        match = _remote_match(route, default_percent)
         action = (
             _ACTION.cluster(route.remote_cluster)
             + _ACTION.host_rewrite_literal(remote.authority)
@@ -268,14 +310,43 @@ def virtual_host(route: ModelRoute, default_percent: float = 0.0) -> bytes:
             for k, v in remote.headers_to_add
         )
         routes += _VHOST.routes(_ROUTE.name("remote") + _ROUTE.match(match) + _ROUTE.route(action) + headers)
-    local = _ACTION.cluster(route.local_cluster) + _ACTION_COMMON
+    if route.spillover is not None and route.remote is not None:
+        local = _ACTION.cluster(route.spillover_cluster) + _spill_action(route.spillover.status_codes)
+        # The body is kept for the retry up to this size; a larger one is served locally only.
+        kept = _ROUTE.request_body_buffer_limit(_UINT64.value(route.spillover.max_request_bytes))
+    else:
+        local, kept = _ACTION.cluster(route.local_cluster) + _ACTION_COMMON, b""
     routes += _VHOST.routes(
-        _ROUTE.name("local") + _ROUTE.match(_MATCH.prefix("/")) + _ROUTE.route(local) + _ASK_ORCA
+        _ROUTE.name("local") + _ROUTE.match(_MATCH.prefix("/")) + _ROUTE.route(local) + _ASK_ORCA + kept
     )
     return (
         _VHOST.name(virtual_host_name(route.namespace, route.name))
         + b"".join(_VHOST.domains(d) for d in route.domains)
         + routes
+    )
+
+
+@functools.cache
+def _spill_action(status_codes: tuple[int, ...]) -> bytes:
+    """The local route's action but its cluster with spill-over: the narrow retry, and Host
+    rewritten per attempt (a remote endpoint's host name is its authority; a pod has none)."""
+    retry_on = SPILL_RETRY_ON if status_codes else RETRY_ON
+    policy = RetryPolicy(
+        retry_on=retry_on,
+        num_retries=1,
+        retriable_status_codes=list(status_codes),
+        retry_back_off=SPILL_BACK_OFF,
+    )
+    return encode(RouteAction(timeout=ROUTE_TIMEOUT, retry_policy=policy, auto_host_rewrite=True))
+
+
+def _remote_match(route: ModelRoute, default_percent: float) -> bytes:
+    """Every path, for the remote's share of requests (the runtime key's value)."""
+    fraction = _FRACTION.numerator(round(default_percent * 10_000)) + _FRACTION.denominator(
+        FractionalPercentDenominatorType.MILLION
+    )
+    return _MATCH.prefix("/") + _MATCH.runtime_fraction(
+        _RUNTIME_FRACTION.default_value(fraction) + _RUNTIME_FRACTION.runtime_key(route.runtime_key)
     )
 
 

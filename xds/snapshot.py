@@ -12,8 +12,8 @@ from collections.abc import Callable
 from typing import Any
 
 from api.desired import ModelKey, ModelRoute
+from xds import failover, runtime, spillover
 from xds import resources as res
-from xds import runtime
 from xds.bundle import Deferred, ModelBundle, Resource
 from xds.cache import ResourceCache
 from xds.credentials import remote_credentials
@@ -89,12 +89,13 @@ class Translator:
             )
         ]
         secrets: tuple[Resource, ...] = ()
-        if r.remote is not None:
-            remote, secrets = m["remote"].get(key, r.remote, lambda: _remote_parts(r))
-            clusters += remote
+        if r.remotes:
+            # The remote endpoints carry what spill-over's composite reads: both on both inputs.
+            remote, secrets = m["remote"].get(key, (r.remotes, r.spillover), lambda: _remote_parts(r))
+            clusters.extend(remote)
         routes = m["routes"].get(
             key,
-            (r.domains, r.remote),
+            (r.domains, r.remotes, r.spillover),
             lambda: Resource.of(ROUTE, r.route_config, res.model_route_configuration(r)),
         )
         return ModelBundle(
@@ -114,7 +115,7 @@ class Translator:
                 if r.remote is None
                 else lambda: m["routes_inline"].get(
                     key,
-                    (r.domains, r.remote, r.remote_percent),
+                    (r.domains, r.remotes, r.spillover, r.remote_percent),
                     lambda: Resource.of(ROUTE, r.route_config, res.model_route_configuration(r, True)),
                 )
             ),
@@ -134,12 +135,15 @@ class Translator:
 
 
 def _remote_parts(r: ModelRoute) -> tuple[list[Resource], tuple[Resource, ...]]:
-    """The remote's cluster (and its OAuth2 token endpoint's), and its credentials' secrets."""
-    assert r.remote is not None
-    creds = remote_credentials(r.remote, r.remote_cluster)
+    """The remote side's clusters (`failover`, `spillover`), with its one remote's credentials:
+    their secrets, and the cluster of its OAuth2 token endpoint (several remotes or spill-over
+    take no credentials: the model is refused before it gets here, see `api.crd`)."""
     clusters = [
-        Resource.of(CLUSTER, r.remote_cluster, res.backend_cluster(r.remote_cluster, r.remote, creds))
+        Resource.of(CLUSTER, n, body) for n, body in failover.remote_clusters(r) + spillover.clusters(r)
     ]
+    if len(r.remotes) != 1 or r.spillover is not None:
+        return clusters, ()
+    creds = remote_credentials(r.remotes[0], r.remote_cluster)
     if creds.token_endpoint is not None:
         name = creds.token_endpoint[0]
         clusters.append(Resource.of(CLUSTER, name, res.backend_cluster(*creds.token_endpoint)))

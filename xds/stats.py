@@ -7,9 +7,13 @@ the tags below take the three parts out as labels, so `/stats/prometheus` shows
 `envoy_cluster_upstream_rq_total{namespace="team-a",model="llama",side="local"}` and one PromQL
 query covers every model. Each regex's first group is what it removes from the name and its
 second group the label's value (Envoy's `TagSpecifier` rules); together they remove the whole
-cluster name. A model's name may hold dots (a DNS subdomain), so the parts are cut at the
-slashes; the side is whatever follows the third slash up to the stat's own name, so cluster
-names with other last parts (`remote-0`, `spill`, or more slash-separated parts) keep working.
+cluster name. A model's name may hold dots (a DNS subdomain), so the parts are cut at the slashes.
+The side is the part after the model's name, whatever it is (`local`, `remote`, a later kind);
+anything after it goes to `remote_index`: with several remotes (`xds.failover`) each has its own
+cluster `…/remote/<i>` under the aggregate `…/remote`, and Envoy counts a request
+(`upstream_rq_total`, `upstream_rq_active`) on the remote's own cluster but its response class
+and time (`upstream_rq_xx`, `upstream_rq_time`) on the aggregate, the route's cluster: both carry
+side="remote", so one selector sees a model's whole remote side.
 """
 
 from __future__ import annotations
@@ -18,11 +22,13 @@ from api.desired import CLUSTER_PREFIX
 
 # The labels a model's cluster stats carry in /stats/prometheus (beside Envoy's own).
 NAMESPACE_TAG, MODEL_TAG, SIDE_TAG = "namespace", "model", "side"
+REMOTE_INDEX_TAG = "remote_index"  # which of several remotes (0: the preferred); absent otherwise
 _P = CLUSTER_PREFIX  # "overspill/": no regex metacharacters
 STATS_TAGS = (
     {"tag_name": NAMESPACE_TAG, "regex": rf"^cluster\.({_P}([^/]+)/)[^/]+/[^.]+\."},
     {"tag_name": MODEL_TAG, "regex": rf"^cluster\.{_P}[^/]+/(([^/]+)/)[^.]+\."},
-    {"tag_name": SIDE_TAG, "regex": rf"^cluster\.{_P}[^/]+/[^/]+/(([^.]+)\.)"},
+    {"tag_name": SIDE_TAG, "regex": rf"^cluster\.{_P}[^/]+/[^/]+/(([^/.]+)[/.])"},
+    {"tag_name": REMOTE_INDEX_TAG, "regex": rf"^cluster\.{_P}[^/]+/[^/]+/[^/.]+/(([^.]+)\.)"},
 )
 STATS_LISTENER = "overspill_stats"  # the listener (and stat prefix) that serves /stats/prometheus
 ADMIN_CLUSTER = "overspill_admin"  # Envoy's admin port, as a cluster that listener routes to

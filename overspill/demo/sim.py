@@ -1,5 +1,9 @@
 """Simulated model servers: a fixed number of slots, a fixed service time, and an in-flight gauge.
 
+A server can also shed load as inference servers' admission control does: past `shed_limit`
+requests at once it answers `shed_status` (429 or 503) at once, before any work. After the
+work it can answer another `status` (a generic failure: 500) or drop the connection.
+
 The gauge `model_inflight_requests` (queued + being served) is what a real inference server's
 queue-depth metric looks like to Prometheus, so it can drive offloading in the demo and tests.
 """
@@ -34,7 +38,8 @@ class SeenRequest:
 class ServerCounts:
     """What arrived at one server; plain counters, read directly by tests and the demo."""
 
-    total: int = 0
+    total: int = 0  # every request that arrived, shed ones included
+    shed: int = 0  # turned away at the concurrency limit before any work
     inflight: int = 0
     max_inflight: int = 0
     paths: Counter[str] = field(default_factory=Counter)
@@ -72,6 +77,11 @@ class ModelServer:
         self.concurrency = concurrency
         self.service_time = service_time
         self.model_label = model_label or name
+        # Admission control: past this many requests at once, answer `shed_status` before any work.
+        self.shed_limit: int | None = None
+        self.shed_status = 429
+        # Drop the connection after the work instead of answering (a crash mid-request).
+        self.reset_after_work = False
         self.counts = ServerCounts()
         # ORCA named metrics returned (header endpoint-load-metrics) to requests that ask for them,
         # as vLLM returns num_requests_waiting and kv_cache_usage_perc; empty: none.
@@ -104,7 +114,9 @@ class ModelServer:
 
     async def start(self, port: int = 0) -> int:
         """Listen on 127.0.0.1:port (0 = ephemeral) and return the real port."""
-        app = web.Application()
+        # Inference inputs (images, long prompts) run to megabytes: aiohttp's 1 MiB default would
+        # answer 413 itself and pass for a proxy limit.
+        app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_route("*", "/{tail:.*}", self._serve)
         # Short shutdown: stop() should not wait a minute for keep-alive connections.
@@ -149,6 +161,13 @@ class ModelServer:
             )
         )
         self._requests_counter.inc()
+        if self.shed_limit is not None and counts.inflight >= self.shed_limit:
+            counts.shed += 1
+            return web.json_response(
+                {"error": "overloaded, not started", "served_by": self.name},
+                status=self.shed_status,
+                headers={"x-served-by": self.name},
+            )
         counts.add_inflight(+1)
         counts.max_inflight = max(counts.max_inflight, counts.inflight)
         self._inflight_gauge.set(counts.inflight)
@@ -163,6 +182,9 @@ class ModelServer:
             self._inflight_gauge.set(counts.inflight)
         body = {"served_by": self.name, "path": request.path, "host": host}
         headers = {"x-served-by": self.name}
+        if self.reset_after_work and request.transport is not None:
+            request.transport.abort()
+            raise web.HTTPInternalServerError  # never sent: the connection is gone
         if self.orca and request.headers.get("endpoint-load-metrics-format") == "TEXT":  # as vLLM
             metrics = ", ".join(f"named_metrics.{k}={v:g}" for k, v in sorted(self.orca.items()))
             headers["endpoint-load-metrics"] = f"TEXT {metrics}"

@@ -1,0 +1,222 @@
+"""Several remotes per model: Envoy's own failover from one to the next, in the user's order.
+
+The route still sends the remote share to the model's one remote cluster (`.../remote`); with
+several remotes that cluster is an aggregate (`envoy.clusters.aggregate`) over one cluster per
+remote (`.../remote/<i>`), in order, so remote i is priority i. One cluster per remote, not one
+cluster with a priority per remote, because each remote has its own TLS (SNI, CA, verified
+name) and a cluster has one transport socket.
+
+Leaving a remote that fails is Envoy's, within a request or two, not the control plane's:
+- a request that could not reach a remote (refused, reset before it was sent) is retried at once
+  on the next priority (`previous_priorities` in the route's retry policy), so it is not lost;
+- outlier detection ejects the remote after 2 such failures in a row (or 3 gateway errors, 502,
+  503, 504), so the following requests go straight to the next remote; after `base_ejection_time`
+  (longer each time it is ejected again) the remote gets requests again, so traffic returns to
+  the preferred remote once it is back.
+Outlier detection rather than active health checks: it costs the remotes nothing (a hosted
+endpoint may bill or rate-limit probes, and has no health path we know), and the retry covers
+the requests that find a remote down.
+
+Host, path prefix and headers differ per remote, and Envoy picks the remote after the route's
+rewrites are applied: the Host comes from the chosen endpoint's host name (`auto_host_rewrite`),
+and the aggregate cluster's upstream filters (which run once the remote is chosen, on each
+attempt) set the path prefix and headers of the remote the endpoint's metadata names. A header
+that one remote sets is removed on the way to the others: one remote's API key never reaches
+another.
+"""
+
+from __future__ import annotations
+
+import datetime
+
+from envoy_data_plane.envoy.config.cluster.v3 import (
+    Cluster,
+    ClusterCustomClusterType,
+    ClusterLbPolicy,
+    OutlierDetection,
+)
+from envoy_data_plane.envoy.config.common.mutation_rules.v3 import HeaderMutation as Mutation
+from envoy_data_plane.envoy.config.core.v3 import (
+    DataSource,
+    HeaderValue,
+    HeaderValueOption,
+    HeaderValueOptionHeaderAppendAction,
+    Http1ProtocolOptions,
+    Metadata,
+)
+from envoy_data_plane.envoy.extensions.clusters.aggregate.v3 import ClusterConfig
+from envoy_data_plane.envoy.extensions.filters.http.header_mutation.v3 import HeaderMutation, Mutations
+from envoy_data_plane.envoy.extensions.filters.http.lua.v3 import Lua
+from envoy_data_plane.envoy.extensions.filters.http.upstream_codec.v3 import UpstreamCodec
+from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import HttpFilter
+from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
+    HttpProtocolOptions,
+    HttpProtocolOptionsExplicitHttpConfig,
+)
+from envoy_data_plane.google.protobuf import Struct, Value
+
+from api.crd import RemoteBackend
+from api.desired import ModelRoute, remote_member_name
+from xds import resources as res
+from xds.encode import encode, pack
+from xds.fields import Fields
+
+HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+METADATA = "overspill"  # the endpoint metadata namespace naming which remote an endpoint is
+REMOTE_HEADER = "x-overspill-remote"  # from the metadata to the script; never leaves Envoy
+# Seconds, not the minute of Envoy's defaults: a remote that fails is left after a request or
+# two, and tried again 5 s later (10 s, 15 s ... after further ejections, up to a minute).
+# Other 5xx answers eject after Envoy's default of 5 in a row (`consecutive_5xx` is left unset:
+# betterproto2 spells its JSON name wrong, and `overspill render` prints JSON).
+OUTLIER = OutlierDetection(
+    consecutive_gateway_failure=3,
+    enforcing_consecutive_gateway_failure=100,
+    split_external_local_origin_errors=True,
+    consecutive_local_origin_failure=2,
+    enforcing_consecutive_local_origin_failure=100,
+    interval=datetime.timedelta(seconds=1),
+    base_ejection_time=datetime.timedelta(seconds=5),
+    max_ejection_time=datetime.timedelta(seconds=60),
+    max_ejection_percent=100,
+)
+_CHOSEN = f"%UPSTREAM_METADATA({METADATA}:remote)%"  # the chosen endpoint's remote index
+_OUTLIER = Fields(Cluster).outlier_detection(encode(OUTLIER))
+
+# Sets the path prefix and headers of the remote named by REMOTE_HEADER. The original path is kept
+# in the request's dynamic metadata: a retry on the next remote starts from it, not from the
+# path the previous attempt was given.
+_SCRIPT = """local remotes = {%s}
+local names = {%s}
+function envoy_on_request(handle)
+  local headers = handle:headers()
+  local remote = remotes[headers:get("%s")]
+  headers:remove("%s")
+  if remote == nil then return end
+  local saved = handle:streamInfo():dynamicMetadata()
+  local kept = saved:get("%s")
+  local path = kept and kept["path"]
+  if path == nil then
+    path = headers:get(":path")
+    saved:set("%s", "path", path)
+  end
+  headers:replace(":path", remote[1] .. path)
+  for _, name in ipairs(names) do
+    local value = remote[2][name]
+    if value == nil then headers:remove(name) else headers:replace(name, value) end
+  end
+end
+"""
+
+
+def remote_clusters(route: ModelRoute) -> list[tuple[str, bytes]]:
+    """(name, Cluster) of the model's remote side: its one remote's cluster, or for several one
+    cluster per remote then the aggregate over them (the route's cluster)."""
+    if len(route.remotes) <= 1:
+        if route.remote is None:
+            return []
+        if route.spillover is None:
+            return [(route.remote_cluster, res.remote_cluster(route))]
+        # Spill-over (`xds.spillover`) rewrites a retry by the chosen endpoint, as below.
+        name, remote = route.remote_cluster, route.remote
+        return [(name, res.backend_cluster(name, remote, remote.authority, _tag(0)))]
+    members = [
+        (remote_member_name(route.namespace, route.name, i), remote) for i, remote in enumerate(route.remotes)
+    ]
+    return [(name, member_cluster(name, i, remote)) for i, (name, remote) in enumerate(members)] + [
+        (route.remote_cluster, aggregate_cluster(route, [name for name, _ in members]))
+    ]
+
+
+def member_cluster(name: str, index: int, remote: RemoteBackend) -> bytes:
+    """One remote: its endpoint named by its Host value and tagged with its index."""
+    return res.backend_cluster(name, remote, remote.authority, _tag(index)) + _OUTLIER
+
+
+def _tag(index: int) -> bytes:
+    """An endpoint's metadata naming which of the model's remotes it is (encoded)."""
+    tag = Struct(fields={"remote": Value(string_value=str(index))})
+    return encode(Metadata(filter_metadata={METADATA: tag}))
+
+
+def aggregate_cluster(route: ModelRoute, members: list[str]) -> bytes:
+    """The model's remote cluster: its remotes in order of preference, the first healthy one
+    taking the requests."""
+    cluster = Cluster(
+        name=route.remote_cluster,
+        connect_timeout=res.CONNECT_TIMEOUT,
+        lb_policy=ClusterLbPolicy.CLUSTER_PROVIDED,
+        cluster_type=ClusterCustomClusterType(
+            name="envoy.clusters.aggregate", typed_config=pack(ClusterConfig(clusters=members))
+        ),
+    )
+    options = upstream_options(route.remotes)
+    if options is not None:
+        cluster.typed_extension_protocol_options = {HTTP_OPTIONS: pack(options)}
+    return encode(cluster)
+
+
+def upstream_options(remotes: tuple[RemoteBackend, ...]) -> HttpProtocolOptions | None:
+    """The upstream filters that give each attempt the rewrites of the remote it is sent to (of
+    an endpoint tagged with its index); an attempt to any other host goes as it came. None when
+    no remote has a path prefix or a header."""
+    script = lua_script(remotes)
+    return _upstream_filters(script) if script is not None else None
+
+
+def _upstream_filters(script: str) -> HttpProtocolOptions:
+    """The chosen remote's index, from its endpoint's metadata, into a header the script reads."""
+    mark = HeaderMutation(
+        mutations=Mutations(
+            request_mutations=[
+                Mutation(
+                    append=HeaderValueOption(
+                        header=HeaderValue(
+                            key=REMOTE_HEADER, value=f"%UPSTREAM_METADATA({METADATA}:remote)%"
+                        ),
+                        append_action=HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD,
+                    )
+                )
+            ]
+        )
+    )
+    return HttpProtocolOptions(
+        explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
+            http_protocol_options=Http1ProtocolOptions()
+        ),
+        http_filters=[
+            HttpFilter(name="envoy.filters.http.header_mutation", typed_config=pack(mark)),
+            HttpFilter(
+                name="envoy.filters.http.lua",
+                typed_config=pack(Lua(default_source_code=DataSource(inline_string=script))),
+            ),
+            HttpFilter(name="envoy.filters.http.upstream_codec", typed_config=pack(UpstreamCodec())),
+        ],
+    )
+
+
+def lua_script(remotes: tuple[RemoteBackend, ...]) -> str | None:
+    """The per-remote rewrites as a Lua table; None when no remote has a prefix or a header."""
+    if not any(r.path_prefix or r.headers_to_add for r in remotes):
+        return None
+    names = list(dict.fromkeys(k.lower() for r in remotes for k, _ in r.headers_to_add))
+    table = ", ".join(
+        f"[{_lua(str(i))}] = {{{_lua(r.path_prefix)}, {{"
+        + ", ".join(f"[{_lua(k.lower())}] = {_lua(v)}" for k, v in r.headers_to_add)
+        + "}}"
+        for i, r in enumerate(remotes)
+    )
+    return _SCRIPT % (
+        table,
+        ", ".join(_lua(n) for n in names),
+        REMOTE_HEADER,
+        REMOTE_HEADER,
+        METADATA,
+        METADATA,
+    )
+
+
+def _lua(text: str) -> str:
+    """A Lua string literal of any text: every byte but letters and digits as a decimal escape."""
+    return (
+        '"' + "".join(chr(b) if chr(b).isalnum() and b < 128 else f"\\{b:03d}" for b in text.encode()) + '"'
+    )
