@@ -98,7 +98,11 @@ def test_member_cluster_names_parse_back_to_their_model():
     assert name == "overspill/ns/llm/remote/3"
     assert model_of(name) == ("ns", "llm")
     assert side_of(name) == (("ns", "llm"), "remote")
-    assert model_of("overspill/ns/llm/remote/x") is None
+    # A name under the remote cluster (a credential's secret, an OAuth2 token endpoint's cluster)
+    # is the model's, but no side of it.
+    assert model_of("overspill/ns/llm/remote/token") == ("ns", "llm")
+    assert side_of("overspill/ns/llm/remote/token") is None
+    assert model_of("overspill/ns/llm/routes/x") is None
 
 
 def test_one_remote_keeps_one_plain_cluster_and_route_level_rewrites():
