@@ -467,15 +467,14 @@ class Controller:
         remotes, unreadable = self._with_credentials(model)
         allowed = self._apply_policies(model, status, remotes).allowed
         status.remote_credentials = "; ".join(unreadable) or None
-        if unreadable:  # a remote whose credentials cannot be read gets no traffic
-            status.errors += [f"{model.key}: {e}" for e in unreadable]
-            allowed = ()
+        status.errors += [f"{model.key}: {e}" for e in unreadable]
         status.ready_endpoints = len(backend.endpoints)
         status.remotes = [(remote.url, self.probe.usable(remote)) for remote in remotes]
         status.remote = remotes[0].url if remotes else None
         # Envoy itself leaves a remote that fails for the next (see xds.failover): offloading
-        # goes on while any remote the Policies allow is up.
-        status.remote_usable = any(self.probe.usable(remote) for remote in allowed)
+        # goes on while any remote the Policies allow is up. A remote whose credentials cannot
+        # be read gets no traffic (its cluster stays, so it takes traffic as soon as they can).
+        status.remote_usable = not unreadable and any(self.probe.usable(remote) for remote in allowed)
         status.metrics = self.readings.get(model.key, [])
         if model.offloading is None:
             decision = Decision(Phase.STANDBY, 0.0, "no offloadingConfig: all traffic local")
