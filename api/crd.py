@@ -479,14 +479,18 @@ def _parse_offloading(f: Fields) -> OffloadingConfig:
     )
     metrics = tuple(m for m in (parse_metric(item) for item in f.items("metrics")) if m is not None)
     remotes = _parse_remotes(f)
-    if (len(remotes) > 1 or behavior.spillover.enabled) and any(r.has_credentials for r in remotes):
+    if len(remotes) > 1 or behavior.spillover.enabled:
         # Envoy runs the upstream filters of the cluster a route names: behind an aggregate (several
-        # remotes) or a composite (spill-over), a remote's own credential filters would not run.
-        f.error(
-            "remoteBackends" if f.has("remoteBackends") else "remoteBackend",
-            "credentials from Secrets (headersToAdd valueFrom, authConfig, clientCertificateRef) are"
-            " taken with one remote and spill-over off only",
-        )
+        # remotes) or a composite (spill-over) the OAuth2 injector, which writes Authorization
+        # itself, would give every attempt (another remote's, a pod's) its token.
+        for i, r in enumerate(remotes):
+            if r.oauth is not None:
+                f.error(
+                    f"remoteBackends[{i}].authConfig"
+                    if f.has("remoteBackends")
+                    else "remoteBackend.authConfig",
+                    "OAuth2 client credentials are taken with one remote and spill-over off only",
+                )
     return OffloadingConfig(behavior, metrics, remotes)
 
 

@@ -14,13 +14,17 @@ from dataclasses import replace
 import grpc
 import pytest
 import yaml
+from envoy_data_plane.envoy.config.cluster.v3 import Cluster
 from envoy_data_plane.envoy.config.core.v3 import Node
+from envoy_data_plane.envoy.extensions.filters.http.credential_injector.v3 import CredentialInjector
+from envoy_data_plane.envoy.extensions.http.injected_credentials.generic.v3 import Generic
 from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import Secret as SdsSecret
+from envoy_data_plane.envoy.extensions.upstreams.http.v3 import HttpProtocolOptions
 from envoy_data_plane.envoy.service.discovery.v3 import DiscoveryRequest, DiscoveryResponse
 from envoy_data_plane.google.protobuf import Any as ProtoAny
 from envoy_data_plane.google.protobuf import Struct
 
-from api.crd import InvalidObject, parse_model_deployment, parse_remote_backend
+from api.crd import InvalidObject, Spillover, parse_model_deployment, parse_remote_backend
 from api.credentials import SecretValue
 from api.desired import ModelRoute, model_of, service_domains, side_of
 from overspill.cli import main
@@ -28,6 +32,7 @@ from reconciler.credentials import resolve
 from reconciler.documents import parse_documents
 from reconciler.kube import parse_secret
 from reconciler.store import ObjectStore
+from xds import failover
 from xds.render import served_documents
 from xds.scope import Scope
 from xds.server import XdsServer, start_server
@@ -279,6 +284,63 @@ async def test_a_node_of_namespace_a_never_receives_namespace_bs_secret():
         await server.stop(None)
 
 
+def test_behind_an_aggregate_or_composite_each_remote_has_its_secret_and_injectors_come_before_the_script():
+    """Several remotes, spill-over on: each remote's secret is named after its own cluster (so
+    it is the model's); the cluster the route names injects every remote's header into internal
+    names, then the script moves the chosen one's; the single remote keeps its own filters for
+    the weighted route."""
+    one = route("a", "one")
+    two = replace(
+        one.remotes[0], host="second.example.com", secrets=((("remote-token", "token"), SecretValue(b"two")),)
+    )
+    routes = [
+        replace(one, remotes=(one.remotes[0], two)),
+        replace(one, namespace="b", spillover=Spillover(enabled=True)),
+    ]
+    t = Translator("127.0.0.1", 10000)
+    t.publish(routes)
+    view = t.cache.view(Scope())
+    names = [f"overspill/a/llm/remote/{i}/header/authorization" for i in (0, 1)]
+    assert {n: model_of(n) for n in names} == dict.fromkeys(names, ("a", "llm"))
+    values = {
+        n: SdsSecret.FromString(wire_body(view.resources[SECRET][n].any)).generic_secret.secret.inline_bytes
+        for n in names
+    }
+    assert values == dict(zip(names, (b"one", b"two"), strict=True))
+
+    def filters(cluster: str) -> list[tuple[str, str]]:
+        c = Cluster.FromString(wire_body(view.resources[CLUSTER][cluster].any))
+        options = c.typed_extension_protocol_options.get(failover.HTTP_OPTIONS)
+        if options is None:
+            return []
+        out = []
+        for f in HttpProtocolOptions.FromString(options.value).http_filters:
+            kind = f.name
+            if f.name == "envoy.filters.http.credential_injector":
+                generic = Generic.FromString(
+                    CredentialInjector.FromString(f.typed_config.value).credential.typed_config.value
+                )
+                kind = f"{generic.header} <- {generic.credential.name}"
+            out.append(kind)
+        return out
+
+    lua = ["envoy.filters.http.lua", "envoy.filters.http.upstream_codec"]
+    assert filters("overspill/a/llm/remote") == [
+        "envoy.filters.http.header_mutation",
+        f"x-overspill-credential-0-authorization <- {names[0]}",
+        f"x-overspill-credential-1-authorization <- {names[1]}",
+        *lua,
+    ]
+    assert filters("overspill/a/llm/remote/0") == filters("overspill/a/llm/remote/1") == []
+    single = "overspill/b/llm/remote/header/authorization"
+    assert filters("overspill/b/llm/spillover") == [
+        "envoy.filters.http.header_mutation",
+        f"x-overspill-credential-0-authorization <- {single}",
+        *lua,
+    ]
+    assert filters("overspill/b/llm/remote") == [f"Authorization <- {single}", lua[1]]
+
+
 def test_a_static_bootstrap_leaves_credentials_out_and_says_so(tmp_path, capsys):
     model = {
         "apiVersion": "deployment.beamlit.com/v1alpha1",
@@ -305,27 +367,60 @@ def test_a_static_bootstrap_leaves_credentials_out_and_says_so(tmp_path, capsys)
     assert "overspill/default/m/remote" in out
 
 
-@pytest.mark.parametrize(
-    "offloading",
-    [
-        {"remoteBackends": [remote(headersToAdd=[header_from()]), remote(host="second.example.com")]},
-        {
-            "remoteBackend": remote(clientCertificateRef={"name": "tls"}),
-            "behavior": {"spillover": {"enabled": True}},
-        },
-    ],
-    ids=["several-remotes", "spillover"],
-)
-def test_credentials_with_several_remotes_or_spillover_are_refused_naming_the_field(offloading):
-    """Envoy runs the upstream filters of the cluster the route names (an aggregate, a composite),
-    not those of the remote chosen behind it: the credentials would silently not be sent."""
-    doc = {
+OAUTH = {"oauthConfig": CREDENTIALS["authConfig"]["oauthConfig"]}
+
+
+def model_doc(offloading: dict) -> dict:
+    return {
         "apiVersion": "deployment.beamlit.com/v1alpha1",
         "kind": "ModelDeployment",
         "metadata": {"name": "m", "namespace": "default"},
         "spec": {"serviceRef": {"name": "m"}, "offloadingConfig": offloading},
     }
+
+
+@pytest.mark.parametrize(
+    ("offloading", "field"),
+    [
+        (
+            {"remoteBackends": [remote(host="first.example.com"), remote(authConfig=OAUTH)]},
+            "spec.offloadingConfig.remoteBackends[1].authConfig",
+        ),
+        (
+            {"remoteBackend": remote(authConfig=OAUTH), "behavior": {"spillover": {"enabled": True}}},
+            "spec.offloadingConfig.remoteBackend.authConfig",
+        ),
+    ],
+    ids=["several-remotes", "spillover"],
+)
+def test_oauth2_with_several_remotes_or_spillover_is_refused_naming_the_field(offloading, field):
+    """The OAuth2 injector writes Authorization itself: on the aggregate or the composite (whose
+    upstream filters are the ones Envoy runs) every attempt, another remote's or a pod's, would
+    carry the token."""
     with pytest.raises(InvalidObject) as exc:
-        parse_model_deployment(doc)
-    assert "spec.offloadingConfig.remoteBackend" in str(exc.value)
-    assert "are taken with one remote and spill-over off only" in str(exc.value)
+        parse_model_deployment(model_doc(offloading))
+    assert f"{field}: OAuth2 client credentials are taken with one remote and spill-over off only" in str(
+        exc.value
+    )
+
+
+@pytest.mark.parametrize(
+    "offloading",
+    [
+        {
+            "remoteBackends": [
+                remote(headersToAdd=[header_from()], clientCertificateRef={"name": "tls"}),
+                remote(host="second.example.com", headersToAdd=[header_from("other-token")]),
+            ]
+        },
+        {
+            "remoteBackend": remote(headersToAdd=[header_from()], clientCertificateRef={"name": "tls"}),
+            "behavior": {"spillover": {"enabled": True}},
+        },
+    ],
+    ids=["several-remotes", "spillover"],
+)
+def test_headers_and_client_certificates_are_taken_with_several_remotes_or_spillover(offloading):
+    model = parse_model_deployment(model_doc(offloading))
+    assert model.offloading is not None
+    assert all(r.secret_headers for r in model.offloading.remotes)

@@ -7,7 +7,9 @@ upstream HTTP filters (`envoy.filters.http.credential_injector`) put them on eac
 goes to that remote, and only there: a header from a Secret (`generic`), or a token fetched with
 OAuth2 client credentials (`oauth2`); a client certificate is the TLS context's SDS certificate.
 A secret's resource is named after the cluster it serves, so it belongs to the model the cluster
-does: only nodes whose scope admits the model get it, as with its clusters.
+does: only nodes whose scope admits the model get it, as with its clusters. Behind an aggregate
+or a composite cluster, whose upstream filters are the ones Envoy runs, header injectors put each
+remote's values in internal headers (`internal_header`), for `xds.failover` to sort out.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 INJECTOR = "envoy.filters.http.credential_injector"
 TOKEN_TIMEOUT = datetime.timedelta(seconds=5)
 REDACTED = "<redacted>"
+CREDENTIAL_HEADER = "x-overspill-credential"  # a prefix of internal headers, see `internal_header`
 _ADS = ConfigSource(ads=AggregatedConfigSource(), resource_api_version=ApiVersion.V3)
 
 
@@ -96,14 +99,12 @@ def remote_credentials(remote: RemoteBackend, cluster: str) -> RemoteCredentials
     if not remote.has_credentials:
         return NONE
     secrets: list[tuple[str, bytes]] = []
-    filters: list[HttpFilter] = []
     for header in remote.secret_headers:
         name = header_secret_name(cluster, header.name)
         value = remote.secret(header.ref.name, header.ref.key)
         if value is not None:
             secrets.append((name, _generic(name, value)))
-        generic = Generic(credential=_sds(name), header=header.name, header_value_prefix=header.prefix)
-        filters.append(_injector("envoy.http.injected_credentials.generic", pack(generic)))
+    filters = header_injectors(remote, cluster)
     token = None
     if remote.oauth is not None:
         oauth, name = remote.oauth, oauth_secret_name(cluster)
@@ -147,6 +148,35 @@ def remote_credentials(remote: RemoteBackend, cluster: str) -> RemoteCredentials
         )
         fields = encode(Cluster(typed_extension_protocol_options={HTTP_OPTIONS: pack(options)}))
     return RemoteCredentials(tuple(secrets), fields, tls, token)
+
+
+def internal_header(index: int, header: str) -> str:
+    """Where the injector puts remote `index`'s header credential `header` behind an aggregate
+    or a composite cluster, for `xds.failover`'s script to move to `header` on that remote's
+    requests only; it never leaves Envoy."""
+    return f"{CREDENTIAL_HEADER}-{index}-{header.lower()}"
+
+
+def header_injectors(remote: RemoteBackend, cluster: str, index: int | None = None) -> list[HttpFilter]:
+    """The injectors of `remote`'s headers from Secrets (served under `cluster`'s names): into
+    the headers themselves, or with `index` into the internal headers of remote `index`."""
+    filters = []
+    for header in remote.secret_headers:
+        target = header.name if index is None else internal_header(index, header.name)
+        generic = Generic(
+            credential=_sds(header_secret_name(cluster, header.name)),
+            header=target,
+            header_value_prefix=header.prefix,
+        )
+        filters.append(_injector("envoy.http.injected_credentials.generic", pack(generic)))
+    return filters
+
+
+def member_credentials(remote: RemoteBackend, cluster: str) -> RemoteCredentials:
+    """A remote's credentials on its cluster behind an aggregate or a composite: its client
+    certificate only (its transport socket is its own); its filters would never run there, so
+    the aggregate or composite injects its headers (see `header_injectors`)."""
+    return replace(remote_credentials(remote, cluster), cluster_fields=b"")
 
 
 def _sds(name: str) -> SdsSecretConfig:

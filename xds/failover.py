@@ -22,7 +22,9 @@ rewrites are applied: the Host comes from the chosen endpoint's host name (`auto
 and the aggregate cluster's upstream filters (which run once the remote is chosen, on each
 attempt) set the path prefix and headers of the remote the endpoint's metadata names. A header
 that one remote sets is removed on the way to the others: one remote's API key never reaches
-another.
+another. Headers from Secrets are injected there too, each remote's into internal names that
+the script moves to the chosen remote's real ones (see `credentials.internal_header`); a client
+certificate is a member cluster's own TLS context.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ from envoy_data_plane.google.protobuf import Struct, Value
 from api.crd import RemoteBackend
 from api.desired import ModelRoute, remote_member_name
 from xds import resources as res
+from xds.credentials import header_injectors, internal_header, member_credentials, remote_credentials
 from xds.encode import encode, pack
 from xds.fields import Fields
 
@@ -85,27 +88,38 @@ _OUTLIER = Fields(Cluster).outlier_detection(encode(OUTLIER))
 # Sets the path prefix and headers of the remote named by REMOTE_HEADER. The original path is kept
 # in the request's dynamic metadata: a retry on the next remote starts from it, not from the
 # path the previous attempt was given.
-_SCRIPT = """local remotes = {%s}
-local names = {%s}
-function envoy_on_request(handle)
+_SCRIPT = """local remotes = {%(remotes)s}
+local names = {%(names)s}
+%(internal)sfunction envoy_on_request(handle)
   local headers = handle:headers()
-  local remote = remotes[headers:get("%s")]
-  headers:remove("%s")
-  if remote == nil then return end
+  local remote = remotes[headers:get("%(mark)s")]
+  headers:remove("%(mark)s")
+%(strip)s  if remote == nil then return end
   local saved = handle:streamInfo():dynamicMetadata()
-  local kept = saved:get("%s")
+  local kept = saved:get("%(metadata)s")
   local path = kept and kept["path"]
   if path == nil then
     path = headers:get(":path")
-    saved:set("%s", "path", path)
+    saved:set("%(metadata)s", "path", path)
   end
   headers:replace(":path", remote[1] .. path)
   for _, name in ipairs(names) do
     local value = remote[2][name]
-    if value == nil then headers:remove(name) else headers:replace(name, value) end
+%(lookup)s    if value == nil then headers:remove(name) else headers:replace(name, value) end
   end
 end
 """
+# With credentials from Secrets: the injectors wrote every remote's into its internal headers
+# (`credentials.internal_header`); all of them are taken off every attempt, and the chosen
+# remote's moved to their real names (remote[3]: real name -> internal name).
+_INTERNAL = "local internal = {%s}\n"
+_STRIP = """  local injected = {}
+  for _, name in ipairs(internal) do
+    injected[name] = headers:get(name)
+    headers:remove(name)
+  end
+"""
+_LOOKUP = "    if remote[3][name] ~= nil then value = injected[remote[3][name]] end\n"
 
 
 def remote_clusters(route: ModelRoute) -> list[tuple[str, bytes]]:
@@ -116,20 +130,30 @@ def remote_clusters(route: ModelRoute) -> list[tuple[str, bytes]]:
             return []
         if route.spillover is None:
             return [(route.remote_cluster, res.remote_cluster(route))]
-        # Spill-over (`xds.spillover`) rewrites a retry by the chosen endpoint, as below.
+        # Spill-over (`xds.spillover`) rewrites a retry by the chosen endpoint, as below; the
+        # weighted share still names this cluster, so it keeps its own credentials too.
         name, remote = route.remote_cluster, route.remote
-        return [(name, res.backend_cluster(name, remote, remote.authority, _tag(0)))]
-    members = [
-        (remote_member_name(route.namespace, route.name, i), remote) for i, remote in enumerate(route.remotes)
-    ]
+        creds = remote_credentials(remote, name)
+        return [(name, res.backend_cluster(name, remote, remote.authority, _tag(0), creds))]
+    members = list(zip(remote_names(route), route.remotes, strict=True))
     return [(name, member_cluster(name, i, remote)) for i, (name, remote) in enumerate(members)] + [
         (route.remote_cluster, aggregate_cluster(route, [name for name, _ in members]))
     ]
 
 
+def remote_names(route: ModelRoute) -> list[str]:
+    """The cluster of each of the model's remotes, in order (the one remote's is the remote
+    cluster itself); a remote's secrets are named after it."""
+    if len(route.remotes) <= 1:
+        return [route.remote_cluster] if route.remote is not None else []
+    return [remote_member_name(route.namespace, route.name, i) for i in range(len(route.remotes))]
+
+
 def member_cluster(name: str, index: int, remote: RemoteBackend) -> bytes:
-    """One remote: its endpoint named by its Host value and tagged with its index."""
-    return res.backend_cluster(name, remote, remote.authority, _tag(index)) + _OUTLIER
+    """One remote: its endpoint named by its Host value and tagged with its index, and its
+    client certificate."""
+    creds = member_credentials(remote, name)
+    return res.backend_cluster(name, remote, remote.authority, _tag(index), creds) + _OUTLIER
 
 
 def _tag(index: int) -> bytes:
@@ -149,22 +173,31 @@ def aggregate_cluster(route: ModelRoute, members: list[str]) -> bytes:
             name="envoy.clusters.aggregate", typed_config=pack(ClusterConfig(clusters=members))
         ),
     )
-    options = upstream_options(route.remotes)
+    options = upstream_options(route)
     if options is not None:
         cluster.typed_extension_protocol_options = {HTTP_OPTIONS: pack(options)}
     return encode(cluster)
 
 
-def upstream_options(remotes: tuple[RemoteBackend, ...]) -> HttpProtocolOptions | None:
+def upstream_options(route: ModelRoute) -> HttpProtocolOptions | None:
     """The upstream filters that give each attempt the rewrites of the remote it is sent to (of
     an endpoint tagged with its index); an attempt to any other host goes as it came. None when
     no remote has a path prefix or a header."""
-    script = lua_script(remotes)
-    return _upstream_filters(script) if script is not None else None
+    script = lua_script(route.remotes)
+    if script is None:
+        return None
+    injectors = [
+        f
+        for i, (name, remote) in enumerate(zip(remote_names(route), route.remotes, strict=True))
+        for f in header_injectors(remote, name, i)
+    ]
+    return _upstream_filters(script, injectors)
 
 
-def _upstream_filters(script: str) -> HttpProtocolOptions:
-    """The chosen remote's index, from its endpoint's metadata, into a header the script reads."""
+def _upstream_filters(script: str, injectors: list[HttpFilter]) -> HttpProtocolOptions:
+    """The chosen remote's index, from its endpoint's metadata, into a header the script reads;
+    then each remote's headers from Secrets into its internal headers (overwriting any a client
+    sent), which the script moves or removes."""
     mark = HeaderMutation(
         mutations=Mutations(
             request_mutations=[
@@ -185,6 +218,7 @@ def _upstream_filters(script: str) -> HttpProtocolOptions:
         ),
         http_filters=[
             HttpFilter(name="envoy.filters.http.header_mutation", typed_config=pack(mark)),
+            *injectors,
             HttpFilter(
                 name="envoy.filters.http.lua",
                 typed_config=pack(Lua(default_source_code=DataSource(inline_string=script))),
@@ -195,24 +229,37 @@ def _upstream_filters(script: str) -> HttpProtocolOptions:
 
 
 def lua_script(remotes: tuple[RemoteBackend, ...]) -> str | None:
-    """The per-remote rewrites as a Lua table; None when no remote has a prefix or a header."""
-    if not any(r.path_prefix or r.headers_to_add for r in remotes):
+    """The per-remote rewrites as a Lua table; None when no remote has a prefix, a header or a
+    header from a Secret."""
+    if not any(r.path_prefix or r.headers_to_add or r.secret_headers for r in remotes):
         return None
-    names = list(dict.fromkeys(k.lower() for r in remotes for k, _ in r.headers_to_add))
-    table = ", ".join(
-        f"[{_lua(str(i))}] = {{{_lua(r.path_prefix)}, {{"
-        + ", ".join(f"[{_lua(k.lower())}] = {_lua(v)}" for k, v in r.headers_to_add)
-        + "}}"
-        for i, r in enumerate(remotes)
+    secret = any(r.secret_headers for r in remotes)
+    names = list(
+        dict.fromkeys(
+            [k.lower() for r in remotes for k, _ in r.headers_to_add]
+            + [h.name.lower() for r in remotes for h in r.secret_headers]
+        )
     )
-    return _SCRIPT % (
-        table,
-        ", ".join(_lua(n) for n in names),
-        REMOTE_HEADER,
-        REMOTE_HEADER,
-        METADATA,
-        METADATA,
-    )
+
+    def entry(i: int, r: RemoteBackend) -> str:
+        headers = ", ".join(f"[{_lua(k.lower())}] = {_lua(v)}" for k, v in r.headers_to_add)
+        moved = ", ".join(
+            f"[{_lua(h.name.lower())}] = {_lua(internal_header(i, h.name))}" for h in r.secret_headers
+        )
+        return f"[{_lua(str(i))}] = {{{_lua(r.path_prefix)}, {{{headers}}}" + (
+            f", {{{moved}}}}}" if secret else "}"
+        )
+
+    internal = [internal_header(i, h.name) for i, r in enumerate(remotes) for h in r.secret_headers]
+    return _SCRIPT % {
+        "remotes": ", ".join(entry(i, r) for i, r in enumerate(remotes)),
+        "names": ", ".join(_lua(n) for n in names),
+        "internal": _INTERNAL % ", ".join(_lua(n) for n in internal) if secret else "",
+        "mark": REMOTE_HEADER,
+        "strip": _STRIP if secret else "",
+        "metadata": METADATA,
+        "lookup": _LOOKUP if secret else "",
+    }
 
 
 def _lua(text: str) -> str:

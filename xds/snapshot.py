@@ -135,16 +135,17 @@ class Translator:
 
 
 def _remote_parts(r: ModelRoute) -> tuple[list[Resource], tuple[Resource, ...]]:
-    """The remote side's clusters (`failover`, `spillover`), with its one remote's credentials:
-    their secrets, and the cluster of its OAuth2 token endpoint (several remotes or spill-over
-    take no credentials: the model is refused before it gets here, see `api.crd`)."""
+    """The remote side's clusters (`failover`, `spillover`), with each remote's credentials:
+    their secrets, named after its cluster, and the cluster of its OAuth2 token endpoint (one
+    remote with spill-over off only: see `api.crd`)."""
     clusters = [
         Resource.of(CLUSTER, n, body) for n, body in failover.remote_clusters(r) + spillover.clusters(r)
     ]
-    if len(r.remotes) != 1 or r.spillover is not None:
-        return clusters, ()
-    creds = remote_credentials(r.remotes[0], r.remote_cluster)
-    if creds.token_endpoint is not None:
-        name = creds.token_endpoint[0]
-        clusters.append(Resource.of(CLUSTER, name, res.backend_cluster(*creds.token_endpoint)))
-    return clusters, tuple(Resource.of(SECRET, name, body) for name, body in creds.secrets)
+    secrets: list[Resource] = []
+    for cluster, remote in zip(failover.remote_names(r), r.remotes, strict=True):
+        creds = remote_credentials(remote, cluster)
+        if creds.token_endpoint is not None:
+            name = creds.token_endpoint[0]
+            clusters.append(Resource.of(CLUSTER, name, res.backend_cluster(*creds.token_endpoint)))
+        secrets += [Resource.of(SECRET, name, body) for name, body in creds.secrets]
+    return clusters, tuple(secrets)

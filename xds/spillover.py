@@ -16,7 +16,7 @@ the chosen host, as `xds.failover` makes them for several remotes: Host by `auto
 (a remote endpoint's host name is its authority; a pod has none), the path prefix and headers
 by the upstream filters of the cluster the route names, here the composite (Envoy runs the
 route's cluster's upstream filters, not those of a cluster behind it). A pod's attempt goes as
-it came.
+it came, with no remote's credentials (the script removes what the injectors put there).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def composite_cluster(route: ModelRoute) -> bytes:
         ),
         lrs_report_endpoint_metrics=res.LRS_ORCA,
     )
-    options = failover.upstream_options(route.remotes)
+    options = failover.upstream_options(route)
     if options is not None:
         cluster.typed_extension_protocol_options = {failover.HTTP_OPTIONS: pack(options)}
     return encode(cluster)
