@@ -20,10 +20,11 @@ from pathlib import Path
 import pytest
 import yaml
 from aiohttp import web
-from e2e_stack import Model, stack, wait_until
+from e2e_stack import Model, open_loop, stack, wait_until
 from pki import CertificateAuthority
 
 from overspill.demo.sim import ModelServer
+from xds.credentials import CREDENTIAL_HEADER, internal_header
 
 OUTAGE_BUDGET = 15.0  # from start to the model routing everything to its remote
 
@@ -63,7 +64,7 @@ class CredentialModel(Model):
     def __init__(self, name: str, remote_fields: dict, secrets: list[dict], **kw):
         self.secrets = secrets
         self.guard: GuardedServer = kw.pop("guard", None) or GuardedServer(f"{name}-remote")
-        super().__init__(name, ready=False, remote_fields=remote_fields, **kw)
+        super().__init__(name, **{"ready": False, **kw}, remote_fields=remote_fields)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -389,3 +390,163 @@ async def test_kubernetes_secret_referenced_by_the_model_is_watched_and_its_rota
         stored = json.dumps(k.api.get("modeldeployments", "my-model"))
         for text in (plane.log_text(), stored, json.dumps(await plane.status())):
             assert one not in text and two not in text
+
+
+# --- several remotes, spill-over: each remote its own credentials, and only its own ---
+
+
+class GuardedRemotes(CredentialModel):
+    """A model whose remotes are A (`guard`) then B (`backup`), both `GuardedServer`s, with
+    `fields[i]` the i-th remote's fields."""
+
+    def __init__(
+        self, name: str, fields: list[dict], secrets: list[dict], a: GuardedServer, b: GuardedServer
+    ):
+        self.fields, self.backup = fields, b
+        super().__init__(name, fields[0], secrets, guard=a)
+
+    def manifests(self) -> list[dict]:
+        docs = super().manifests()
+        config = docs[-1]["spec"]["offloadingConfig"]
+        second = {"host": self.backup.address, "scheme": "http", "pathPrefix": "/backup", **self.fields[1]}
+        config["remoteBackends"] = [config.pop("remoteBackend"), second]
+        return docs
+
+
+def token_header(secret_name: str) -> dict:
+    ref = {"secretKeyRef": {"name": secret_name, "key": "token"}}
+    return {"name": "Authorization", "valueFrom": ref, "valuePrefix": "Bearer "}
+
+
+def internal_headers(server: ModelServer) -> set[str]:
+    """Names of the internal headers any recent request to `server` carried (none, always)."""
+    return {k for r in server.counts.recent for k in r.headers if k.lower().startswith("x-overspill")}
+
+
+async def test_each_of_two_remotes_receives_its_own_token_and_never_the_others(tmp_path):
+    ta, tb = f"tok-a-{uuid.uuid4().hex}", f"tok-b-{uuid.uuid4().hex}"
+    a, b = GuardedServer("llm-a"), GuardedServer("llm-b")
+    a.accepted, b.accepted = {bearer(ta)}, {bearer(tb)}  # B refuses A's token
+    fields = [{"headersToAdd": [token_header("token-a")]}, {"headersToAdd": [token_header("token-b")]}]
+    m = GuardedRemotes("llm", fields, [secret("token-a", token=ta), secret("token-b", token=tb)], a, b)
+    # A client that sends the internal headers itself, to either remote's name: overwritten.
+    forged = {
+        "Host": m.host,
+        "Authorization": "Bearer client",
+        internal_header(0, "Authorization"): bearer("forged-a"),
+        internal_header(1, "Authorization"): bearer("forged-b"),
+    }
+
+    async def send(s, n: int) -> list[int]:
+        codes = []
+        for _ in range(n):
+            async with s.session.post(f"{s.url}/v1/predict", headers=forged, data=b"{}") as resp:
+                codes.append(resp.status)
+        return codes
+
+    await b.start()
+    try:
+        async with stack(tmp_path, m) as s:
+            await s.wait_phase(m, {"Outage"}, OUTAGE_BUDGET)
+            assert set(await send(s, 20)) == {200}
+            assert (a.counts.total, a.refused, b.counts.total) == (20, 0, 0)
+            assert set(a.counts.header_values("authorization")) == {bearer(ta)}
+
+            await a.stop()
+            codes = await send(s, 20)
+            assert set(codes) == {200}, codes  # a request that finds A down is retried on B
+            assert (b.counts.total, b.refused) == (20, 0), "B got its own token on every request"
+            assert set(b.counts.header_values("authorization")) == {bearer(tb)}
+            assert (b.counts.recent[-1].path, b.counts.recent[-1].host) == ("/backup/v1/predict", b.address)
+            assert internal_headers(a) == internal_headers(b) == set(), CREDENTIAL_HEADER
+            for token in (ta, tb):
+                assert token not in s.control_plane.log_text()
+                assert token not in rendered(s.manifests)
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+async def test_spilled_requests_carry_the_remotes_token_and_the_pods_never_see_it(tmp_path):
+    """Pods that shed past 6 requests at once take a burst: what they turn away Envoy retries on
+    the remote (through the composite cluster), with the remote's token; the pods' own requests,
+    shed ones included, go as the client sent them. A second model with spill-over on is in an
+    outage: its weighted remote route names the remote's own cluster, whose filters inject."""
+    token = f"tok-{uuid.uuid4().hex}"
+    fields = {"headersToAdd": [token_header("token")]}
+    spill = CredentialModel(
+        "spill", fields, [secret("token", token=token)], ready=True, spillover={"enabled": True}
+    )
+    spill.local.shed_limit = 6
+    spill.local.service_time = spill.guard.service_time = 0.1
+    spill.guard.accepted = {bearer(token)}
+    out = CredentialModel("out", fields, [secret("token", token=token)], spillover={"enabled": True})
+    out.guard.accepted = {bearer(token)}
+    async with stack(tmp_path, spill, out) as s:
+        await s.wait_phase(out, {"Outage"}, OUTAGE_BUDGET)
+        assert (await s.model_status(spill))["spillover"] is True
+        # Served by a pod: the client's own Authorization reaches it as it came.
+        async with s.session.post(
+            f"{s.url}/v1/predict", headers={"Host": spill.host, "Authorization": "Bearer client"}, data=b"{}"
+        ) as resp:
+            assert resp.status == 200
+        assert spill.local.counts.recent[-1].headers["authorization"] == "Bearer client"
+
+        codes = await open_loop(s, spill, 100, 2.0)
+        assert set(codes) == {200}, sorted(set(codes))
+        assert spill.local.counts.shed > 0 and spill.guard.counts.total == spill.local.counts.shed
+        assert spill.guard.refused == 0
+        assert set(spill.guard.counts.header_values("authorization")) == {bearer(token)}
+        assert bearer(token) not in spill.local.counts.header_values("authorization")
+        assert internal_headers(spill.local) == internal_headers(spill.guard) == set()
+
+        assert set(await s.send(out, 10)) == {200}
+        assert (out.guard.counts.total, out.guard.refused) == (10, 0)
+        assert set(out.guard.counts.header_values("authorization")) == {bearer(token)}
+
+
+def tls_remote(ca: CertificateAuthority, name: str) -> tuple[GuardedServer, dict]:
+    """A remote serving TLS that takes only client certificates `ca` signed, and the Secret of
+    one such certificate."""
+    server, client = ca.issue(name, ips=("127.0.0.1",), server=True), ca.issue(f"{name}-client")
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(ca.path))
+    tls.load_cert_chain(server.cert, server.key)
+    tls.verify_mode = ssl.CERT_REQUIRED
+    guard = GuardedServer(name, header="x-anything", tls=tls)
+    guard.accepted = {None}  # any request that got through the TLS handshake
+    tls_secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": f"{name}-tls", "namespace": "default"},
+        "type": "kubernetes.io/tls",
+        "data": {
+            "tls.crt": base64.b64encode(client.cert.read_bytes()).decode(),
+            "tls.key": base64.b64encode(client.key.read_bytes()).decode(),
+        },
+    }
+    return guard, tls_secret
+
+
+async def test_two_remotes_each_with_its_own_client_certificate(tmp_path):
+    """A and B trust different CAs: B's handshake fails with A's certificate, so B serving after
+    A is gone shows each remote's cluster presented its own."""
+    ca_a, ca_b = CertificateAuthority(tmp_path / "pki-a"), CertificateAuthority(tmp_path / "pki-b")
+    (a, secret_a), (b, secret_b) = tls_remote(ca_a, "remote-a"), tls_remote(ca_b, "remote-b")
+    fields = [
+        {"scheme": "https", "caFile": str(ca.path), "clientCertificateRef": {"name": f"{g.name}-tls"}}
+        for ca, g in ((ca_a, a), (ca_b, b))
+    ]
+    m = GuardedRemotes("whisper", fields, [secret_a, secret_b], a, b)
+    await b.start()
+    try:
+        async with stack(tmp_path, m) as s:
+            await s.wait_phase(m, {"Outage"}, OUTAGE_BUDGET)
+            assert set(await s.send(m, 20)) == {200}
+            assert (a.counts.total, b.counts.total) == (20, 0)
+            await a.stop()
+            codes = [(await s.request(m.host))[0] for _ in range(20)]
+            assert set(codes) == {200}, codes
+            assert b.counts.total == 20
+    finally:
+        await a.stop()
+        await b.stop()
