@@ -576,6 +576,32 @@ AGREEMENT: list[tuple[str, dict, bool]] = [
         True,
     ),
     # remoteBackends
+    (
+        "remotes-headers-from-secrets-and-client-certificates",
+        remotes(
+            {
+                "host": "a.example.com",
+                "scheme": "https",
+                "headersToAdd": [FROM_SECRET],
+                "clientCertificateRef": {"name": "a"},
+            },
+            {
+                "host": "b.example.com",
+                "scheme": "https",
+                "headersToAdd": [FROM_SECRET],
+                "clientCertificateRef": {"name": "b"},
+            },
+        ),
+        True,
+    ),
+    (
+        "spillover-header-from-secret",
+        offload(
+            behavior={"spillover": {"enabled": True}},
+            remote={"host": "a.example.com", "headersToAdd": [FROM_SECRET]},
+        ),
+        True,
+    ),
     ("remotes", remotes({"host": "a.example.com"}, {"host": "10.0.0.7:8080", "pathPrefix": "/v1"}), True),
     ("remotes-empty", remotes(), False),
     ("remotes-nine", remotes(*({"host": f"r{i}.example.com"} for i in range(9))), False),
@@ -638,6 +664,23 @@ def test_schema_and_parser_agree(doc, valid):
 # What a structural schema cannot say as the parser does, each pinned so a change on either
 # side shows up here: (id, document, schema accepts, parser accepts, why).
 KNOWN_DIFFERENCES: list[tuple[str, dict, bool, bool, str]] = [
+    (
+        "oauth-with-several-remotes",
+        remotes({"host": "a.example.com"}, {"host": "b.example.com", "authConfig": {"oauthConfig": OAUTH}}),
+        True,
+        False,
+        "OAuth2 with one remote and spill-over off only: a rule across fields, beyond a schema without CEL",
+    ),
+    (
+        "oauth-with-spillover",
+        offload(
+            behavior={"spillover": {"enabled": True}},
+            remote={"host": "a.example.com", "authConfig": {"oauthConfig": OAUTH}},
+        ),
+        True,
+        False,
+        "OAuth2 with one remote and spill-over off only: a rule across fields, beyond a schema without CEL",
+    ),
     (
         "client-certificate-over-http",
         remote(clientCertificateRef={"name": "client-tls"}),
