@@ -253,28 +253,34 @@ async def test_oauth2_client_credentials_fetch_a_token_that_the_remote_receives(
         await endpoint.stop()
 
 
-async def test_mtls_client_certificate_from_a_tls_secret(tmp_path):
-    ca = CertificateAuthority(tmp_path / "pki")
-    server = ca.issue("remote", ips=("127.0.0.1",), server=True)
-    client = ca.issue("overspill-client")
+def tls_remote(ca: CertificateAuthority, name: str) -> tuple[GuardedServer, dict, Path]:
+    """A remote serving TLS that takes only client certificates `ca` signed, and the Secret of
+    one such certificate, and its key file."""
+    server, client = ca.issue(name, ips=("127.0.0.1",), server=True), ca.issue(f"{name}-client")
     tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(ca.path))
     tls.load_cert_chain(server.cert, server.key)
     tls.verify_mode = ssl.CERT_REQUIRED
-    guard = GuardedServer("whisper-remote", header="x-anything", tls=tls)
+    guard = GuardedServer(name, header="x-anything", tls=tls)
     guard.accepted = {None}  # any request that got through the TLS handshake
     tls_secret = {
         "apiVersion": "v1",
         "kind": "Secret",
-        "metadata": {"name": "remote-client-tls", "namespace": "default"},
+        "metadata": {"name": f"{name}-tls", "namespace": "default"},
         "type": "kubernetes.io/tls",
         "data": {
             "tls.crt": base64.b64encode(client.cert.read_bytes()).decode(),
             "tls.key": base64.b64encode(client.key.read_bytes()).decode(),
         },
     }
+    return guard, tls_secret, client.key
+
+
+async def test_mtls_client_certificate_from_a_tls_secret(tmp_path):
+    ca = CertificateAuthority(tmp_path / "pki")
+    guard, tls_secret, key_file = tls_remote(ca, "whisper-remote")
     m = CredentialModel(
         "whisper",
-        {"scheme": "https", "caFile": str(ca.path), "clientCertificateRef": {"name": "remote-client-tls"}},
+        {"scheme": "https", "caFile": str(ca.path), "clientCertificateRef": {"name": "whisper-remote-tls"}},
         [tls_secret],
         guard=guard,
     )
@@ -283,7 +289,7 @@ async def test_mtls_client_certificate_from_a_tls_secret(tmp_path):
         codes = await s.send(m, 20)
         assert set(codes) == {200}, codes
         assert guard.counts.total == 20
-        key = client.key.read_text()
+        key = key_file.read_text()
         assert key.splitlines()[1] not in s.control_plane.log_text()
         assert key.splitlines()[1] not in rendered(s.manifests)
 
@@ -505,33 +511,11 @@ async def test_spilled_requests_carry_the_remotes_token_and_the_pods_never_see_i
         assert set(out.guard.counts.header_values("authorization")) == {bearer(token)}
 
 
-def tls_remote(ca: CertificateAuthority, name: str) -> tuple[GuardedServer, dict]:
-    """A remote serving TLS that takes only client certificates `ca` signed, and the Secret of
-    one such certificate."""
-    server, client = ca.issue(name, ips=("127.0.0.1",), server=True), ca.issue(f"{name}-client")
-    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(ca.path))
-    tls.load_cert_chain(server.cert, server.key)
-    tls.verify_mode = ssl.CERT_REQUIRED
-    guard = GuardedServer(name, header="x-anything", tls=tls)
-    guard.accepted = {None}  # any request that got through the TLS handshake
-    tls_secret = {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": {"name": f"{name}-tls", "namespace": "default"},
-        "type": "kubernetes.io/tls",
-        "data": {
-            "tls.crt": base64.b64encode(client.cert.read_bytes()).decode(),
-            "tls.key": base64.b64encode(client.key.read_bytes()).decode(),
-        },
-    }
-    return guard, tls_secret
-
-
 async def test_two_remotes_each_with_its_own_client_certificate(tmp_path):
     """A and B trust different CAs: B's handshake fails with A's certificate, so B serving after
     A is gone shows each remote's cluster presented its own."""
     ca_a, ca_b = CertificateAuthority(tmp_path / "pki-a"), CertificateAuthority(tmp_path / "pki-b")
-    (a, secret_a), (b, secret_b) = tls_remote(ca_a, "remote-a"), tls_remote(ca_b, "remote-b")
+    (a, secret_a, _), (b, secret_b, _) = tls_remote(ca_a, "remote-a"), tls_remote(ca_b, "remote-b")
     fields = [
         {"scheme": "https", "caFile": str(ca.path), "clientCertificateRef": {"name": f"{g.name}-tls"}}
         for ca, g in ((ca_a, a), (ca_b, b))
