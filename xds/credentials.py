@@ -19,9 +19,6 @@ from dataclasses import dataclass, replace
 
 from envoy_data_plane.envoy.config.cluster.v3 import Cluster
 from envoy_data_plane.envoy.config.core.v3 import (
-    AggregatedConfigSource,
-    ApiVersion,
-    ConfigSource,
     DataSource,
     Http1ProtocolOptions,
     HttpUri,
@@ -50,13 +47,12 @@ from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
 from api.crd import RemoteBackend
 from api.credentials import TLS_CERT, TLS_KEY, SecretValue
 from xds.encode import encode, pack
+from xds.types import ADS, HTTP_OPTIONS
 
-HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 INJECTOR = "envoy.filters.http.credential_injector"
 TOKEN_TIMEOUT = datetime.timedelta(seconds=5)
 REDACTED = "<redacted>"
 CREDENTIAL_HEADER = "x-overspill-credential"  # a prefix of internal headers, see `internal_header`
-_ADS = ConfigSource(ads=AggregatedConfigSource(), resource_api_version=ApiVersion.V3)
 
 
 @dataclass(frozen=True)
@@ -180,7 +176,7 @@ def member_credentials(remote: RemoteBackend, cluster: str) -> RemoteCredentials
 
 
 def _sds(name: str) -> SdsSecretConfig:
-    return SdsSecretConfig(name=name, sds_config=_ADS)
+    return SdsSecretConfig(name=name, sds_config=ADS)
 
 
 def _generic(name: str, value: SecretValue) -> bytes:

@@ -63,8 +63,8 @@ from xds import resources as res
 from xds.credentials import header_injectors, internal_header, member_credentials, remote_credentials
 from xds.encode import encode, pack
 from xds.fields import Fields
+from xds.types import HTTP_OPTIONS
 
-HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 METADATA = "overspill"  # the endpoint metadata namespace naming which remote an endpoint is
 REMOTE_HEADER = "x-overspill-remote"  # from the metadata to the script; never leaves Envoy
 # Seconds, not the minute of Envoy's defaults: a remote that fails is left after a request or

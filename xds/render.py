@@ -25,7 +25,7 @@ from xds import failover, runtime, spillover
 from xds import resources as res
 from xds.credentials import redact, without_credentials
 from xds.stats import stats_listener, stats_tags
-from xds.types import PUSH_ORDER, SECRET
+from xds.types import HTTP_OPTIONS, PUSH_ORDER, SECRET
 from xds.view import View
 
 
@@ -66,9 +66,6 @@ def static_bootstrap(routes: list[ModelRoute], address: str, port: int, admin_po
             "clusters": [c.to_dict() for c in clusters],
         },
     }
-
-
-HTTP_OPTIONS = failover.HTTP_OPTIONS
 
 
 def ads_bootstrap(

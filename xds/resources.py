@@ -29,9 +29,6 @@ from envoy_data_plane.envoy.config.cluster.v3 import (
 )
 from envoy_data_plane.envoy.config.core.v3 import (
     Address,
-    AggregatedConfigSource,
-    ApiVersion,
-    ConfigSource,
     DataSource,
     HeaderValue,
     HeaderValueOption,
@@ -92,6 +89,7 @@ from xds import wire
 from xds.credentials import NONE, RemoteCredentials, remote_credentials
 from xds.encode import encode, pack
 from xds.fields import Fields
+from xds.types import ADS
 
 LISTENER_NAME = "overspill_http"
 ROUTE_CONFIG_NAME = "overspill_routes"  # the one inline route configuration of a static bootstrap
@@ -112,7 +110,6 @@ SPILL_RETRY_ON = f"retriable-status-codes,{RETRY_ON}"
 SPILL_BACK_OFF = RetryPolicyRetryBackOff(
     base_interval=datetime.timedelta(milliseconds=1), max_interval=datetime.timedelta(milliseconds=5)
 )
-ADS = ConfigSource(ads=AggregatedConfigSource(), resource_api_version=ApiVersion.V3)
 
 
 def _socket(address: str, port: int) -> Address:

@@ -34,6 +34,7 @@ from api.desired import ModelRoute
 from xds import failover
 from xds import resources as res
 from xds.encode import encode, pack
+from xds.types import HTTP_OPTIONS
 
 COMPOSITE = "envoy.clusters.composite"
 
@@ -62,7 +63,7 @@ def composite_cluster(route: ModelRoute) -> bytes:
     )
     options = failover.upstream_options(route)
     if options is not None:
-        cluster.typed_extension_protocol_options = {failover.HTTP_OPTIONS: pack(options)}
+        cluster.typed_extension_protocol_options = {HTTP_OPTIONS: pack(options)}
     return encode(cluster)
 
 
