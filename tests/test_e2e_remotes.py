@@ -46,6 +46,9 @@ class TwoRemotes(Model):
         return docs
 
 
+CLOSE_RACE = 0.1  # s after A is gone in which Envoy may still write onto a connection A closed
+
+
 class Burst:
     """Clients sending requests back to back, each result kept with when it came and who served it."""
 
@@ -184,9 +187,10 @@ async def test_dead_remote_is_left_by_envoy_for_the_next_and_traffic_comes_back(
             f"returned; after that {after_back.count(a.name)}/{len(after_back)} at A; "
             f"errors: {[(round(t - killed, 2), code, by) for t, code, by in errors]}"
         )
-        # Lost: only requests A had taken before it was gone (its in-flight count, read as it
-        # began to stop, misses those still on the wire to it and those it took while stopping).
-        assert all(sent <= stopped for sent in burst.failed_sent), errors
+        # Lost: only requests in flight on A as it went: those it had taken, and those Envoy wrote
+        # onto a connection A was closing (a reset after sending, never retried). The in-flight
+        # count, read as A began to stop, misses both; so no failure sent after this race.
+        assert all(sent <= stopped + CLOSE_RACE for sent in burst.failed_sent), errors
         assert len(errors) <= burst.clients, errors
         assert first_b - killed < 2, "Envoy moved to B within seconds, not at an evaluation"
         assert ejected and ejected >= 1, "Envoy's outlier detection ejected A"
