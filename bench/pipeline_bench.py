@@ -101,6 +101,20 @@ async def sent_bytes(cp: OverspillServe) -> float | None:
     )
 
 
+async def scrape_cost(cp: OverspillServe, times: int = 3) -> dict[str, float]:
+    """The control plane's CPU for one Prometheus scrape of its /metrics (median of `times`), and
+    its size: what a 15 s scrape interval adds to idle CPU."""
+    assert cp.pid is not None
+    costs, size = [], 0
+    for _ in range(times):
+        before = cpu_seconds([cp.pid])
+        url, limit = f"{cp.metrics_url}/metrics", aiohttp.ClientTimeout(total=60)
+        async with cp.session.get(url, timeout=limit) as resp:
+            size = len(await resp.read())
+        costs.append(cpu_seconds([cp.pid]) - before)
+    return {"scrape_cpu_s": median(costs) or 0.0, "scrape_kib": size / 1024}
+
+
 class OverspillRig:
     """One control plane and one Envoy fed by it over ADS (SotW or Delta)."""
 
@@ -204,7 +218,7 @@ class OverspillRig:
             for n in status.get("nodes", [])
             if any(v.get("nack") for v in n.get("types", {}).values())
         ]
-        return {
+        return await scrape_cost(self.cp) | {
             "log_lines": len(lines),
             "log_metric_unavailable": len(expected),
             "log_other_warnings_errors": len(others),
@@ -470,6 +484,9 @@ async def run_config(
                 row["cp_cpu_total_s"] = cpu_seconds(rig.pids())
                 row["envoy_rss_mib"] = rss_mib([envoy.pid or 0])
                 row |= await rig.after()
+                if "scrape_cpu_s" in row:
+                    cost, size = row["scrape_cpu_s"], row["scrape_kib"]
+                    say(f"    one /metrics scrape {cost:.3f} CPU-s, {size:.0f} KiB")
                 say(
                     f"    idle {row['idle_cpu']:.3f} CPU-s/s; RSS control plane {row['cp_rss_mib']:.0f} MiB, "
                     f"Envoy {row['envoy_rss_mib']:.0f} MiB"

@@ -22,6 +22,7 @@ from prometheus_client.utils import floatToGoString
 from api.desired import loads_by_side
 from api.load import ClusterLoad
 from api.status import ModelStatus, Phase
+from metrics.exposition import Family, Registry, TextCollector, labels
 
 LABELS = ["namespace", "name"]
 # Seconds, for the xDS timings: a push on loopback is ACKed in a millisecond or two, a burst's flush
@@ -57,96 +58,81 @@ class CountedHistogram(Collector):
         yield HistogramMetricFamily(self.name, self.documentation, buckets=buckets, sum_value=self.sum)
 
 
-class ControllerCollector(Collector):
+class ControllerCollector(TextCollector):
     """Every model's state, read from its status when Prometheus scrapes, and the evaluation count."""
 
     def __init__(self, models: Callable[[], Iterable[ModelStatus]], evaluations: Callable[[], int]):
         self.models = models
         self.evaluations = evaluations
 
-    def collect(self):
-        phase = GaugeMetricFamily(
-            "overspill_model_offload_state",
-            "1 for the model's current offload phase, 0 for the others",
-            labels=[*LABELS, "phase"],
+    def families(self) -> Iterable[Family]:
+        phase = Family(
+            "overspill_model_offload_state", "1 for the model's current offload phase, 0 for the others"
         )
-        weight = GaugeMetricFamily(
-            "overspill_model_remote_weight_percent",
-            "Percent of the model's requests routed to the remote",
-            labels=LABELS,
+        weight = Family(
+            "overspill_model_remote_weight_percent", "Percent of the model's requests routed to the remote"
         )
-        value = GaugeMetricFamily(
-            "overspill_model_metric_value",
-            "Last reading of an offloading metric, in its target's units",
-            labels=[*LABELS, "metric"],
+        value = Family(
+            "overspill_model_metric_value", "Last reading of an offloading metric, in its target's units"
         )
-        target = GaugeMetricFamily(
-            "overspill_model_metric_target", "Target of an offloading metric", labels=[*LABELS, "metric"]
-        )
-        stale = GaugeMetricFamily(
+        target = Family("overspill_model_metric_target", "Target of an offloading metric")
+        stale = Family(
             "overspill_model_metric_stale",
             "1 while an offloading metric has had no reading for metricStaleAfterSeconds",
-            labels=[*LABELS, "metric"],
         )
-        ready = GaugeMetricFamily(
-            "overspill_model_ready_endpoints", "Ready local endpoints of the model's Service", labels=LABELS
+        ready = Family("overspill_model_ready_endpoints", "Ready local endpoints of the model's Service")
+        errors = Family(
+            "overspill_model_config_errors", "1 while a ModelDeployment cannot be routed as written"
         )
-        errors = GaugeMetricFamily(
-            "overspill_model_config_errors",
-            "1 while a ModelDeployment cannot be routed as written",
-            labels=LABELS,
-        )
-        transitions = CounterMetricFamily(
-            "overspill_model_transitions", "Offload phase changes", labels=[*LABELS, "phase"]
-        )
-        read_errors = CounterMetricFamily(
+        transitions = Family("overspill_model_transitions", "Offload phase changes", "counter")
+        read_errors = Family(
             "overspill_metric_read_errors",
             "Failed offloading-metric reads (unreachable, error, empty)",
-            labels=[*LABELS, "metric"],
+            "counter",
         )
-        nacks = CounterMetricFamily(
-            "overspill_model_xds_nacks",
-            "xDS NACKs of responses carrying this model's resources",
-            labels=[*LABELS, "type"],
+        nacks = Family(
+            "overspill_model_xds_nacks", "xDS NACKs of responses carrying this model's resources", "counter"
         )
-        refused = GaugeMetricFamily(
+        refused = Family(
             "overspill_model_remote_refused",
             "1 while a local Policy keeps this remote from the model's traffic (reason: PolicyViolation, "
             "PolicyNotFound, PolicyInvalid)",
-            labels=[*LABELS, "remote", "policy", "reason"],
         )
-        rejections = GaugeMetricFamily(
+        rejections = Family(
             "overspill_model_xds_rejections",
             "Envoy NACKs of this model's resources that still stand (per Envoy and xDS type): the"
             " Envoy keeps its last good configuration for the model",
-            labels=LABELS,
         )
         for s in self.models():
-            ids = [s.namespace, s.name]
-            rejections.add_metric(ids, len(s.rejections))
+            ids = labels(("namespace", s.namespace), ("name", s.name))
+            rejections.add(ids, len(s.rejections))
             for r in s.refused:
-                refused.add_metric([*ids, r.remote, r.policy, r.reason], 1)
+                refused.add(
+                    f"{ids},{labels(('remote', r.remote), ('policy', r.policy), ('reason', r.reason))}", 1
+                )
             for p in Phase:
-                phase.add_metric([*ids, p.value], 1 if p == s.phase else 0)
-            weight.add_metric(ids, s.remote_percent)
-            ready.add_metric(ids, s.ready_endpoints)
-            errors.add_metric(ids, 1 if s.phase == Phase.INVALID or s.errors else 0)
-            for m in s.metrics:
-                target.add_metric([*ids, m.spec.describe()], m.spec.target.threshold)
-                if m.current is not None:
-                    value.add_metric([*ids, m.spec.describe()], m.current)
-                stale.add_metric([*ids, m.spec.describe()], 1 if m.spec.describe() in s.stale_metrics else 0)
-            for p, n in s.transitions.items():
-                transitions.add_metric([*ids, p], n)
+                phase.add(f"{ids},{labels(('phase', p.value))}", 1 if p == s.phase else 0)
+            weight.add(ids, s.remote_percent)
+            ready.add(ids, s.ready_endpoints)
+            errors.add(ids, 1 if s.phase == Phase.INVALID or s.errors else 0)
             # Zero before the first failure: rate() and increase() see that one too.
             counted = dict.fromkeys((m.spec.describe() for m in s.metrics), 0) | s.metric_read_errors
+            for m in s.metrics:
+                name = m.spec.describe()
+                each = f"{ids},{labels(('metric', name))}"
+                target.add(each, m.spec.target.threshold)
+                if m.current is not None:
+                    value.add(each, m.current)
+                stale.add(each, 1 if name in s.stale_metrics else 0)
+            for p, n in s.transitions.items():
+                transitions.add(f"{ids},{labels(('phase', p))}", n)
             for metric, n in counted.items():
-                read_errors.add_metric([*ids, metric], n)
+                read_errors.add(f"{ids},{labels(('metric', metric))}", n)
             for t, n in s.xds_nacks.items():
-                nacks.add_metric([*ids, t], n)
-        rounds = CounterMetricFamily("overspill_evaluations", "Evaluation rounds of all models")
-        rounds.add_metric([], self.evaluations())
-        yield from (
+                nacks.add(f"{ids},{labels(('type', t))}", n)
+        rounds = Family("overspill_evaluations", "Evaluation rounds of all models", "counter")
+        rounds.add("", self.evaluations())
+        return (
             phase,
             weight,
             value,
@@ -213,41 +199,32 @@ class StateFileCollector(Collector):
         yield from (writes, errors)
 
 
-class LoadCollector(Collector):
+class LoadCollector(TextCollector):
     """Envoy's load reports per model and side, summed over the Envoys, read when Prometheus scrapes."""
 
     def __init__(self, clusters: Callable[[], Mapping[str, ClusterLoad]], reporting: Callable[[], int]):
         self.clusters = clusters
         self.reporting = reporting
 
-    def collect(self):
-        labels = [*LABELS, "side"]
-        reporters = GaugeMetricFamily("overspill_envoy_load_reporters", "Envoys sending load reports")
-        reporters.add_metric([], self.reporting())
-        in_flight = GaugeMetricFamily(
-            "overspill_envoy_requests_in_flight",
-            "Requests in flight, from Envoy's load reports",
-            labels=labels,
+    def families(self) -> Iterable[Family]:
+        reporters = Family("overspill_envoy_load_reporters", "Envoys sending load reports")
+        reporters.add("", self.reporting())
+        in_flight = Family(
+            "overspill_envoy_requests_in_flight", "Requests in flight, from Envoy's load reports"
         )
-        rate = GaugeMetricFamily(
-            "overspill_envoy_request_rate", "Requests per second, from Envoy's load reports", labels=labels
-        )
-        errors = GaugeMetricFamily(
-            "overspill_envoy_error_rate",
-            "Failed requests per second, from Envoy's load reports",
-            labels=labels,
-        )
-        for (model, side), load in loads_by_side(self.clusters()).items():
-            ids = [*model, side]
-            in_flight.add_metric(ids, load.in_flight)
-            rate.add_metric(ids, load.rate)
-            errors.add_metric(ids, load.errors)
-        yield from (reporters, in_flight, rate, errors)
+        rate = Family("overspill_envoy_request_rate", "Requests per second, from Envoy's load reports")
+        errors = Family("overspill_envoy_error_rate", "Failed requests per second, from Envoy's load reports")
+        for ((namespace, name), side), load in loads_by_side(self.clusters()).items():
+            ids = labels(("namespace", namespace), ("name", name), ("side", side))
+            in_flight.add(ids, load.in_flight)
+            rate.add(ids, load.rate)
+            errors.add(ids, load.errors)
+        return (reporters, in_flight, rate, errors)
 
 
 class Instruments:
     def __init__(self, registry: CollectorRegistry | None = None):
-        self.registry = registry or CollectorRegistry()
+        self.registry = registry or Registry()
         r = self.registry
         ProcessCollector(registry=r)  # process_resident_memory_bytes, process_open_fds, CPU seconds
         r.register(TaskCollector())

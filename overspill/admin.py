@@ -6,14 +6,16 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from metrics.exposition import Registry
 
 
 def make_app(
-    status: Callable[[], dict], registry: CollectorRegistry, ready: Callable[[], bool] = lambda: True
+    status: Callable[[], dict], registry: Registry, ready: Callable[[], bool] = lambda: True
 ) -> web.Application:
     async def metrics(_: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(body=registry.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def status_json(_: web.Request) -> web.Response:
         return web.json_response(status())
