@@ -12,18 +12,46 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing as mp
 import os
 from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from watchfiles import awatch
 
-from reconciler.documents import LIMITS, Limits, parse_file
+from reconciler.documents import LIMITS, Limits, ParsedFile, parse_file
 from reconciler.store import ObjectStore
 
 log = logging.getLogger("overspill.source")
 SUFFIXES = (".yaml", ".yml", ".json")
 Stamp = tuple[int, int, int]  # inode, size, mtime: a file whose stamp is unchanged is not read again
+
+
+# Below this many files, forking a parser costs more than it saves.
+PARALLEL_MIN_FILES = 256
+
+
+def parse_files(paths: list[str], limits: Limits) -> list[ParsedFile]:
+    """`parse_file` of each path, in order. Many files are split with a forked copy of this
+    process, one per spare core: parsing is CPU-bound Python, and a forked child starts with
+    everything imported. The child's share comes back pickled, which costs about a fifth of
+    parsing it (10,000 files on 2 cores: 3.0 s of parsing becomes about 1.8 s)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if len(paths) < PARALLEL_MIN_FILES or cores < 2 or "fork" not in mp.get_all_start_methods():
+        return [parse_file(path, limits) for path in paths]
+    shares = [paths[i::cores] for i in range(cores)]  # interleaved: large and small files mix
+    with ProcessPoolExecutor(cores - 1, mp_context=mp.get_context("fork")) as pool:
+        forked = [pool.submit(_parse_share, share, limits) for share in shares[1:]]
+        parsed = [_parse_share(shares[0], limits), *(f.result() for f in forked)]
+    ordered: list[ParsedFile] = [([], [])] * len(paths)
+    for i, results in enumerate(parsed):
+        ordered[i::cores] = results
+    return ordered
+
+
+def _parse_share(paths: list[str], limits: Limits) -> list[ParsedFile]:
+    return [parse_file(path, limits) for path in paths]
 
 
 class DirectorySource:
@@ -86,11 +114,9 @@ class DirectorySource:
             del self._seen[path]
             log.info("event=file_removed file=%s", path)
             changed = True
-        for path, stamp in current.items():
-            if self._seen.get(path) == stamp:
-                continue
-            self._seen[path] = stamp
-            objects, rejected = parse_file(path, self.limits)
+        todo = [path for path, stamp in current.items() if self._seen.get(path) != stamp]
+        for path, (objects, rejected) in zip(todo, parse_files(todo, self.limits), strict=True):
+            self._seen[path] = current[path]
             self.store.replace_origin(path, objects, rejected)
             for r in rejected:
                 for err in r.errors:

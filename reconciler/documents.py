@@ -71,6 +71,9 @@ class Rejected:
         return "; ".join(self.errors)
 
 
+ParsedFile = tuple[list[Any], list[Rejected]]  # a file's objects, and its documents rejected
+
+
 @dataclass(frozen=True)
 class Limits:
     """How much one manifest file may ask of the control plane.
@@ -142,7 +145,7 @@ def parse_documents(text: str, origin: str, limits: Limits = LIMITS) -> tuple[li
     return objects, rejected
 
 
-def parse_file(path: Path, limits: Limits = LIMITS) -> tuple[list[Any], list[Rejected]]:
+def parse_file(path: Path | str, limits: Limits = LIMITS) -> ParsedFile:
     """`parse_documents` of a file; one too large, unreadable or not UTF-8 is rejected whole,
     and a large one is not read past the limit (its size is checked first, then the read stops)."""
     origin = str(path)

@@ -17,8 +17,8 @@ from api.status import Phase
 from metrics.instruments import Instruments
 from metrics.source import Reading, read_each
 from reconciler.controller import Controller
-from reconciler.directory import DirectorySource
-from reconciler.documents import load_all, parse_documents
+from reconciler.directory import PARALLEL_MIN_FILES, DirectorySource, parse_files
+from reconciler.documents import LIMITS, load_all, parse_documents, parse_file
 from reconciler.probe import RemoteProbe
 from reconciler.status_writer import desired_status
 from reconciler.store import ObjectStore
@@ -919,3 +919,24 @@ h: |
 )
 def test_yaml_is_read_exactly_as_safe_load_reads_it(body):
     assert load_all(body) == list(yaml.safe_load_all(body))
+
+
+def test_a_large_directory_is_parsed_across_cores_into_what_one_core_reads(tmp_path):
+    """Past PARALLEL_MIN_FILES a forked parser reads a share of the files: each file must still
+    give its own objects and its own errors, in the same order, as read one by one."""
+    n = PARALLEL_MIN_FILES + 44
+    for i in range(n):
+        if i % 50 == 7:
+            body = "kind: ModelDeployment\nmetadata: {name: [unclosed\n"  # broken YAML
+        elif i % 50 == 19:
+            body = text(model_doc(name=f"m{i}", percentage=150))  # invalid: percentage over 100
+        else:
+            body = text(model_doc(name=f"m{i}", service=f"s{i}"), *service_docs(f"s{i}"))
+        (tmp_path / f"f{i:04d}.yaml").write_text(body)
+    paths = [str(p) for p in sorted(tmp_path.iterdir())]
+    one_by_one = [parse_file(p, LIMITS) for p in paths]
+    assert parse_files(paths, LIMITS) == one_by_one
+    store = ObjectStore()
+    DirectorySource(tmp_path, store).sync()
+    assert len(store.models()) == n - 2 * len(range(7, n, 50))  # every valid model, once
+    assert sum(bool(rejected) for _, rejected in one_by_one) == 2 * len(range(7, n, 50))
