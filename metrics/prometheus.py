@@ -13,6 +13,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import aiohttp
 
@@ -48,6 +49,7 @@ class PrometheusInformer:
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self.queries = 0  # sent, for the benchmark and /metrics
         self.observe = observe  # each query's seconds, answered or not
+        self._plan: _Plan | None = None
 
     async def read(self, spec: MetricSpec, scope: MetricScope | None = None) -> Reading:
         if spec.type in ("Resource", "ContainerResource"):
@@ -60,19 +62,12 @@ class PrometheusInformer:
         """Models whose metric differs only in its label values are read with one query per
         metric, `sum by (labels) (name{label=~"v1|v2|…"})`, each taking its own series; any
         other query is sent once however many models ask it. 10,000 models, a few queries."""
+        plan = self._plan
+        if plan is None or not plan.reads(requests):
+            plan = self._plan = _Plan.of(requests)
         out: list[Reading | None] = [None] * len(requests)
-        groups: dict[tuple[str, tuple[str, ...]], list[int]] = {}
-        singles: dict[str, list[int]] = {}
-        for i, (spec, _) in enumerate(requests):
-            if spec.type in ("Resource", "ContainerResource"):
-                out[i] = _not_here(spec)
-            elif _batchable(spec):
-                groups.setdefault((spec.name, tuple(sorted(spec.selector))), []).append(i)
-            else:
-                singles.setdefault(promql_for(spec), []).append(i)
-        for key, members in list(groups.items()):
-            if len({tuple(sorted(requests[i][0].selector.items())) for i in members}) == 1:
-                singles.setdefault(promql_for(requests[members[0]][0]), []).extend(groups.pop(key))
+        for i, reading in plan.answered.items():
+            out[i] = reading
         slots = asyncio.Semaphore(READ_CONCURRENCY)
 
         async def single(query: str, members: list[int]) -> None:
@@ -82,32 +77,21 @@ class PrometheusInformer:
             for i in members:
                 out[i] = reading
 
-        async def batch(name: str, labels: tuple[str, ...], members: list[int]) -> None:
-            specs = [requests[i][0] for i in members]
-            matchers = ",".join(
-                f'{k}=~"{_escape("|".join(sorted({_regex_literal(s.selector[k]) for s in specs})))}"'
-                for k in labels
-            )
+        async def batch(b: _Batch) -> None:
             async with slots:
-                data, error = await self._query(f"sum by ({','.join(labels)}) ({name}{{{matchers}}})")
-            values = {} if error is not None else _by_labels(data, labels)
-            for i, spec in zip(members, specs, strict=True):
-                query = promql_for(spec)
+                data, error = await self._query(b.query)
+            values = {} if error is not None else _by_labels(data, b.labels)
+            for i, query, key in b.members:
                 if error is not None:
                     out[i] = Reading(None, error, query)
                     continue
-                value = values.get(tuple(spec.selector[k] for k in labels))
+                value = values.get(key)
                 out[i] = Reading(
                     value, None if value is not None else f"query {query!r} returned no series", query
                 )
 
         await asyncio.gather(
-            *(single(q, m) for q, m in singles.items()),
-            *(
-                batch(name, labels, m[j : j + BATCH])
-                for (name, labels), m in groups.items()
-                for j in range(0, len(m), BATCH)
-            ),
+            *(single(q, m) for q, m in plan.singles.items()), *(batch(b) for b in plan.batches)
         )
         return [r if r is not None else Reading(None, "not read") for r in out]
 
@@ -144,6 +128,67 @@ class PrometheusInformer:
 
 
 BATCH = 500  # models per batched query: a set of literals Prometheus matches as a set
+
+
+@dataclass
+class _Batch:
+    """One batched query and, for each model it reads, its index among the requests, its own
+    query (named in its errors) and the label values that pick its series from the answer."""
+
+    query: str
+    labels: tuple[str, ...]
+    members: list[tuple[int, str, tuple[str, ...]]]
+
+
+@dataclass
+class _Plan:
+    """The queries that read a list of requests. The controller asks the same list (the same
+    request objects) every evaluation until a model changes, so the plan is made once, not
+    10,000 selectors escaped every 5 s."""
+
+    requests: list[Request]
+    answered: dict[int, Reading]  # never asked (Resource metrics come from metrics-server)
+    singles: dict[str, list[int]]  # query -> the requests it answers
+    batches: list[_Batch]
+
+    def reads(self, requests: Sequence[Request]) -> bool:
+        return len(requests) == len(self.requests) and all(
+            a is b for a, b in zip(requests, self.requests, strict=True)
+        )
+
+    @classmethod
+    def of(cls, requests: Sequence[Request]) -> _Plan:
+        answered: dict[int, Reading] = {}
+        groups: dict[tuple[str, tuple[str, ...]], list[int]] = {}
+        singles: dict[str, list[int]] = {}
+        for i, (spec, _) in enumerate(requests):
+            if spec.type in ("Resource", "ContainerResource"):
+                answered[i] = _not_here(spec)
+            elif _batchable(spec):
+                groups.setdefault((spec.name, tuple(sorted(spec.selector))), []).append(i)
+            else:
+                singles.setdefault(promql_for(spec), []).append(i)
+        for key, members in list(groups.items()):
+            if len({tuple(sorted(requests[i][0].selector.items())) for i in members}) == 1:
+                singles.setdefault(promql_for(requests[members[0]][0]), []).extend(groups.pop(key))
+        batches = []
+        for (name, labels), members in groups.items():
+            for j in range(0, len(members), BATCH):
+                specs = [(i, requests[i][0]) for i in members[j : j + BATCH]]
+                matchers = ",".join(
+                    f'{k}=~"{_escape("|".join(sorted({_regex_literal(s.selector[k]) for _, s in specs})))}"'
+                    for k in labels
+                )
+                batches.append(
+                    _Batch(
+                        f"sum by ({','.join(labels)}) ({name}{{{matchers}}})",
+                        labels,
+                        [(i, promql_for(s), tuple(s.selector[k] for k in labels)) for i, s in specs],
+                    )
+                )
+        return cls(list(requests), answered, singles, batches)
+
+
 _LABEL = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 _REGEX_SPECIAL = set(".+*?()|[]{}^$\\/")
 

@@ -111,6 +111,8 @@ class Controller:
         self._rejections: dict[tuple[int, str], tuple[EnvoyRejection, tuple[ModelKey, ...]]] = {}
         # Policy refusals that began or ended in this reconcile, for one log line per Policy and event.
         self._policy_events: dict[tuple[str, str, str], list[tuple[ObjectKey, str]]] = {}
+        # (event, metric, stale after, action) -> models and their metric's age (metric_stale, _fresh)
+        self._stale_events: dict[tuple[str, str, float, str], list[tuple[ObjectKey, float]]] = {}
         self._unreadable: dict[ObjectKey, list[str]] = {}  # models whose remote credentials cannot be read
 
     async def run(self) -> None:
@@ -319,6 +321,8 @@ class Controller:
             self._resumed = []
         if self._policy_events:
             self._log_policy_events()
+        if self._stale_events:
+            self._log_stale_events()
         if self.on_reconciled is not None:
             try:
                 self.on_reconciled(
@@ -586,23 +590,40 @@ class Controller:
         return [m for m in names if now - entry.read_at.get(m, entry.since) >= after]
 
     def _note_stale(self, model: ModelDeployment, status: ModelStatus, stale: list[str], now: float) -> None:
-        """Keep the stale metrics on status; one log line as each goes stale and as it returns."""
+        """Keep the stale metrics on status; note each as it goes stale and as it returns, for one
+        log line per metric and event however many models (a source gone stales them all)."""
         entry = self._reads.get(model.key)
         behavior = model.offloading.behavior if model.offloading else None
         for metric in stale:
             if metric not in status.stale_metrics and entry is not None and behavior is not None:
-                log.warning(
-                    "event=metric_stale model=%s metric=%s age=%.0fs stale_after=%gs action=%s",
-                    model.key,
+                age = now - entry.read_at.get(metric, entry.since)
+                event = (
+                    "metric_stale",
                     metric,
-                    now - entry.read_at.get(metric, entry.since),
                     behavior.metric_stale_after_seconds,
                     behavior.on_stale_metric,
                 )
+                self._stale_events.setdefault(event, []).append((model.key, age))
         for metric in status.stale_metrics:
             if metric not in stale:
-                log.info("event=metric_fresh model=%s metric=%s", model.key, metric)
+                self._stale_events.setdefault(("metric_fresh", metric, 0.0, ""), []).append((model.key, 0.0))
         status.stale_metrics = stale
+
+    def _log_stale_events(self) -> None:
+        for (event, metric, after, action), items in sorted(self._stale_events.items()):
+            keys = [key for key, _ in items]
+            if event == "metric_stale":
+                log.warning(
+                    "event=metric_stale metric=%s %s age=%.0fs stale_after=%gs action=%s",
+                    metric,
+                    some(keys),
+                    max(age for _, age in items),
+                    after,
+                    action,
+                )
+            else:
+                log.info("event=metric_fresh metric=%s %s", metric, some(keys))
+        self._stale_events = {}
 
     def _followed(self, model: ModelDeployment, status: ModelStatus) -> Decision:
         """A follower's decision: the leader's, from status; an outage it sees itself at once."""

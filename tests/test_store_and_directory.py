@@ -513,7 +513,7 @@ async def test_a_stale_metric_moves_the_model_to_the_chosen_state_and_back(
         await asyncio.wait_for(controller.evaluate(), 5)
     stale_lines = [r.getMessage() for r in caplog.records if "event=metric_stale" in r.getMessage()]
     assert stale_lines == [
-        "event=metric_stale model=default/m metric=External/queue_depth age=20s stale_after=20s "
+        "event=metric_stale metric=External/queue_depth count=1 names='default/m' age=20s stale_after=20s "
         f"action={action}"
     ]
 
@@ -523,7 +523,7 @@ async def test_a_stale_metric_moves_the_model_to_the_chosen_state_and_back(
     status = controller.status[MODEL]
     assert (status.stale_metrics, gauge()) == ([], 0)
     fresh = [r.getMessage() for r in caplog.records if "event=metric_fresh" in r.getMessage()]
-    assert fresh == ["event=metric_fresh model=default/m metric=External/queue_depth"]
+    assert fresh == ["event=metric_fresh metric=External/queue_depth count=1 names='default/m'"]
     # back under the ordinary rules: after `offload`, the buffer runs before the share goes
     assert (status.phase, status.remote_percent) == (
         ("Releasing", 40.0) if action == "offload" else ("Standby", 0.0)
@@ -940,3 +940,38 @@ def test_a_large_directory_is_parsed_across_cores_into_what_one_core_reads(tmp_p
     DirectorySource(tmp_path, store).sync()
     assert len(store.models()) == n - 2 * len(range(7, n, 50))  # every valid model, once
     assert sum(bool(rejected) for _, rejected in one_by_one) == 2 * len(range(7, n, 50))
+
+
+async def test_a_source_gone_for_many_models_is_one_stale_line_and_one_fresh_line(remote_port, caplog):
+    """300 models reading one source: when it goes away they all go stale in one evaluation,
+    which is one log line with a count, not 300; likewise when it returns."""
+    caplog.set_level(logging.INFO, "overspill")
+    store = ObjectStore()
+    behavior = {"metricStaleAfterSeconds": 20, "onStaleMetric": "hold"}
+    remote = f"127.0.0.1:{remote_port}"
+    docs = [
+        d
+        for i in range(300)
+        for d in (
+            model_doc(name=f"m{i}", service=f"s{i}", remote=remote, behavior=behavior),
+            *service_docs(f"s{i}"),
+        )
+    ]
+    load(store, "all.yaml", text(*docs))
+    informer = FakeInformer(queue_depth=3)
+    controller, _, clock = make_controller(store, informer)
+    await asyncio.wait_for(controller.evaluate(), 5)
+    del informer.values["queue_depth"]
+    for _ in range(6):
+        clock.now += 5
+        await asyncio.wait_for(controller.evaluate(), 5)
+    assert all(s.stale_metrics == ["External/queue_depth"] for s in controller.status.values())
+    informer.values["queue_depth"] = 3
+    clock.now += 5
+    await asyncio.wait_for(controller.evaluate(), 5)
+    assert all(s.stale_metrics == [] for s in controller.status.values())
+    lines = [r.getMessage() for r in caplog.records if "event=metric_stale" in r.getMessage()]
+    assert len(lines) == 1 and "count=300 names='default/m0, default/m1," in lines[0], lines
+    assert "and_more=295" in lines[0]
+    fresh = [r.getMessage() for r in caplog.records if "event=metric_fresh" in r.getMessage()]
+    assert len(fresh) == 1 and "count=300" in fresh[0], fresh
