@@ -140,24 +140,23 @@ class Controller:
         started = time.monotonic()
         self.reconcile()  # take what the store holds now, so what is read is current
         entries = [(key, entry, entry.requests) for key, entry in self._reads.items()]
-        readings = iter(await self.informer.read_many([r for _, _, reqs in entries for r in reqs]))
+        readings = await self.informer.read_many([r for _, _, reqs in entries for r in reqs])
         changed = set()
         now = self.clock()
         events: dict[tuple[str, str, str], list[ObjectKey]] = {}
+        end = 0
         for key, entry, requests in entries:
-            taken = [next(readings) for _ in requests]
+            start, end = end, end + len(requests)
+            taken = readings[start:end]
             if self._reads.get(key) is not entry or entry.requests is not requests:
                 continue  # its metrics changed while they were read: the next evaluation reads them
             status = self._status_of(key)
-            after = _stale_after(entry.model)
             for (spec, _), reading in zip(requests, taken, strict=True):
                 metric = spec.describe()
                 if reading.error:
                     status.metric_read_errors[metric] += 1  # every failed read counts
-                    if (
-                        after > 0
-                        and metric not in status.stale_metrics
-                        and now - entry.read_at.get(metric, entry.since) >= after
+                    if metric not in status.stale_metrics and (
+                        0 < _stale_after(entry.model) <= now - entry.read_at.get(metric, entry.since)
                     ):
                         changed.add(key)  # it has just gone stale: decided now, not at the next change
                 else:
