@@ -182,7 +182,7 @@ class OverspillRig:
         """What `overspill bootstrap [--delta]` prints, for this control plane's ports."""
         assert self.cp is not None
         argv = [str(VENV_BIN / "overspill"), "bootstrap", "--xds-port", str(self.cp.xds_port)]
-        argv += ["--admin-port", str(admin_port)] + (["--delta"] if self.protocol == "delta" else [])
+        argv += ["--admin-port", str(admin_port), "--delta" if self.protocol == "delta" else "--sotw"]
         out = subprocess.run(argv, check=True, capture_output=True, text=True, timeout=60).stdout
         path = self.workdir / f"bootstrap-{self.protocol}.yaml"
         path.write_text(out)

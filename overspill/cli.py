@@ -283,9 +283,21 @@ def parser() -> argparse.ArgumentParser:
         help="also serve GET /stats/prometheus (and nothing else of the admin) on this port on every "
         "address, for a Prometheus outside the pod (the install's gateway uses 15090)",
     )
-    b.add_argument(
-        "--delta", action="store_true", help="use Delta xDS (DELTA_GRPC) instead of state of the world"
+    protocol = b.add_mutually_exclusive_group()
+    protocol.add_argument(
+        "--sotw",
+        dest="delta",
+        action="store_false",
+        help="use state-of-the-world xDS (GRPC): every Envoy is sent every cluster and route scope"
+        " again on each structural change (8 MiB per new model at 10,000 models)",
     )
+    protocol.add_argument(
+        "--delta",
+        dest="delta",
+        action="store_true",
+        help="use Delta xDS (DELTA_GRPC), the default: a change sends only what changed",
+    )
+    b.set_defaults(delta=True)
     b.add_argument(
         "--namespaces",
         default="",

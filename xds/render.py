@@ -74,7 +74,7 @@ def ads_bootstrap(
     node_id: str = "overspill-gateway",
     node_cluster: str = "overspill-gateway",
     admin_port: int = 9901,
-    delta: bool = False,
+    delta: bool = True,
     namespaces: list[str] | None = None,
     match_labels: dict[str, str] | None = None,
     shards: int = runtime.SHARDS,
@@ -89,7 +89,9 @@ def ads_bootstrap(
 
     The runtime layers are the weight shards (see `xds.runtime`), then an admin layer so an
     operator can pin a weight by hand (`POST /runtime_modify?overspill.NS.NAME=0`). With
-    `tls_ca` the xDS connection is TLS (see `xds_tls_socket`). Model cluster stats carry the labels
+    `tls_ca` the xDS connection is TLS (see `xds_tls_socket`). Delta by default: a structural
+    change then sends what changed, where state of the world sends every cluster and scope
+    again to every Envoy (8 MiB per new model at 10,000 models). Model cluster stats carry the labels
     namespace, model and side in `/stats/prometheus` (see `xds.stats`); with `stats_port` a
     listener on that port serves that path alone, for a Prometheus outside the pod.
     """
