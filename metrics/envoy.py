@@ -72,25 +72,31 @@ class EnvoyLoadMetrics:
         return self.read_now(spec, scope)
 
     async def read_many(self, requests: Sequence[Request]) -> list[Reading]:
-        theirs = [i for i, (spec, _) in enumerate(requests) if not is_envoy_metric(spec)]
-        other = await self.fallback.read_many([requests[i] for i in theirs]) if theirs else []
-        out: dict[int, Reading] = dict(zip(theirs, other, strict=True))
+        mine = [i for i, (spec, _) in enumerate(requests) if is_envoy_metric(spec)]
         if self.ask is not None:
+            scopes = [requests[i][1] for i in mine]
             self.ask(
                 frozenset(
                     cluster
-                    for spec, scope in requests
-                    if is_envoy_metric(spec)
+                    for s in scopes
                     for side in SIDES
-                    for cluster in side_clusters(scope.namespace, scope.model, side, scope.remotes)
+                    for cluster in side_clusters(s.namespace, s.model, side, s.remotes)
                 )
             )
-        for i, (spec, scope) in enumerate(requests):
-            if i not in out:
-                out[i] = self.read_now(spec, scope)
-                if i % 1000 == 999:
-                    await asyncio.sleep(0)  # 10,000 models: let the streams have the loop
-        return [out[i] for i in range(len(requests))]
+        if not mine:  # the usual case: the fallback reads them all
+            return await self.fallback.read_many(requests)
+        out: list[Reading | None] = [None] * len(requests)
+        if len(mine) < len(requests):
+            taken = set(mine)
+            theirs = [i for i in range(len(requests)) if i not in taken]
+            other = await self.fallback.read_many([requests[i] for i in theirs])
+            for i, reading in zip(theirs, other, strict=True):
+                out[i] = reading
+        for n, i in enumerate(mine):
+            out[i] = self.read_now(*requests[i])
+            if n % 1000 == 999:
+                await asyncio.sleep(0)  # 10,000 models: let the streams have the loop
+        return [r if r is not None else Reading(None, "not read") for r in out]
 
     def read_now(self, spec: MetricSpec, scope: MetricScope) -> Reading:
         where = f"{scope.namespace}/{scope.model}"

@@ -55,6 +55,7 @@ class _Reads:
     last: list[Reading] | None = None
     since: float = 0.0  # when these reads were first wanted: a metric never read is as old as that
     read_at: dict[str, float] = field(default_factory=dict)  # metric -> when it last had a reading
+    stale_after: float = 0.0  # the model's metricStaleAfterSeconds, looked up once, not per read
 
 
 class Controller:
@@ -145,10 +146,11 @@ class Controller:
         now = self.clock()
         events: dict[tuple[str, str, str], list[ObjectKey]] = {}
         end = 0
+        reads, metric_event = self._reads, self._metric_event
         for key, entry, requests in entries:
             start, end = end, end + len(requests)
             taken = readings[start:end]
-            if self._reads.get(key) is not entry or entry.requests is not requests:
+            if reads.get(key) is not entry or entry.requests is not requests:
                 continue  # its metrics changed while they were read: the next evaluation reads them
             status = self._status_of(key)
             for (spec, _), reading in zip(requests, taken, strict=True):
@@ -156,12 +158,12 @@ class Controller:
                 if reading.error:
                     status.metric_read_errors[metric] += 1  # every failed read counts
                     if metric not in status.stale_metrics and (
-                        0 < _stale_after(entry.model) <= now - entry.read_at.get(metric, entry.since)
+                        0 < entry.stale_after <= now - entry.read_at.get(metric, entry.since)
                     ):
                         changed.add(key)  # it has just gone stale: decided now, not at the next change
                 else:
                     entry.read_at[metric] = now
-                event = self._metric_event(key, metric, reading.error)
+                event = metric_event(key, metric, reading.error, now)
                 if event is not None:
                     events.setdefault((event[0], metric, event[1]), []).append(key)
             if taken == entry.last:
@@ -202,10 +204,16 @@ class Controller:
         changed = await self.probe.check_all(self._remotes[t] for t in sorted(due) if t in self._remotes)
         self.reconcile({key for target in changed for key in self._remote_users.get(target, ())})
 
-    def _metric_event(self, key: ObjectKey, metric: str, error: str | None) -> tuple[str, str] | None:
+    def _metric_event(
+        self, key: ObjectKey, metric: str, error: str | None, now: float
+    ) -> tuple[str, str] | None:
         """("unavailable", error) when a model's metric becomes unavailable, its error changes or
         METRIC_ERROR_REPEAT has passed; ("available", "") when it is back; else None."""
-        logged = self._metric_errors.get(key, {})
+        logged = self._metric_errors.get(key)
+        if logged is None:
+            if error is None:
+                return None  # the usual case: read, and no error logged before
+            logged = {}
         last = logged.get(metric)
         if error is None:
             if last is None:
@@ -214,7 +222,6 @@ class Controller:
             if not logged:
                 del self._metric_errors[key]
             return ("available", "")
-        now = self.clock()
         if last is not None and last[0] == error and now - last[1] < METRIC_ERROR_REPEAT:
             return None
         self._metric_errors.setdefault(key, {})[metric] = (error, now)
@@ -366,9 +373,11 @@ class Controller:
         requests = [(spec, scope) for spec in model.offloading.metrics]
         entry = self._reads.get(model.key)
         if entry is None or entry.requests != requests:
-            self._reads[model.key] = _Reads(model, requests, since=self.clock())
+            self._reads[model.key] = _Reads(
+                model, requests, since=self.clock(), stale_after=_stale_after(model)
+            )
         else:  # the same reads (one in flight keeps its place); the pods may have changed
-            entry.model, entry.last = model, None
+            entry.model, entry.last, entry.stale_after = model, None, _stale_after(model)
 
     def _untrack(self, key: ObjectKey) -> None:
         needs, targets = self._needs.pop(key, ((), ()))
