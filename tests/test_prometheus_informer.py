@@ -355,9 +355,12 @@ async def test_many_models_are_read_with_a_few_batched_queries(session):
                 await asyncio.sleep(0.25)
             informer.queries = 0
             readings = await asyncio.wait_for(informer.read_many(specs), 10)
+            # Other requests (the reading plan is remembered for the same ones): read as asked.
+            others = await asyncio.wait_for(informer.read_many(specs[2::-1]), 10)
     finally:
         await knob.stop()
-    assert informer.queries == 3  # 1,201 models: 500 + 500 + 201
+    assert [r.total for r in others] == [2.5, 1.5, 0.5]
+    assert informer.queries == 3 + 1  # 1,201 models: 500 + 500 + 201; then the 3 others
     assert [r.total for r in readings[:-1]] == [i + 0.5 for i in range(1200)]
     assert readings[1].query == 'inflight{model="m-1.team"}'  # status shows the model's own query
     assert readings[-1].total is None and "returned no series" in readings[-1].error

@@ -24,7 +24,7 @@ from api.desired import ModelRoute
 from xds import failover, runtime, spillover
 from xds import resources as res
 from xds.credentials import redact, without_credentials
-from xds.stats import stats_listener, stats_tags
+from xds.stats import QUIET_CLUSTER_STATS, stats_listener, stats_tags
 from xds.types import HTTP_OPTIONS, PUSH_ORDER, SECRET
 from xds.view import View
 
@@ -162,7 +162,14 @@ def ads_bootstrap(
         "deferred_stat_options": {"enable_deferred_creation_stats": True},
         "stats_config": {
             "stats_tags": stats_tags(),
-            "stats_matcher": {"exclusion_list": {"patterns": [{"prefix": f"http.{res.STAT_PREFIX}.rds."}]}},
+            "stats_matcher": {
+                "exclusion_list": {
+                    "patterns": [
+                        {"prefix": f"http.{res.STAT_PREFIX}.rds."},
+                        {"safe_regex": {"regex": QUIET_CLUSTER_STATS}},
+                    ]
+                }
+            },
         },
         "dynamic_resources": {
             "ads_config": {
