@@ -100,7 +100,7 @@ class ControlPlane:
             lambda: self.controller.status.values(), lambda: self.controller.evaluations
         )
         self.instruments.watch_origins(self.store.rejected_by_origin)
-        self.controller.on_evaluated = self.instruments.evaluation_duration.observe
+        self.controller.on_evaluated = self._evaluated
         if self.state is not None:
             state = self.state
             self.instruments.watch_state_file(lambda: state.writes, lambda: state.errors)
@@ -126,6 +126,15 @@ class ControlPlane:
                 self.controller.restored = self.state.load(m.key for m in self.store.models())
             self.controller.reconcile()
         self.controller.restored.clear()  # models not decided by now start afresh
+
+    def _evaluated(self, seconds: float) -> None:
+        self.instruments.evaluation_duration.observe(seconds)
+        if self.controller.evaluations == 1:
+            # What the first round made to last (each model's status and readings, the xDS views
+            # built meanwhile) joins the first load's objects out of the collector's way (see
+            # `bulk_load`): after a freeze the collector runs a full collection whenever the
+            # objects made since grow by a quarter, so they had better be few.
+            gc.freeze()
 
     def _save_state(
         self,
