@@ -509,6 +509,7 @@ COLUMNS = [
     ("new model", "new_model", "c"),
     ("weight", "weight_change", "c"),
     ("idle CPU", "idle_cpu", "f"),
+    ("scrape CPU", "scrape_cpu_s", "f"),
     ("CP MiB", "cp_rss_mib", "m"),
     ("Envoy MiB", "envoy_rss_mib", "m"),
     ("B/new model", "new_model", "b"),
