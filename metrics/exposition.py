@@ -26,7 +26,9 @@ def escape(value: str) -> str:
 
 @functools.lru_cache(maxsize=1 << 16)
 def labels(*pairs: tuple[str, str]) -> str:
-    """`k1="v1",k2="v2"`, remembered: a model's label set is written at every scrape."""
+    """`k1="v1",k2="v2"`, remembered: a model's label set is written at every scrape. Callers
+    give (and join) labels in name order, as prometheus-client writes them, so what greps the
+    text for a series finds it either way."""
     return ",".join(f'{k}="{escape(v)}"' for k, v in pairs)
 
 

@@ -104,11 +104,11 @@ class ControllerCollector(TextCollector):
             " Envoy keeps its last good configuration for the model",
         )
         for s in self.models():
-            ids = labels(("namespace", s.namespace), ("name", s.name))
+            ids = labels(("name", s.name), ("namespace", s.namespace))
             rejections.add(ids, len(s.rejections))
             for r in s.refused:
                 refused.add(
-                    f"{ids},{labels(('remote', r.remote), ('policy', r.policy), ('reason', r.reason))}", 1
+                    f"{ids},{labels(('policy', r.policy), ('reason', r.reason), ('remote', r.remote))}", 1
                 )
             for p in Phase:
                 phase.add(f"{ids},{labels(('phase', p.value))}", 1 if p == s.phase else 0)
@@ -119,7 +119,7 @@ class ControllerCollector(TextCollector):
             counted = dict.fromkeys((m.spec.describe() for m in s.metrics), 0) | s.metric_read_errors
             for m in s.metrics:
                 name = m.spec.describe()
-                each = f"{ids},{labels(('metric', name))}"
+                each = f"{labels(('metric', name))},{ids}"
                 target.add(each, m.spec.target.threshold)
                 if m.current is not None:
                     value.add(each, m.current)
@@ -127,7 +127,7 @@ class ControllerCollector(TextCollector):
             for p, n in s.transitions.items():
                 transitions.add(f"{ids},{labels(('phase', p))}", n)
             for metric, n in counted.items():
-                read_errors.add(f"{ids},{labels(('metric', metric))}", n)
+                read_errors.add(f"{labels(('metric', metric))},{ids}", n)
             for t, n in s.xds_nacks.items():
                 nacks.add(f"{ids},{labels(('type', t))}", n)
         rounds = Family("overspill_evaluations", "Evaluation rounds of all models", "counter")
@@ -215,7 +215,7 @@ class LoadCollector(TextCollector):
         rate = Family("overspill_envoy_request_rate", "Requests per second, from Envoy's load reports")
         errors = Family("overspill_envoy_error_rate", "Failed requests per second, from Envoy's load reports")
         for ((namespace, name), side), load in loads_by_side(self.clusters()).items():
-            ids = labels(("namespace", namespace), ("name", name), ("side", side))
+            ids = labels(("name", name), ("namespace", namespace), ("side", side))
             in_flight.add(ids, load.in_flight)
             rate.add(ids, load.rate)
             errors.add(ids, load.errors)

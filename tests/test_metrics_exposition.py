@@ -4,6 +4,7 @@ included, beside prometheus-client's own instruments."""
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -104,3 +105,16 @@ def test_every_family_is_declared_once_with_help_and_type():
     helps = {line.split()[2] for line in lines if line.startswith("# HELP ")}
     assert helps == set(types)
     assert "overspill_model_transitions_total" in types and "overspill_model_offload_state" in types
+
+
+def test_labels_are_written_in_name_order_as_prometheus_client_writes_them():
+    """Tools and tests that grep the text for `name{a="…",b="…"}` keep finding the per-model
+    series: each series' labels come sorted by name, as in prometheus-client's own output."""
+    instruments = Instruments()
+    instruments.watch_controller(statuses, lambda: 0)
+    series = [line for line in instruments.registry.exposition().decode().splitlines() if "{" in line]
+    assert len(series) > 20
+    for line in series:
+        names = re.findall(r'(?:\{|,)([a-z_]+)="', line)
+        assert names == sorted(names), line
+    assert 'overspill_model_config_errors{name="a",namespace="team-a"} 0.0' in series
