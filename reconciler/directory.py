@@ -39,7 +39,7 @@ def parse_files(paths: list[str], limits: Limits) -> list[ParsedFile]:
     parsing it (10,000 files on 2 cores: 3.0 s of parsing becomes about 1.8 s)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if len(paths) < PARALLEL_MIN_FILES or cores < 2 or "fork" not in mp.get_all_start_methods():
-        return [parse_file(path, limits) for path in paths]
+        return _parse_share(paths, limits)
     shares = [paths[i::cores] for i in range(cores)]  # interleaved: large and small files mix
     with ProcessPoolExecutor(cores - 1, mp_context=mp.get_context("fork")) as pool:
         forked = [pool.submit(_parse_share, share, limits) for share in shares[1:]]
