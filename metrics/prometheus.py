@@ -8,12 +8,14 @@ the query returns is summed, as the HPA sums an external metric's values.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import math
 import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from urllib.parse import urlencode
 
 import aiohttp
 
@@ -79,12 +81,18 @@ class PrometheusInformer:
 
         async def batch(b: _Batch) -> None:
             async with slots:
-                data, error = await self._query(b.query)
-            values = {} if error is not None else _by_labels(data, b.labels)
+                data, error = await self._query(b.query, b.form)
+            if error is not None:
+                # The same failure as last time gives the same Reading objects, which the
+                # controller recognizes as unchanged without comparing 500 of them.
+                if b.failed is None or b.failed[0] != error:
+                    b.failed = (error, [Reading(None, error, query) for _, query, _ in b.members])
+                for (i, _, _), reading in zip(b.members, b.failed[1], strict=True):
+                    out[i] = reading
+                return
+            b.failed = None
+            values = _by_labels(data, b.labels)
             for i, query, key in b.members:
-                if error is not None:
-                    out[i] = Reading(None, error, query)
-                    continue
                 value = values.get(key)
                 out[i] = Reading(
                     value, None if value is not None else f"query {query!r} returned no series", query
@@ -95,9 +103,10 @@ class PrometheusInformer:
         )
         return [r if r is not None else Reading(None, "not read") for r in out]
 
-    async def _query(self, query: str) -> tuple[object, str | None]:
+    async def _query(self, query: str, form: bytes | None = None) -> tuple[object, str | None]:
         """The `data` of an instant query's answer, or why there is none. A long query (a batch)
-        is POSTed, as URLs have limits; the API takes both."""
+        is POSTed, as URLs have limits; the API takes both. `form` is the query already
+        form-encoded (a batch's, kept: encoding it is a dict lookup per character)."""
         self.queries += 1
         if len(query) <= 2000:
             request = self.session.get(
@@ -105,7 +114,10 @@ class PrometheusInformer:
             )
         else:
             request = self.session.post(
-                f"{self.url}/api/v1/query", data={"query": query}, timeout=self._timeout
+                f"{self.url}/api/v1/query",
+                data=form if form is not None else urlencode({"query": query}).encode(),
+                headers=_FORM,
+                timeout=self._timeout,
             )
         started = time.monotonic()
         try:
@@ -127,6 +139,7 @@ class PrometheusInformer:
         return body.get("data"), None
 
 
+_FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 BATCH = 500  # models per batched query: a set of literals Prometheus matches as a set
 
 
@@ -138,6 +151,11 @@ class _Batch:
     query: str
     labels: tuple[str, ...]
     members: list[tuple[int, str, tuple[str, ...]]]
+    failed: tuple[str, list[Reading]] | None = None  # the last failure and the readings it gave
+
+    @functools.cached_property
+    def form(self) -> bytes:
+        return urlencode({"query": self.query}).encode()
 
 
 @dataclass

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -56,6 +58,12 @@ class _Reads:
     since: float = 0.0  # when these reads were first wanted: a metric never read is as old as that
     read_at: dict[str, float] = field(default_factory=dict)  # metric -> when it last had a reading
     stale_after: float = 0.0  # the model's metricStaleAfterSeconds, looked up once, not per read
+    # Until when the same readings as `last` need nothing but counting (no metric going stale,
+    # no error due to be logged again), and what counting them means: see `Controller.evaluate`.
+    quiet_until: float = 0.0
+    failing: tuple[str, ...] = ()  # metrics whose reading in `last` is an error
+    fresh: tuple[str, ...] = ()  # and those read
+    errors: Counter[str] | None = None  # the model's status.metric_read_errors
 
 
 class Controller:
@@ -104,6 +112,7 @@ class Controller:
         self._remotes: dict[tuple[str, int], RemoteBackend] = {}  # what to probe, per target
         # Per model with metrics: the model, what to read, and the last readings taken.
         self._reads: dict[ObjectKey, _Reads] = {}
+        self._read_list: tuple[list[tuple[ObjectKey, _Reads, list[Request]]], list[Request]] | None = None
         self.evaluations = 0
         self.on_evaluated: Callable[[float], None] | None = None  # an evaluation round's seconds
         # Per model and metric: the error last logged, and when.
@@ -140,8 +149,11 @@ class Controller:
             return  # a follower acts on the leader's status writes, which wake it through the store
         started = time.monotonic()
         self.reconcile()  # take what the store holds now, so what is read is current
-        entries = [(key, entry, entry.requests) for key, entry in self._reads.items()]
-        readings = await self.informer.read_many([r for _, _, reqs in entries for r in reqs])
+        if self._read_list is None:  # the same list while no model's reads change
+            entries = [(key, entry, entry.requests) for key, entry in self._reads.items()]
+            self._read_list = (entries, [r for _, _, reqs in entries for r in reqs])
+        entries, wanted = self._read_list
+        readings = await self.informer.read_many(wanted)
         changed = set()
         now = self.clock()
         events: dict[tuple[str, str, str], list[ObjectKey]] = {}
@@ -152,20 +164,37 @@ class Controller:
             taken = readings[start:end]
             if reads.get(key) is not entry or entry.requests is not requests:
                 continue  # its metrics changed while they were read: the next evaluation reads them
+            if now < entry.quiet_until and taken == entry.last:
+                # The steady case (10,000 models, one Prometheus down or answering as before):
+                # the same answers, nothing due, so only count them. Sources keep returning the
+                # same Reading objects for an unchanged failure, so the comparison is by identity.
+                for metric in entry.failing:
+                    entry.errors[metric] += 1
+                for metric in entry.fresh:
+                    entry.read_at[metric] = now
+                continue
             status = self._status_of(key)
+            quiet_until, failing, fresh = math.inf, [], []
             for (spec, _), reading in zip(requests, taken, strict=True):
                 metric = spec.describe()
                 if reading.error:
+                    failing.append(metric)
                     status.metric_read_errors[metric] += 1  # every failed read counts
-                    if metric not in status.stale_metrics and (
-                        0 < entry.stale_after <= now - entry.read_at.get(metric, entry.since)
-                    ):
-                        changed.add(key)  # it has just gone stale: decided now, not at the next change
+                    if metric not in status.stale_metrics and entry.stale_after > 0:
+                        goes_stale = entry.read_at.get(metric, entry.since) + entry.stale_after
+                        if goes_stale <= now:
+                            changed.add(key)  # it has just gone stale: decided now, not at the next change
+                        quiet_until = min(quiet_until, goes_stale)
                 else:
+                    fresh.append(metric)
                     entry.read_at[metric] = now
                 event = metric_event(key, metric, reading.error, now)
                 if event is not None:
                     events.setdefault((event[0], metric, event[1]), []).append(key)
+                if reading.error:
+                    quiet_until = min(quiet_until, self._metric_errors[key][metric][1] + METRIC_ERROR_REPEAT)
+            entry.quiet_until, entry.failing, entry.fresh = quiet_until, tuple(failing), tuple(fresh)
+            entry.errors = status.metric_read_errors
             if taken == entry.last:
                 continue  # the same answer as last time: nothing to decide
             entry.last = taken
@@ -363,6 +392,7 @@ class Controller:
         pods (the scope) can only change with the model or its workload, which decide it again."""
         if model.offloading is None or not model.offloading.metrics:
             self._reads.pop(model.key, None)
+            self._read_list = None
             return
         scope = MetricScope(
             model.meta.namespace,
@@ -373,11 +403,13 @@ class Controller:
         requests = [(spec, scope) for spec in model.offloading.metrics]
         entry = self._reads.get(model.key)
         if entry is None or entry.requests != requests:
+            self._read_list = None
             self._reads[model.key] = _Reads(
                 model, requests, since=self.clock(), stale_after=_stale_after(model)
             )
         else:  # the same reads (one in flight keeps its place); the pods may have changed
             entry.model, entry.last, entry.stale_after = model, None, _stale_after(model)
+            entry.quiet_until = 0.0  # decided again: its stale metrics may have changed
 
     def _untrack(self, key: ObjectKey) -> None:
         needs, targets = self._needs.pop(key, ((), ()))
@@ -395,6 +427,7 @@ class Controller:
         """A model gone from the store: drop everything kept for it; False if nothing was."""
         self._untrack(key)
         self._reads.pop(key, None)
+        self._read_list = None
         self.machines.pop(key, None)
         self.readings.pop(key, None)
         self._metric_errors.pop(key, None)

@@ -236,6 +236,28 @@ async def test_a_closed_port_is_an_error(session):
     assert reading.query == "anything"
 
 
+async def test_a_batch_failing_the_same_way_gives_the_same_readings_again(session):
+    """Prometheus down under 600 models: each model's reading names its own query and the
+    error; the next evaluation's identical failure returns the very same Reading objects (the
+    controller then sees 'unchanged' without comparing them), and a new error new ones."""
+    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    server.close()
+    await server.wait_closed()
+    informer = PrometheusInformer(f"127.0.0.1:{port}", session)
+    specs = [(external("inflight", model=f"m{i}"), MetricScope()) for i in range(600)]
+    first = await asyncio.wait_for(informer.read_many(specs), 10)
+    again = await asyncio.wait_for(informer.read_many(specs), 10)
+    assert informer.queries == 2 * 2  # 500 + 100, twice
+    assert first[7].query == 'inflight{model="m7"}' and first[7].total is None
+    assert first[7].error.startswith(f"prometheus unreachable at http://127.0.0.1:{port}")
+    assert all(a is b for a, b in zip(first, again, strict=True))
+    informer.url = "http://127.0.0.1:9"  # another address: another error
+    other = await asyncio.wait_for(informer.read_many(specs), 10)
+    assert other[7].error.startswith("prometheus unreachable at http://127.0.0.1:9")
+    assert other[7].query == 'inflight{model="m7"}'
+
+
 async def test_a_slow_server_times_out_as_an_error(prometheus, session):
     reading = await read(prometheus[0], session, "slow", timeout=0.3)
     assert reading.total is None

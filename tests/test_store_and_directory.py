@@ -533,6 +533,47 @@ async def test_a_stale_metric_moves_the_model_to_the_chosen_state_and_back(
     assert (controller.status[MODEL].phase, controller.status[MODEL].remote_percent) == ("Standby", 0.0)
 
 
+async def test_steady_readings_over_minutes_count_every_failure_and_go_stale_on_time(remote_port, caplog):
+    """400 s of evaluations that read the same as before (most of them take the shortcut for
+    unchanged readings): a failing metric counts every failed read, goes stale exactly at
+    metricStaleAfterSeconds and logs its error again after METRIC_ERROR_REPEAT; a metric read
+    steadily never goes stale."""
+    caplog.set_level(logging.INFO, "overspill")
+    store = ObjectStore()
+    behavior = {"metricStaleAfterSeconds": 20, "onStaleMetric": "hold"}
+    remote = f"127.0.0.1:{remote_port}"
+    docs = [
+        model_doc(name="failing", service="s1", remote=remote, behavior=behavior, metric="gone"),
+        *service_docs("s1"),
+        model_doc(name="steady", service="s2", remote=remote, behavior=behavior),
+        *service_docs("s2"),
+    ]
+    load(store, "a.yaml", text(*docs))
+    controller, _, clock = make_controller(store, FakeInformer(queue_depth=3))
+    failing = ObjectKey("ModelDeployment", "default", "failing")
+    steady = ObjectKey("ModelDeployment", "default", "steady")
+    started, stale_at = clock.now, None
+    for i in range(1, 81):
+        await asyncio.wait_for(controller.evaluate(), 5)
+        assert controller.status[failing].metric_read_errors["External/gone"] == i
+        if stale_at is None and controller.status[failing].stale_metrics:
+            stale_at = clock.now - started
+        assert controller.status[steady].stale_metrics == []
+        assert sum(controller.status[steady].metric_read_errors.values()) == 0
+        clock.now += 5
+    assert stale_at == 20
+    assert controller.status[failing].stale_metrics == ["External/gone"]
+    controller.reconcile([steady])  # decided anew, it still finds its metric read just now
+    assert controller.status[steady].stale_metrics == []
+    unavailable = [r.getMessage() for r in caplog.records if "event=metric_unavailable" in r.getMessage()]
+    assert len(unavailable) == 2 and all("names='default/failing'" in line for line in unavailable)
+    counted = controller.instruments.registry.get_sample_value(
+        "overspill_metric_read_errors_total",
+        {"namespace": "default", "name": "failing", "metric": "External/gone"},
+    )
+    assert counted == 80
+
+
 async def test_controller_average_value_divides_by_the_workloads_pods(remote_port):
     store = ObjectStore()
     doc = model_doc(remote=f"127.0.0.1:{remote_port}", target_type="AverageValue", threshold=10, source="w")
