@@ -65,6 +65,7 @@ class EnvoyLoadMetrics:
         self.reporting = reporting
         self.ask = ask  # told, at each evaluation, the clusters whose load the models read
         self.fallback = fallback or NoSource()
+        self._split: tuple[Sequence[Request], list[int], frozenset[str]] | None = None
 
     async def read(self, spec: MetricSpec, scope: MetricScope) -> Reading:
         if not is_envoy_metric(spec):
@@ -72,17 +73,22 @@ class EnvoyLoadMetrics:
         return self.read_now(spec, scope)
 
     async def read_many(self, requests: Sequence[Request]) -> list[Reading]:
-        mine = [i for i, (spec, _) in enumerate(requests) if is_envoy_metric(spec)]
-        if self.ask is not None:
+        # The controller hands over the same list while no model's metrics change: which of them
+        # are ours, and the clusters they read, are worked out once per list, not every 5 s.
+        split = self._split
+        if split is None or split[0] is not requests:
+            mine = [i for i, (spec, _) in enumerate(requests) if is_envoy_metric(spec)]
             scopes = [requests[i][1] for i in mine]
-            self.ask(
-                frozenset(
-                    cluster
-                    for s in scopes
-                    for side in SIDES
-                    for cluster in side_clusters(s.namespace, s.model, side, s.remotes)
-                )
+            clusters = frozenset(
+                cluster
+                for s in scopes
+                for side in SIDES
+                for cluster in side_clusters(s.namespace, s.model, side, s.remotes)
             )
+            split = self._split = (requests, mine, clusters)
+        _, mine, clusters = split
+        if self.ask is not None:
+            self.ask(clusters)
         if not mine:  # the usual case: the fallback reads them all
             return await self.fallback.read_many(requests)
         out: list[Reading | None] = [None] * len(requests)

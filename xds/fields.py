@@ -60,11 +60,12 @@ class Fields:
 
 def _encoder(number: int, proto_type: str, present: bool) -> Callable[[Any], bytes]:
     if proto_type == TYPE_STRING:
+        encode = wire.length_delimited(number)
         if present:
-            return lambda value: wire.field(number, value.encode())
-        return lambda value: wire.text(number, value)
+            return lambda value: encode(value.encode())
+        return lambda value: encode(value.encode()) if value else b""
     if proto_type in (TYPE_MESSAGE, TYPE_BYTES):
-        return lambda body: wire.field(number, body)
+        return wire.length_delimited(number)
     if proto_type in _VARINTS:
         tag = wire.varint(number << 3)
         return lambda value: tag + wire.varint(int(value)) if value or present else b""
