@@ -59,6 +59,8 @@ def median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
+STALE_AFTER = 60.0  # metricStaleAfterSeconds' default, which the bench's models keep
+
 # --- Overspill ------------------------------------------------------------------------------------
 
 
@@ -202,6 +204,13 @@ class OverspillRig:
 
     def expected_clusters(self) -> int:
         return self.models.workload.clusters + 1  # and the static xds_cluster
+
+    def quiet_after(self) -> float:
+        """When nothing is due any more: no metric source answers here, so every model's metric
+        goes stale once, metricStaleAfterSeconds (60 s) after start, and that is a change (every
+        model decided again: about 1 CPU-s at 10,000), not idling."""
+        assert self.cp is not None
+        return self.cp.spawned_at + STALE_AFTER + 2 * self.cfg.evaluation_interval
 
     async def after(self) -> dict[str, Any]:
         """What the control plane says about its Envoy, and its log's warnings and errors."""
@@ -478,6 +487,10 @@ async def run_config(
                 if cfg.changes > 0:
                     row |= await measure_changes(rig, view, envoy, cfg, poll)
                 await asyncio.sleep(cfg.settle)
+                wait = rig.quiet_after() - time.monotonic()
+                if wait > 0 and not cfg.idle_now:
+                    say(f"    idle: waiting {wait:.0f} s until the metrics have gone stale")
+                    await asyncio.sleep(wait)
                 row["idle_cpu"] = await idle_cpu(rig.pids, cfg.idle_seconds)
                 row["envoy_idle_cpu"] = await idle_cpu(lambda e=envoy: [e.pid or 0], 2.0)
                 row["cp_rss_mib"] = rss_mib(rig.pids())
@@ -605,6 +618,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--idle-seconds", type=float, default=10.0)
     p.add_argument(
+        "--idle-now",
+        action="store_true",
+        help="measure idle CPU right after the changes, not once the models' metrics (no source "
+        "here) have gone stale 60 s after start",
+    )
+    p.add_argument(
         "--evaluation-interval", type=float, default=5.0, help="of `overspill serve` (its default 5)"
     )
     p.add_argument(
@@ -638,7 +657,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cfg = p.parse_args(argv)
     if cfg.quick:
         cfg.models = cfg.models or "100"
-        cfg.repeats, cfg.changes, cfg.idle_seconds, cfg.variants = 1, 2, 3.0, ""
+        cfg.repeats, cfg.changes, cfg.idle_seconds, cfg.variants, cfg.idle_now = 1, 2, 3.0, "", True
     cfg.sizes = [int(x) for x in (cfg.models or ("100:1000:10000" if cfg.full else "100:1000")).split(":")]
     cfg.protocols = ["sotw", "delta"] if cfg.protocol == "both" else [cfg.protocol]
     cfg.variant_list = [v for v in cfg.variants.split(":") if v]

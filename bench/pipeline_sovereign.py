@@ -410,6 +410,9 @@ class SovereignRig:
     def expected_clusters(self) -> int:
         return self.models.workload.clusters + 1  # and the static xds_cluster
 
+    def quiet_after(self) -> float:
+        return 0.0  # nothing of sovereign's is due later: it renders on each Envoy request
+
     async def after(self) -> dict[str, Any]:
         assert self.proc is not None
         lines = self.proc.log_text().splitlines()
