@@ -258,6 +258,9 @@ class ControlPlane:
                 else:
                     self.load_once()
                     tg.create_task(self.source.run())
+                # No model at all is a complete state too. Without this an Envoy got no answer
+                # until the first model came, and waited out its 15 s initial fetch timeout.
+                self.translator.cache.flush()
                 try:
                     grpc_server, xds_port = await start_server(
                         self.xds, s.xds_address, s.xds_port, self.xds_tls

@@ -5,18 +5,23 @@ from __future__ import annotations
 import asyncio
 import time
 
+import aiohttp
 import pytest
 import yaml
 from e2e_stack import (
     EVALUATION_INTERVAL,
     SWITCH_BUDGET,
     Model,
+    bootstrap_file,
     delta,
     rejected_by_envoy,
     stack,
     totals,
     wait_until,
 )
+
+from overspill.demo.procs import ControlPlaneProcess, Envoy
+from xds.resources import NOT_SERVED
 
 pytestmark = pytest.mark.e2e
 
@@ -237,3 +242,48 @@ async def test_envoy_nack_is_reported_and_other_models_keep_serving(tmp_path):
         assert "overspill/default/tls/remote" in await s.envoy.admin_get("/clusters")
         rejections = 'overspill_model_xds_rejections{name="tls",namespace="default"} 0.0'
         assert rejections in await s.control_plane.metrics_text()  # taken back
+
+
+@pytest.mark.parametrize("delta_xds", [False, True], ids=["sotw", "delta"])
+async def test_an_envoy_of_an_empty_directory_goes_live_at_once_and_routes_the_first_model(
+    tmp_path, delta_xds
+):
+    """A fresh install, before any ModelDeployment: Envoy is sent its whole configuration (no
+    model, every weight layer empty) and goes live in about a second, not after its 15 s
+    initial fetch timeout; its listener says no model serves the Host, and the first model
+    written routes through it."""
+    manifests = tmp_path / "manifests"
+    manifests.mkdir()
+    model = Model("first")
+    for server in (model.local, model.remote):
+        await server.start()
+    try:
+        async with (
+            ControlPlaneProcess(manifests, extra_args=("--listener-address", "127.0.0.1")) as cp,
+            aiohttp.ClientSession() as session,
+        ):
+            envoy = Envoy(cp.xds_port, bootstrap=bootstrap_file(tmp_path, delta_xds))
+            envoy.startup_timeout = 10.0  # LIVE or fail: 15 s would be the initial fetch timeout
+            started = time.monotonic()
+            async with envoy:
+                live = time.monotonic() - started
+                await envoy.wait_listener(cp.listener_port, timeout=10)
+                url = f"http://127.0.0.1:{cp.listener_port}/v1/predict"
+                async with session.post(url, headers={"Host": model.host}, data=b"{}") as resp:
+                    assert (resp.status, await resp.text()) == (404, NOT_SERVED)
+                model.write(manifests)
+
+                async def routed() -> bool:
+                    async with session.post(url, headers={"Host": model.host}, data=b"{}") as resp:
+                        return resp.status == 200
+
+                deadline = time.monotonic() + 10
+                while not await routed():
+                    assert time.monotonic() < deadline, "the first model never routed"
+                    await asyncio.sleep(0.1)
+    finally:
+        for server in (model.local, model.remote):
+            await server.stop()
+    print(f"\nempty directory, {'delta' if delta_xds else 'sotw'}: Envoy LIVE after {live:.2f} s")
+    assert live < 5
+    assert model.local.counts.total > 0

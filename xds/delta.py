@@ -68,9 +68,15 @@ class Delta:
         view = stream.view
         assert view is not None
         key = stream.view_type(type_url)  # routes: in the form this node is served
+        first = sub.wildcard and not sub.nonce and sub.synced == 0  # holding nothing, never answered
         changes = sub.changes(view, key, stream.route_refs)
         if changes is None:
-            return None
+            if not first:
+                return None
+            # A wildcard's first answer even when there is nothing (no model yet): Envoy's
+            # initialization waits for one, else for its 15 s initial fetch timeout. (A node
+            # that reconnects holding everything current is sent nothing.)
+            changes = ([], [])
         send, removed = changes
         if type_url == ROUTE and removed:
             # Envoy ignores (and logs an error for) a route configuration removed over Delta: it
