@@ -112,6 +112,9 @@ class Controller:
         self._remotes: dict[tuple[str, int], RemoteBackend] = {}  # what to probe, per target
         # Per model with metrics: the model, what to read, and the last readings taken.
         self._reads: dict[ObjectKey, _Reads] = {}
+        # Models whose state machine waits out a delay (time alone changes their decision): decided
+        # at every evaluation. Kept as they are decided, so an evaluation need not ask all 10,000.
+        self._waiting: set[ObjectKey] = set()
         self._read_list: tuple[list[tuple[ObjectKey, _Reads, list[Request]]], list[Request]] | None = None
         self.evaluations = 0
         self.on_evaluated: Callable[[float], None] | None = None  # an evaluation round's seconds
@@ -208,8 +211,7 @@ class Controller:
                 changed.add(key)
         self._log_metric_events(events)
         self.evaluations += 1
-        timed = {key for key, machine in self.machines.items() if machine.waiting}
-        todo = sorted(changed | timed)
+        todo = sorted(changed | self._waiting)
         for start in range(0, len(todo), RECONCILE_CHUNK):
             if start:
                 await asyncio.sleep(0)  # let xDS streams and /readyz have the loop between chunks
@@ -340,6 +342,11 @@ class Controller:
                     route = self._routes.get(key)  # keeps serving as it was
                 decided.append(model)
                 self._remember_reads(model)
+                machine = self.machines.get(key)
+                if machine is not None and machine.waiting:
+                    self._waiting.add(key)
+                else:
+                    self._waiting.discard(key)
             if route != self._routes.get(key):
                 changes[(key.namespace, key.name)] = route
                 if route is None:
@@ -429,6 +436,7 @@ class Controller:
         self._reads.pop(key, None)
         self._read_list = None
         self.machines.pop(key, None)
+        self._waiting.discard(key)
         self.readings.pop(key, None)
         self._metric_errors.pop(key, None)
         self._unreadable.pop(key, None)
@@ -443,6 +451,7 @@ class Controller:
         """Start deciding: every state machine resumes from the status the last leader wrote."""
         self.leading = True
         self.machines.clear()
+        self._waiting.clear()
         self._everything = True
 
     def follow(self) -> None:

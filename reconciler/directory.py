@@ -139,7 +139,9 @@ class DirectorySource:
             async for events in awatch(
                 self.root,
                 debounce=50,  # ms: a burst of writes (an editor's, a `cp -r`) is one batch
-                step=50,  # ms between the watcher thread's looks: at 10 it cost 0.005 CPU-s/s idle
+                # ms between the watcher thread's looks: 10 cost 0.008 CPU-s/s idle, 50 cost 0.003
+                # but added 80 ms to every edit; 20 costs 0.004 and at most 20 ms
+                step=20,
                 rust_timeout=round(self.rescan_interval * 1000),
                 yield_on_timeout=True,
                 recursive=True,
