@@ -115,6 +115,7 @@ class Controller:
         # Models whose state machine waits out a delay (time alone changes their decision): decided
         # at every evaluation. Kept as they are decided, so an evaluation need not ask all 10,000.
         self._waiting: set[ObjectKey] = set()
+        self._backends: dict[ObjectKey, Backend] = {}  # each model's Service and endpoints, as last resolved
         self._read_list: tuple[list[tuple[ObjectKey, _Reads, list[Request]]], list[Request]] | None = None
         self.evaluations = 0
         self.on_evaluated: Callable[[float], None] | None = None  # an evaluation round's seconds
@@ -294,20 +295,25 @@ class Controller:
         (whose key also stands for the Service's EndpointSlices) and its workload, and only the
         models depending on a changed key are decided, with those whose Host names it moves.
         """
-        dirty = set(keys)
+        structural: set[ObjectKey] = set()  # models whose objects (or what they point at) changed
         if self._everything:  # who decides changed: every model is decided anew
             self._everything = False
-            dirty.update(m.key for m in self.store.models())
+            structural.update(m.key for m in self.store.models())
         for key in self.store.take_changes():
             if key.kind == "ModelDeployment":
-                dirty.add(key)
-            dirty.update(self._dependents.get(key, ()))
+                structural.add(key)
+            structural.update(self._dependents.get(key, ()))
+        # The others named in `keys` (their readings, a remote or a timer moved) keep what was
+        # resolved for them last: Service, endpoints, Host names, dependencies and reads. Only
+        # the decision is made again, at about half the cost (10,000 models with live metrics
+        # are 10,000 such decisions every evaluation).
+        dirty = structural | set(keys)
         if not dirty:
             return
         now = self.clock()
         backends: dict[ObjectKey, Backend] = {}
         moved: set[ObjectKey] = set()  # models whose Host names this change moves
-        for key in sorted(dirty):
+        for key in sorted(structural | (dirty - self._backends.keys())):
             model = self.store.get(key)
             if model is None:
                 moved |= self.claims.forget(key)
@@ -330,9 +336,15 @@ class Controller:
                     removed.append(key)
                 route = None
             else:
-                self._track(model)
+                backend = backends.get(key) or (
+                    self._backends.get(key) if key not in structural and key not in moved else None
+                )
+                whole = backend is None or key in backends
+                if whole:
+                    self._track(model)
                 try:
-                    backend = backends.get(key) or resolve_backend(self.store, model)
+                    backend = backend or resolve_backend(self.store, model)
+                    self._backends[key] = backend
                     route = self._reconcile_model(model, backend, now)
                 except Exception as exc:  # a bug met by one model must not stop the others
                     log.exception("event=reconcile_error model=%s", model.key)
@@ -341,7 +353,10 @@ class Controller:
                     status.reason = status.errors[0]
                     route = self._routes.get(key)  # keeps serving as it was
                 decided.append(model)
-                self._remember_reads(model)
+                if whole:
+                    self._remember_reads(model)
+                elif (entry := self._reads.get(key)) is not None:
+                    entry.quiet_until = 0.0  # its stale metrics may have changed
                 machine = self.machines.get(key)
                 if machine is not None and machine.waiting:
                     self._waiting.add(key)
@@ -437,6 +452,7 @@ class Controller:
         self._read_list = None
         self.machines.pop(key, None)
         self._waiting.discard(key)
+        self._backends.pop(key, None)
         self.readings.pop(key, None)
         self._metric_errors.pop(key, None)
         self._unreadable.pop(key, None)

@@ -574,6 +574,35 @@ async def test_steady_readings_over_minutes_count_every_failure_and_go_stale_on_
     assert counted == 80
 
 
+async def test_decisions_moved_by_readings_alone_route_to_the_endpoints_of_the_last_change(remote_port):
+    """Readings moving every evaluation decide a model again without resolving its Service
+    anew; an endpoint change between two evaluations is still what the next decisions route
+    to, and an outage (no ready endpoint) is still seen."""
+    store = ObjectStore()
+    remote = f"127.0.0.1:{remote_port}"
+    model = model_doc(percentage=40, remote=remote, buffer=0)
+    load(store, "m.yaml", text(model, *service_docs(ready=(True, True))))
+    informer = FakeInformer(queue_depth=3)
+    controller, _, clock = make_controller(store, informer)
+    await asyncio.wait_for(controller.evaluate(), 5)
+    assert routes_by_name(controller)["m"].endpoints == (("10.0.0.1", 8000), ("10.0.0.2", 8000))
+    for depth, ready in ((12, (True, False)), (2, (False, True)), (14, (False, False)), (3, (True, True))):
+        load(store, "m.yaml", text(model, *service_docs(ready=ready)))
+        for value in (depth, depth + 1):  # the readings move; the second evaluation is by readings alone
+            informer.values["queue_depth"] = value
+            clock.now += 5
+            await asyncio.wait_for(controller.evaluate(), 5)
+            route = routes_by_name(controller)["m"]
+            wanted = tuple((f"10.0.0.{i + 1}", 8000) for i, r in enumerate(ready) if r)
+            assert route.endpoints == wanted
+            status = controller.status[MODEL]
+            assert status.ready_endpoints == len(wanted)
+            if not wanted:
+                assert (status.phase, route.remote_percent) == ("Outage", 100.0)
+            else:
+                assert route.remote_percent == (40.0 if value > 10 else 0.0)
+
+
 async def test_controller_average_value_divides_by_the_workloads_pods(remote_port):
     store = ObjectStore()
     doc = model_doc(remote=f"127.0.0.1:{remote_port}", target_type="AverageValue", threshold=10, source="w")
