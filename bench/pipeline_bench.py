@@ -616,7 +616,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--sample", type=int, default=20, help="models asked through Envoy's listener (default 20)"
     )
-    p.add_argument("--idle-seconds", type=float, default=10.0)
+    p.add_argument(
+        "--idle-seconds",
+        type=float,
+        default=30.0,
+        help="idle CPU window (default 30: one period of the directory rescan, which a 10 s window "
+        "catches or not)",
+    )
     p.add_argument(
         "--idle-now",
         action="store_true",
