@@ -34,6 +34,7 @@ from typing import Any
 
 import aiohttp
 
+from api.crd import Behavior
 from bench.pipeline_envoy import (
     EnvoyView,
     TimedEnvoy,
@@ -59,7 +60,7 @@ def median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
-STALE_AFTER = 60.0  # metricStaleAfterSeconds' default, which the bench's models keep
+STALE_AFTER = Behavior.metric_stale_after_seconds  # the default, which the bench's models keep
 
 # --- Overspill ------------------------------------------------------------------------------------
 

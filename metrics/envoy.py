@@ -39,6 +39,8 @@ from api.load import (
 from api.metric_spec import MetricSpec
 from metrics.source import MetricScope, MetricSource, NoSource, Reading, Request
 
+_NOT_READ = Reading(None, "not read")  # a slot's placeholder: each is the fallback's or ours
+
 COUNTS = {
     IN_FLIGHT: lambda load: float(load.in_flight),
     REQUEST_RATE: lambda load: load.rate,
@@ -65,7 +67,7 @@ class EnvoyLoadMetrics:
         self.reporting = reporting
         self.ask = ask  # told, at each evaluation, the clusters whose load the models read
         self.fallback = fallback or NoSource()
-        self._split: tuple[Sequence[Request], list[int], frozenset[str]] | None = None
+        self._split: tuple[Sequence[Request], list[int], list[int], frozenset[str]] | None = None
 
     async def read(self, spec: MetricSpec, scope: MetricScope) -> Reading:
         if not is_envoy_metric(spec):
@@ -78,23 +80,22 @@ class EnvoyLoadMetrics:
         split = self._split
         if split is None or split[0] is not requests:
             mine = [i for i, (spec, _) in enumerate(requests) if is_envoy_metric(spec)]
-            scopes = [requests[i][1] for i in mine]
+            taken = set(mine)
+            theirs = [i for i in range(len(requests)) if i not in taken]
             clusters = frozenset(
                 cluster
-                for s in scopes
+                for s in (requests[i][1] for i in mine)
                 for side in SIDES
                 for cluster in side_clusters(s.namespace, s.model, side, s.remotes)
             )
-            split = self._split = (requests, mine, clusters)
-        _, mine, clusters = split
+            split = self._split = (requests, mine, theirs, clusters)
+        _, mine, theirs, clusters = split
         if self.ask is not None:
             self.ask(clusters)
         if not mine:  # the usual case: the fallback reads them all
             return await self.fallback.read_many(requests)
-        out: list[Reading | None] = [None] * len(requests)
-        if len(mine) < len(requests):
-            taken = set(mine)
-            theirs = [i for i in range(len(requests)) if i not in taken]
+        out: list[Reading] = [_NOT_READ] * len(requests)
+        if theirs:
             other = await self.fallback.read_many([requests[i] for i in theirs])
             for i, reading in zip(theirs, other, strict=True):
                 out[i] = reading
@@ -102,7 +103,7 @@ class EnvoyLoadMetrics:
             out[i] = self.read_now(*requests[i])
             if n % 1000 == 999:
                 await asyncio.sleep(0)  # 10,000 models: let the streams have the loop
-        return [r if r is not None else Reading(None, "not read") for r in out]
+        return out
 
     def read_now(self, spec: MetricSpec, scope: MetricScope) -> Reading:
         where = f"{scope.namespace}/{scope.model}"
