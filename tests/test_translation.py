@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,9 @@ from envoy_data_plane.envoy.config.cluster.v3 import (
 )
 from envoy_data_plane.envoy.config.core.v3 import (
     Address,
+    AggregatedConfigSource,
+    ApiVersion,
+    ConfigSource,
     DataSource,
     HeaderValue,
     HeaderValueOption,
@@ -58,14 +62,14 @@ from envoy_data_plane.envoy.service.discovery.v3 import (
 from envoy_data_plane.envoy.service.runtime.v3 import Runtime
 from envoy_data_plane.envoy.type.matcher.v3 import StringMatcher
 from envoy_data_plane.envoy.type.v3 import FractionalPercent, FractionalPercentDenominatorType
-from envoy_data_plane.google.protobuf import Any
+from envoy_data_plane.google.protobuf import Any, Struct
 from envoy_data_plane.google.rpc import Status
 
 import xds.resources
 from api.crd import RemoteBackend, Spillover
 from api.desired import ModelRoute, model_of, service_domains, side_of
 from overspill.cli import main
-from xds import failover, runtime, spillover, wire
+from xds import failover, fields, runtime, spillover, wire
 from xds import resources as res
 from xds.cache import Resource, Scope, View
 from xds.render import static_bootstrap
@@ -143,8 +147,8 @@ def test_remote_route_default_is_in_millionths_and_its_key_names_the_model(perce
 
 
 def test_served_routes_default_to_nothing_spilled_and_static_ones_to_the_current_weight():
-    served = res.route_configuration([route(percent=40)])
-    static = res.route_configuration([route(percent=40)], static=True)
+    served = RouteConfiguration.FromString(res.route_configuration([route(percent=40)]))
+    static = RouteConfiguration.FromString(res.route_configuration([route(percent=40)], static=True))
     assert served.virtual_hosts[0].routes[0].match.runtime_fraction.default_value.numerator == 0
     assert static.virtual_hosts[0].routes[0].match.runtime_fraction.default_value.numerator == 400_000
 
@@ -183,7 +187,9 @@ def test_without_remote_only_the_local_route():
 
 
 def test_static_route_configuration_ends_with_a_404_for_unknown_hosts():
-    config = res.route_configuration([route(), route(name="other", remote=None)])
+    config = RouteConfiguration.FromString(
+        res.route_configuration([route(), route(name="other", remote=None)])
+    )
     assert config.name == res.ROUTE_CONFIG_NAME
     assert [v.name for v in config.virtual_hosts] == ["inference/llm", "inference/other", "unknown-host"]
     fallback = config.virtual_hosts[-1]
@@ -407,6 +413,38 @@ def test_a_host_name_two_models_share_is_one_scope_owned_by_the_first_model():
     assert scopes(view) == {"llm": b.route_config, "llm.b": b.route_config}
 
 
+def test_the_field_table_is_what_envoy_data_plane_says():
+    """The builders number fields from `xds.schema`; regenerated from the installed
+    envoy-data-plane, it must be unchanged (`python -m xds.fields` writes it)."""
+    assert fields.generate() == fields.SCHEMA_PATH.read_text()
+
+
+# Everything `overspill serve` imports, then a model with one https remote translated.
+SERVE_IMPORTS = """
+import sys
+import overspill.cli, overspill.plane
+from api.crd import RemoteBackend
+from api.desired import ModelRoute, service_domains
+from xds.snapshot import Translator
+
+remote = RemoteBackend("llm.standby.example.com", 443, "https", "/v1", (("x-tenant", "acme"),))
+domains = service_domains("llm", "inference", 80)
+route = ModelRoute("inference", "llm", domains, (("10.0.0.1", 8000),), (remote,), 50.0)
+Translator("127.0.0.1", 10000).publish([route])
+print(sorted({m.split(".")[0] for m in sys.modules} & {"envoy_data_plane", "pydantic", "betterproto2"}))
+"""
+
+
+def test_serving_a_plain_model_never_imports_the_typed_messages():
+    """Importing envoy-data-plane's message types (and pydantic) is half a second of every start:
+    the control plane and the resources of a model with one remote are built without them."""
+    out = subprocess.run(
+        [sys.executable, "-c", SERVE_IMPORTS], capture_output=True, text=True, cwd=ROOT, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
 def test_every_cached_resource_decodes_to_the_typed_message():
     """The per-model resources are byte joins (xds.fields): decoded, they are exactly the
     envoy-data-plane messages written out here field by field."""
@@ -414,7 +452,7 @@ def test_every_cached_resource_decodes_to_the_typed_message():
     r = route()
     translator.publish([r])
     retry = RetryPolicy(retry_on=res.RETRY_ON, num_retries=2)
-    ads = res.ADS
+    ads = ConfigSource(ads=AggregatedConfigSource(), resource_api_version=ApiVersion.V3)
     local = Cluster(
         name=r.local_cluster,
         type=ClusterDiscoveryType.EDS,
@@ -501,7 +539,9 @@ def test_every_cached_resource_decodes_to_the_typed_message():
         ],
     )
     (lis,) = view.resources[LISTENER].values()
-    assert Listener.FromString(Any.FromString(lis.any).value) == res.listener("127.0.0.1", 10000)
+    assert Listener.FromString(Any.FromString(lis.any).value) == Listener.FromString(
+        res.listener("127.0.0.1", 10000)
+    )
     assert len(view.resources[RUNTIME]) == 8  # every layer exists, even empty: Envoy waits for each
 
 
@@ -553,10 +593,18 @@ def test_empty_discovery_response_decodes():
 NAMES = ["", "overspill/team-a/m/routes", "x" * 127, "y" * 128, "z" * 300, *(f"n{i}" for i in range(1000))]
 
 
+METADATA = {
+    "overspill": {"namespaces": ["a", "b"], "matchLabels": {"tier": "x"}, "listenerPort": 10001},
+    "flag": True,
+    "none": None,
+    "text": "t",
+}
+
+
 def test_requests_read_by_hand_hold_what_envoy_data_plane_reads():
     sotw = DiscoveryRequest(
         version_info="12",
-        node=Node(id="edge", cluster="c"),
+        node=Node(id="edge", cluster="c", metadata=Struct.from_dict(METADATA)),
         resource_names=NAMES,
         type_url=ROUTE,
         response_nonce="3-45",
@@ -564,7 +612,13 @@ def test_requests_read_by_hand_hold_what_envoy_data_plane_reads():
     )
     got = wire.parse_sotw_request(bytes(sotw))
     assert (got.version_info, got.type_url, got.response_nonce) == ("12", ROUTE, "3-45")
-    assert got.resource_names == frozenset(NAMES) and got.node == sotw.node  # a set: order is free
+    assert got.resource_names == frozenset(NAMES)  # a set: order is free
+    node = sotw.node
+    assert (got.node.id, got.node.cluster, got.node.metadata) == (
+        node.id,
+        node.cluster,
+        node.metadata.to_dict(),
+    )
     assert (got.error_detail.code, got.error_detail.message) == (3, "rejected")
     delta = DeltaDiscoveryRequest(
         node=Node(id="edge"),
@@ -575,6 +629,7 @@ def test_requests_read_by_hand_hold_what_envoy_data_plane_reads():
         response_nonce="9",
     )
     got = wire.parse_delta_request(bytes(delta))
+    assert (got.node.id, got.node.cluster, got.node.metadata) == ("edge", "", {})
     assert got.resource_names_subscribe == NAMES and got.resource_names_unsubscribe == ["a", "b" * 200]
     assert got.initial_resource_versions == {"a": "1", "c": "2"} and got.response_nonce == "9"
 

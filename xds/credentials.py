@@ -15,10 +15,11 @@ remote's values in internal headers (`internal_header`), for `xds.failover` to s
 from __future__ import annotations
 
 import datetime
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from envoy_data_plane.envoy.config.cluster.v3 import Cluster
 from envoy_data_plane.envoy.config.core.v3 import (
+    ConfigSource,
     DataSource,
     Http1ProtocolOptions,
     HttpUri,
@@ -47,29 +48,13 @@ from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
 from api.crd import RemoteBackend
 from api.credentials import TLS_CERT, TLS_KEY, SecretValue
 from xds.encode import encode, pack
+from xds.resources import NONE, RemoteCredentials
 from xds.types import ADS, HTTP_OPTIONS
 
 INJECTOR = "envoy.filters.http.credential_injector"
 TOKEN_TIMEOUT = datetime.timedelta(seconds=5)
 REDACTED = "<redacted>"
 CREDENTIAL_HEADER = "x-overspill-credential"  # a prefix of internal headers, see `internal_header`
-
-
-@dataclass(frozen=True)
-class RemoteCredentials:
-    """One remote's credentials as Envoy takes them.
-
-    `secrets` are (SDS name, serialized Secret); `cluster_fields` and `tls_fields` are encoded
-    fields to append to the remote's Cluster and to its TLS `CommonTlsContext`; `token_endpoint`
-    is the cluster to create for the OAuth2 token URL, as (name, where it answers)."""
-
-    secrets: tuple[tuple[str, bytes], ...] = ()
-    cluster_fields: bytes = b""
-    tls_fields: bytes = b""
-    token_endpoint: tuple[str, RemoteBackend] | None = None
-
-
-NONE = RemoteCredentials()
 
 
 def header_secret_name(cluster: str, header: str) -> str:
@@ -176,7 +161,7 @@ def member_credentials(remote: RemoteBackend, cluster: str) -> RemoteCredentials
 
 
 def _sds(name: str) -> SdsSecretConfig:
-    return SdsSecretConfig(name=name, sds_config=ADS)
+    return SdsSecretConfig(name=name, sds_config=ConfigSource.FromString(ADS))
 
 
 def _generic(name: str, value: SecretValue) -> bytes:

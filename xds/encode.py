@@ -4,8 +4,9 @@
 `SchemaValidator` for every nested message) and computes each field's default inside
 `warnings.catch_warnings()`: about 2 ms for a small Cluster. Our messages are validated
 when constructed (pydantic dataclasses), and defaults never change, so `encode` walks the
-same field metadata and produces the same bytes in about a tenth of the time. It is used
-only where the control plane builds its resources; betterproto2 itself is left unchanged.
+same field metadata and produces the same bytes in about a tenth of the time. It is used by
+the builders of the rarer parts, which keep typed messages (`failover`, `spillover`,
+`credentials`, imported only once a model needs them); betterproto2 itself is left unchanged.
 """
 
 from __future__ import annotations

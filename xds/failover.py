@@ -83,7 +83,7 @@ OUTLIER = OutlierDetection(
     max_ejection_percent=100,
 )
 _CHOSEN = f"%UPSTREAM_METADATA({METADATA}:remote)%"  # the chosen endpoint's remote index
-_OUTLIER = Fields(Cluster).outlier_detection(encode(OUTLIER))
+_OUTLIER = Fields("envoy.config.cluster.v3.Cluster").outlier_detection(encode(OUTLIER))
 
 # Sets the path prefix and headers of the remote named by REMOTE_HEADER. The original path is kept
 # in the request's dynamic metadata: a retry on the next remote starts from it, not from the
@@ -129,7 +129,12 @@ def remote_clusters(route: ModelRoute) -> list[tuple[str, bytes]]:
         if route.remote is None:
             return []
         if route.spillover is None:
-            return [(route.remote_cluster, res.remote_cluster(route))]
+            return [
+                (
+                    route.remote_cluster,
+                    res.remote_cluster(route, remote_credentials(route.remote, route.remote_cluster)),
+                )
+            ]
         # Spill-over (`xds.spillover`) rewrites a retry by the chosen endpoint, as below; the
         # weighted share still names this cluster, so it keeps its own credentials too.
         name, remote = route.remote_cluster, route.remote

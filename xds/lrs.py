@@ -21,13 +21,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
-from envoy_data_plane.envoy.service.load_stats.v3 import LoadStatsResponse
 
 from api.crd import MAX_REMOTES
 from api.desired import CLUSTER_PREFIX, SIDES
 from api.load import ClusterLoad
 from xds import wire
-from xds.encode import encode
+from xds.fields import Fields, duration
 
 log = logging.getLogger("overspill.xds")
 SERVICE = "envoy.service.load_stats.v3.LoadReportingService"
@@ -47,6 +46,9 @@ class Reporter:
     latest: dict[str, ClusterLoad] = field(default_factory=dict)
     sent: bytes | None = None  # the LoadStatsResponse it has
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+_RESPONSE = Fields("envoy.service.load_stats.v3.LoadStatsResponse")
 
 
 class LoadReports:
@@ -69,7 +71,9 @@ class LoadReports:
     def _build(self, clusters: frozenset[str]) -> bytes:
         seconds = int(self.interval)
         interval = datetime.timedelta(seconds=seconds, microseconds=round((self.interval - seconds) * 1e6))
-        return encode(LoadStatsResponse(clusters=sorted(clusters), load_reporting_interval=interval))
+        return b"".join(_RESPONSE.clusters(c) for c in sorted(clusters)) + _RESPONSE.load_reporting_interval(
+            duration(interval)
+        )
 
     def ask(self, clusters: frozenset[str]) -> None:
         """Have every Envoy report these clusters from now on (a response to each stream, once)."""

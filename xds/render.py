@@ -15,9 +15,13 @@ import envoy_data_plane.envoy.config.cluster.v3  # noqa: F401
 import envoy_data_plane.envoy.config.endpoint.v3  # noqa: F401
 import envoy_data_plane.envoy.config.listener.v3  # noqa: F401
 import envoy_data_plane.envoy.config.route.v3  # noqa: F401
+import envoy_data_plane.envoy.extensions.filters.http.router.v3  # noqa: F401
+import envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3  # noqa: F401
+import envoy_data_plane.envoy.extensions.retry.priority.previous_priorities.v3  # noqa: F401
 import envoy_data_plane.envoy.extensions.transport_sockets.tls.v3  # noqa: F401
 import envoy_data_plane.envoy.service.runtime.v3  # noqa: F401
 from envoy_data_plane.envoy.config.cluster.v3 import Cluster
+from envoy_data_plane.envoy.config.listener.v3 import Listener
 from envoy_data_plane.google.protobuf import Any as ProtoAny
 
 from api.desired import ModelRoute
@@ -59,8 +63,8 @@ def static_bootstrap(routes: list[ModelRoute], address: str, port: int, admin_po
         "stats_config": {"stats_tags": stats_tags()},
         "static_resources": {
             "listeners": [
-                res.listener(
-                    address, port, inline_routes=res.route_configuration(routes, static=True)
+                Listener.FromString(
+                    res.listener(address, port, inline_routes=res.route_configuration(routes, static=True))
                 ).to_dict()
             ],
             "clusters": [c.to_dict() for c in clusters],

@@ -1,5 +1,6 @@
-"""Envoy resources for each model, built with envoy-data-plane types (the per-model clusters
-and endpoints as byte joins numbered by those types, see `fields`: ten thousand models load fast).
+"""Envoy resources for each model, and the listener, as byte joins of fields numbered by
+envoy-data-plane's types (see `fields`: ten thousand models load fast, and a start does not
+import the types at all).
 
 Per model: a local cluster (EDS, the Service's ready endpoints), a remote cluster (the
 standby copy, TLS with SNI for https), and a virtual host answering the Service's DNS
@@ -18,77 +19,12 @@ from __future__ import annotations
 import datetime
 import functools
 from collections.abc import Iterable
-
-from envoy_data_plane.envoy.config.accesslog.v3 import AccessLogFilter, ResponseFlagFilter
-from envoy_data_plane.envoy.config.cluster.v3 import (
-    Cluster,
-    ClusterDiscoveryType,
-    ClusterDnsLookupFamily,
-    ClusterEdsClusterConfig,
-    ClusterLbPolicy,
-)
-from envoy_data_plane.envoy.config.core.v3 import (
-    Address,
-    DataSource,
-    HeaderValue,
-    HeaderValueOption,
-    HeaderValueOptionHeaderAppendAction,
-    RuntimeFractionalPercent,
-    SocketAddress,
-    TransportSocket,
-)
-from envoy_data_plane.envoy.config.endpoint.v3 import (
-    ClusterLoadAssignment,
-    Endpoint,
-    LbEndpoint,
-    LocalityLbEndpoints,
-)
-from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener
-from envoy_data_plane.envoy.config.route.v3 import (
-    DirectResponseAction,
-    RetryPolicy,
-    RetryPolicyRetryBackOff,
-    RetryPolicyRetryPriority,
-    Route,
-    RouteAction,
-    RouteConfiguration,
-    RouteMatch,
-    ScopedRouteConfiguration,
-    ScopedRouteConfigurationKey,
-    ScopedRouteConfigurationKeyFragment,
-    VirtualHost,
-)
-from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
-from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
-    HttpConnectionManager,
-    HttpFilter,
-    LocalReplyConfig,
-    ResponseMapper,
-    ScopedRds,
-    ScopedRoutes,
-    ScopedRoutesScopeKeyBuilder,
-    ScopedRoutesScopeKeyBuilderFragmentBuilder,
-    ScopedRoutesScopeKeyBuilderFragmentBuilderHeaderValueExtractor,
-)
-from envoy_data_plane.envoy.extensions.retry.priority.previous_priorities.v3 import PreviousPrioritiesConfig
-from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
-    CertificateValidationContext,
-    CommonTlsContext,
-    SubjectAltNameMatcher,
-    SubjectAltNameMatcherSanType,
-    UpstreamTlsContext,
-)
-from envoy_data_plane.envoy.type.matcher.v3 import StringMatcher
-from envoy_data_plane.envoy.type.v3 import FractionalPercent, FractionalPercentDenominatorType
-from envoy_data_plane.google.protobuf import UInt64Value
-from envoy_data_plane.message_pool import default_message_pool
+from dataclasses import dataclass
 
 from api.crd import RemoteBackend
 from api.desired import ModelRoute, virtual_host_name
 from xds import wire
-from xds.credentials import NONE, RemoteCredentials, remote_credentials
-from xds.encode import encode, pack
-from xds.fields import Fields
+from xds.fields import Fields, duration
 from xds.types import ADS
 
 LISTENER_NAME = "overspill_http"
@@ -107,34 +43,34 @@ RETRY_ON = "connect-failure,refused-stream,reset-before-request"
 # generic 5xx or a reset after the request was sent. The composite has two clusters: one retry.
 SPILL_RETRY_ON = f"retriable-status-codes,{RETRY_ON}"
 # Spill over in milliseconds: Envoy's default back-off waits up to 25 ms before a retry.
-SPILL_BACK_OFF = RetryPolicyRetryBackOff(
-    base_interval=datetime.timedelta(milliseconds=1), max_interval=datetime.timedelta(milliseconds=5)
-)
-
-
-def _socket(address: str, port: int) -> Address:
-    return Address(socket_address=SocketAddress(address=address, port_value=port))
+SPILL_BACK_OFF = (datetime.timedelta(milliseconds=1), datetime.timedelta(milliseconds=5))
 
 
 # --- per-model clusters and endpoints, as byte joins (see `fields`) ---
 
-_CLUSTER, _CLA, _LOCALITY, _LB_ENDPOINT = (
-    Fields(Cluster), Fields(ClusterLoadAssignment), Fields(LocalityLbEndpoints), Fields(LbEndpoint)
-)  # fmt: skip
-_ENDPOINT, _ADDRESS, _SOCKET, _TRANSPORT = (
-    Fields(Endpoint),
-    Fields(Address),
-    Fields(SocketAddress),
-    Fields(TransportSocket),
-)
-_TLS, _COMMON_TLS, _VALIDATION = (
-    Fields(UpstreamTlsContext),
-    Fields(CommonTlsContext),
-    Fields(CertificateValidationContext),
-)
-_SAN, _STRING_MATCHER, _DATA_SOURCE = Fields(SubjectAltNameMatcher), Fields(StringMatcher), Fields(DataSource)
+_CLUSTER = Fields("envoy.config.cluster.v3.Cluster")
+_EDS_CONFIG = Fields("envoy.config.cluster.v3.Cluster.EdsClusterConfig")
+_CLA = Fields("envoy.config.endpoint.v3.ClusterLoadAssignment")
+_LOCALITY = Fields("envoy.config.endpoint.v3.LocalityLbEndpoints")
+_LB_ENDPOINT = Fields("envoy.config.endpoint.v3.LbEndpoint")
+_ENDPOINT = Fields("envoy.config.endpoint.v3.Endpoint")
+_ADDRESS = Fields("envoy.config.core.v3.Address")
+_SOCKET = Fields("envoy.config.core.v3.SocketAddress")
+_TRANSPORT = Fields("envoy.config.core.v3.TransportSocket")
+_DATA_SOURCE = Fields("envoy.config.core.v3.DataSource")
+_TLS = Fields("envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext")
+_COMMON_TLS = Fields("envoy.extensions.transport_sockets.tls.v3.CommonTlsContext")
+_VALIDATION = Fields("envoy.extensions.transport_sockets.tls.v3.CertificateValidationContext")
+_SAN = Fields("envoy.extensions.transport_sockets.tls.v3.SubjectAltNameMatcher")
+_STRING_MATCHER = Fields("envoy.type.matcher.v3.StringMatcher")
 TLS_SOCKET = "envoy.transport_sockets.tls"
-_TLS_URL = default_message_pool.type_to_url[UpstreamTlsContext]
+_TLS_URL = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+
+
+def _address(address: str, port: int) -> bytes:
+    """An `Address` body."""
+    return _ADDRESS.socket_address(_SOCKET.address(address) + _SOCKET.port_value(port))
+
 
 # The ORCA named metrics the model's own pods return (vLLM: num_requests_waiting,
 # kv_cache_usage_perc) ride along in Envoy's load reports (`xds.lrs`). Local pods only: they are
@@ -142,42 +78,26 @@ _TLS_URL = default_message_pool.type_to_url[UpstreamTlsContext]
 LRS_ORCA = ["named_metrics.*"]
 # What every local cluster has but its name: the model's own pods over EDS, so an endpoint
 # change never rebuilds the cluster; least-request, because inference requests vary widely in cost.
-_LOCAL_EDS = encode(
-    Cluster(
-        type=ClusterDiscoveryType.EDS,
-        eds_cluster_config=ClusterEdsClusterConfig(eds_config=ADS),
-        connect_timeout=CONNECT_TIMEOUT,
-        lb_policy=ClusterLbPolicy.LEAST_REQUEST,
-        lrs_report_endpoint_metrics=LRS_ORCA,
-    )
+_LOCAL_COMMON = (
+    _CLUSTER.connect_timeout(duration(CONNECT_TIMEOUT))
+    + _CLUSTER.lb_policy("LEAST_REQUEST")
+    + b"".join(_CLUSTER.lrs_report_endpoint_metrics(m) for m in LRS_ORCA)
 )
-_LOCAL_STATIC = encode(
-    Cluster(
-        type=ClusterDiscoveryType.STATIC,
-        connect_timeout=CONNECT_TIMEOUT,
-        lb_policy=ClusterLbPolicy.LEAST_REQUEST,
-        lrs_report_endpoint_metrics=LRS_ORCA,
-    )
-)
+_LOCAL_EDS = _CLUSTER.type("EDS") + _CLUSTER.eds_cluster_config(_EDS_CONFIG.eds_config(ADS)) + _LOCAL_COMMON
+_LOCAL_STATIC = _CLUSTER.type("STATIC") + _LOCAL_COMMON
 # One logical host for a remote's DNS name, as for any large external service. Envoy would
 # hold its start (and every model's routes) until each remote's name resolves: it must not.
-_REMOTE_COMMON = encode(
-    Cluster(
-        connect_timeout=CONNECT_TIMEOUT,
-        dns_lookup_family=ClusterDnsLookupFamily.V4_PREFERRED,
-        wait_for_warm_on_init=False,
-    )
+_REMOTE_COMMON = (
+    _CLUSTER.connect_timeout(duration(CONNECT_TIMEOUT))
+    + _CLUSTER.dns_lookup_family("V4_PREFERRED")
+    + _CLUSTER.wait_for_warm_on_init(b"")  # a BoolValue of false
 )
 
 
 def _endpoints(cluster_name: str, addresses: Iterable[tuple[str, int]]) -> bytes:
     """A ClusterLoadAssignment: one locality holding every address."""
     hosts = b"".join(
-        _LOCALITY.lb_endpoints(
-            _LB_ENDPOINT.endpoint(
-                _ENDPOINT.address(_ADDRESS.socket_address(_SOCKET.address(ip) + _SOCKET.port_value(port)))
-            )
-        )
+        _LOCALITY.lb_endpoints(_LB_ENDPOINT.endpoint(_ENDPOINT.address(_address(ip, port))))
         for ip, port in addresses
     )
     return _CLA.cluster_name(cluster_name) + _CLA.endpoints(hosts)
@@ -199,14 +119,27 @@ def local_cluster(route: ModelRoute, static: bool = False) -> bytes:
     return _CLUSTER.name(route.local_cluster) + _LOCAL_EDS
 
 
-def remote_cluster(route: ModelRoute) -> bytes:
-    """The standby copy (a model's one remote; several are `xds.failover`'s), with its
-    credentials (see `credentials`)."""
-    remote = route.remote
-    assert remote is not None
-    return backend_cluster(
-        route.remote_cluster, remote, creds=remote_credentials(remote, route.remote_cluster)
-    )
+@dataclass(frozen=True)
+class RemoteCredentials:
+    """One remote's credentials as Envoy takes them (built by `xds.credentials`).
+
+    `secrets` are (SDS name, serialized Secret); `cluster_fields` and `tls_fields` are encoded
+    fields to append to the remote's Cluster and to its TLS `CommonTlsContext`; `token_endpoint`
+    is the cluster to create for the OAuth2 token URL, as (name, where it answers)."""
+
+    secrets: tuple[tuple[str, bytes], ...] = ()
+    cluster_fields: bytes = b""
+    tls_fields: bytes = b""
+    token_endpoint: tuple[str, RemoteBackend] | None = None
+
+
+NONE = RemoteCredentials()
+
+
+def remote_cluster(route: ModelRoute, creds: RemoteCredentials = NONE) -> bytes:
+    """The standby copy (a model's one remote; several are `xds.failover`'s), with `creds`."""
+    assert route.remote is not None
+    return backend_cluster(route.remote_cluster, route.remote, creds=creds)
 
 
 def backend_cluster(
@@ -219,8 +152,8 @@ def backend_cluster(
     """A cluster of one remote (or of its OAuth2 token endpoint): TLS with SNI and the name
     verified for https (unless told not to), and `creds`' fields. `hostname` and `metadata`
     (encoded) go on its one endpoint."""
-    kind = ClusterDiscoveryType.STATIC if remote.is_ip else ClusterDiscoveryType.LOGICAL_DNS
-    address = _ADDRESS.socket_address(_SOCKET.address(remote.host) + _SOCKET.port_value(remote.port))
+    kind = "STATIC" if remote.is_ip else "LOGICAL_DNS"
+    address = _address(remote.host, remote.port)
     host = _LB_ENDPOINT.endpoint(_ENDPOINT.address(address) + _ENDPOINT.hostname(hostname))
     host += _LB_ENDPOINT.metadata(metadata) if metadata else b""
     out = (
@@ -234,9 +167,9 @@ def backend_cluster(
         return out
     context = creds.tls_fields
     if not remote.insecure_skip_verify:
-        san = _SAN.san_type(
-            SubjectAltNameMatcherSanType.IP_ADDRESS if remote.is_ip else SubjectAltNameMatcherSanType.DNS
-        ) + _SAN.matcher(_STRING_MATCHER.exact(remote.host))
+        san = _SAN.san_type("IP_ADDRESS" if remote.is_ip else "DNS") + _SAN.matcher(
+            _STRING_MATCHER.exact(remote.host)
+        )
         context += _COMMON_TLS.validation_context(
             _VALIDATION.trusted_ca(_DATA_SOURCE.filename(remote.ca_file))
             + _VALIDATION.match_typed_subject_alt_names(san)
@@ -247,38 +180,47 @@ def backend_cluster(
     )
 
 
-_VHOST, _ROUTE, _MATCH, _ACTION = Fields(VirtualHost), Fields(Route), Fields(RouteMatch), Fields(RouteAction)
-_RUNTIME_FRACTION, _FRACTION = Fields(RuntimeFractionalPercent), Fields(FractionalPercent)
-_HEADER_OPTION, _HEADER = Fields(HeaderValueOption), Fields(HeaderValue)
-_UINT64 = Fields(UInt64Value)
+_VHOST = Fields("envoy.config.route.v3.VirtualHost")
+_ROUTE = Fields("envoy.config.route.v3.Route")
+_MATCH = Fields("envoy.config.route.v3.RouteMatch")
+_ACTION = Fields("envoy.config.route.v3.RouteAction")
+_RETRY = Fields("envoy.config.route.v3.RetryPolicy")
+_BACK_OFF = Fields("envoy.config.route.v3.RetryPolicy.RetryBackOff")
+_PRIORITY = Fields("envoy.config.route.v3.RetryPolicy.RetryPriority")
+_PREVIOUS = Fields("envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig")
+_RUNTIME_FRACTION = Fields("envoy.config.core.v3.RuntimeFractionalPercent")
+_FRACTION = Fields("envoy.type.v3.FractionalPercent")
+_HEADER_OPTION = Fields("envoy.config.core.v3.HeaderValueOption")
+_HEADER = Fields("envoy.config.core.v3.HeaderValue")
+_UINT64 = Fields("google.protobuf.UInt64Value")
+_UINT32, _BOOL = Fields("google.protobuf.UInt32Value").value, Fields("google.protobuf.BoolValue").value
+_PREVIOUS_URL = (
+    "type.googleapis.com/envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig"
+)
+_TIMEOUT = _ACTION.timeout(duration(ROUTE_TIMEOUT))
 # Every route's action but its cluster and rewrites: long inference, and retries only where the
 # request surely never reached a backend (see RETRY_ON).
-_ACTION_COMMON = encode(
-    RouteAction(timeout=ROUTE_TIMEOUT, retry_policy=RetryPolicy(retry_on=RETRY_ON, num_retries=2))
-)
+_ACTION_COMMON = _TIMEOUT + _ACTION.retry_policy(_RETRY.retry_on(RETRY_ON) + _RETRY.num_retries(_UINT32(2)))
 # Several remotes (see `xds.failover`): the same, and a retry goes to the next remote, not the
 # one that just refused; Host is the chosen remote's (its endpoint's host name).
-_ACTION_FAILOVER = encode(
-    RouteAction(
-        timeout=ROUTE_TIMEOUT,
-        auto_host_rewrite=True,
-        retry_policy=RetryPolicy(
-            retry_on=RETRY_ON,
-            num_retries=2,
-            retry_priority=RetryPolicyRetryPriority(
-                name="envoy.retry_priorities.previous_priorities",
-                typed_config=pack(PreviousPrioritiesConfig(update_frequency=1)),
-            ),
-        ),
+_ACTION_FAILOVER = (
+    _TIMEOUT
+    + _ACTION.auto_host_rewrite(_BOOL(True))
+    + _ACTION.retry_policy(
+        _RETRY.retry_on(RETRY_ON)
+        + _RETRY.num_retries(_UINT32(2))
+        + _RETRY.retry_priority(
+            _PRIORITY.name("envoy.retry_priorities.previous_priorities")
+            + _PRIORITY.typed_config(wire.any_bytes(_PREVIOUS_URL, _PREVIOUS.update_frequency(1)))
+        )
     )
 )
-_OVERWRITE = HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD
 # vLLM (and other ORCA backends) return their load (`endpoint-load-metrics`) only when asked: the
 # local pods are asked on every request, unless the client chose a format itself.
 ORCA_FORMAT = ("endpoint-load-metrics-format", "TEXT")
 _ASK_ORCA = _ROUTE.request_headers_to_add(
     _HEADER_OPTION.header(_HEADER.key(ORCA_FORMAT[0]) + _HEADER.value(ORCA_FORMAT[1]))
-    + _HEADER_OPTION.append_action(HeaderValueOptionHeaderAppendAction.ADD_IF_ABSENT)
+    + _HEADER_OPTION.append_action("ADD_IF_ABSENT")
 )
 
 
@@ -302,7 +244,7 @@ def virtual_host(route: ModelRoute, default_percent: float = 0.0) -> bytes:
         headers = b"".join(
             _ROUTE.request_headers_to_add(
                 _HEADER_OPTION.header(_HEADER.key(k) + _HEADER.value(v))
-                + _HEADER_OPTION.append_action(_OVERWRITE)
+                + _HEADER_OPTION.append_action("OVERWRITE_IF_EXISTS_OR_ADD")
             )
             for k, v in remote.headers_to_add
         )
@@ -327,54 +269,45 @@ def virtual_host(route: ModelRoute, default_percent: float = 0.0) -> bytes:
 def _spill_action(status_codes: tuple[int, ...]) -> bytes:
     """The local route's action but its cluster with spill-over: the narrow retry, and Host
     rewritten per attempt (a remote endpoint's host name is its authority; a pod has none)."""
-    retry_on = SPILL_RETRY_ON if status_codes else RETRY_ON
-    policy = RetryPolicy(
-        retry_on=retry_on,
-        num_retries=1,
-        retriable_status_codes=list(status_codes),
-        retry_back_off=SPILL_BACK_OFF,
+    base, most = SPILL_BACK_OFF
+    policy = (
+        _RETRY.retry_on(SPILL_RETRY_ON if status_codes else RETRY_ON)
+        + _RETRY.num_retries(_UINT32(1))
+        + (_RETRY.retriable_status_codes(status_codes) if status_codes else b"")
+        + _RETRY.retry_back_off(
+            _BACK_OFF.base_interval(duration(base)) + _BACK_OFF.max_interval(duration(most))
+        )
     )
-    return encode(RouteAction(timeout=ROUTE_TIMEOUT, retry_policy=policy, auto_host_rewrite=True))
+    return _TIMEOUT + _ACTION.retry_policy(policy) + _ACTION.auto_host_rewrite(_BOOL(True))
 
 
 def _remote_match(route: ModelRoute, default_percent: float) -> bytes:
     """Every path, for the remote's share of requests (the runtime key's value)."""
-    fraction = _FRACTION.numerator(round(default_percent * 10_000)) + _FRACTION.denominator(
-        FractionalPercentDenominatorType.MILLION
-    )
+    fraction = _FRACTION.numerator(round(default_percent * 10_000)) + _FRACTION.denominator("MILLION")
     return _MATCH.prefix("/") + _MATCH.runtime_fraction(
         _RUNTIME_FRACTION.default_value(fraction) + _RUNTIME_FRACTION.runtime_key(route.runtime_key)
     )
 
 
-def fallback_virtual_host() -> VirtualHost:
+_ROUTE_CONFIG = Fields("envoy.config.route.v3.RouteConfiguration")
+_SCOPE = Fields("envoy.config.route.v3.ScopedRouteConfiguration")
+_SCOPE_KEY = Fields("envoy.config.route.v3.ScopedRouteConfiguration.Key")
+_KEY_FRAGMENT = Fields("envoy.config.route.v3.ScopedRouteConfiguration.Key.Fragment")
+_DIRECT = Fields("envoy.config.route.v3.DirectResponseAction")
+
+
+def fallback_virtual_host() -> bytes:
     """Any Host no model claims gets a plain 404 saying so, rather than a bare connection reset."""
-    return VirtualHost(
-        name="unknown-host",
-        domains=["*"],
-        routes=[
-            Route(
-                match=RouteMatch(prefix="/"),
-                direct_response=DirectResponseAction(status=404, body=DataSource(inline_string=NOT_SERVED)),
-            )
-        ],
-    )
+    answer = _DIRECT.status(404) + _DIRECT.body(_DATA_SOURCE.inline_string(NOT_SERVED))
+    route = _ROUTE.match(_MATCH.prefix("/")) + _ROUTE.direct_response(answer)
+    return _VHOST.name("unknown-host") + _VHOST.domains("*") + _VHOST.routes(route)
 
 
-def route_configuration(routes: list[ModelRoute], static: bool = False) -> RouteConfiguration:
+def route_configuration(routes: list[ModelRoute], static: bool = False) -> bytes:
     """Every model's virtual host in one route configuration, as the static bootstrap inlines it;
     `static` bakes the current weights in as the defaults (no RTDS)."""
-    return RouteConfiguration(
-        name=ROUTE_CONFIG_NAME,
-        virtual_hosts=[
-            VirtualHost.FromString(virtual_host(r, r.remote_percent if static else 0.0)) for r in routes
-        ]
-        + [fallback_virtual_host()],
-    )
-
-
-_ROUTE_CONFIG, _SCOPE = Fields(RouteConfiguration), Fields(ScopedRouteConfiguration)
-_SCOPE_KEY, _KEY_FRAGMENT = Fields(ScopedRouteConfigurationKey), Fields(ScopedRouteConfigurationKeyFragment)
+    hosts = [virtual_host(r, r.remote_percent if static else 0.0) for r in routes] + [fallback_virtual_host()]
+    return _ROUTE_CONFIG.name(ROUTE_CONFIG_NAME) + b"".join(_ROUTE_CONFIG.virtual_hosts(h) for h in hosts)
 
 
 def model_route_configuration(route: ModelRoute, weight_inline: bool = False) -> bytes:
@@ -396,54 +329,61 @@ def scoped_route(host: str, route_config: str) -> bytes:
     )
 
 
-def _scoped_routes() -> ScopedRoutes:
+_HCM = "envoy.extensions.filters.network.http_connection_manager.v3."
+_SCOPED, _KEY_BUILDER = Fields(_HCM + "ScopedRoutes"), Fields(_HCM + "ScopedRoutes.ScopeKeyBuilder")
+_FRAGMENT_BUILDER = Fields(_HCM + "ScopedRoutes.ScopeKeyBuilder.FragmentBuilder")
+_EXTRACTOR = Fields(_HCM + "ScopedRoutes.ScopeKeyBuilder.FragmentBuilder.HeaderValueExtractor")
+
+
+def _scoped_routes() -> bytes:
     """Scopes keyed by the Host without its port: `:authority` split at ':', the first element
     (a Host without port is the whole element). Scopes and route configurations come over ADS."""
-    host = ScopedRoutesScopeKeyBuilderFragmentBuilderHeaderValueExtractor(
-        name=":authority", element_separator=":", index=0
-    )
-    return ScopedRoutes(
-        name=SCOPES_NAME,
-        scope_key_builder=ScopedRoutesScopeKeyBuilder(
-            fragments=[ScopedRoutesScopeKeyBuilderFragmentBuilder(header_value_extractor=host)]
-        ),
-        rds_config_source=ADS,
-        scoped_rds=ScopedRds(scoped_rds_config_source=ADS),
+    host = _EXTRACTOR.name(":authority") + _EXTRACTOR.element_separator(":") + _EXTRACTOR.index(0)
+    return (
+        _SCOPED.name(SCOPES_NAME)
+        + _SCOPED.scope_key_builder(_KEY_BUILDER.fragments(_FRAGMENT_BUILDER.header_value_extractor(host)))
+        + _SCOPED.rds_config_source(ADS)
+        + _SCOPED.scoped_rds(Fields(_HCM + "ScopedRds").scoped_rds_config_source(ADS))
     )
 
 
-def _not_served() -> LocalReplyConfig:
+def _not_served() -> bytes:
     """Envoy answers a Host with no scope, or a scope whose routes do not match it (another port),
     with an empty 404 flagged NR (no route): this gives it the body the static bootstrap's
     fallback virtual host has. Our routes all match "/", so NR means no model serves the Host."""
-    return LocalReplyConfig(
-        mappers=[
-            ResponseMapper(
-                filter=AccessLogFilter(response_flag_filter=ResponseFlagFilter(flags=["NR"])),
-                status_code=404,
-                body=DataSource(inline_string=NOT_SERVED),
-            )
-        ]
+    flags = Fields("envoy.config.accesslog.v3.ResponseFlagFilter").flags("NR")
+    mapper = Fields(_HCM + "ResponseMapper")
+    return Fields(_HCM + "LocalReplyConfig").mappers(
+        mapper.filter(Fields("envoy.config.accesslog.v3.AccessLogFilter").response_flag_filter(flags))
+        + mapper.status_code(_UINT32(404))
+        + mapper.body(_DATA_SOURCE.inline_string(NOT_SERVED))
     )
 
 
-def listener(address: str, port: int, inline_routes: RouteConfiguration | None = None) -> Listener:
-    """The HTTP listener: scoped routes over ADS, or (a static bootstrap) one inline route configuration."""
-    hcm = HttpConnectionManager(
-        stat_prefix=STAT_PREFIX,
-        http_filters=[HttpFilter(name="envoy.filters.http.router", typed_config=pack(Router()))],
+_HTTP = Fields(_HCM + "HttpConnectionManager")
+_HTTP_FILTER = Fields(_HCM + "HttpFilter")
+_ROUTER_URL = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+_LISTENER = Fields("envoy.config.listener.v3.Listener")
+_CHAIN, _FILTER = Fields("envoy.config.listener.v3.FilterChain"), Fields("envoy.config.listener.v3.Filter")
+_HCM_URL = "type.googleapis.com/" + _HCM + "HttpConnectionManager"
+
+
+def listener(address: str, port: int, inline_routes: bytes | None = None) -> bytes:
+    """The HTTP listener: scoped routes over ADS, or (a static bootstrap) one inline route
+    configuration (encoded, see `route_configuration`)."""
+    router = _HTTP_FILTER.name("envoy.filters.http.router") + _HTTP_FILTER.typed_config(
+        wire.any_bytes(_ROUTER_URL, b"")
     )
+    hcm = _HTTP.stat_prefix(STAT_PREFIX) + _HTTP.http_filters(router)
     if inline_routes is not None:
-        hcm.route_config = inline_routes
+        hcm += _HTTP.route_config(inline_routes)
     else:
-        hcm.scoped_routes = _scoped_routes()
-        hcm.local_reply_config = _not_served()
-    return Listener(
-        name=LISTENER_NAME,
-        address=_socket(address, port),
-        filter_chains=[
-            FilterChain(
-                filters=[Filter(name="envoy.filters.network.http_connection_manager", typed_config=pack(hcm))]
-            )
-        ],
+        hcm += _HTTP.scoped_routes(_scoped_routes()) + _HTTP.local_reply_config(_not_served())
+    network = _FILTER.name("envoy.filters.network.http_connection_manager") + _FILTER.typed_config(
+        wire.any_bytes(_HCM_URL, hcm)
+    )
+    return (
+        _LISTENER.name(LISTENER_NAME)
+        + _LISTENER.address(_address(address, port))
+        + _LISTENER.filter_chains(_CHAIN.filters(network))
     )

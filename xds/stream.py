@@ -156,7 +156,7 @@ class Stream:
             return
         if node is not None:
             self.node_id, self.cluster = node.id, node.cluster
-            self.asked = Scope.from_metadata(node.metadata.to_dict() if node.metadata is not None else {})
+            self.asked = Scope.from_metadata(node.metadata)
         self.scope = self.asked.within(self.identity.namespaces) if self.identity else self.asked
         self.view = self.cache.acquire(self.scope)
 

@@ -1,7 +1,7 @@
 """Type URLs of the resources served, in the order a client must apply them; and the names
 every built resource shares (the config source of dynamic resources, the upstream options)."""
 
-from envoy_data_plane.envoy.config.core.v3 import AggregatedConfigSource, ApiVersion, ConfigSource
+from xds.fields import Fields
 
 CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
@@ -22,8 +22,10 @@ ROUTE_WEIGHT_INLINE = ROUTE + "#weight-inline"
 # Types a client subscribes to by name; the others are wildcard (in state of the world, a
 # response of a wildcard type carries the whole set: Envoy removes what it leaves out).
 NAMED = {ENDPOINT, ROUTE, RUNTIME, SECRET}
-# Where clusters, route configurations, scopes and secrets name their dynamic parts: the same ADS stream.
-ADS = ConfigSource(ads=AggregatedConfigSource(), resource_api_version=ApiVersion.V3)
+# Where clusters, route configurations, scopes and secrets name their dynamic parts: the same ADS
+# stream (an encoded `ConfigSource`).
+_SOURCE = Fields("envoy.config.core.v3.ConfigSource")
+ADS = _SOURCE.ads(b"") + _SOURCE.resource_api_version("V3")
 # The key of a cluster's upstream HTTP options (upstream filters, protocol) in its extension options.
 HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 SHORT = {

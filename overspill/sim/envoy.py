@@ -105,7 +105,7 @@ def _step(before: Info | None, after: Info | None) -> tuple[tuple[str, ...], dic
 def warm_up() -> None:
     """Load envoy-data-plane's listener classes once (pydantic builds them on first use, ~0.3 s),
     so that the first timed node is not charged for it."""
-    _routes_of(bytes(listener("0.0.0.0", 10000)))
+    _routes_of(listener("0.0.0.0", 10000))
 
 
 def _info(type_url: str, body: bytes) -> Info:
