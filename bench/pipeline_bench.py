@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import compileall
 import json
 import platform
 import statistics
@@ -716,6 +717,17 @@ async def main_async(cfg: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+PACKAGES = ("api", "metrics", "overspill", "reconciler", "xds")
+
+
+def compile_project() -> None:
+    """Byte-compile the control plane's modules, as `pip install` does for an installed package:
+    start is then what users see. From an editable checkout (or with PYTHONDONTWRITEBYTECODE),
+    every start would compile the project's sources again, about 0.1 s of it."""
+    for package in PACKAGES:
+        compileall.compile_dir(ROOT / package, quiet=1)
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     if cfg.table is not None:
@@ -729,6 +741,7 @@ def main(argv: list[str] | None = None) -> int:
         f"pipeline bench: N={cfg.sizes} protocols={cfg.protocols} variants={cfg.variant_list or '-'} "
         f"at N={cfg.variant_models}; repeats={cfg.repeats} changes={cfg.changes}; sovereign={cfg.sovereign}"
     )
+    compile_project()
     try:
         rows = asyncio.run(main_async(cfg))
     except KeyboardInterrupt:
