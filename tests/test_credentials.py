@@ -32,12 +32,11 @@ from reconciler.credentials import resolve
 from reconciler.documents import parse_documents
 from reconciler.kube import parse_secret
 from reconciler.store import ObjectStore
-from xds import failover
 from xds.render import served_documents
 from xds.scope import Scope
 from xds.server import XdsServer, start_server
 from xds.snapshot import Translator
-from xds.types import CLUSTER, SECRET
+from xds.types import CLUSTER, HTTP_OPTIONS, SECRET
 
 ADS = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
 TOKEN = "tok-3f1c9a7e5b"
@@ -310,7 +309,7 @@ def test_behind_an_aggregate_or_composite_each_remote_has_its_secret_and_injecto
 
     def filters(cluster: str) -> list[tuple[str, str]]:
         c = Cluster.FromString(wire_body(view.resources[CLUSTER][cluster].any))
-        options = c.typed_extension_protocol_options.get(failover.HTTP_OPTIONS)
+        options = c.typed_extension_protocol_options.get(HTTP_OPTIONS)
         if options is None:
             return []
         out = []

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.e2e
 
 # A value that needs every kind of quoting on its way into Envoy (see xds.failover._lua).
 ODD_KEY = 'key-a "quoted" \\ ]] %s'
-# After a remote is ejected Envoy tries it again 5 s later (xds.failover.OUTLIER); a second of
+# After a remote is ejected Envoy tries it again 5 s later (xds.failover.BASE_EJECTION_TIME); a second of
 # outlier interval and a second for the loaded machine on top.
 FAILBACK_BUDGET = 5 + 1 + 4
 

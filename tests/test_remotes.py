@@ -34,6 +34,7 @@ from reconciler.store import ObjectStore
 from xds import failover
 from xds import resources as res
 from xds.render import static_bootstrap
+from xds.types import HTTP_OPTIONS
 
 A = RemoteBackend("a.example.com", 443, "https", "/v1", (("x-api-key", "secret-a"),))
 B = RemoteBackend("10.0.0.9", 8080, "http")
@@ -143,7 +144,7 @@ def test_several_remotes_are_an_aggregate_over_one_cluster_each_in_order():
     assert aggregate.cluster_type.typed_config.unpack() == ClusterConfig(
         clusters=["overspill/ns/llm/remote/0", "overspill/ns/llm/remote/1"]
     )
-    options = aggregate.typed_extension_protocol_options[failover.HTTP_OPTIONS].unpack()
+    options = aggregate.typed_extension_protocol_options[HTTP_OPTIONS].unpack()
     assert isinstance(options, HttpProtocolOptions)
     assert [f.name for f in options.http_filters] == [
         "envoy.filters.http.header_mutation",

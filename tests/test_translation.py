@@ -74,7 +74,17 @@ from xds import resources as res
 from xds.cache import Resource, Scope, View
 from xds.render import static_bootstrap
 from xds.snapshot import Translator
-from xds.types import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE, RUNTIME, SCOPED_ROUTE, SECRET
+from xds.types import (
+    CLUSTER,
+    ENDPOINT,
+    HTTP_OPTIONS,
+    LISTENER,
+    PUSH_ORDER,
+    ROUTE,
+    RUNTIME,
+    SCOPED_ROUTE,
+    SECRET,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 HOSTED = RemoteBackend(
@@ -419,25 +429,35 @@ def test_the_field_table_is_what_envoy_data_plane_says():
     assert fields.generate() == fields.SCHEMA_PATH.read_text()
 
 
-# Everything `overspill serve` imports, then a model with one https remote translated.
+# Everything `overspill serve` imports; then translated: a model with one https remote, and one
+# with two remotes (the first with a header from a Secret) and spill-over.
 SERVE_IMPORTS = """
 import sys
 import overspill.cli, overspill.plane
-from api.crd import RemoteBackend
+from api.credentials import SecretHeader, SecretKeyRef, SecretValue
+from api.crd import RemoteBackend, Spillover
 from api.desired import ModelRoute, service_domains
 from xds.snapshot import Translator
 
-remote = RemoteBackend("llm.standby.example.com", 443, "https", "/v1", (("x-tenant", "acme"),))
-domains = service_domains("llm", "inference", 80)
-route = ModelRoute("inference", "llm", domains, (("10.0.0.1", 8000),), (remote,), 50.0)
-Translator("127.0.0.1", 10000).publish([route])
+hosted = RemoteBackend("llm.standby.example.com", 443, "https", "/v1", (("x-tenant", "acme"),))
+key = SecretHeader("x-api-key", SecretKeyRef("remote-token", "token", "spec"), "Bearer ")
+token = ((("remote-token", "token"), SecretValue(b"t")),)
+keyed = RemoteBackend("a.example.com", 443, "https", secret_headers=(key,), secrets=token)
+plain = RemoteBackend("10.9.8.7", 8080, "http")
+endpoints = (("10.0.0.1", 8000),)
+one = ModelRoute("inference", "llm", service_domains("llm", "inference", 80), endpoints, (hosted,), 50.0)
+domains = service_domains("two", "inference", 80)
+spill = Spillover(enabled=True)
+two = ModelRoute("inference", "two", domains, endpoints, (keyed, plain), 50.0, spillover=spill)
+Translator("127.0.0.1", 10000).publish([one, two])
 print(sorted({m.split(".")[0] for m in sys.modules} & {"envoy_data_plane", "pydantic", "betterproto2"}))
 """
 
 
-def test_serving_a_plain_model_never_imports_the_typed_messages():
+def test_serving_never_imports_the_typed_messages():
     """Importing envoy-data-plane's message types (and pydantic) is half a second of every start:
-    the control plane and the resources of a model with one remote are built without them."""
+    the control plane and every resource it builds (several remotes, spill-over, credentials
+    too) do without them."""
     out = subprocess.run(
         [sys.executable, "-c", SERVE_IMPORTS], capture_output=True, text=True, cwd=ROOT, timeout=60
     )
@@ -757,7 +777,7 @@ def test_spillover_composite_lists_local_then_remote_with_a_raised_retry_budget_
     assert [t.max_retries for t in cluster.circuit_breakers.thresholds] == [64]
     assert cluster.lrs_report_endpoint_metrics == ["named_metrics.*"]
     # The remote's rewrites, made per attempt by the endpoint it goes to (as for several remotes).
-    options = cluster.typed_extension_protocol_options[failover.HTTP_OPTIONS].unpack()
+    options = cluster.typed_extension_protocol_options[HTTP_OPTIONS].unpack()
     assert [f.name for f in options.http_filters] == [
         "envoy.filters.http.header_mutation",
         "envoy.filters.http.lua",
@@ -782,7 +802,7 @@ def test_spillover_with_several_remotes_names_their_aggregate_and_rewrites_for_e
     composite = clusters["overspill/inference/llm/spillover"]
     config = composite.cluster_type.typed_config.unpack()
     assert [c.name for c in config.clusters][1] == "overspill/inference/llm/remote"  # the aggregate
-    options = composite.typed_extension_protocol_options[failover.HTTP_OPTIONS].unpack()
+    options = composite.typed_extension_protocol_options[HTTP_OPTIONS].unpack()
     script = options.http_filters[1].typed_config.unpack().default_source_code.inline_string
     assert script == failover.lua_script((HOSTED, PLAIN))
 

@@ -17,39 +17,13 @@ from __future__ import annotations
 import datetime
 from dataclasses import replace
 
-from envoy_data_plane.envoy.config.cluster.v3 import Cluster
-from envoy_data_plane.envoy.config.core.v3 import (
-    ConfigSource,
-    DataSource,
-    Http1ProtocolOptions,
-    HttpUri,
-    TypedExtensionConfig,
-)
-from envoy_data_plane.envoy.extensions.filters.http.credential_injector.v3 import CredentialInjector
-from envoy_data_plane.envoy.extensions.filters.http.upstream_codec.v3 import UpstreamCodec
-from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import HttpFilter
-from envoy_data_plane.envoy.extensions.http.injected_credentials.generic.v3 import Generic
-from envoy_data_plane.envoy.extensions.http.injected_credentials.oauth2.v3 import (
-    OAuth2,
-    OAuth2ClientCredentials,
-)
-from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
-    CommonTlsContext,
-    GenericSecret,
-    SdsSecretConfig,
-    Secret,
-    TlsCertificate,
-)
-from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
-    HttpProtocolOptions,
-    HttpProtocolOptionsExplicitHttpConfig,
-)
-
 from api.crd import RemoteBackend
 from api.credentials import TLS_CERT, TLS_KEY, SecretValue
-from xds.encode import encode, pack
+from xds import resources as res
+from xds import wire
+from xds.fields import Fields, duration
 from xds.resources import NONE, RemoteCredentials
-from xds.types import ADS, HTTP_OPTIONS
+from xds.types import ADS
 
 INJECTOR = "envoy.filters.http.credential_injector"
 TOKEN_TIMEOUT = datetime.timedelta(seconds=5)
@@ -99,35 +73,25 @@ def remote_credentials(remote: RemoteBackend, cluster: str) -> RemoteCredentials
             token_cluster_name(cluster),
             RemoteBackend(host, port, oauth.token_scheme, ca_file=remote.ca_file),
         )
-        config = OAuth2(
-            token_endpoint=HttpUri(uri=oauth.token_url, cluster=token[0], timeout=TOKEN_TIMEOUT),
-            scopes=list(oauth.scopes),
-            client_credentials=OAuth2ClientCredentials(client_id=oauth.client_id, client_secret=_sds(name)),
+        uri = _URI.uri(oauth.token_url) + _URI.cluster(token[0]) + _URI.timeout(duration(TOKEN_TIMEOUT))
+        client = _CLIENT.client_id(oauth.client_id) + _CLIENT.client_secret(_sds(name))
+        config = (
+            _OAUTH2.token_endpoint(uri)
+            + b"".join(_OAUTH2.scopes(scope) for scope in oauth.scopes)
+            + _OAUTH2.client_credentials(client)
         )
-        filters.append(_injector("envoy.http.injected_credentials.oauth2", pack(config)))
+        filters.append(_injector("envoy.http.injected_credentials.oauth2", _OAUTH2_URL, config))
     tls = b""
     if remote.client_certificate is not None:
         name, ref = certificate_secret_name(cluster), remote.client_certificate
         cert, key = remote.secret(ref.name, TLS_CERT), remote.secret(ref.name, TLS_KEY)
         if cert is not None and key is not None:
-            chain = TlsCertificate(
-                certificate_chain=DataSource(inline_bytes=cert.reveal()),
-                private_key=DataSource(inline_bytes=key.reveal()),
-            )
-            secrets.append((name, encode(Secret(name=name, tls_certificate=chain))))
-        tls = encode(CommonTlsContext(tls_certificate_sds_secret_configs=[_sds(name)]))
-    fields = b""
-    if filters:
-        options = HttpProtocolOptions(
-            explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
-                http_protocol_options=Http1ProtocolOptions()
-            ),
-            http_filters=[
-                *filters,
-                HttpFilter(name="envoy.filters.http.upstream_codec", typed_config=pack(UpstreamCodec())),
-            ],
-        )
-        fields = encode(Cluster(typed_extension_protocol_options={HTTP_OPTIONS: pack(options)}))
+            chain = _CERTIFICATE.certificate_chain(
+                _DATA.inline_bytes(cert.reveal())
+            ) + _CERTIFICATE.private_key(_DATA.inline_bytes(key.reveal()))
+            secrets.append((name, _SECRET.name(name) + _SECRET.tls_certificate(chain)))
+        tls = _COMMON_TLS.tls_certificate_sds_secret_configs(_sds(name))
+    fields = res.upstream_filters(filters) if filters else b""
     return RemoteCredentials(tuple(secrets), fields, tls, token)
 
 
@@ -138,18 +102,19 @@ def internal_header(index: int, header: str) -> str:
     return f"{CREDENTIAL_HEADER}-{index}-{header.lower()}"
 
 
-def header_injectors(remote: RemoteBackend, cluster: str, index: int | None = None) -> list[HttpFilter]:
-    """The injectors of `remote`'s headers from Secrets (served under `cluster`'s names): into
-    the headers themselves, or with `index` into the internal headers of remote `index`."""
+def header_injectors(remote: RemoteBackend, cluster: str, index: int | None = None) -> list[bytes]:
+    """The injectors (encoded `HttpFilter`s) of `remote`'s headers from Secrets (served under
+    `cluster`'s names): into the headers themselves, or with `index` into the internal headers
+    of remote `index`."""
     filters = []
     for header in remote.secret_headers:
         target = header.name if index is None else internal_header(index, header.name)
-        generic = Generic(
-            credential=_sds(header_secret_name(cluster, header.name)),
-            header=target,
-            header_value_prefix=header.prefix,
+        generic = (
+            _GENERIC.credential(_sds(header_secret_name(cluster, header.name)))
+            + _GENERIC.header(target)
+            + _GENERIC.header_value_prefix(header.prefix)
         )
-        filters.append(_injector("envoy.http.injected_credentials.generic", pack(generic)))
+        filters.append(_injector("envoy.http.injected_credentials.generic", _GENERIC_URL, generic))
     return filters
 
 
@@ -160,23 +125,40 @@ def member_credentials(remote: RemoteBackend, cluster: str) -> RemoteCredentials
     return replace(remote_credentials(remote, cluster), cluster_fields=b"")
 
 
-def _sds(name: str) -> SdsSecretConfig:
-    return SdsSecretConfig(name=name, sds_config=ConfigSource.FromString(ADS))
+_SDS = Fields("envoy.extensions.transport_sockets.tls.v3.SdsSecretConfig")
+_SECRET = Fields("envoy.extensions.transport_sockets.tls.v3.Secret")
+_GENERIC_SECRET = Fields("envoy.extensions.transport_sockets.tls.v3.GenericSecret")
+_CERTIFICATE = Fields("envoy.extensions.transport_sockets.tls.v3.TlsCertificate")
+_COMMON_TLS = Fields("envoy.extensions.transport_sockets.tls.v3.CommonTlsContext")
+_DATA = Fields("envoy.config.core.v3.DataSource")
+_URI = Fields("envoy.config.core.v3.HttpUri")
+_EXTENSION = Fields("envoy.config.core.v3.TypedExtensionConfig")
+_INJECTOR = Fields("envoy.extensions.filters.http.credential_injector.v3.CredentialInjector")
+_INJECTOR_URL = "type.googleapis.com/envoy.extensions.filters.http.credential_injector.v3.CredentialInjector"
+_GENERIC = Fields("envoy.extensions.http.injected_credentials.generic.v3.Generic")
+_GENERIC_URL = "type.googleapis.com/envoy.extensions.http.injected_credentials.generic.v3.Generic"
+_OAUTH2 = Fields("envoy.extensions.http.injected_credentials.oauth2.v3.OAuth2")
+_OAUTH2_URL = "type.googleapis.com/envoy.extensions.http.injected_credentials.oauth2.v3.OAuth2"
+_CLIENT = Fields("envoy.extensions.http.injected_credentials.oauth2.v3.OAuth2.ClientCredentials")
+
+
+def _sds(name: str) -> bytes:
+    return _SDS.name(name) + _SDS.sds_config(ADS)
 
 
 def _generic(name: str, value: SecretValue) -> bytes:
-    return encode(
-        Secret(name=name, generic_secret=GenericSecret(secret=DataSource(inline_bytes=value.reveal())))
+    return _SECRET.name(name) + _SECRET.generic_secret(
+        _GENERIC_SECRET.secret(_DATA.inline_bytes(value.reveal()))
     )
 
 
-def _injector(kind: str, config) -> HttpFilter:
+def _injector(kind: str, type_url: str, config: bytes) -> bytes:
     # overwrite: a client's own header of that name never reaches the remote; no credential yet
     # (a token not fetched): the request is refused rather than sent without it.
-    injector = CredentialInjector(
-        overwrite=True, credential=TypedExtensionConfig(name=kind, typed_config=config)
+    injector = _INJECTOR.overwrite(True) + _INJECTOR.credential(
+        _EXTENSION.name(kind) + _EXTENSION.typed_config(wire.any_bytes(type_url, config))
     )
-    return HttpFilter(name=INJECTOR, typed_config=pack(injector))
+    return res.http_filter(INJECTOR, _INJECTOR_URL, injector)
 
 
 def without_credentials(remote: RemoteBackend) -> RemoteBackend:

@@ -31,39 +31,12 @@ from __future__ import annotations
 
 import datetime
 
-from envoy_data_plane.envoy.config.cluster.v3 import (
-    Cluster,
-    ClusterCustomClusterType,
-    ClusterLbPolicy,
-    OutlierDetection,
-)
-from envoy_data_plane.envoy.config.common.mutation_rules.v3 import HeaderMutation as Mutation
-from envoy_data_plane.envoy.config.core.v3 import (
-    DataSource,
-    HeaderValue,
-    HeaderValueOption,
-    HeaderValueOptionHeaderAppendAction,
-    Http1ProtocolOptions,
-    Metadata,
-)
-from envoy_data_plane.envoy.extensions.clusters.aggregate.v3 import ClusterConfig
-from envoy_data_plane.envoy.extensions.filters.http.header_mutation.v3 import HeaderMutation, Mutations
-from envoy_data_plane.envoy.extensions.filters.http.lua.v3 import Lua
-from envoy_data_plane.envoy.extensions.filters.http.upstream_codec.v3 import UpstreamCodec
-from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import HttpFilter
-from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
-    HttpProtocolOptions,
-    HttpProtocolOptionsExplicitHttpConfig,
-)
-from envoy_data_plane.google.protobuf import Struct, Value
-
 from api.crd import RemoteBackend
 from api.desired import ModelRoute, remote_member_name
 from xds import resources as res
+from xds import wire
 from xds.credentials import header_injectors, internal_header, member_credentials, remote_credentials
-from xds.encode import encode, pack
-from xds.fields import Fields
-from xds.types import HTTP_OPTIONS
+from xds.fields import Fields, duration
 
 METADATA = "overspill"  # the endpoint metadata namespace naming which remote an endpoint is
 REMOTE_HEADER = "x-overspill-remote"  # from the metadata to the script; never leaves Envoy
@@ -71,19 +44,22 @@ REMOTE_HEADER = "x-overspill-remote"  # from the metadata to the script; never l
 # two, and tried again 5 s later (10 s, 15 s ... after further ejections, up to a minute).
 # Other 5xx answers eject after Envoy's default of 5 in a row (`consecutive_5xx` is left unset:
 # betterproto2 spells its JSON name wrong, and `overspill render` prints JSON).
-OUTLIER = OutlierDetection(
-    consecutive_gateway_failure=3,
-    enforcing_consecutive_gateway_failure=100,
-    split_external_local_origin_errors=True,
-    consecutive_local_origin_failure=2,
-    enforcing_consecutive_local_origin_failure=100,
-    interval=datetime.timedelta(seconds=1),
-    base_ejection_time=datetime.timedelta(seconds=5),
-    max_ejection_time=datetime.timedelta(seconds=60),
-    max_ejection_percent=100,
+_CLUSTER = Fields("envoy.config.cluster.v3.Cluster")
+_OUTLIER_DETECTION = Fields("envoy.config.cluster.v3.OutlierDetection")
+_UINT32 = Fields("google.protobuf.UInt32Value").value
+BASE_EJECTION_TIME = datetime.timedelta(seconds=5)
+_OUTLIER = _CLUSTER.outlier_detection(
+    _OUTLIER_DETECTION.consecutive_gateway_failure(_UINT32(3))
+    + _OUTLIER_DETECTION.enforcing_consecutive_gateway_failure(_UINT32(100))
+    + _OUTLIER_DETECTION.split_external_local_origin_errors(True)
+    + _OUTLIER_DETECTION.consecutive_local_origin_failure(_UINT32(2))
+    + _OUTLIER_DETECTION.enforcing_consecutive_local_origin_failure(_UINT32(100))
+    + _OUTLIER_DETECTION.interval(duration(datetime.timedelta(seconds=1)))
+    + _OUTLIER_DETECTION.base_ejection_time(duration(BASE_EJECTION_TIME))
+    + _OUTLIER_DETECTION.max_ejection_time(duration(datetime.timedelta(seconds=60)))
+    + _OUTLIER_DETECTION.max_ejection_percent(_UINT32(100))
 )
 _CHOSEN = f"%UPSTREAM_METADATA({METADATA}:remote)%"  # the chosen endpoint's remote index
-_OUTLIER = Fields("envoy.config.cluster.v3.Cluster").outlier_detection(encode(OUTLIER))
 
 # Sets the path prefix and headers of the remote named by REMOTE_HEADER. The original path is kept
 # in the request's dynamic metadata: a retry on the next remote starts from it, not from the
@@ -162,74 +138,84 @@ def member_cluster(name: str, index: int, remote: RemoteBackend) -> bytes:
 
 
 def _tag(index: int) -> bytes:
-    """An endpoint's metadata naming which of the model's remotes it is (encoded)."""
-    tag = Struct(fields={"remote": Value(string_value=str(index))})
-    return encode(Metadata(filter_metadata={METADATA: tag}))
+    """An endpoint's metadata naming which of the model's remotes it is (encoded): the Struct
+    {"remote": "<index>"} under METADATA in `filter_metadata`."""
+    tag = wire.struct_entry("remote", wire.text(3, str(index)))  # Value.string_value
+    return _METADATA.filter_metadata(wire.entry(METADATA, tag))
+
+
+_METADATA = Fields("envoy.config.core.v3.Metadata")
+_CUSTOM = Fields("envoy.config.cluster.v3.Cluster.CustomClusterType")
+_AGGREGATE = Fields("envoy.extensions.clusters.aggregate.v3.ClusterConfig")
+_AGGREGATE_URL = "type.googleapis.com/envoy.extensions.clusters.aggregate.v3.ClusterConfig"
 
 
 def aggregate_cluster(route: ModelRoute, members: list[str]) -> bytes:
     """The model's remote cluster: its remotes in order of preference, the first healthy one
     taking the requests."""
-    cluster = Cluster(
-        name=route.remote_cluster,
-        connect_timeout=res.CONNECT_TIMEOUT,
-        lb_policy=ClusterLbPolicy.CLUSTER_PROVIDED,
-        cluster_type=ClusterCustomClusterType(
-            name="envoy.clusters.aggregate", typed_config=pack(ClusterConfig(clusters=members))
-        ),
+    config = b"".join(_AGGREGATE.clusters(m) for m in members)
+    return custom_cluster(route.remote_cluster, "envoy.clusters.aggregate", _AGGREGATE_URL, config) + (
+        upstream_options(route)
     )
-    options = upstream_options(route)
-    if options is not None:
-        cluster.typed_extension_protocol_options = {HTTP_OPTIONS: pack(options)}
-    return encode(cluster)
 
 
-def upstream_options(route: ModelRoute) -> HttpProtocolOptions | None:
+def custom_cluster(name: str, kind: str, type_url: str, config: bytes) -> bytes:
+    """A cluster of clusters (an aggregate, a composite): `kind` with its config (encoded)
+    picks the cluster behind it for each request."""
+    return (
+        _CLUSTER.name(name)
+        + _CLUSTER.connect_timeout(duration(res.CONNECT_TIMEOUT))
+        + _CLUSTER.lb_policy("CLUSTER_PROVIDED")
+        + _CLUSTER.cluster_type(_CUSTOM.name(kind) + _CUSTOM.typed_config(wire.any_bytes(type_url, config)))
+    )
+
+
+def upstream_options(route: ModelRoute) -> bytes:
     """The upstream filters that give each attempt the rewrites of the remote it is sent to (of
-    an endpoint tagged with its index); an attempt to any other host goes as it came. None when
-    no remote has a path prefix or a header."""
+    an endpoint tagged with its index), as a Cluster field; an attempt to any other host goes as
+    it came. Empty when no remote has a path prefix or a header."""
     script = lua_script(route.remotes)
     if script is None:
-        return None
+        return b""
     injectors = [
         f
         for i, (name, remote) in enumerate(zip(remote_names(route), route.remotes, strict=True))
         for f in header_injectors(remote, name, i)
     ]
-    return _upstream_filters(script, injectors)
+    return res.upstream_filters([_MARK, *injectors, _lua_filter(script)])
 
 
-def _upstream_filters(script: str, injectors: list[HttpFilter]) -> HttpProtocolOptions:
-    """The chosen remote's index, from its endpoint's metadata, into a header the script reads;
-    then each remote's headers from Secrets into its internal headers (overwriting any a client
-    sent), which the script moves or removes."""
-    mark = HeaderMutation(
-        mutations=Mutations(
-            request_mutations=[
-                Mutation(
-                    append=HeaderValueOption(
-                        header=HeaderValue(
-                            key=REMOTE_HEADER, value=f"%UPSTREAM_METADATA({METADATA}:remote)%"
-                        ),
-                        append_action=HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD,
-                    )
-                )
-            ]
+_HEADER_OPTION, _HEADER = (
+    Fields("envoy.config.core.v3.HeaderValueOption"),
+    Fields("envoy.config.core.v3.HeaderValue"),
+)
+_MUTATION = Fields("envoy.config.common.mutation_rules.v3.HeaderMutation")
+_MUTATIONS = Fields("envoy.extensions.filters.http.header_mutation.v3.Mutations")
+_HEADER_MUTATION = Fields("envoy.extensions.filters.http.header_mutation.v3.HeaderMutation")
+# The chosen remote's index, from its endpoint's metadata, into a header the script reads; each
+# remote's headers from Secrets then go into its internal headers (overwriting any a client
+# sent), which the script moves or removes.
+_MARK = res.http_filter(
+    "envoy.filters.http.header_mutation",
+    "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+    _HEADER_MUTATION.mutations(
+        _MUTATIONS.request_mutations(
+            _MUTATION.append(
+                _HEADER_OPTION.header(_HEADER.key(REMOTE_HEADER) + _HEADER.value(_CHOSEN))
+                + _HEADER_OPTION.append_action("OVERWRITE_IF_EXISTS_OR_ADD")
+            )
         )
-    )
-    return HttpProtocolOptions(
-        explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
-            http_protocol_options=Http1ProtocolOptions()
-        ),
-        http_filters=[
-            HttpFilter(name="envoy.filters.http.header_mutation", typed_config=pack(mark)),
-            *injectors,
-            HttpFilter(
-                name="envoy.filters.http.lua",
-                typed_config=pack(Lua(default_source_code=DataSource(inline_string=script))),
-            ),
-            HttpFilter(name="envoy.filters.http.upstream_codec", typed_config=pack(UpstreamCodec())),
-        ],
+    ),
+)
+_LUA = Fields("envoy.extensions.filters.http.lua.v3.Lua")
+
+
+def _lua_filter(script: str) -> bytes:
+    source = Fields("envoy.config.core.v3.DataSource").inline_string(script)
+    return res.http_filter(
+        "envoy.filters.http.lua",
+        "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+        _LUA.default_source_code(source),
     )
 
 

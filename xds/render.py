@@ -15,10 +15,19 @@ import envoy_data_plane.envoy.config.cluster.v3  # noqa: F401
 import envoy_data_plane.envoy.config.endpoint.v3  # noqa: F401
 import envoy_data_plane.envoy.config.listener.v3  # noqa: F401
 import envoy_data_plane.envoy.config.route.v3  # noqa: F401
+import envoy_data_plane.envoy.extensions.clusters.aggregate.v3  # noqa: F401
+import envoy_data_plane.envoy.extensions.clusters.composite.v3  # noqa: F401
+import envoy_data_plane.envoy.extensions.filters.http.credential_injector.v3  # noqa: F401
+import envoy_data_plane.envoy.extensions.filters.http.header_mutation.v3  # noqa: F401
+import envoy_data_plane.envoy.extensions.filters.http.lua.v3  # noqa: F401
 import envoy_data_plane.envoy.extensions.filters.http.router.v3  # noqa: F401
+import envoy_data_plane.envoy.extensions.filters.http.upstream_codec.v3  # noqa: F401
 import envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3  # noqa: F401
+import envoy_data_plane.envoy.extensions.http.injected_credentials.generic.v3  # noqa: F401
+import envoy_data_plane.envoy.extensions.http.injected_credentials.oauth2.v3  # noqa: F401
 import envoy_data_plane.envoy.extensions.retry.priority.previous_priorities.v3  # noqa: F401
 import envoy_data_plane.envoy.extensions.transport_sockets.tls.v3  # noqa: F401
+import envoy_data_plane.envoy.extensions.upstreams.http.v3  # noqa: F401
 import envoy_data_plane.envoy.service.runtime.v3  # noqa: F401
 from envoy_data_plane.envoy.config.cluster.v3 import Cluster
 from envoy_data_plane.envoy.config.listener.v3 import Listener

@@ -25,7 +25,7 @@ from api.crd import RemoteBackend
 from api.desired import ModelRoute, virtual_host_name
 from xds import wire
 from xds.fields import Fields, duration
-from xds.types import ADS
+from xds.types import ADS, HTTP_OPTIONS
 
 LISTENER_NAME = "overspill_http"
 ROUTE_CONFIG_NAME = "overspill_routes"  # the one inline route configuration of a static bootstrap
@@ -363,6 +363,31 @@ def _not_served() -> bytes:
 _HTTP = Fields(_HCM + "HttpConnectionManager")
 _HTTP_FILTER = Fields(_HCM + "HttpFilter")
 _ROUTER_URL = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+
+
+def http_filter(name: str, type_url: str, config: bytes = b"") -> bytes:
+    """An `HttpFilter` (encoded) with its typed config (encoded, of type `type_url`)."""
+    return _HTTP_FILTER.name(name) + _HTTP_FILTER.typed_config(wire.any_bytes(type_url, config))
+
+
+_UPSTREAM = Fields(HTTP_OPTIONS)
+_EXPLICIT = Fields(HTTP_OPTIONS + ".ExplicitHttpConfig")
+_CODEC = http_filter(
+    "envoy.filters.http.upstream_codec",
+    "type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec",
+)
+
+
+def upstream_filters(filters: Iterable[bytes]) -> bytes:
+    """The Cluster field that runs HTTP `filters` (encoded) on each attempt to its hosts (as
+    HTTP/1.1), before the upstream codec: its `typed_extension_protocol_options` entry."""
+    options = _UPSTREAM.explicit_http_config(_EXPLICIT.http_protocol_options(b"")) + b"".join(
+        _UPSTREAM.http_filters(f) for f in (*filters, _CODEC)
+    )
+    entry = wire.entry(HTTP_OPTIONS, wire.any_bytes("type.googleapis.com/" + HTTP_OPTIONS, options))
+    return _CLUSTER.typed_extension_protocol_options(entry)
+
+
 _LISTENER = Fields("envoy.config.listener.v3.Listener")
 _CHAIN, _FILTER = Fields("envoy.config.listener.v3.FilterChain"), Fields("envoy.config.listener.v3.Filter")
 _HCM_URL = "type.googleapis.com/" + _HCM + "HttpConnectionManager"
@@ -371,9 +396,7 @@ _HCM_URL = "type.googleapis.com/" + _HCM + "HttpConnectionManager"
 def listener(address: str, port: int, inline_routes: bytes | None = None) -> bytes:
     """The HTTP listener: scoped routes over ADS, or (a static bootstrap) one inline route
     configuration (encoded, see `route_configuration`)."""
-    router = _HTTP_FILTER.name("envoy.filters.http.router") + _HTTP_FILTER.typed_config(
-        wire.any_bytes(_ROUTER_URL, b"")
-    )
+    router = http_filter("envoy.filters.http.router", _ROUTER_URL)
     hcm = _HTTP.stat_prefix(STAT_PREFIX) + _HTTP.http_filters(router)
     if inline_routes is not None:
         hcm += _HTTP.route_config(inline_routes)

@@ -23,6 +23,20 @@ MESSAGES: dict[str, dict[str, tuple[int, str, bool, bool]]] = {
     'envoy.config.accesslog.v3.ResponseFlagFilter': {
         'flags': (1, 'string', False, True),
     },
+    'envoy.config.cluster.v3.CircuitBreakers': {
+        'thresholds': (1, 'message', False, True),
+        'per_host_thresholds': (2, 'message', False, True),
+    },
+    'envoy.config.cluster.v3.CircuitBreakers.Thresholds': {
+        'priority': (1, 'enum', False, False),
+        'max_connections': (2, 'message', True, False),
+        'max_pending_requests': (3, 'message', True, False),
+        'max_requests': (4, 'message', True, False),
+        'max_retries': (5, 'message', True, False),
+        'retry_budget': (8, 'message', True, False),
+        'track_remaining': (6, 'bool', False, False),
+        'max_connection_pools': (7, 'message', True, False),
+    },
     'envoy.config.cluster.v3.Cluster': {
         'transport_socket_matches': (43, 'message', False, True),
         'transport_socket_matcher': (59, 'message', True, False),
@@ -80,9 +94,46 @@ MESSAGES: dict[str, dict[str, tuple[int, str, bool, bool]]] = {
         'preconnect_policy': (50, 'message', True, False),
         'connection_pool_per_downstream_connection': (51, 'bool', False, False),
     },
+    'envoy.config.cluster.v3.Cluster.CustomClusterType': {
+        'name': (1, 'string', False, False),
+        'typed_config': (2, 'message', True, False),
+    },
     'envoy.config.cluster.v3.Cluster.EdsClusterConfig': {
         'eds_config': (1, 'message', True, False),
         'service_name': (2, 'string', False, False),
+    },
+    'envoy.config.cluster.v3.OutlierDetection': {
+        'consecutive_5xx': (1, 'message', True, False),
+        'interval': (2, 'message', True, False),
+        'base_ejection_time': (3, 'message', True, False),
+        'max_ejection_percent': (4, 'message', True, False),
+        'enforcing_consecutive_5xx': (5, 'message', True, False),
+        'enforcing_success_rate': (6, 'message', True, False),
+        'success_rate_minimum_hosts': (7, 'message', True, False),
+        'success_rate_request_volume': (8, 'message', True, False),
+        'success_rate_stdev_factor': (9, 'message', True, False),
+        'consecutive_gateway_failure': (10, 'message', True, False),
+        'enforcing_consecutive_gateway_failure': (11, 'message', True, False),
+        'split_external_local_origin_errors': (12, 'bool', False, False),
+        'consecutive_local_origin_failure': (13, 'message', True, False),
+        'enforcing_consecutive_local_origin_failure': (14, 'message', True, False),
+        'enforcing_local_origin_success_rate': (15, 'message', True, False),
+        'failure_percentage_threshold': (16, 'message', True, False),
+        'enforcing_failure_percentage': (17, 'message', True, False),
+        'enforcing_failure_percentage_local_origin': (18, 'message', True, False),
+        'failure_percentage_minimum_hosts': (19, 'message', True, False),
+        'failure_percentage_request_volume': (20, 'message', True, False),
+        'max_ejection_time': (21, 'message', True, False),
+        'max_ejection_time_jitter': (22, 'message', True, False),
+        'successful_active_health_check_uneject_host': (23, 'message', True, False),
+        'monitors': (24, 'message', False, True),
+        'always_eject_one_host': (25, 'message', True, False),
+        'detect_degraded_hosts': (26, 'message', True, False),
+    },
+    'envoy.config.common.mutation_rules.v3.HeaderMutation': {
+        'remove': (1, 'string', True, False),
+        'append': (2, 'message', True, False),
+        'remove_on_match': (3, 'message', True, False),
     },
     'envoy.config.core.v3.Address': {
         'socket_address': (1, 'message', True, False),
@@ -119,6 +170,15 @@ MESSAGES: dict[str, dict[str, tuple[int, str, bool, bool]]] = {
         'append_action': (3, 'enum', False, False),
         'keep_empty_value': (4, 'bool', False, False),
     },
+    'envoy.config.core.v3.HttpUri': {
+        'uri': (1, 'string', False, False),
+        'cluster': (2, 'string', True, False),
+        'timeout': (3, 'message', True, False),
+    },
+    'envoy.config.core.v3.Metadata': {
+        'filter_metadata': (1, 'map', False, False),
+        'typed_filter_metadata': (2, 'map', False, False),
+    },
     'envoy.config.core.v3.Node': {
         'id': (1, 'string', False, False),
         'cluster': (2, 'string', False, False),
@@ -148,6 +208,10 @@ MESSAGES: dict[str, dict[str, tuple[int, str, bool, bool]]] = {
     'envoy.config.core.v3.TransportSocket': {
         'name': (1, 'string', False, False),
         'typed_config': (3, 'message', True, False),
+    },
+    'envoy.config.core.v3.TypedExtensionConfig': {
+        'name': (1, 'string', False, False),
+        'typed_config': (2, 'message', True, False),
     },
     'envoy.config.endpoint.v3.ClusterLoadAssignment': {
         'cluster_name': (1, 'string', False, False),
@@ -394,6 +458,38 @@ MESSAGES: dict[str, dict[str, tuple[int, str, bool, bool]]] = {
         'request_mirror_policies': (22, 'message', False, True),
         'metadata': (24, 'message', True, False),
     },
+    'envoy.extensions.clusters.aggregate.v3.ClusterConfig': {
+        'clusters': (1, 'string', False, True),
+    },
+    'envoy.extensions.clusters.composite.v3.ClusterConfig': {
+        'clusters': (1, 'message', False, True),
+    },
+    'envoy.extensions.clusters.composite.v3.ClusterConfig.ClusterEntry': {
+        'name': (1, 'string', False, False),
+    },
+    'envoy.extensions.filters.http.credential_injector.v3.CredentialInjector': {
+        'overwrite': (1, 'bool', False, False),
+        'allow_request_without_credential': (2, 'bool', False, False),
+        'credential': (3, 'message', True, False),
+    },
+    'envoy.extensions.filters.http.header_mutation.v3.HeaderMutation': {
+        'mutations': (1, 'message', True, False),
+        'most_specific_header_mutations_wins': (2, 'bool', False, False),
+    },
+    'envoy.extensions.filters.http.header_mutation.v3.Mutations': {
+        'request_mutations': (1, 'message', False, True),
+        'query_parameter_mutations': (3, 'message', False, True),
+        'response_mutations': (2, 'message', False, True),
+        'response_trailers_mutations': (4, 'message', False, True),
+        'request_trailers_mutations': (5, 'message', False, True),
+    },
+    'envoy.extensions.filters.http.lua.v3.Lua': {
+        'inline_code': (1, 'string', False, False),
+        'source_codes': (2, 'map', False, False),
+        'default_source_code': (3, 'message', True, False),
+        'stat_prefix': (4, 'string', False, False),
+        'clear_route_cache': (5, 'message', True, False),
+    },
     'envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager': {
         'codec_type': (1, 'enum', False, False),
         'stat_prefix': (2, 'string', False, False),
@@ -497,6 +593,23 @@ MESSAGES: dict[str, dict[str, tuple[int, str, bool, bool]]] = {
         'index': (3, 'uint32', True, False),
         'element': (4, 'message', True, False),
     },
+    'envoy.extensions.http.injected_credentials.generic.v3.Generic': {
+        'credential': (1, 'message', True, False),
+        'header': (2, 'string', False, False),
+        'header_value_prefix': (3, 'string', False, False),
+    },
+    'envoy.extensions.http.injected_credentials.oauth2.v3.OAuth2': {
+        'token_endpoint': (1, 'message', True, False),
+        'scopes': (2, 'string', False, True),
+        'client_credentials': (3, 'message', True, False),
+        'token_fetch_retry_interval': (4, 'message', True, False),
+        'endpoint_params': (5, 'message', False, True),
+    },
+    'envoy.extensions.http.injected_credentials.oauth2.v3.OAuth2.ClientCredentials': {
+        'client_id': (1, 'string', False, False),
+        'client_secret': (2, 'message', True, False),
+        'auth_type': (3, 'enum', False, False),
+    },
     'envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig': {
         'update_frequency': (1, 'int32', False, False),
     },
@@ -535,10 +648,35 @@ MESSAGES: dict[str, dict[str, tuple[int, str, bool, bool]]] = {
         'custom_handshaker': (13, 'message', True, False),
         'key_log': (15, 'message', True, False),
     },
+    'envoy.extensions.transport_sockets.tls.v3.GenericSecret': {
+        'secret': (1, 'message', True, False),
+        'secrets': (2, 'map', False, False),
+    },
+    'envoy.extensions.transport_sockets.tls.v3.SdsSecretConfig': {
+        'name': (1, 'string', False, False),
+        'sds_config': (2, 'message', True, False),
+    },
+    'envoy.extensions.transport_sockets.tls.v3.Secret': {
+        'name': (1, 'string', False, False),
+        'tls_certificate': (2, 'message', True, False),
+        'session_ticket_keys': (3, 'message', True, False),
+        'validation_context': (4, 'message', True, False),
+        'generic_secret': (5, 'message', True, False),
+    },
     'envoy.extensions.transport_sockets.tls.v3.SubjectAltNameMatcher': {
         'san_type': (1, 'enum', False, False),
         'matcher': (2, 'message', True, False),
         'oid': (3, 'string', False, False),
+    },
+    'envoy.extensions.transport_sockets.tls.v3.TlsCertificate': {
+        'certificate_chain': (1, 'message', True, False),
+        'private_key': (2, 'message', True, False),
+        'pkcs12': (8, 'message', True, False),
+        'watched_directory': (7, 'message', True, False),
+        'private_key_provider': (6, 'message', True, False),
+        'password': (3, 'message', True, False),
+        'ocsp_staple': (4, 'message', True, False),
+        'signed_certificate_timestamp': (5, 'message', False, True),
     },
     'envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext': {
         'common_tls_context': (1, 'message', True, False),
@@ -548,6 +686,24 @@ MESSAGES: dict[str, dict[str, tuple[int, str, bool, bool]]] = {
         'allow_renegotiation': (3, 'bool', False, False),
         'max_session_keys': (4, 'message', True, False),
         'enforce_rsa_key_usage': (5, 'message', True, False),
+    },
+    'envoy.extensions.upstreams.http.v3.HttpProtocolOptions': {
+        'common_http_protocol_options': (1, 'message', True, False),
+        'upstream_http_protocol_options': (2, 'message', True, False),
+        'explicit_http_config': (3, 'message', True, False),
+        'use_downstream_protocol_config': (4, 'message', True, False),
+        'auto_config': (5, 'message', True, False),
+        'http_filters': (6, 'message', False, True),
+        'header_validation_config': (7, 'message', True, False),
+        'outlier_detection': (8, 'message', True, False),
+        'request_mirror_policies': (9, 'message', False, True),
+        'hash_policy': (10, 'message', False, True),
+        'retry_policy': (11, 'message', True, False),
+    },
+    'envoy.extensions.upstreams.http.v3.HttpProtocolOptions.ExplicitHttpConfig': {
+        'http_protocol_options': (1, 'message', True, False),
+        'http2_protocol_options': (2, 'message', True, False),
+        'http3_protocol_options': (3, 'message', True, False),
     },
     'envoy.service.load_stats.v3.LoadStatsResponse': {
         'clusters': (1, 'string', False, True),
@@ -583,6 +739,7 @@ MESSAGES: dict[str, dict[str, tuple[int, str, bool, bool]]] = {
     },
 }
 ENUMS: dict[str, dict[str, int]] = {
+    'envoy.config.cluster.v3.CircuitBreakers.Thresholds.priority': {'DEFAULT': 0, 'HIGH': 1},
     'envoy.config.cluster.v3.Cluster.type': {'STATIC': 0, 'STRICT_DNS': 1, 'LOGICAL_DNS': 2, 'EDS': 3, 'ORIGINAL_DST': 4},
     'envoy.config.cluster.v3.Cluster.lb_policy': {'ROUND_ROBIN': 0, 'LEAST_REQUEST': 1, 'RING_HASH': 2, 'RANDOM': 3, 'MAGLEV': 5, 'CLUSTER_PROVIDED': 6, 'LOAD_BALANCING_POLICY_CONFIG': 7},
     'envoy.config.cluster.v3.Cluster.dns_lookup_family': {'AUTO': 0, 'V4_ONLY': 1, 'V6_ONLY': 2, 'V4_PREFERRED': 3, 'ALL': 4},
@@ -601,6 +758,7 @@ ENUMS: dict[str, dict[str, int]] = {
     'envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager.server_header_transformation': {'OVERWRITE': 0, 'APPEND_IF_ABSENT': 1, 'PASS_THROUGH': 2},
     'envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager.forward_client_cert_details': {'SANITIZE': 0, 'FORWARD_ONLY': 1, 'APPEND_FORWARD': 2, 'SANITIZE_SET': 3, 'ALWAYS_FORWARD_ONLY': 4},
     'envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager.path_with_escaped_slashes_action': {'IMPLEMENTATION_SPECIFIC_DEFAULT': 0, 'KEEP_UNCHANGED': 1, 'REJECT_REQUEST': 2, 'UNESCAPE_AND_REDIRECT': 3, 'UNESCAPE_AND_FORWARD': 4},
+    'envoy.extensions.http.injected_credentials.oauth2.v3.OAuth2.ClientCredentials.auth_type': {'BASIC_AUTH': 0, 'URL_ENCODED_BODY': 1},
     'envoy.extensions.transport_sockets.tls.v3.CertificateValidationContext.trust_chain_verification': {'VERIFY_TRUST_CHAIN': 0, 'ACCEPT_UNTRUSTED': 1},
     'envoy.extensions.transport_sockets.tls.v3.SubjectAltNameMatcher.san_type': {'SAN_TYPE_UNSPECIFIED': 0, 'EMAIL': 1, 'DNS': 2, 'URI': 3, 'IP_ADDRESS': 4, 'OTHER_NAME': 5},
     'envoy.type.v3.FractionalPercent.denominator': {'HUNDRED': 0, 'TEN_THOUSAND': 1, 'MILLION': 2},

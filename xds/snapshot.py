@@ -12,10 +12,11 @@ from collections.abc import Callable
 from typing import Any
 
 from api.desired import ModelKey, ModelRoute
+from xds import failover, runtime, spillover
 from xds import resources as res
-from xds import runtime
 from xds.bundle import Deferred, ModelBundle, Resource
 from xds.cache import ResourceCache
+from xds.credentials import remote_credentials
 from xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE, SCOPED_ROUTE, SECRET
 
 
@@ -136,15 +137,6 @@ def _remote_parts(r: ModelRoute) -> tuple[list[Resource], tuple[Resource, ...]]:
     """The remote side's clusters (`failover`, `spillover`), with each remote's credentials:
     their secrets, named after its cluster, and the cluster of its OAuth2 token endpoint (one
     remote with spill-over off only: see `api.crd`)."""
-    if not r.remotes:
-        return [], ()
-    if len(r.remotes) == 1 and r.spillover is None and not r.remotes[0].has_credentials:
-        return [Resource.of(CLUSTER, r.remote_cluster, res.remote_cluster(r))], ()
-    # Built from envoy-data-plane's typed messages, imported only once a model needs them:
-    # they cost half a second of every start.
-    from xds import failover, spillover
-    from xds.credentials import remote_credentials
-
     clusters = [
         Resource.of(CLUSTER, n, body) for n, body in failover.remote_clusters(r) + spillover.clusters(r)
     ]

@@ -21,22 +21,19 @@ it came, with no remote's credentials (the script removes what the injectors put
 
 from __future__ import annotations
 
-from envoy_data_plane.envoy.config.cluster.v3 import (
-    CircuitBreakers,
-    CircuitBreakersThresholds,
-    Cluster,
-    ClusterCustomClusterType,
-    ClusterLbPolicy,
-)
-from envoy_data_plane.envoy.extensions.clusters.composite.v3 import ClusterConfig, ClusterConfigClusterEntry
-
 from api.desired import ModelRoute
 from xds import failover
 from xds import resources as res
-from xds.encode import encode, pack
-from xds.types import HTTP_OPTIONS
+from xds.fields import Fields
 
 COMPOSITE = "envoy.clusters.composite"
+_COMPOSITE_URL = "type.googleapis.com/envoy.extensions.clusters.composite.v3.ClusterConfig"
+_COMPOSITE = Fields("envoy.extensions.clusters.composite.v3.ClusterConfig")
+_ENTRY = Fields("envoy.extensions.clusters.composite.v3.ClusterConfig.ClusterEntry")
+_CLUSTER = Fields("envoy.config.cluster.v3.Cluster")
+_BREAKERS = Fields("envoy.config.cluster.v3.CircuitBreakers")
+_THRESHOLDS = Fields("envoy.config.cluster.v3.CircuitBreakers.Thresholds")
+_UINT32 = Fields("google.protobuf.UInt32Value").value
 
 
 def composite_cluster(route: ModelRoute) -> bytes:
@@ -45,26 +42,16 @@ def composite_cluster(route: ModelRoute) -> bytes:
     router records them for the cluster the route names)."""
     spill = route.spillover
     assert spill is not None and route.remote is not None
-    config = ClusterConfig(
-        clusters=[
-            ClusterConfigClusterEntry(name=route.local_cluster),
-            ClusterConfigClusterEntry(name=route.remote_cluster),
-        ]
+    config = _COMPOSITE.clusters(_ENTRY.name(route.local_cluster)) + _COMPOSITE.clusters(
+        _ENTRY.name(route.remote_cluster)
     )
-    cluster = Cluster(
-        name=route.spillover_cluster,
-        connect_timeout=res.CONNECT_TIMEOUT,
-        lb_policy=ClusterLbPolicy.CLUSTER_PROVIDED,
-        cluster_type=ClusterCustomClusterType(name=COMPOSITE, typed_config=pack(config)),
-        circuit_breakers=CircuitBreakers(
-            thresholds=[CircuitBreakersThresholds(max_retries=spill.max_retries)]
-        ),
-        lrs_report_endpoint_metrics=res.LRS_ORCA,
+    budget = _BREAKERS.thresholds(_THRESHOLDS.max_retries(_UINT32(spill.max_retries)))
+    return (
+        failover.custom_cluster(route.spillover_cluster, COMPOSITE, _COMPOSITE_URL, config)
+        + _CLUSTER.circuit_breakers(budget)
+        + b"".join(_CLUSTER.lrs_report_endpoint_metrics(m) for m in res.LRS_ORCA)
+        + failover.upstream_options(route)
     )
-    options = failover.upstream_options(route)
-    if options is not None:
-        cluster.typed_extension_protocol_options = {HTTP_OPTIONS: pack(options)}
-    return encode(cluster)
 
 
 def clusters(route: ModelRoute) -> list[tuple[str, bytes]]:

@@ -128,9 +128,14 @@ def fixed64_double(number: int, value: float) -> bytes:
     return varint(number << 3 | 1) + struct.pack("<d", value)
 
 
+def entry(key: str, value: bytes) -> bytes:
+    """A map entry with a string key and a message (or bytes) value, without its field tag."""
+    return text(1, key) + field(2, value)
+
+
 def struct_entry(key: str, value: bytes) -> bytes:
     """One `google.protobuf.Struct.fields` map entry; `value` is a serialized `Value`."""
-    return field(1, text(1, key) + field(2, value))
+    return field(1, entry(key, value))
 
 
 def fractional_percent_value(numerator: int, denominator: str = "MILLION") -> bytes:
