@@ -20,7 +20,6 @@ from dataclasses import replace
 from api.crd import RemoteBackend
 from api.credentials import TLS_CERT, TLS_KEY, SecretValue
 from xds import resources as res
-from xds import wire
 from xds.fields import Fields, duration
 from xds.resources import NONE, RemoteCredentials
 from xds.types import ADS
@@ -80,7 +79,7 @@ def remote_credentials(remote: RemoteBackend, cluster: str) -> RemoteCredentials
             + b"".join(_OAUTH2.scopes(scope) for scope in oauth.scopes)
             + _OAUTH2.client_credentials(client)
         )
-        filters.append(_injector("envoy.http.injected_credentials.oauth2", _OAUTH2_URL, config))
+        filters.append(_injector("envoy.http.injected_credentials.oauth2", _OAUTH2.pack(config)))
     tls = b""
     if remote.client_certificate is not None:
         name, ref = certificate_secret_name(cluster), remote.client_certificate
@@ -114,7 +113,7 @@ def header_injectors(remote: RemoteBackend, cluster: str, index: int | None = No
             + _GENERIC.header(target)
             + _GENERIC.header_value_prefix(header.prefix)
         )
-        filters.append(_injector("envoy.http.injected_credentials.generic", _GENERIC_URL, generic))
+        filters.append(_injector("envoy.http.injected_credentials.generic", _GENERIC.pack(generic)))
     return filters
 
 
@@ -134,11 +133,8 @@ _DATA = Fields("envoy.config.core.v3.DataSource")
 _URI = Fields("envoy.config.core.v3.HttpUri")
 _EXTENSION = Fields("envoy.config.core.v3.TypedExtensionConfig")
 _INJECTOR = Fields("envoy.extensions.filters.http.credential_injector.v3.CredentialInjector")
-_INJECTOR_URL = "type.googleapis.com/envoy.extensions.filters.http.credential_injector.v3.CredentialInjector"
 _GENERIC = Fields("envoy.extensions.http.injected_credentials.generic.v3.Generic")
-_GENERIC_URL = "type.googleapis.com/envoy.extensions.http.injected_credentials.generic.v3.Generic"
 _OAUTH2 = Fields("envoy.extensions.http.injected_credentials.oauth2.v3.OAuth2")
-_OAUTH2_URL = "type.googleapis.com/envoy.extensions.http.injected_credentials.oauth2.v3.OAuth2"
 _CLIENT = Fields("envoy.extensions.http.injected_credentials.oauth2.v3.OAuth2.ClientCredentials")
 
 
@@ -152,13 +148,13 @@ def _generic(name: str, value: SecretValue) -> bytes:
     )
 
 
-def _injector(kind: str, type_url: str, config: bytes) -> bytes:
+def _injector(kind: str, config: bytes) -> bytes:
     # overwrite: a client's own header of that name never reaches the remote; no credential yet
     # (a token not fetched): the request is refused rather than sent without it.
     injector = _INJECTOR.overwrite(True) + _INJECTOR.credential(
-        _EXTENSION.name(kind) + _EXTENSION.typed_config(wire.any_bytes(type_url, config))
+        _EXTENSION.name(kind) + _EXTENSION.typed_config(config)
     )
-    return res.http_filter(INJECTOR, _INJECTOR_URL, injector)
+    return res.http_filter(INJECTOR, _INJECTOR.pack(injector))
 
 
 def without_credentials(remote: RemoteBackend) -> RemoteBackend:

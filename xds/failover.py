@@ -36,7 +36,7 @@ from api.desired import ModelRoute, remote_member_name
 from xds import resources as res
 from xds import wire
 from xds.credentials import header_injectors, internal_header, member_credentials, remote_credentials
-from xds.fields import Fields, duration
+from xds.fields import Fields, duration, uint32
 
 METADATA = "overspill"  # the endpoint metadata namespace naming which remote an endpoint is
 REMOTE_HEADER = "x-overspill-remote"  # from the metadata to the script; never leaves Envoy
@@ -46,18 +46,17 @@ REMOTE_HEADER = "x-overspill-remote"  # from the metadata to the script; never l
 # betterproto2 spells its JSON name wrong, and `overspill render` prints JSON).
 _CLUSTER = Fields("envoy.config.cluster.v3.Cluster")
 _OUTLIER_DETECTION = Fields("envoy.config.cluster.v3.OutlierDetection")
-_UINT32 = Fields("google.protobuf.UInt32Value").value
 BASE_EJECTION_TIME = datetime.timedelta(seconds=5)
 _OUTLIER = _CLUSTER.outlier_detection(
-    _OUTLIER_DETECTION.consecutive_gateway_failure(_UINT32(3))
-    + _OUTLIER_DETECTION.enforcing_consecutive_gateway_failure(_UINT32(100))
+    _OUTLIER_DETECTION.consecutive_gateway_failure(uint32(3))
+    + _OUTLIER_DETECTION.enforcing_consecutive_gateway_failure(uint32(100))
     + _OUTLIER_DETECTION.split_external_local_origin_errors(True)
-    + _OUTLIER_DETECTION.consecutive_local_origin_failure(_UINT32(2))
-    + _OUTLIER_DETECTION.enforcing_consecutive_local_origin_failure(_UINT32(100))
+    + _OUTLIER_DETECTION.consecutive_local_origin_failure(uint32(2))
+    + _OUTLIER_DETECTION.enforcing_consecutive_local_origin_failure(uint32(100))
     + _OUTLIER_DETECTION.interval(duration(datetime.timedelta(seconds=1)))
     + _OUTLIER_DETECTION.base_ejection_time(duration(BASE_EJECTION_TIME))
     + _OUTLIER_DETECTION.max_ejection_time(duration(datetime.timedelta(seconds=60)))
-    + _OUTLIER_DETECTION.max_ejection_percent(_UINT32(100))
+    + _OUTLIER_DETECTION.max_ejection_percent(uint32(100))
 )
 _CHOSEN = f"%UPSTREAM_METADATA({METADATA}:remote)%"  # the chosen endpoint's remote index
 
@@ -147,26 +146,25 @@ def _tag(index: int) -> bytes:
 _METADATA = Fields("envoy.config.core.v3.Metadata")
 _CUSTOM = Fields("envoy.config.cluster.v3.Cluster.CustomClusterType")
 _AGGREGATE = Fields("envoy.extensions.clusters.aggregate.v3.ClusterConfig")
-_AGGREGATE_URL = "type.googleapis.com/envoy.extensions.clusters.aggregate.v3.ClusterConfig"
 
 
 def aggregate_cluster(route: ModelRoute, members: list[str]) -> bytes:
     """The model's remote cluster: its remotes in order of preference, the first healthy one
     taking the requests."""
     config = b"".join(_AGGREGATE.clusters(m) for m in members)
-    return custom_cluster(route.remote_cluster, "envoy.clusters.aggregate", _AGGREGATE_URL, config) + (
+    return custom_cluster(route.remote_cluster, "envoy.clusters.aggregate", _AGGREGATE.pack(config)) + (
         upstream_options(route)
     )
 
 
-def custom_cluster(name: str, kind: str, type_url: str, config: bytes) -> bytes:
-    """A cluster of clusters (an aggregate, a composite): `kind` with its config (encoded)
-    picks the cluster behind it for each request."""
+def custom_cluster(name: str, kind: str, config: bytes) -> bytes:
+    """A cluster of clusters (an aggregate, a composite): `kind` with its config (an encoded
+    `Any`) picks the cluster behind it for each request."""
     return (
         _CLUSTER.name(name)
         + _CLUSTER.connect_timeout(duration(res.CONNECT_TIMEOUT))
         + _CLUSTER.lb_policy("CLUSTER_PROVIDED")
-        + _CLUSTER.cluster_type(_CUSTOM.name(kind) + _CUSTOM.typed_config(wire.any_bytes(type_url, config)))
+        + _CLUSTER.cluster_type(_CUSTOM.name(kind) + _CUSTOM.typed_config(config))
     )
 
 
@@ -197,26 +195,23 @@ _HEADER_MUTATION = Fields("envoy.extensions.filters.http.header_mutation.v3.Head
 # sent), which the script moves or removes.
 _MARK = res.http_filter(
     "envoy.filters.http.header_mutation",
-    "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
-    _HEADER_MUTATION.mutations(
-        _MUTATIONS.request_mutations(
-            _MUTATION.append(
-                _HEADER_OPTION.header(_HEADER.key(REMOTE_HEADER) + _HEADER.value(_CHOSEN))
-                + _HEADER_OPTION.append_action("OVERWRITE_IF_EXISTS_OR_ADD")
+    _HEADER_MUTATION.pack(
+        _HEADER_MUTATION.mutations(
+            _MUTATIONS.request_mutations(
+                _MUTATION.append(
+                    _HEADER_OPTION.header(_HEADER.key(REMOTE_HEADER) + _HEADER.value(_CHOSEN))
+                    + _HEADER_OPTION.append_action("OVERWRITE_IF_EXISTS_OR_ADD")
+                )
             )
         )
     ),
 )
-_LUA = Fields("envoy.extensions.filters.http.lua.v3.Lua")
+_LUA, _DATA = Fields("envoy.extensions.filters.http.lua.v3.Lua"), Fields("envoy.config.core.v3.DataSource")
 
 
 def _lua_filter(script: str) -> bytes:
-    source = Fields("envoy.config.core.v3.DataSource").inline_string(script)
-    return res.http_filter(
-        "envoy.filters.http.lua",
-        "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
-        _LUA.default_source_code(source),
-    )
+    source = _LUA.default_source_code(_DATA.inline_string(script))
+    return res.http_filter("envoy.filters.http.lua", _LUA.pack(source))
 
 
 def lua_script(remotes: tuple[RemoteBackend, ...]) -> str | None:

@@ -71,6 +71,8 @@ MESSAGES = (
     "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
     "envoy.extensions.filters.http.header_mutation.v3.Mutations",
     "envoy.extensions.filters.http.lua.v3.Lua",
+    "envoy.extensions.filters.http.router.v3.Router",
+    "envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec",
     "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
     "envoy.extensions.filters.network.http_connection_manager.v3.HttpFilter",
     "envoy.extensions.filters.network.http_connection_manager.v3.LocalReplyConfig",
@@ -117,6 +119,11 @@ class Fields:
     def __init__(self, message: str):
         self._type = message
         self._meta = schema.MESSAGES[message]
+        self._url = "type.googleapis.com/" + message
+
+    def pack(self, body: bytes) -> bytes:
+        """A `google.protobuf.Any` holding `body`, an encoded message of this type."""
+        return wire.any_bytes(self._url, body)
 
     def __getattr__(self, name: str) -> Callable[[Any], bytes]:
         meta = self._meta.get(name)
@@ -150,6 +157,17 @@ def _encoder(
 
 
 _DURATION = Fields("google.protobuf.Duration")
+_UINT32, _BOOL = Fields("google.protobuf.UInt32Value"), Fields("google.protobuf.BoolValue")
+
+
+def uint32(value: int) -> bytes:
+    """A `google.protobuf.UInt32Value` body."""
+    return _UINT32.value(value)
+
+
+def boolean(value: bool) -> bytes:
+    """A `google.protobuf.BoolValue` body."""
+    return _BOOL.value(value)
 
 
 def duration(value: datetime.timedelta) -> bytes:

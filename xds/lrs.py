@@ -69,10 +69,9 @@ class LoadReports:
         self._response = self._build(self.asked)
 
     def _build(self, clusters: frozenset[str]) -> bytes:
-        seconds = int(self.interval)
-        interval = datetime.timedelta(seconds=seconds, microseconds=round((self.interval - seconds) * 1e6))
+        interval = duration(datetime.timedelta(seconds=self.interval))
         return b"".join(_RESPONSE.clusters(c) for c in sorted(clusters)) + _RESPONSE.load_reporting_interval(
-            duration(interval)
+            interval
         )
 
     def ask(self, clusters: frozenset[str]) -> None:

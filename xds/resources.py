@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from api.crd import RemoteBackend
 from api.desired import ModelRoute, virtual_host_name
 from xds import wire
-from xds.fields import Fields, duration
+from xds.fields import Fields, boolean, duration, uint32
 from xds.types import ADS, HTTP_OPTIONS
 
 LISTENER_NAME = "overspill_http"
@@ -64,7 +64,6 @@ _VALIDATION = Fields("envoy.extensions.transport_sockets.tls.v3.CertificateValid
 _SAN = Fields("envoy.extensions.transport_sockets.tls.v3.SubjectAltNameMatcher")
 _STRING_MATCHER = Fields("envoy.type.matcher.v3.StringMatcher")
 TLS_SOCKET = "envoy.transport_sockets.tls"
-_TLS_URL = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 
 
 def _address(address: str, port: int) -> bytes:
@@ -176,7 +175,7 @@ def backend_cluster(
         )
     tls = _TLS.common_tls_context(context) + _TLS.sni("" if remote.is_ip else remote.host)
     return out + _CLUSTER.transport_socket(
-        _TRANSPORT.name(TLS_SOCKET) + _TRANSPORT.typed_config(wire.any_bytes(_TLS_URL, tls))
+        _TRANSPORT.name(TLS_SOCKET) + _TRANSPORT.typed_config(_TLS.pack(tls))
     )
 
 
@@ -193,25 +192,21 @@ _FRACTION = Fields("envoy.type.v3.FractionalPercent")
 _HEADER_OPTION = Fields("envoy.config.core.v3.HeaderValueOption")
 _HEADER = Fields("envoy.config.core.v3.HeaderValue")
 _UINT64 = Fields("google.protobuf.UInt64Value")
-_UINT32, _BOOL = Fields("google.protobuf.UInt32Value").value, Fields("google.protobuf.BoolValue").value
-_PREVIOUS_URL = (
-    "type.googleapis.com/envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig"
-)
 _TIMEOUT = _ACTION.timeout(duration(ROUTE_TIMEOUT))
 # Every route's action but its cluster and rewrites: long inference, and retries only where the
 # request surely never reached a backend (see RETRY_ON).
-_ACTION_COMMON = _TIMEOUT + _ACTION.retry_policy(_RETRY.retry_on(RETRY_ON) + _RETRY.num_retries(_UINT32(2)))
+_ACTION_COMMON = _TIMEOUT + _ACTION.retry_policy(_RETRY.retry_on(RETRY_ON) + _RETRY.num_retries(uint32(2)))
 # Several remotes (see `xds.failover`): the same, and a retry goes to the next remote, not the
 # one that just refused; Host is the chosen remote's (its endpoint's host name).
 _ACTION_FAILOVER = (
     _TIMEOUT
-    + _ACTION.auto_host_rewrite(_BOOL(True))
+    + _ACTION.auto_host_rewrite(boolean(True))
     + _ACTION.retry_policy(
         _RETRY.retry_on(RETRY_ON)
-        + _RETRY.num_retries(_UINT32(2))
+        + _RETRY.num_retries(uint32(2))
         + _RETRY.retry_priority(
             _PRIORITY.name("envoy.retry_priorities.previous_priorities")
-            + _PRIORITY.typed_config(wire.any_bytes(_PREVIOUS_URL, _PREVIOUS.update_frequency(1)))
+            + _PRIORITY.typed_config(_PREVIOUS.pack(_PREVIOUS.update_frequency(1)))
         )
     )
 )
@@ -272,13 +267,13 @@ def _spill_action(status_codes: tuple[int, ...]) -> bytes:
     base, most = SPILL_BACK_OFF
     policy = (
         _RETRY.retry_on(SPILL_RETRY_ON if status_codes else RETRY_ON)
-        + _RETRY.num_retries(_UINT32(1))
+        + _RETRY.num_retries(uint32(1))
         + (_RETRY.retriable_status_codes(status_codes) if status_codes else b"")
         + _RETRY.retry_back_off(
             _BACK_OFF.base_interval(duration(base)) + _BACK_OFF.max_interval(duration(most))
         )
     )
-    return _TIMEOUT + _ACTION.retry_policy(policy) + _ACTION.auto_host_rewrite(_BOOL(True))
+    return _TIMEOUT + _ACTION.retry_policy(policy) + _ACTION.auto_host_rewrite(boolean(True))
 
 
 def _remote_match(route: ModelRoute, default_percent: float) -> bytes:
@@ -355,26 +350,25 @@ def _not_served() -> bytes:
     mapper = Fields(_HCM + "ResponseMapper")
     return Fields(_HCM + "LocalReplyConfig").mappers(
         mapper.filter(Fields("envoy.config.accesslog.v3.AccessLogFilter").response_flag_filter(flags))
-        + mapper.status_code(_UINT32(404))
+        + mapper.status_code(uint32(404))
         + mapper.body(_DATA_SOURCE.inline_string(NOT_SERVED))
     )
 
 
 _HTTP = Fields(_HCM + "HttpConnectionManager")
 _HTTP_FILTER = Fields(_HCM + "HttpFilter")
-_ROUTER_URL = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 
 
-def http_filter(name: str, type_url: str, config: bytes = b"") -> bytes:
-    """An `HttpFilter` (encoded) with its typed config (encoded, of type `type_url`)."""
-    return _HTTP_FILTER.name(name) + _HTTP_FILTER.typed_config(wire.any_bytes(type_url, config))
+def http_filter(name: str, config: bytes) -> bytes:
+    """An `HttpFilter` (encoded) with its typed config (an encoded `Any`, see `Fields.pack`)."""
+    return _HTTP_FILTER.name(name) + _HTTP_FILTER.typed_config(config)
 
 
 _UPSTREAM = Fields(HTTP_OPTIONS)
 _EXPLICIT = Fields(HTTP_OPTIONS + ".ExplicitHttpConfig")
 _CODEC = http_filter(
     "envoy.filters.http.upstream_codec",
-    "type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec",
+    Fields("envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec").pack(b""),
 )
 
 
@@ -384,26 +378,26 @@ def upstream_filters(filters: Iterable[bytes]) -> bytes:
     options = _UPSTREAM.explicit_http_config(_EXPLICIT.http_protocol_options(b"")) + b"".join(
         _UPSTREAM.http_filters(f) for f in (*filters, _CODEC)
     )
-    entry = wire.entry(HTTP_OPTIONS, wire.any_bytes("type.googleapis.com/" + HTTP_OPTIONS, options))
-    return _CLUSTER.typed_extension_protocol_options(entry)
+    return _CLUSTER.typed_extension_protocol_options(wire.entry(HTTP_OPTIONS, _UPSTREAM.pack(options)))
 
 
 _LISTENER = Fields("envoy.config.listener.v3.Listener")
 _CHAIN, _FILTER = Fields("envoy.config.listener.v3.FilterChain"), Fields("envoy.config.listener.v3.Filter")
-_HCM_URL = "type.googleapis.com/" + _HCM + "HttpConnectionManager"
+_ROUTER = http_filter(
+    "envoy.filters.http.router", Fields("envoy.extensions.filters.http.router.v3.Router").pack(b"")
+)
 
 
 def listener(address: str, port: int, inline_routes: bytes | None = None) -> bytes:
     """The HTTP listener: scoped routes over ADS, or (a static bootstrap) one inline route
     configuration (encoded, see `route_configuration`)."""
-    router = http_filter("envoy.filters.http.router", _ROUTER_URL)
-    hcm = _HTTP.stat_prefix(STAT_PREFIX) + _HTTP.http_filters(router)
+    hcm = _HTTP.stat_prefix(STAT_PREFIX) + _HTTP.http_filters(_ROUTER)
     if inline_routes is not None:
         hcm += _HTTP.route_config(inline_routes)
     else:
         hcm += _HTTP.scoped_routes(_scoped_routes()) + _HTTP.local_reply_config(_not_served())
     network = _FILTER.name("envoy.filters.network.http_connection_manager") + _FILTER.typed_config(
-        wire.any_bytes(_HCM_URL, hcm)
+        _HTTP.pack(hcm)
     )
     return (
         _LISTENER.name(LISTENER_NAME)

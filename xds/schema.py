@@ -490,6 +490,20 @@ MESSAGES: dict[str, dict[str, tuple[int, str, bool, bool]]] = {
         'stat_prefix': (4, 'string', False, False),
         'clear_route_cache': (5, 'message', True, False),
     },
+    'envoy.extensions.filters.http.router.v3.Router': {
+        'dynamic_stats': (1, 'message', True, False),
+        'start_child_span': (2, 'bool', False, False),
+        'upstream_log': (3, 'message', False, True),
+        'upstream_log_options': (9, 'message', True, False),
+        'suppress_envoy_headers': (4, 'bool', False, False),
+        'strict_check_headers': (5, 'string', False, True),
+        'respect_expected_rq_timeout': (6, 'bool', False, False),
+        'suppress_grpc_request_failure_code_stats': (7, 'bool', False, False),
+        'upstream_http_filters': (8, 'message', False, True),
+        'reject_connect_request_early_data': (10, 'message', True, False),
+    },
+    'envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec': {
+    },
     'envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager': {
         'codec_type': (1, 'enum', False, False),
         'stat_prefix': (2, 'string', False, False),

@@ -24,16 +24,14 @@ from __future__ import annotations
 from api.desired import ModelRoute
 from xds import failover
 from xds import resources as res
-from xds.fields import Fields
+from xds.fields import Fields, uint32
 
 COMPOSITE = "envoy.clusters.composite"
-_COMPOSITE_URL = "type.googleapis.com/envoy.extensions.clusters.composite.v3.ClusterConfig"
 _COMPOSITE = Fields("envoy.extensions.clusters.composite.v3.ClusterConfig")
 _ENTRY = Fields("envoy.extensions.clusters.composite.v3.ClusterConfig.ClusterEntry")
 _CLUSTER = Fields("envoy.config.cluster.v3.Cluster")
 _BREAKERS = Fields("envoy.config.cluster.v3.CircuitBreakers")
 _THRESHOLDS = Fields("envoy.config.cluster.v3.CircuitBreakers.Thresholds")
-_UINT32 = Fields("google.protobuf.UInt32Value").value
 
 
 def composite_cluster(route: ModelRoute) -> bytes:
@@ -45,9 +43,9 @@ def composite_cluster(route: ModelRoute) -> bytes:
     config = _COMPOSITE.clusters(_ENTRY.name(route.local_cluster)) + _COMPOSITE.clusters(
         _ENTRY.name(route.remote_cluster)
     )
-    budget = _BREAKERS.thresholds(_THRESHOLDS.max_retries(_UINT32(spill.max_retries)))
+    budget = _BREAKERS.thresholds(_THRESHOLDS.max_retries(uint32(spill.max_retries)))
     return (
-        failover.custom_cluster(route.spillover_cluster, COMPOSITE, _COMPOSITE_URL, config)
+        failover.custom_cluster(route.spillover_cluster, COMPOSITE, _COMPOSITE.pack(config))
         + _CLUSTER.circuit_breakers(budget)
         + b"".join(_CLUSTER.lrs_report_endpoint_metrics(m) for m in res.LRS_ORCA)
         + failover.upstream_options(route)

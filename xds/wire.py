@@ -221,9 +221,9 @@ def _node(data: bytes) -> Node:
 def _struct(data: bytes) -> dict:
     """`google.protobuf.Struct{fields=1: map<string, Value>}` as a dict."""
     out = {}
-    for number, entry in fields_of(data):
+    for number, item in fields_of(data):
         if number == 1:
-            parts = dict(fields_of(entry))  # type: ignore[arg-type]
+            parts = dict(fields_of(item))  # type: ignore[arg-type]
             out[parts.get(1, b"").decode()] = _value(parts.get(2, b""))  # type: ignore[union-attr]
     return out
 
