@@ -207,6 +207,11 @@ class OverspillRig:
     def expected_clusters(self) -> int:
         return self.models.workload.clusters + 1  # and the static xds_cluster
 
+    def runtime_keys(self, models: list[ModelFile]) -> list[str]:
+        """The weights Envoy must hold: only a model offloading has a key, and none does at
+        start (each has a ready endpoint, and its metric source does not answer)."""
+        return []
+
     def quiet_after(self) -> float:
         """When nothing is due any more: no metric source answers here, so every model's metric
         goes stale once, metricStaleAfterSeconds (60 s) after start, and that is a change (every
@@ -352,7 +357,8 @@ async def measure_changes(
                     marks["traffic"] = time.monotonic()
                 if "traffic" in marks and "runtime" not in marks and time.monotonic() >= next_runtime:
                     began = time.monotonic()
-                    if (await view.runtime()).get(m.runtime_key) == value:
+                    # Overspill leaves a model at 0 % out of its layer: the route's default applies.
+                    if (await view.runtime()).get(m.runtime_key, WEIGHT_OFF) == value:
                         marks["runtime"] = time.monotonic()
                         marks["runtime_read"] = time.monotonic() - began
                     next_runtime = time.monotonic() + 2 * (time.monotonic() - began)
@@ -457,7 +463,7 @@ async def run_config(
                     say(f"    {run['error'][:400]}")
                     continue
                 view = EnvoyView(envoy, rig.listener_port, session)
-                keys = [m.runtime_key for m in model_set.models]
+                keys = rig.runtime_keys(model_set.models)
                 conv = await view.wait_converged(
                     rig.expected_clusters(),
                     keys,

@@ -410,6 +410,10 @@ class SovereignRig:
     def expected_clusters(self) -> int:
         return self.models.workload.clusters + 1  # and the static xds_cluster
 
+    def runtime_keys(self, models: list[ModelFile]) -> list[str]:
+        """Its template writes every model's share into the layer, 0 % too."""
+        return [m.runtime_key for m in models]
+
     def quiet_after(self) -> float:
         return 0.0  # nothing of sovereign's is due later: it renders on each Envoy request
 

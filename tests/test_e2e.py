@@ -106,6 +106,8 @@ async def test_offload_switches_on_in_time_holds_for_buffer_and_releases(tmp_pat
             await asyncio.sleep(1.0)
             local, remote = delta(m, before)
             assert remote == 0 and local > 0, "all local again after release"
+            # At 0 % the model has no runtime key: the route's default (0) applies.
+            assert "overspill.default.bert" not in await s.envoy.admin_get("/runtime")
         finally:
             stop.set()
             await load

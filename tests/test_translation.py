@@ -336,7 +336,28 @@ def test_a_weight_change_sends_one_runtime_layer_and_serializes_nothing_else(mon
     layers = runtime_layers(view)
     values = {k: v for layer in layers.values() for k, v in layer.get("layer", {}).items()}
     assert values["overspill.inference.m3"] == 30
-    assert values["overspill.inference.m4"] == 0
+    assert "overspill.inference.m4" not in values  # at 0 %: no key, the route's default applies
+
+
+def test_a_layer_holds_only_the_models_offloading():
+    """A model at 0 % has no key (its route's default, 0, applies): a layer weighs what is
+    spilling over, and a model that stops offloading leaves its layer."""
+    translator, view = make()
+    names = [f"m{i}" for i in range(500)]
+    translator.publish([route(name=n, percent=0) for n in names])
+    assert all(layer.get("layer", {}) == {} for layer in runtime_layers(view).values())
+    idle = sum(len(r.any) for r in view.resources[RUNTIME].values())
+
+    translator.publish([route(name=n, percent=40 if n == "m7" else 0) for n in names])
+    values = {k: v for layer in runtime_layers(view).values() for k, v in layer.get("layer", {}).items()}
+    assert values == {"overspill.inference.m7": 40}
+    assert sum(len(r.any) for r in view.resources[RUNTIME].values()) - idle < 64
+
+    before = versions(view)[RUNTIME]
+    translator.publish([route(name=n, percent=0) for n in names])
+    shard = runtime.layer_names(8)[runtime.shard_of("overspill.inference.m7", 8)]
+    assert view.changed_since(RUNTIME, before) == {shard}  # Envoy gets the layer without the key
+    assert runtime_layers(view)[shard].get("layer", {}) == {}
 
 
 def test_a_fractional_weight_is_a_fractional_percent_of_a_million():

@@ -232,7 +232,7 @@ def holds(c: SimEnvoy, routes: list[ModelRoute]) -> bool:
         and {h: s.route_configuration_name for h, s in c.held[SCOPED_ROUTE].items()} == scopes_of(*routes)
         and set(c.held[ROUTE]) == {r.route_config for r in routes}
         and vhosts(c) == {vhost_name(r) for r in routes}
-        and c.runtime_values == {r.runtime_key: r.remote_percent for r in routes}
+        and c.runtime_values == {r.runtime_key: r.remote_percent for r in routes if r.remote_percent}
         and LISTENER_NAME in c.held[LISTENER]
     )
 
@@ -275,11 +275,8 @@ async def test_initial_sync_delivers_clusters_endpoints_listener_routes_and_all_
         await synced(plane, c, BASE)
         assert set(c.held[RUNTIME]) == set(runtime.layer_names())  # all 64 layers, empty ones too
         assert len(c.held[RUNTIME]) == 64
-        assert c.runtime_values == {
-            "overspill.inference.llm": 30,
-            "overspill.inference.embed": 0,
-            "overspill.search.rerank": 100,
-        }
+        # embed is at 0 %: no key, its route's default (0) applies
+        assert c.runtime_values == {"overspill.inference.llm": 30, "overspill.search.rerank": 100}
         cla = c.held[ENDPOINT][BASE[0].local_cluster]
         assert {e.endpoint.address.socket_address.address for e in cla.endpoints[0].lb_endpoints} == {
             "10.0.0.1",
@@ -313,7 +310,7 @@ async def test_weight_change_sends_one_runtime_layer_and_nothing_else(plane, del
             after = c.received[mark:]
             assert [SHORT[r.type_url] for r in after] == ["RTDS"], c.node_id
             assert after[0].names == (shard,)  # the one layer holding the key, for SotW too
-            assert c.runtime_values[BASE[1].runtime_key] == 0  # the other layers are kept
+            assert c.runtime_values[BASE[2].runtime_key] == 100  # the other layers are kept
             assert len(c.held[RUNTIME]) == 64
 
 
@@ -811,7 +808,7 @@ async def test_delta_unsubscribed_layer_gets_no_updates_and_the_weights_come_in_
         assert c.runtime_values.get(llm.runtime_key) != 55
         mark = len(c.received)
         plane.apply(replace(embed, remote_percent=20))
-        await c.wait(lambda c: c.runtime_values[embed.runtime_key] == inline_percent(c, embed) == 20, 2)
+        await c.wait(lambda c: c.runtime_values.get(embed.runtime_key) == inline_percent(c, embed) == 20, 2)
         assert [r.names for r in c.received[mark:] if r.type_url == RUNTIME] == [
             (layers[runtime.shard_of(embed.runtime_key)],)
         ]

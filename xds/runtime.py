@@ -2,7 +2,9 @@
 
 RTDS layer names are fixed in the bootstrap and a layer is sent whole, so one layer holding
 every model's weight would make each weight change cost O(models) bytes to every Envoy.
-Each model's key hashes to one of `SHARDS` layers: a change resends one small layer.
+Each model's key hashes to one of `SHARDS` layers: a change resends one small layer. A layer
+holds only the models offloading: a model at 0 % has no key, and its route's `default_value`
+(0) applies, so a layer's bytes follow the models spilling over, not every model served.
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ def shard_of(runtime_key: str, shards: int = SHARDS) -> int:
 
 
 def entry(runtime_key: str, percent: float) -> bytes:
-    """The Struct entry setting a `runtime_fraction` key to `percent` %.
+    """The Struct entry setting a `runtime_fraction` key to `percent` %; none for 0 %.
 
     Envoy reads a whole number as a percentage out of 100 (9 bytes); a fraction needs the
     FractionalPercent struct (about 50 bytes), so it is used only when the percent has one.
     """
+    if not percent:
+        return b""
     if float(percent).is_integer():
         value = wire.fixed64_double(2, float(percent))
     else:

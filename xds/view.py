@@ -236,7 +236,10 @@ class View:
                 if old is not None and decided is not None and key in decided:
                     weights[decided[key]] += 1
                 i = runtime.shard_of(new.runtime_key, self.shards)
-                self._shard_entries[i][new.runtime_key] = new.runtime_entry
+                if new.runtime_entry:
+                    self._shard_entries[i][new.runtime_key] = new.runtime_entry
+                else:  # not offloading: no key, the route's default applies
+                    self._shard_entries[i].pop(new.runtime_key, None)
                 shards.add(i)
             if new is None:
                 del self._bundles[key]
