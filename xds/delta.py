@@ -64,6 +64,10 @@ class Delta:
             sub.recheck |= set(view.resources[key]) - current
         return current
 
+    def quiet(self, stream: Stream, type_url: str, sub: Subscription) -> bool:
+        assert stream.view is not None
+        return sub.in_step(stream.view.version_of(stream.view_type(type_url)))
+
     def respond(self, stream: Stream, type_url: str, sub: Subscription) -> bytes | None:
         view = stream.view
         assert view is not None

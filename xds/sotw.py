@@ -63,6 +63,16 @@ class StateOfTheWorld:
             sub.recheck |= names - sub.names  # newly asked for: sent even if unchanged
             sub.names = stream.intern(names)
 
+    def quiet(self, stream: Stream, type_url: str, sub: Subscription) -> bool:
+        view = stream.view
+        assert view is not None
+        version = view.version_of(stream.view_type(type_url))
+        if type_url in NAMED:
+            return sub.in_step(version)
+        sent = self._sent.get(type_url)
+        refs = stream.refs_generation if type_url == CLUSTER else 0
+        return sent is not None and sent.seen == (version, refs)
+
     def respond(self, stream: Stream, type_url: str, sub: Subscription) -> bytes | None:
         view = stream.view
         assert view is not None

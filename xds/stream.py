@@ -60,6 +60,11 @@ class XdsProtocol(Protocol):
 
     def respond(self, stream: Stream, type_url: str, sub: Subscription) -> bytes | None: ...
 
+    def quiet(self, stream: Stream, type_url: str, sub: Subscription) -> bool:
+        """Whether `respond` would surely find nothing to send, told cheaply: each wake looks at
+        every type, and most have nothing new."""
+        ...
+
 
 class _RouteRefs(Collection[str]):
     """The clusters (and their endpoint sets) gone from the view that a node's routes still
@@ -274,6 +279,8 @@ class Stream:
                 self._take_route_form(sub)
                 if not self._route_may_go(sub, now):
                     continue
+            if self.protocol.quiet(self, type_url, sub):
+                continue
             yield type_url
 
     def respond(self, type_url: str) -> bytes | None:

@@ -66,6 +66,14 @@ class Subscription:
     def sent(self, version: int, label: str, nonce: str) -> None:
         self.sent_version, self.sent_label, self.nonce, self.pending = version, label, nonce, True
 
+    def in_step(self, version: int) -> bool:
+        """The node holds the view's `version` of this type and nothing is set aside: nothing to
+        send (and as good as answered). A wake for another type costs no more than this."""
+        if self.synced == version and not (self.recheck or self.gone or self.lingering):
+            self.settled_version = version
+            return True
+        return False
+
     def changes(
         self, view: View, type_url: str, route_refs: Collection[str]
     ) -> tuple[list[Resource], list[str]] | None:
@@ -77,10 +85,9 @@ class Subscription:
         they no longer do.
         """
         version = view.version_of(type_url)
-        plain = not (self.recheck or self.gone or self.lingering)
-        if plain and self.synced == version:
-            self.settled_version = self.synced  # in step: a wake for another type costs no more than this
+        if self.in_step(version):
             return None
+        plain = not (self.recheck or self.gone or self.lingering)
         if plain and type_url not in LINGERING_TYPES:
             # Nodes that were in step before a push, wanting the same names, lack the same: worked out
             # once per push for them all (the lists are shared: read, never changed).
