@@ -211,7 +211,8 @@ class EnvoyView:
         on_progress: Callable[[str], None] | None = None,
     ) -> Convergence:
         """Poll until all `expected_clusters` are active (none warming), every sampled model answers
-        200 through the listener, and every runtime key is present; bounded by `timeout` seconds
+        200 through the listener, and every runtime key is present (with none wanted, LIVE
+        stands for the layers: Envoy starts CDS only once its runtime is ready); bounded by `timeout` seconds
         from Envoy's spawn. Each part's time is when it was first seen complete.
 
         Admin reads that walk everything (/stats, /runtime) cost seconds of Envoy's main thread at
@@ -221,6 +222,8 @@ class EnvoyView:
         the full read is polled, at most every twice its own duration, and times the part).
         """
         conv = Convergence(live_s=time.monotonic() - self.envoy.spawned_at)
+        if not runtime_keys:  # no weight to wait for; Envoy asks for clusters once its layers are in
+            conv.weights_s = conv.live_s
         deadline = self.envoy.spawned_at + timeout
         wanted = set(runtime_keys)
         sampled = [m.cluster_local for m in sample] + ([m.cluster_remote for m in sample] if remotes else [])
