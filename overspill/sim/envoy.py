@@ -262,9 +262,9 @@ class SimEnvoy:
     """One simulated node.
 
     `held[type][name]` is what it has applied: an `Info`, or with `decode` the envoy-data-plane
-    message. `runtime_values` are its runtime layers merged (key -> percent); `on_runtime(key,
-    percent, monotonic time)` fires on each change. `reject` and `invalid` see resources as
-    `held` does.
+    message. `runtime_values` are its runtime layers merged (key -> percent; a model at 0 % has
+    no key); `on_runtime(key, percent, monotonic time)` fires on each change, with 0 when a key
+    goes. `reject` and `invalid` see resources as `held` does.
     """
 
     target: str
@@ -565,7 +565,7 @@ class SimEnvoy:
 
     def _apply_runtime(self, old: dict[str, Info], touched: Iterable[str], now: float) -> None:
         """Take the values of the layers that changed (among `touched`). `xds.runtime` puts each key in
-        one layer, so a key a layer drops is gone."""
+        one layer, so a key a layer drops is gone: it reads as its route's default, 0 %, as in Envoy."""
         new = self._infos[RUNTIME]
         for name in touched:
             before, after = old.get(name), new.get(name)
@@ -573,7 +573,8 @@ class SimEnvoy:
                 continue
             gone, values = _step(before, after)
             for key in gone:
-                self.runtime_values.pop(key, None)
+                if self.runtime_values.pop(key, None) is not None and self.on_runtime is not None:
+                    self.on_runtime(key, 0.0, now)
             for key, value in values.items():
                 if self.runtime_values.get(key) != value:
                     self.runtime_values[key] = value
