@@ -375,7 +375,12 @@ async def test_kubernetes_secret_referenced_by_the_model_is_watched_and_its_rota
         assert "Secret default/remote-key not found" in remote_condition()["message"]
         await k.api.kubectl("apply", "-f", "-", input=key_secret(one))
         await k.until(lambda: k.md_status().get("phase") == "Outage", 15, "Outage")
+        # The status is the control plane's; Envoy takes the weight a moment later (the pods
+        # are gone, so a request before it is a 503 from the local side, not a credentials fault).
         deadline = time.monotonic() + 15
+        while await k.runtime_weight() != 100:
+            assert time.monotonic() < deadline, "Envoy never took the outage's weight"
+            await asyncio.sleep(0.05)
         while time.monotonic() < deadline:
             assert set(await k.send(8)) == {200}
             if k.remote.counts.recent and k.remote.counts.recent[-1].headers.get("x-api-key") == one:
