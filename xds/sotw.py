@@ -42,6 +42,12 @@ class _Sent:
     content: tuple | None = None
 
 
+def _seen(stream: Stream, type_url: str, version: int) -> tuple[int, int]:
+    """What a whole-set response follows: the view's version and, for clusters, what the
+    node's routes use (a dropped cluster they still use stays in)."""
+    return version, stream.refs_generation if type_url == CLUSTER else 0
+
+
 class StateOfTheWorld:
     name = "sotw"
 
@@ -70,8 +76,7 @@ class StateOfTheWorld:
         if type_url in NAMED:
             return sub.in_step(version)
         sent = self._sent.get(type_url)
-        refs = stream.refs_generation if type_url == CLUSTER else 0
-        return sent is not None and sent.seen == (version, refs)
+        return sent is not None and sent.seen == _seen(stream, type_url, version)
 
     def respond(self, stream: Stream, type_url: str, sub: Subscription) -> bytes | None:
         view = stream.view
@@ -87,7 +92,7 @@ class StateOfTheWorld:
             names: Collection[str] = [r.name for r in changes[0]]
         else:
             sent = self._sent.setdefault(type_url, _Sent())
-            seen = (version, stream.refs_generation if type_url == CLUSTER else 0)
+            seen = _seen(stream, type_url, version)
             if seen == sent.seen:
                 return None
             sent.seen = seen

@@ -66,10 +66,15 @@ class Subscription:
     def sent(self, version: int, label: str, nonce: str) -> None:
         self.sent_version, self.sent_label, self.nonce, self.pending = version, label, nonce, True
 
+    @property
+    def set_aside(self) -> bool:
+        """Names to look at whatever the log says (see the fields above)."""
+        return bool(self.recheck or self.gone or self.lingering)
+
     def in_step(self, version: int) -> bool:
         """The node holds the view's `version` of this type and nothing is set aside: nothing to
         send (and as good as answered). A wake for another type costs no more than this."""
-        if self.synced == version and not (self.recheck or self.gone or self.lingering):
+        if self.synced == version and not self.set_aside:
             self.settled_version = version
             return True
         return False
@@ -87,8 +92,7 @@ class Subscription:
         version = view.version_of(type_url)
         if self.in_step(version):
             return None
-        plain = not (self.recheck or self.gone or self.lingering)
-        if plain and type_url not in LINGERING_TYPES:
+        if not self.set_aside and type_url not in LINGERING_TYPES:
             # Nodes that were in step before a push, wanting the same names, lack the same: worked out
             # once per push for them all (the lists are shared: read, never changed).
             step = _steps(view, type_url, version)
