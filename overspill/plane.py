@@ -41,6 +41,7 @@ from reconciler.status_writer import StatusWriter, desired_status
 from reconciler.store import ObjectStore
 from xds.identity import IdentityRules
 from xds.lrs import LoadReports
+from xds.scope import Scope
 from xds.server import XdsServer, start_server
 from xds.snapshot import Translator
 from xds.tls import ServerTls, TlsFileError
@@ -261,6 +262,7 @@ class ControlPlane:
                 # No model at all is a complete state too. Without this an Envoy got no answer
                 # until the first model came, and waited out its 15 s initial fetch timeout.
                 self.translator.cache.flush()
+                self.translator.cache.keep(Scope())  # the edge gateways', ready before they connect
                 try:
                     grpc_server, xds_port = await start_server(
                         self.xds, s.xds_address, s.xds_port, self.xds_tls

@@ -113,6 +113,36 @@ async def test_a_thousand_nodes_with_distinct_metadata_leave_no_view_behind():
         await server.stop(None)
 
 
+async def test_the_gateways_view_is_kept_and_the_default_port_asked_for_shares_it():
+    translator = Translator("127.0.0.1", 10000)
+    translator.publish([model(f"m{i}") for i in range(3)])
+    cache = translator.cache
+    kept = cache.keep(Scope())  # as `overspill serve` does once the first state is in
+    xds = XdsServer(cache)
+    server, port = await start_server(xds, "127.0.0.1", 0)
+    target = f"127.0.0.1:{port}"
+    try:
+        # A node that names the default listener port gets the same resources: the same view.
+        same = cache.acquire(Scope(listener_port=10000))
+        assert same is kept
+        cache.release(same)
+        assert await one_node(target, {"overspill": {"listenerPort": 10000}}) == 1
+        assert await one_node(target, {}) == 1
+        await wait_for(lambda: not xds.streams)
+        assert cache.views == {Scope(): kept}  # the last node gone, the gateways' view stays ...
+        translator.publish([model("m0", percent=10)])
+        cache.flush()
+        assert b"overspill.inference.m0" in b"".join(
+            r.any for r in kept.resources[RUNTIME].values()
+        )  # ... and up to date
+        # Another port is another listener, so another view, dropped with its last node.
+        assert await one_node(target, {"overspill": {"listenerPort": 10001}}) == 1
+        await wait_for(lambda: not xds.streams)
+        assert cache.views == {Scope(): kept}
+    finally:
+        await server.stop(None)
+
+
 @pytest.fixture
 def manifests(tmp_path):
     docs = []

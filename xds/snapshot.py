@@ -45,7 +45,7 @@ class Translator:
             body = res.listener(listener_address, port or listener_port)
             return Resource.of(LISTENER, res.LISTENER_NAME, body)
 
-        self.cache = ResourceCache(listener, shards)
+        self.cache = ResourceCache(listener, shards, default_port=listener_port)
         self._routes: dict[ModelKey, ModelRoute] = {}
         self._bundles = _Memo()
         self._memos = {
